@@ -1,0 +1,88 @@
+# The control protocol: every node of a vsup tree serves `Node` to its parent, and the root
+# serves it to `vsup tree` on its control socket (DESIGN.md section 4).
+@0xaad22fa97b4e0523;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("vsup::ipc::schema");
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+struct ChildSpec {
+  name @0 :Text;
+  command @1 :List(Text);
+  env @2 :List(EnvVar);
+  restart @3 :Restart;
+  shutdown @4 :Shutdown;
+  type @5 :ChildType;
+  significant @6 :Bool;
+  ready @7 :Readiness;
+  startTimeoutMs @8 :Int64;      # -1: no start timeout
+  vsupAware @9 :Bool;
+  supervisor @10 :SupervisorSpec; # set when type == supervisor
+
+  enum Restart { permanent @0; transient @1; temporary @2; }
+  enum ChildType { worker @0; supervisor @1; }
+  enum Readiness { none @0; notify @1; }
+  struct Shutdown {
+    union {
+      timeoutMs @0 :Int64;
+      brutalKill @1 :Void;
+      infinite @2 :Void;   # "infinity" (that name clashes with the C macro)
+    }
+  }
+}
+
+struct SupervisorSpec {
+  name @0 :Text;
+  strategy @1 :Strategy;
+  intensity @2 :UInt32;
+  periodMs @3 :Int64;
+  autoShutdown @4 :AutoShutdown;
+  children @5 :List(ChildSpec);
+
+  enum Strategy { oneForOne @0; oneForAll @1; restForOne @2; }
+  enum AutoShutdown { never @0; anySignificant @1; allSignificant @2; }
+}
+
+struct Deferral {
+  reason @0 :Text;     # empty: not deferring
+  progress @1 :Text;
+}
+
+struct NodeStatus {
+  name @0 :Text;
+  pid @1 :Int32;              # 0 when not running
+  type @2 :Text;              # "supervisor" | "worker"
+  state @3 :Text;             # "starting" | "running" | "stopping" | "stopped" | "restarting" | "unresponsive"
+  uptimeMs @4 :Int64;
+  restarts @5 :UInt32;
+  deferral @6 :Deferral;
+  inFlight @7 :Int64;         # -1: not applicable
+  children @8 :List(NodeStatus);
+}
+
+# Passed by a parent with shutdown(); the node reports each deferral to it while it runs.
+interface ShutdownObserver {
+  deferral @0 (node :Text, deferral :Deferral) -> ();
+}
+
+interface Node {
+  # Become ready. A sub-supervisor starts its children (in order, each after the previous is
+  # ready) and returns when all are ready; it throws, naming the child, when the start failed.
+  # A vsup-aware worker returns once its program declared itself ready.
+  start @0 (spec :SupervisorSpec) -> ();
+
+  # This node and its subtree, recursively.
+  status @1 () -> (status :NodeStatus);
+
+  # Ordered shutdown, finished before `deadlineNs` (CLOCK_MONOTONIC, absolute). Idempotent: a
+  # second call with an earlier deadline shortens the running shutdown. `clean` is false when
+  # anything in the subtree had to be killed.
+  shutdown @2 (deadlineNs :Int64, observer :ShutdownObserver) -> (clean :Bool);
+
+  # Liveness.
+  ping @3 () -> ();
+}

@@ -1,0 +1,45 @@
+// RpcLink: one Cap'n Proto two-party RPC connection over a connected Unix socket, on the
+// thread's KjOnUv loop. The parent end of a tree edge is the CLIENT (it calls the child's Node);
+// the child end and the root's control socket are SERVERs (they serve Node as bootstrap).
+// Runs on the loop thread only.
+#pragma once
+
+#include <capnp/rpc-twoparty.h>
+
+#include <memory>
+
+#include "ipc/fd.h"
+#include "ipc/uv_kj.h"
+
+namespace vsup::ipc {
+
+class RpcLink {
+ public:
+  // Serve `bootstrap` to the peer.
+  static std::unique_ptr<RpcLink> serve(uv_loop_t* loop, OwnFd fd,
+                                        capnp::Capability::Client bootstrap);
+  // Connect as client; bootstrap() is then the peer's capability.
+  static std::unique_ptr<RpcLink> connect(uv_loop_t* loop, OwnFd fd);
+
+  ~RpcLink();
+  RpcLink(const RpcLink&) = delete;
+  RpcLink& operator=(const RpcLink&) = delete;
+
+  template <typename T>
+  typename T::Client bootstrap() {
+    return bootstrapCap().castAs<T>();
+  }
+  // Resolves when the connection is gone (peer closed or died).
+  kj::Promise<void> onDisconnect();
+
+ private:
+  RpcLink(uv_loop_t* loop, OwnFd fd, capnp::rpc::twoparty::Side side);
+  capnp::Capability::Client bootstrapCap();
+
+  UvSocketStream stream_;
+  capnp::TwoPartyVatNetwork network_;
+  kj::Own<capnp::RpcSystem<capnp::rpc::twoparty::VatId>> rpc_;
+  kj::ForkedPromise<void> disconnected_;
+};
+
+}  // namespace vsup::ipc

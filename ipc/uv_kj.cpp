@@ -1,0 +1,220 @@
+#include "ipc/uv_kj.h"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <kj/debug.h>
+#include <vector>
+
+#include "ipc/check.h"
+#include "ipc/log.h"
+
+namespace vsup::ipc {
+
+UvEventPort::UvEventPort(uv_loop_t* loop) : loop_(loop) {
+  pump_ = UvHandle<uv_idle_t>::make([&](uv_idle_t* h) { uv_idle_init(loop, h); });
+  pump_->data = this;
+  wakeup_ = UvHandle<uv_async_t>::make([&](uv_async_t* h) {
+    uv_async_init(loop, h, [](uv_async_t*) { /* woken_ is read by wait()/poll() */ });
+  });
+  // The wake-up handle alone must not keep the host's loop alive.
+  uv_unref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
+}
+
+UvEventPort::~UvEventPort() = default;
+
+bool UvEventPort::wait() {
+  uv_run(loop_, UV_RUN_ONCE);
+  return woken_.exchange(false);
+}
+
+bool UvEventPort::poll() {
+  uv_run(loop_, UV_RUN_NOWAIT);
+  return woken_.exchange(false);
+}
+
+void UvEventPort::setRunnable(bool runnable) {
+  if (!runnable) {
+    uv_idle_stop(pump_.get());
+    return;
+  }
+  uv_idle_start(pump_.get(), [](uv_idle_t* h) {
+    auto* self = static_cast<UvEventPort*>(h->data);
+    if (self == nullptr || self->kjLoop_ == nullptr) return;
+    // An exception must never unwind into libuv: KJ routes callback failures into promises,
+    // so anything reaching here is a bug worth a loud line, not a crash of the host.
+    try {
+      self->kjLoop_->run();
+    } catch (const std::exception& e) {
+      vsup::log().error("[ipc] uncaught exception in event loop: {}", e.what());
+    }
+  });
+}
+
+void UvEventPort::wake() const {
+  woken_.store(true);
+  uv_async_send(wakeup_.get());
+}
+
+KjOnUv::KjOnUv(uv_loop_t* loop) : port_(loop), kjLoop_(port_), scope_(kjLoop_) {
+  port_.attach(&kjLoop_);
+}
+
+KjOnUv::~KjOnUv() { port_.attach(nullptr); }
+
+// ---------------------------------------------------------------------------------------------
+
+UvSocketStream::UvSocketStream(uv_loop_t* loop, OwnFd fd) : fd_(std::move(fd)) {
+  poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) {
+    int rc = uv_poll_init_socket(loop, h, fd_.get());
+    VSUP_REQUIRE(rc == 0, std::string("uv_poll_init_socket: ") + uv_strerror(rc));
+  });
+  poll_->data = this;
+}
+
+UvSocketStream::~UvSocketStream() noexcept(false) {
+  // Close the poll handle (deregistering the fd from epoll) before the fd itself is closed.
+  poll_.reset();
+}
+
+void UvSocketStream::onPoll(uv_poll_t* handle, int status, int events) {
+  auto* self = static_cast<UvSocketStream*>(handle->data);
+  if (self == nullptr) return;
+  // On a poll error wake both directions: the next syscall reports the real error.
+  if (status < 0) events = UV_READABLE | UV_WRITABLE;
+  if ((events & UV_READABLE) && self->readable_) {
+    auto f = kj::mv(self->readable_);
+    f->fulfill();
+  }
+  if ((events & UV_WRITABLE) && self->writable_) {
+    auto f = kj::mv(self->writable_);
+    f->fulfill();
+  }
+  self->rearm();
+}
+
+void UvSocketStream::rearm() {
+  int want = 0;
+  if (readable_ && readable_->isWaiting()) want |= UV_READABLE;
+  if (writable_ && writable_->isWaiting()) want |= UV_WRITABLE;
+  if (want == armed_) return;
+  armed_ = want;
+  if (want == 0) {
+    uv_poll_stop(poll_.get());
+  } else {
+    uv_poll_start(poll_.get(), want, &UvSocketStream::onPoll);
+  }
+}
+
+kj::Promise<void> UvSocketStream::whenReady(int event) {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  (event == UV_READABLE ? readable_ : writable_) = kj::mv(paf.fulfiller);
+  rearm();
+  return kj::mv(paf.promise);
+}
+
+kj::Promise<size_t> UvSocketStream::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
+  return readSome(static_cast<kj::byte*>(buffer), minBytes, maxBytes, 0);
+}
+
+kj::Promise<size_t> UvSocketStream::readSome(kj::byte* buffer, size_t minBytes, size_t maxBytes,
+                                             size_t done) {
+  while (done < minBytes) {
+    ssize_t n = ::recv(fd_.get(), buffer + done, maxBytes - done, MSG_DONTWAIT);
+    if (n > 0) {
+      done += size_t(n);
+      continue;
+    }
+    if (n == 0) return done;  // EOF
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      return whenReady(UV_READABLE).then([this, buffer, minBytes, maxBytes, done]() {
+        return readSome(buffer, minBytes, maxBytes, done);
+      });
+    }
+    if (errno == ECONNRESET) return done;  // the peer is gone: same as EOF for a reader
+    KJ_FAIL_SYSCALL("recv", errno);
+  }
+  return done;
+}
+
+kj::Promise<void> UvSocketStream::write(const void* buffer, size_t size) {
+  auto pieces = kj::heapArray<kj::ArrayPtr<const kj::byte>>(1);
+  pieces[0] = kj::arrayPtr(static_cast<const kj::byte*>(buffer), size);
+  return writeSome(kj::mv(pieces), 0);
+}
+
+kj::Promise<void> UvSocketStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  return writeSome(kj::heapArray(pieces), 0);
+}
+
+kj::Promise<void> UvSocketStream::writeSome(kj::Array<kj::ArrayPtr<const kj::byte>> pieces,
+                                            size_t first) {
+  // The caller keeps the bytes alive until the promise resolves (kj::AsyncOutputStream
+  // contract); we keep only the piece list, advanced in place as bytes go out.
+  while (first < pieces.size()) {
+    std::vector<iovec> iov;
+    for (size_t i = first; i < pieces.size() && iov.size() < IOV_MAX; ++i) {
+      iov.push_back({const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()});
+    }
+    msghdr msg{};
+    msg.msg_iov = iov.data();
+    msg.msg_iovlen = iov.size();
+    ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        return whenReady(UV_WRITABLE).then([this, pieces = kj::mv(pieces), first]() mutable {
+          return writeSome(kj::mv(pieces), first);
+        });
+      }
+      if (errno == EPIPE || errno == ECONNRESET) {
+        return KJ_EXCEPTION(DISCONNECTED, "peer disconnected", errno);
+      }
+      KJ_FAIL_SYSCALL("sendmsg", errno);
+    }
+    size_t sent = size_t(n);
+    while (first < pieces.size() && sent >= pieces[first].size()) {
+      sent -= pieces[first].size();
+      ++first;
+    }
+    if (sent > 0) pieces[first] = pieces[first].slice(sent, pieces[first].size());
+  }
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> UvSocketStream::whenWriteDisconnected() { return kj::NEVER_DONE; }
+
+void UvSocketStream::shutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+
+void UvSocketStream::abortRead() { ::shutdown(fd_.get(), SHUT_RD); }
+
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Owns the timer and the fulfiller; destroyed when the promise is dropped or the timer fires.
+struct Sleeper {
+  UvHandle<uv_timer_t> timer;
+  kj::Own<kj::PromiseFulfiller<void>> fulfiller;
+};
+
+}  // namespace
+
+kj::Promise<void> uvSleep(uv_loop_t* loop, uint64_t ms) {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  auto sleeper = kj::heap<Sleeper>();
+  sleeper->fulfiller = kj::mv(paf.fulfiller);
+  sleeper->timer = UvHandle<uv_timer_t>::make([&](uv_timer_t* t) { uv_timer_init(loop, t); });
+  sleeper->timer->data = sleeper.get();
+  uv_timer_start(
+      sleeper->timer.get(),
+      [](uv_timer_t* t) {
+        auto* s = static_cast<Sleeper*>(t->data);
+        if (s != nullptr) s->fulfiller->fulfill();
+      },
+      ms, 0);
+  return paf.promise.attach(kj::mv(sleeper));
+}
+
+}  // namespace vsup::ipc

@@ -1,0 +1,196 @@
+#include "supervisor/child_runtime.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdlib>
+
+#include "ipc/check.h"
+#include "ipc/log.h"
+#include "ipc/rpc_link.h"
+#include "ipc/uv_kj.h"
+#include "supervisor/supervisor.h"
+
+namespace vsup::supervisor {
+namespace {
+
+constexpr int64_t kParentLostDeadlineMs = 500;
+
+class LogErrors final : public kj::TaskSet::ErrorHandler {
+ public:
+  void taskFailed(kj::Exception&& e) override {
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
+    vsup::log().warn("[node] task failed: {}", e.getDescription().cStr());
+  }
+};
+
+int controlFd() {
+  const char* v = std::getenv("VSUP_CONTROL_FD");
+  if (v == nullptr) return -1;
+  int fd = -1;
+  std::string_view s(v);
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), fd);
+  if (ec != std::errc() || end != s.data() + s.size() || fd < 0) return -1;
+  return fd;
+}
+
+}  // namespace
+
+void ShutdownContext::defer(const std::string& reason, const std::string& progress) {
+  vsup::log().info("[shutdown] {}: deferring: {}{}", node_, reason,
+                   progress.empty() ? std::string() : " (" + progress + ")");
+  report_(Deferral{reason, progress});
+}
+
+bool ChildRuntime::launchedByVsup() { return controlFd() >= 0; }
+
+ChildRuntime::ChildRuntime(uv_loop_t* loop)
+    : loop_(loop), startedAt_(monoNow()), lifeline_(kj::READY_NOW) {
+  int fd = controlFd();
+  VSUP_REQUIRE(fd >= 0 && ::fcntl(fd, F_GETFD) >= 0,
+               "this program must be started by vsup as a vsup-aware child ($VSUP_CONTROL_FD "
+               "names no open socket)");
+  ::fcntl(fd, F_SETFD, FD_CLOEXEC);  // our own children must not inherit the control socket
+  const char* name = std::getenv("VSUP_NODE_NAME");
+  name_ = name != nullptr ? name : "node";
+  // The variables describe this process's edge, not its children's.
+  ::unsetenv("VSUP_CONTROL_FD");
+  errorHandler_ = std::make_unique<LogErrors>();
+  tasks_ = kj::heap<kj::TaskSet>(*errorHandler_);
+  link_ = ipc::RpcLink::serve(loop_, OwnFd(fd), makeNodeServer(*this));
+  lifeline_ = link_->onDisconnect().then([this]() { onParentLost(); }).eagerlyEvaluate(nullptr);
+}
+
+ChildRuntime::~ChildRuntime() {
+  lifeline_ = kj::READY_NOW;
+  shutdownDone_ = nullptr;
+  tasks_ = nullptr;
+  link_.reset();
+}
+
+void ChildRuntime::addShutdownHook(std::string name, HookFn hook) {
+  hooks_.emplace_back(std::move(name), std::move(hook));
+}
+
+void ChildRuntime::reportDeferral(const std::string& node, const Deferral& deferral) {
+  if (reporter_) reporter_(node, deferral);
+}
+
+kj::Promise<void> ChildRuntime::start(SupervisorSpec spec) {
+  kj::Promise<void> ready = start_ ? start_(spec) : kj::Promise<void>(kj::READY_NOW);
+  return ready.then([this]() {
+    if (!shuttingDown_) state_ = "running";
+  });
+}
+
+kj::Promise<NodeStatus> ChildRuntime::status() {
+  auto overlay = [this](NodeStatus s) {
+    s.name = name_;
+    s.pid = ::getpid();
+    if (shuttingDown_) s.state = "stopping";
+    if (deferral_.active()) s.deferral = deferral_;
+    return s;
+  };
+  if (status_) return status_().then(kj::mv(overlay));  // by value: then() keeps a reference to an lvalue
+  NodeStatus s;
+  s.type = "worker";
+  s.state = state_;
+  s.uptimeMs = (monoNow() - startedAt_) / kNsPerMs;
+  return overlay(std::move(s));
+}
+
+kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter reporter) {
+  if (reporter) reporter_ = std::move(reporter);
+  if (shuttingDown_) {
+    // Idempotent; an earlier deadline shortens what is left (the children's part).
+    if (deadline < deadline_) {
+      deadline_ = deadline;
+      if (stopChildren_) tasks_->add(stopChildren_(deadline).ignoreResult());
+    }
+    KJ_IF_MAYBE(done, shutdownDone_) { return done->addBranch(); }
+    return true;
+  }
+  shuttingDown_ = true;
+  state_ = "stopping";
+  deadline_ = deadline;
+  MonoNs began = monoNow();
+  vsup::log().info("[shutdown] {}: shutdown requested (deadline {})", name_,
+                   deadline == kNoDeadline ? std::string("none")
+                                           : fmt::format("{:.1f}s", double(deadline - began) / 1e9));
+  // 1. Hooks first, while this node's children still serve them; bounded so the children keep
+  //    a share of the deadline. 2. Then the children, in reverse order.
+  kj::Promise<void> hooks = runHooks(0);
+  if (deadline != kNoDeadline) {
+    MonoNs hookDeadline = deadline - (deadline - began) / 5;
+    hooks = hooks.exclusiveJoin(ipc::uvSleep(loop_, msUntil(hookDeadline)).then([this]() {
+      vsup::log().warn("[shutdown] {}: shutdown hooks abandoned at their deadline", name_);
+      clean_ = false;
+    }));
+  }
+  auto done = hooks
+                  .then([this]() -> kj::Promise<bool> {
+                    deferral_ = {};
+                    if (!stopChildren_) return true;
+                    return stopChildren_(deadline_);
+                  })
+                  .then([this, began](bool childrenClean) {
+                    clean_ = clean_ && childrenClean;
+                    vsup::log().info("[shutdown] {}: stopped in {:.1f}ms ({})", name_,
+                                     double(monoNow() - began) / 1e6,
+                                     clean_ ? "clean" : "with escalations");
+                    exit(clean_ ? kExitClean : kExitEscalated);
+                    return clean_;
+                  })
+                  .fork();
+  auto branch = done.addBranch();
+  shutdownDone_ = kj::mv(done);
+  return branch;
+}
+
+kj::Promise<void> ChildRuntime::runHooks(size_t index) {
+  if (index >= hooks_.size()) return kj::READY_NOW;
+  auto ctx = kj::heap<ShutdownContext>(name_, deadline_, [this](const Deferral& d) {
+    deferral_ = d;
+    reportDeferral(name_, d);
+  });
+  auto& ref = *ctx;
+  return hooks_[index].second(ref).attach(kj::mv(ctx)).then([this, index]() {
+    return runHooks(index + 1);
+  });
+}
+
+void ChildRuntime::onParentLost() {
+  if (exiting_) return;
+  if (shuttingDown_) {
+    // Already on the way out; the parent no longer waits for the answer.
+    return;
+  }
+  vsup::log().error("[shutdown] {}: parent connection lost: tearing down within {}ms", name_,
+                    kParentLostDeadlineMs);
+  tasks_->add(shutdown(deadlineAfterMs(kParentLostDeadlineMs), nullptr).then([this](bool) {
+    exitCode_ = kExitError;
+  }));
+}
+
+void ChildRuntime::exit(int code) {
+  if (exiting_) return;
+  exiting_ = true;
+  exitCode_ = code;
+  // Let the shutdown reply go out first: the stop happens on a later loop turn.
+  tasks_->add(kj::evalLater([this]() { uv_stop(loop_); }));
+}
+
+int ChildRuntime::run() {
+  while (!exiting_) {
+    if (uv_run(loop_, UV_RUN_DEFAULT) == 0 && !exiting_) {
+      // Nothing is left that could ever wake us: not even the parent's connection.
+      vsup::log().error("[node] {}: event loop ran dry before shutdown", name_);
+      return kExitError;
+    }
+  }
+  // A parent-lost teardown overrides the clean code: the tree lost its parent unexpectedly.
+  return exitCode_;
+}
+
+}  // namespace vsup::supervisor

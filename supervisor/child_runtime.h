@@ -1,0 +1,110 @@
+// ChildRuntime: what a vsup-aware child process runs (DESIGN.md 2.4, 2.6).
+//
+// It connects to its parent over the socket inherited as $VSUP_CONTROL_FD, serves `Node`
+// there, and when the parent asks it to shut down: runs the registered shutdown hooks in order
+// (a hook may defer, reporting a reason and progress that the parent and `vsup tree` see), then
+// stops this process's own children, then ends run(). If the parent's connection drops (the
+// parent died), it tears the same path down with a 500 ms deadline and exits non-zero.
+//
+// Threading: construct, use and destroy on the thread that runs the loop.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <kj/async.h>
+
+#include "ipc/clock.h"
+#include "supervisor/node_service.h"
+#include "supervisor/spec.h"
+#include "supervisor/status.h"
+
+namespace vsup::ipc {
+class RpcLink;
+}
+
+namespace vsup::supervisor {
+
+// Handed to each shutdown hook.
+class ShutdownContext {
+ public:
+  ShutdownContext(std::string node, MonoNs deadline, std::function<void(const Deferral&)> report)
+      : node_(std::move(node)), deadline_(deadline), report_(std::move(report)) {}
+  MonoNs deadline() const { return deadline_; }
+  // Say why this node is not done yet, e.g. defer("kv: 3 transfers pending", "1 of 4 done").
+  // Logged as `[shutdown] <node>: deferring: ...`, shown in `vsup tree`, reported to the parent.
+  void defer(const std::string& reason, const std::string& progress = "");
+
+ private:
+  std::string node_;
+  MonoNs deadline_;
+  std::function<void(const Deferral&)> report_;
+};
+
+class ChildRuntime final : private NodeHandler {
+ public:
+  using StartFn = std::function<kj::Promise<void>(const SupervisorSpec&)>;
+  using StatusFn = std::function<kj::Promise<NodeStatus>()>;
+  // Stops this node's own children before `deadline`; resolves to true if nothing was killed.
+  using StopChildrenFn = std::function<kj::Promise<bool>(MonoNs deadline)>;
+  using HookFn = std::function<kj::Promise<void>(ShutdownContext&)>;
+
+  // True when this process was started by vsup as a vsup-aware child.
+  static bool launchedByVsup();
+
+  // Takes over $VSUP_CONTROL_FD. Throws vsup::Error when there is none.
+  explicit ChildRuntime(uv_loop_t* loop);
+  ~ChildRuntime() override;
+
+  const std::string& name() const { return name_; }
+
+  // Called when the parent asks this node to start: resolve when ready. Default: ready at once.
+  void onStart(StartFn fn) { start_ = std::move(fn); }
+  // This node's subtree for `vsup tree`. Default: this process alone.
+  void onStatus(StatusFn fn) { status_ = std::move(fn); }
+  void onStopChildren(StopChildrenFn fn) { stopChildren_ = std::move(fn); }
+  void addShutdownHook(std::string name, HookFn hook);
+  // Forward a descendant's deferral to the parent.
+  void reportDeferral(const std::string& node, const Deferral& deferral);
+
+  // Ends run() with `code` without a parent's request (e.g. the node's supervisor gave up).
+  // The node's children must already be stopped.
+  void exit(int code);
+
+  // Runs the loop until the node has shut down (or exit() was called); returns the exit status.
+  int run();
+
+ private:
+  kj::Promise<void> start(SupervisorSpec spec) override;
+  kj::Promise<NodeStatus> status() override;
+  kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) override;
+  kj::Promise<void> runHooks(size_t index);
+  void onParentLost();
+
+  uv_loop_t* loop_;
+  std::string name_;
+  MonoNs startedAt_;
+  std::unique_ptr<ipc::RpcLink> link_;
+  StartFn start_;
+  StatusFn status_;
+  StopChildrenFn stopChildren_;
+  std::vector<std::pair<std::string, HookFn>> hooks_;
+  std::string state_ = "starting";
+  Deferral deferral_;
+  DeferralReporter reporter_;
+  MonoNs deadline_ = kNoDeadline;
+  bool shuttingDown_ = false;
+  bool clean_ = true;
+  int exitCode_ = 0;
+  bool exiting_ = false;
+  kj::Maybe<kj::ForkedPromise<bool>> shutdownDone_;
+  kj::Promise<void> lifeline_;
+  kj::Own<kj::TaskSet> tasks_;
+  std::unique_ptr<kj::TaskSet::ErrorHandler> errorHandler_;
+};
+
+}  // namespace vsup::supervisor

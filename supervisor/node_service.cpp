@@ -1,0 +1,66 @@
+#include "supervisor/node_service.h"
+
+#include <memory>
+
+#include "ipc/log.h"
+#include "supervisor/node_codec.h"
+
+namespace vsup::supervisor {
+namespace {
+
+namespace schema = ipc::schema;
+
+class NodeServer final : public schema::Node::Server, private kj::TaskSet::ErrorHandler {
+ public:
+  explicit NodeServer(NodeHandler& handler) : handler_(handler), tasks_(*this) {}
+
+ protected:
+  kj::Promise<void> start(StartContext context) override {
+    SupervisorSpec spec = decode(context.getParams().getSpec());
+    return handler_.start(std::move(spec));
+  }
+
+  kj::Promise<void> status(StatusContext context) override {
+    context.allowCancellation();
+    return handler_.status().then([context](NodeStatus s) mutable {
+      encode(s, context.getResults().initStatus());
+    });
+  }
+
+  kj::Promise<void> shutdown(ShutdownContext context) override {
+    auto params = context.getParams();
+    MonoNs deadline = params.getDeadlineNs();
+    DeferralReporter reporter;
+    if (params.hasObserver()) {
+      auto observer = std::make_shared<schema::ShutdownObserver::Client>(params.getObserver());
+      reporter = [this, observer](const std::string& node, const Deferral& d) {
+        auto request = observer->deferralRequest();
+        request.setNode(node);
+        encode(d, request.initDeferral());
+        tasks_.add(request.send().ignoreResult());
+      };
+    }
+    return handler_.shutdown(deadline, std::move(reporter)).then([context](bool clean) mutable {
+      context.getResults().setClean(clean);
+    });
+  }
+
+  kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
+
+ private:
+  void taskFailed(kj::Exception&& e) override {
+    // The parent may be gone while we report: that is its business, not an error of ours.
+    if (e.getType() != kj::Exception::Type::DISCONNECTED) {
+      vsup::log().debug("[ipc] deferral report failed: {}", e.getDescription().cStr());
+    }
+  }
+
+  NodeHandler& handler_;
+  kj::TaskSet tasks_;
+};
+
+}  // namespace
+
+schema::Node::Client makeNodeServer(NodeHandler& handler) { return kj::heap<NodeServer>(handler); }
+
+}  // namespace vsup::supervisor

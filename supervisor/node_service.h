@@ -1,0 +1,34 @@
+// The server side of the control protocol: adapts a NodeHandler (plain C++ values) to the
+// Cap'n Proto `Node` interface. Used by every vsup-aware child toward its parent and by the
+// root toward `vsup tree`. Runs on the loop thread only.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include <kj/async.h>
+
+#include "ipc/clock.h"
+#include "ipc/node.capnp.h"
+#include "supervisor/spec.h"
+#include "supervisor/status.h"
+
+namespace vsup::supervisor {
+
+// Reports a deferral of `node` (this node or a descendant) to whoever asked for the shutdown.
+using DeferralReporter = std::function<void(const std::string& node, const Deferral&)>;
+
+class NodeHandler {
+ public:
+  virtual ~NodeHandler() noexcept(false) = default;
+  // Become ready (see Node.start in ipc/node.capnp).
+  virtual kj::Promise<void> start(SupervisorSpec spec) = 0;
+  virtual kj::Promise<NodeStatus> status() = 0;
+  // Ordered shutdown before `deadline`; idempotent. Resolves to true when nothing was killed.
+  virtual kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) = 0;
+};
+
+// The handler must outlive the returned capability's connection.
+ipc::schema::Node::Client makeNodeServer(NodeHandler& handler);
+
+}  // namespace vsup::supervisor

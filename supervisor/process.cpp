@@ -1,0 +1,274 @@
+#include "supervisor/process.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <linux/close_range.h>
+
+#include "ipc/check.h"
+
+namespace vsup::supervisor {
+namespace {
+
+constexpr int kMaxPassFds = 16;
+constexpr size_t kChildStackSize = 64 * 1024;
+
+// Everything the child needs, prepared by the parent: between clone and exec the child shares
+// the parent's memory (CLONE_VM) and may only make raw syscalls: no malloc, no locks.
+struct ChildArgs {
+  const char* path;
+  char* const* argv;
+  char* const* envp;
+  int sources[kMaxPassFds];
+  int targets[kMaxPassFds];
+  int count;
+  pid_t parentPid;
+  // Written by the child when a step fails; read by the parent after clone returns (CLONE_VFORK
+  // suspends the parent until the child has exec'd or exited).
+  int error;
+  const char* failedStep;
+};
+
+[[noreturn]] void childFail(ChildArgs* a, const char* step) {
+  a->error = errno;
+  a->failedStep = step;
+  _exit(127);
+}
+
+int childMain(void* arg) {
+  auto* a = static_cast<ChildArgs*>(arg);
+  // 1. Own process group: a terminal's Ctrl-C reaches only the root, and escalation can kill
+  //    the child together with whatever it spawned.
+  if (setpgid(0, 0) < 0) childFail(a, "setpgid");
+  // 2. Default dispositions for every signal (handlers would be reset by exec anyway; ignored
+  //    signals would not). The parent blocked all signals before clone, so none of its handlers
+  //    can run on this stack meanwhile. EINVAL for glibc's reserved signals is expected.
+  struct sigaction dfl;
+  std::memset(&dfl, 0, sizeof dfl);
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+  }
+  // 3. Backstop: if our parent (thread) dies, so do we.
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) childFail(a, "prctl(PR_SET_PDEATHSIG)");
+  if (getppid() != a->parentPid) _exit(127);
+  // 4. Exactly the fds asked for. First move every source above the highest target so that no
+  //    dup2 can clobber a source still to be placed, then place them, then close the rest.
+  int moved[kMaxPassFds];
+  for (int i = 0; i < a->count; ++i) {
+    moved[i] = fcntl(a->sources[i], F_DUPFD, a->count);
+    if (moved[i] < 0) childFail(a, "fcntl(F_DUPFD)");
+  }
+  for (int i = 0; i < a->count; ++i) {
+    if (dup2(moved[i], a->targets[i]) < 0) childFail(a, "dup2");
+  }
+  if (syscall(SYS_close_range, unsigned(a->count), ~0U, 0) < 0) childFail(a, "close_range");
+  // 5. Empty signal mask, then exec.
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+  execve(a->path, a->argv, a->envp);
+  childFail(a, "execve");
+}
+
+// Blocks every signal on this thread for the lifetime of the object; restores the old mask.
+class BlockAllSignals {
+ public:
+  BlockAllSignals() {
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old_);
+  }
+  ~BlockAllSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+
+ private:
+  sigset_t old_;
+};
+
+bool fdIsOpen(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+
+std::vector<char*> cStrings(const std::vector<std::string>& strings) {
+  std::vector<char*> out;
+  out.reserve(strings.size() + 1);
+  for (const std::string& s : strings) out.push_back(const_cast<char*>(s.c_str()));
+  out.push_back(nullptr);
+  return out;
+}
+
+}  // namespace
+
+std::string findExecutable(const std::string& argv0, const std::string& pathVar) {
+  auto executable = [](const std::string& p) {
+    struct stat st;
+    return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(p.c_str(), X_OK) == 0;
+  };
+  if (argv0.find('/') != std::string::npos) return executable(argv0) ? argv0 : std::string();
+  size_t start = 0;
+  while (start <= pathVar.size()) {
+    size_t end = pathVar.find(':', start);
+    if (end == std::string::npos) end = pathVar.size();
+    std::string dir = pathVar.substr(start, end - start);
+    std::string candidate = (dir.empty() ? "." : dir) + "/" + argv0;
+    if (executable(candidate)) return candidate;
+    start = end + 1;
+  }
+  return {};
+}
+
+std::string ExitStatus::describe() const {
+  switch (kind) {
+    case Kind::Exited: return "code " + std::to_string(code);
+    case Kind::Signaled: return "signal " + std::to_string(code) + " (" + strsignal(code) + ")";
+    case Kind::Lost:
+      return "exit status lost: another part of this process reaped the child (waitpid(-1), or "
+             "SIGCHLD set to SIG_IGN)";
+  }
+  return "?";
+}
+
+int ExitStatus::shellCode() const {
+  if (kind == Kind::Signaled) return 128 + code;
+  if (kind == Kind::Lost) return 1;
+  return code;
+}
+
+Process Process::spawn(const SpawnRequest& request) {
+  VSUP_REQUIRE(!request.argv.empty() && !request.argv[0].empty(), "spawn: empty command");
+  VSUP_REQUIRE(request.passFds.size() + 3 <= kMaxPassFds, "spawn: too many fds to pass");
+
+  std::string pathVar = "/usr/local/bin:/usr/bin:/bin";
+  for (const std::string& kv : request.env) {
+    if (kv.rfind("PATH=", 0) == 0) pathVar = kv.substr(5);
+  }
+  std::string path = findExecutable(request.argv[0], pathVar);
+  VSUP_REQUIRE(!path.empty(), "cannot start '" + request.argv[0] + "': " +
+                                  (request.argv[0].find('/') != std::string::npos
+                                       ? "no such executable file"
+                                       : "not found in PATH (" + pathVar + ")"));
+
+  // /dev/null stands in for stdin, and for stdout/stderr when asked or when this process has
+  // them closed (a daemonized host).
+  OwnFd devNull(VSUP_SYSCALL(::open("/dev/null", O_RDWR | O_CLOEXEC)));
+  auto stdio = [&](int fd) { return (fd < 0 || !fdIsOpen(fd)) ? devNull.get() : fd; };
+
+  ChildArgs args{};
+  args.sources[0] = stdio(request.stdinFd);
+  args.sources[1] = stdio(request.stdoutFd);
+  args.sources[2] = stdio(request.stderrFd);
+  for (int i = 0; i < 3; ++i) args.targets[i] = i;
+  args.count = 3;
+  for (auto [source, target] : request.passFds) {
+    VSUP_REQUIRE(target == args.count, "spawn: passed fds must be numbered 3, 4, ... in order");
+    args.sources[args.count] = source;
+    args.targets[args.count] = target;
+    ++args.count;
+  }
+  std::vector<char*> argv = cStrings(request.argv);
+  std::vector<char*> envp = cStrings(request.env);
+  args.path = path.c_str();
+  args.argv = argv.data();
+  args.envp = envp.data();
+  args.parentPid = ::getpid();
+
+  void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (stack == MAP_FAILED) detail::throwSysError("mmap(child stack)", __FILE__, __LINE__);
+  int pidfd = -1;
+  pid_t pid;
+  {
+    BlockAllSignals blocked;
+    pid = ::clone(childMain, static_cast<char*>(stack) + kChildStackSize,
+                  CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &args, &pidfd);
+  }
+  int cloneErrno = errno;
+  ::munmap(stack, kChildStackSize);
+  if (pid < 0) {
+    errno = cloneErrno;
+    detail::throwSysError("clone", __FILE__, __LINE__);
+  }
+
+  Process p;
+  p.pid_ = pid;
+  p.pidfd_.reset(pidfd);
+  if (args.failedStep != nullptr) {
+    // The child never reached exec; it has exited (CLONE_VFORK). Reap it and report.
+    p.killAndReap();
+    throw vsup::Error("cannot start '" + request.argv[0] + "': " + args.failedStep +
+                      " failed: " + std::strerror(args.error));
+  }
+  return p;
+}
+
+Process::~Process() {
+  VSUP_ASSERT(pid_ <= 0 || reaped_, "a child process was destroyed without being reaped", pid_);
+}
+
+bool Process::signal(int sig) {
+  if (!running()) return false;
+  // Raw syscall: glibc 2.36 declares the wrapper without C linkage.
+  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), sig, nullptr, 0) == 0) return true;
+  if (errno == ESRCH) return false;
+  detail::throwSysError("pidfd_send_signal", __FILE__, __LINE__);
+}
+
+void Process::killGroup() {
+  if (!running()) return;
+  // ESRCH: the group is already empty.
+  if (::kill(-pid_, SIGKILL) < 0 && errno != ESRCH) {
+    detail::throwSysError("kill(-pgid, SIGKILL)", __FILE__, __LINE__);
+  }
+}
+
+std::optional<ExitStatus> Process::tryReap() {
+  VSUP_ASSERT(running());
+  siginfo_t info;
+  std::memset(&info, 0, sizeof info);
+  // WNOWAIT first: learn that it exited while keeping the zombie (and so the pgid) reserved,
+  // then kill what it left in its group, then reap for real.
+  int rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | WNOHANG | WNOWAIT | __WALL);
+  if (rc < 0 && errno == EINTR) return std::nullopt;
+  if (rc < 0 && errno == ECHILD) {
+    // Someone else reaped it: the host's waitpid(-1) or SIGCHLD = SIG_IGN. Its pgid may
+    // already be reused, so do not signal the group.
+    reaped_ = true;
+    pidfd_.reset();
+    return ExitStatus{ExitStatus::Kind::Lost, 0};
+  }
+  if (rc < 0) detail::throwSysError("waitid(P_PIDFD, WNOWAIT)", __FILE__, __LINE__);
+  if (info.si_pid == 0) return std::nullopt;  // still running
+  killGroup();
+  std::memset(&info, 0, sizeof info);
+  rc = VSUP_SYSCALL(::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | __WALL));
+  (void)rc;
+  reaped_ = true;
+  pidfd_.reset();
+  if (info.si_code == CLD_EXITED) return ExitStatus{ExitStatus::Kind::Exited, info.si_status};
+  return ExitStatus{ExitStatus::Kind::Signaled, info.si_status};
+}
+
+ExitStatus Process::killAndReap() {
+  VSUP_ASSERT(running());
+  killGroup();
+  signal(SIGKILL);
+  siginfo_t info;
+  std::memset(&info, 0, sizeof info);
+  int rc;
+  do {
+    rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | __WALL);
+  } while (rc < 0 && errno == EINTR);
+  reaped_ = true;
+  pidfd_.reset();
+  if (rc < 0) return ExitStatus{ExitStatus::Kind::Lost, 0};
+  if (info.si_code == CLD_EXITED) return ExitStatus{ExitStatus::Kind::Exited, info.si_status};
+  return ExitStatus{ExitStatus::Kind::Signaled, info.si_status};
+}
+
+}  // namespace vsup::supervisor

@@ -1,0 +1,85 @@
+// One child process, done right (DESIGN.md section 2, "Library mode"):
+//   * spawned with clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD): no fork() page-table copy of a
+//     big host, and a pidfd from the first instant, so a recycled pid can never be signalled;
+//   * in the child, before exec: its own process group, every signal disposition back to
+//     SIG_DFL, an empty signal mask, PR_SET_PDEATHSIG(SIGKILL) as a backstop, exactly the fds
+//     asked for (stdio + passed ones, then close_range);
+//   * reaped with waitid(P_PIDFD), signalled with pidfd_send_signal. No SIGCHLD, no
+//     waitpid(-1), no uv_spawn anywhere.
+// Spawn only from the thread that runs the loop and outlives its children: PDEATHSIG fires when
+// the *thread* that created the child exits.
+#pragma once
+
+#include <sys/types.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ipc/fd.h"
+
+namespace vsup::supervisor {
+
+struct SpawnRequest {
+  std::vector<std::string> argv;  // argv[0] looked up in PATH (of `env`) when it has no '/'
+  std::vector<std::string> env;   // the complete environment, "KEY=VALUE"
+  int stdinFd = -1;               // -1: /dev/null
+  int stdoutFd = 1;               // inherited by default; -1: /dev/null
+  int stderrFd = 2;
+  // Extra fds: source fd in this process → fd number in the child (3, 4, ...).
+  std::vector<std::pair<int, int>> passFds;
+};
+
+struct ExitStatus {
+  enum class Kind { Exited, Signaled, Lost };
+  Kind kind = Kind::Exited;
+  int code = 0;  // exit code, or signal number
+  // "code 3", "signal 9 (Killed)", or why the status was lost.
+  std::string describe() const;
+  bool success() const { return kind == Kind::Exited && code == 0; }
+  // Shell convention: code, or 128 + signal.
+  int shellCode() const;
+};
+
+class Process {
+ public:
+  // Throws vsup::Error naming the command when it cannot be started (not found, not executable,
+  // exec failed); nothing is left behind then.
+  static Process spawn(const SpawnRequest& request);
+
+  Process() = default;
+  Process(Process&& other) noexcept
+      : pid_(std::exchange(other.pid_, 0)),
+        pidfd_(std::move(other.pidfd_)),
+        reaped_(std::exchange(other.reaped_, false)) {}
+  Process& operator=(Process&& other) = delete;
+  // A Process must be reaped before it is destroyed (VSUP_ASSERT): an unreaped child is a
+  // zombie, or worse an orphan.
+  ~Process();
+
+  pid_t pid() const { return pid_; }
+  int pidfd() const { return pidfd_.get(); }
+  bool running() const { return pid_ > 0 && !reaped_; }
+
+  // pidfd_send_signal; false when the process has already exited.
+  bool signal(int sig);
+  // SIGKILL to the whole process group. Safe against pid reuse as long as the child is not yet
+  // reaped: its pid (= its pgid) stays reserved while it is alive or a zombie.
+  void killGroup();
+  // Non-blocking. After the pidfd turned readable: kills leftovers of its process group, reaps,
+  // returns the status. nullopt while still running.
+  std::optional<ExitStatus> tryReap();
+  // Blocking reap after SIGKILL to the group: for destructors and error paths.
+  ExitStatus killAndReap();
+
+ private:
+  pid_t pid_ = 0;
+  OwnFd pidfd_;
+  bool reaped_ = false;
+};
+
+// Resolves argv0 through PATH as execvp would; empty when not found or not executable.
+std::string findExecutable(const std::string& argv0, const std::string& pathVar);
+
+}  // namespace vsup::supervisor

@@ -1,0 +1,70 @@
+// Child and supervisor specifications: the same value types for the TOML topology format, the
+// embedding API and the control protocol (which carries a sub-supervisor's spec to it).
+// Semantics follow Erlang/OTP's supervisor, for OS processes (DESIGN.md section 3).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace vsup::supervisor {
+
+enum class Restart { Permanent, Transient, Temporary };
+enum class ChildType { Worker, Supervisor };
+enum class Readiness { None, Notify };
+enum class Strategy { OneForOne, OneForAll, RestForOne };
+enum class AutoShutdown { Never, AnySignificant, AllSignificant };
+
+// How long a child gets between its stop request and SIGKILL.
+struct ShutdownPolicy {
+  enum class Kind { Timeout, BrutalKill, Infinity };
+  Kind kind = Kind::Timeout;
+  int64_t timeoutMs = 5000;  // meaningful for Kind::Timeout only
+
+  static ShutdownPolicy timeout(int64_t ms) { return {Kind::Timeout, ms}; }
+  static ShutdownPolicy brutalKill() { return {Kind::BrutalKill, 0}; }
+  static ShutdownPolicy infinity() { return {Kind::Infinity, 0}; }
+  bool operator==(const ShutdownPolicy&) const = default;
+};
+
+struct ChildSpec;
+
+struct SupervisorSpec {
+  std::string name = "root";
+  Strategy strategy = Strategy::OneForOne;
+  uint32_t intensity = 1;   // more than `intensity` restarts ...
+  int64_t periodMs = 5000;  // ... within `periodMs` stops the supervisor
+  AutoShutdown autoShutdown = AutoShutdown::Never;
+  std::vector<ChildSpec> children;
+};
+
+struct ChildSpec {
+  std::string name;
+  std::vector<std::string> command;  // argv; argv[0] is looked up in PATH when it has no '/'
+  std::vector<std::pair<std::string, std::string>> env;  // added to the inherited environment
+  Restart restart = Restart::Permanent;
+  ShutdownPolicy shutdown;  // default 5000 ms for workers, infinity for supervisors
+  ChildType type = ChildType::Worker;
+  bool significant = false;
+  Readiness ready = Readiness::None;
+  int64_t startTimeoutMs = 10000;  // -1: none. Applies to ready = notify and vsup-aware starts
+  // A vsup-aware child speaks the control protocol on fd 3 and is stopped over RPC, not by
+  // signal. Supervisors are always vsup-aware.
+  bool vsupAware = false;
+  // For type == Supervisor: its own strategy and children (its `name` is this child's name).
+  std::optional<SupervisorSpec> supervisor;
+};
+
+// Checks everything that can be checked before anything is spawned. Throws vsup::Error whose
+// message names `origin` (a file name or "embedded spec"), the child path ("root/sub/leaf") and
+// the field, e.g. `topology.toml: child 'db': field 'significant': ...`.
+void validate(const SupervisorSpec& spec, const std::string& origin);
+
+const char* toString(Restart);
+const char* toString(Strategy);
+const char* toString(AutoShutdown);
+std::string toString(const ShutdownPolicy&);
+
+}  // namespace vsup::supervisor

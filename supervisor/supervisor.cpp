@@ -1,0 +1,807 @@
+#include "supervisor/supervisor.h"
+
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <optional>
+
+#include "ipc/check.h"
+#include "ipc/log.h"
+#include "ipc/node.capnp.h"
+#include "ipc/rpc_link.h"
+#include "ipc/uv_handle.h"
+#include "ipc/uv_kj.h"
+#include "supervisor/node_codec.h"
+#include "supervisor/notify.h"
+#include "supervisor/process.h"
+
+extern char** environ;
+
+namespace vsup::supervisor {
+
+namespace schema = ipc::schema;
+
+int exitCodeFor(Outcome outcome) {
+  switch (outcome) {
+    case Outcome::Clean: return kExitClean;
+    case Outcome::Escalated: return kExitEscalated;
+    case Outcome::StartFailed: return kExitStartFailed;
+    case Outcome::IntensityExceeded: return kExitIntensity;
+  }
+  return kExitError;
+}
+
+const char* toString(Outcome outcome) {
+  switch (outcome) {
+    case Outcome::Clean: return "clean";
+    case Outcome::Escalated: return "escalated";
+    case Outcome::StartFailed: return "start failed";
+    case Outcome::IntensityExceeded: return "intensity exceeded";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr int64_t kStatusTimeoutMs = 1000;
+
+std::string seconds(int64_t ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1fs", double(ns) / 1e9);
+  return buf;
+}
+
+std::string millis(int64_t ns) {
+  char buf[32];
+  if (ns < 10 * kNsPerMs) {
+    std::snprintf(buf, sizeof buf, "%.1fms", double(ns) / 1e6);
+  } else {
+    std::snprintf(buf, sizeof buf, "%" PRId64 "ms", ns / kNsPerMs);
+  }
+  return buf;
+}
+
+// The deadline a node gives its child: its own, less a margin for its own cleanup after the
+// child is gone (DESIGN.md 2.5). A tenth of the time left, between 20 and 250 ms.
+MonoNs withMargin(MonoNs deadline) {
+  if (deadline == kNoDeadline) return deadline;
+  int64_t left = deadline - monoNow();
+  int64_t margin = std::clamp<int64_t>(left / 10, 20 * kNsPerMs, 250 * kNsPerMs);
+  return deadline - margin;
+}
+
+kj::Exception toKj(const std::string& message) {
+  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
+}
+
+class LoggingErrorHandler final : public kj::TaskSet::ErrorHandler {
+ public:
+  explicit LoggingErrorHandler(std::string name) : name_(std::move(name)) {}
+  void taskFailed(kj::Exception&& exception) override {
+    if (exception.getType() == kj::Exception::Type::DISCONNECTED) return;  // peer exited
+    vsup::log().warn("[supervisor] {}: background task failed: {}", name_,
+                     exception.getDescription().cStr());
+  }
+
+ private:
+  std::string name_;
+};
+
+}  // namespace
+
+// Everything the supervisor knows about one child, across its incarnations.
+struct Supervisor::Child {
+  enum class State { Stopped, Starting, Running, Stopping, Restarting };
+
+  ChildSpec spec;
+  size_t index = 0;
+  State state = State::Stopped;
+  std::optional<Process> proc;
+  UvHandle<uv_poll_t> exitPoll;
+  kj::Own<kj::PromiseFulfiller<void>> exitFulfiller;
+  kj::Maybe<kj::ForkedPromise<void>> exitPromise;
+  kj::Own<kj::PromiseFulfiller<void>> readyFulfiller;  // ready = notify
+  MonoNs startedAt = 0;
+  uint32_t restarts = 0;
+  bool exitExpected = false;  // we asked it to stop: its exit is not a failure
+  bool ended = false;         // exited and will not be restarted (auto_shutdown bookkeeping)
+  bool killed = false;        // SIGKILLed by us at a deadline during this stop
+  std::string statusText;     // last STATUS= from the notify protocol
+  Deferral deferral;
+  // Stop bookkeeping.
+  MonoNs stopStartedAt = 0;
+  MonoNs stopDeadline = kNoDeadline;  // SIGKILL at this instant
+  MonoNs stopCap = kNoDeadline;       // deferrals can never extend past this
+  kj::Own<kj::PromiseFulfiller<void>> deadlineMoved;
+  // vsup-aware children.
+  std::unique_ptr<ipc::RpcLink> link;
+  std::optional<schema::Node::Client> node;
+  std::optional<ExitStatus> lastExit;
+  Supervisor* owner = nullptr;
+};
+
+namespace {
+
+// Receives deferrals reported by a vsup-aware child's subtree while it shuts down.
+class DeferralSink final : public schema::ShutdownObserver::Server {
+ public:
+  DeferralSink(std::function<void(const std::string&, const Deferral&)> sink)
+      : sink_(std::move(sink)) {}
+
+ protected:
+  kj::Promise<void> deferral(DeferralContext context) override {
+    auto params = context.getParams();
+    sink_(params.getNode(), decode(params.getDeferral()));
+    return kj::READY_NOW;
+  }
+
+ private:
+  std::function<void(const std::string&, const Deferral&)> sink_;
+};
+
+}  // namespace
+
+Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions options)
+    : loop_(loop),
+      spec_(std::move(spec)),
+      options_(std::move(options)),
+      done_(nullptr),
+      ops_(kj::READY_NOW),
+      stopAll_(kj::READY_NOW) {
+  validate(spec_, "supervisor spec");
+  errorHandler_ = std::make_unique<LoggingErrorHandler>(spec_.name);
+  tasks_ = kj::heap<kj::TaskSet>(*errorHandler_);
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  doneFulfiller_ = kj::mv(paf.fulfiller);
+  done_ = paf.promise.fork();
+  notify_ = std::make_unique<NotifySocket>(
+      loop_, [this](pid_t sender, const NotifyMessage& m) { onNotify(sender, m); });
+  for (size_t i = 0; i < spec_.children.size(); ++i) {
+    auto c = std::make_unique<Child>();
+    c->spec = spec_.children[i];
+    c->index = i;
+    c->owner = this;
+    children_.push_back(std::move(c));
+  }
+}
+
+Supervisor::~Supervisor() {
+  // Backstop only: a caller that shut down properly finds nothing running here.
+  tasks_ = nullptr;
+  ops_ = kj::READY_NOW;
+  stopAll_ = kj::READY_NOW;
+  for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+    Child& c = **it;
+    c.exitPoll.reset();
+    if (c.proc && c.proc->running()) {
+      vsup::log().error("[shutdown] {}: {} still running at destruction: killing process group {}",
+                        spec_.name, c.spec.name, c.proc->pid());
+      c.proc->killAndReap();
+    }
+    c.node.reset();
+  }
+  children_.clear();
+}
+
+// --------------------------------------------------------------------------------------------
+// Starting
+
+kj::Promise<void> Supervisor::start() {
+  VSUP_REQUIRE(phase_ == Phase::Idle, "Supervisor::start() called twice");
+  phase_ = Phase::Starting;
+  startedAt_ = monoNow();
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  startFulfiller_ = kj::mv(paf.fulfiller);
+  // Starting is the first serialized operation: exits of already-started children queue behind
+  // it and are handled once the whole tree is up (or has failed).
+  enqueue([this]() {
+    return startAll(0).then(
+        [this]() {
+          if (phase_ != Phase::Starting) return;
+          phase_ = Phase::Running;
+          vsup::log().info("[supervisor] {}: all {} children ready in {}", spec_.name,
+                           children_.size(), millis(monoNow() - startedAt_));
+          startFulfiller_->fulfill();
+        },
+        [this](kj::Exception&& e) {
+          std::string why = e.getDescription().cStr();
+          vsup::log().error("[supervisor] {}: start failed: {}", spec_.name, why);
+          auto f = kj::mv(startFulfiller_);
+          terminateSelf(Outcome::StartFailed, why);
+          f->reject(toKj("start failed: " + why));
+        });
+  });
+  return kj::mv(paf.promise);
+}
+
+kj::Promise<void> Supervisor::startAll(size_t index) {
+  if (index >= children_.size()) return kj::READY_NOW;
+  Child& c = *children_[index];
+  return startChild(c).then([this, index]() { return startAll(index + 1); });
+}
+
+std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
+  std::vector<std::string> env;
+  auto overridden = [&](const std::string& kv) {
+    std::string key = kv.substr(0, kv.find('='));
+    if (key == "NOTIFY_SOCKET" || key == "VSUP_CONTROL_FD" || key == "VSUP_NODE_NAME") return true;
+    for (const auto& [k, v] : c.spec.env) {
+      if (k == key) return true;
+    }
+    return false;
+  };
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string kv = *e;
+    if (!overridden(kv)) env.push_back(std::move(kv));
+  }
+  for (const auto& [k, v] : c.spec.env) env.push_back(k + "=" + v);
+  env.push_back("NOTIFY_SOCKET=" + notify_->address());
+  env.push_back("VSUP_NODE_NAME=" + c.spec.name);
+  if (c.spec.vsupAware) env.push_back("VSUP_CONTROL_FD=3");
+  return env;
+}
+
+kj::Promise<void> Supervisor::startChild(Child& c) {
+  VSUP_ASSERT(!c.proc, c.spec.name);
+  c.exitExpected = false;
+  c.ended = false;
+  c.killed = false;
+  c.deferral = {};
+  c.statusText.clear();
+  c.state = Child::State::Starting;
+  c.node.reset();
+  c.link.reset();
+
+  SpawnRequest request;
+  request.env = childEnvironment(c);
+  OwnFd parentEnd;
+  OwnFd childEnd;
+  if (c.spec.type == ChildType::Supervisor) {
+    VSUP_REQUIRE(!options_.selfExe.empty(),
+                 "child '" + c.spec.name + "' is a supervisor, but the vsup executable is unknown");
+    request.argv = {options_.selfExe, "__node"};
+  } else {
+    request.argv = c.spec.command;
+  }
+  if (c.spec.vsupAware) {
+    int sv[2];
+    VSUP_SYSCALL(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+    parentEnd.reset(sv[0]);
+    childEnd.reset(sv[1]);
+    request.passFds.emplace_back(childEnd.get(), 3);
+  }
+  try {
+    c.proc.emplace(Process::spawn(request));
+  } catch (const std::exception& e) {
+    c.state = Child::State::Stopped;
+    return toKj("child '" + c.spec.name + "': " + e.what());
+  }
+  childEnd.reset();
+  c.startedAt = monoNow();
+  watchExit(c);
+  vsup::log().info("[supervisor] {}: started {} (pid {})", spec_.name, c.spec.name, c.proc->pid());
+
+  kj::Promise<void> ready = kj::READY_NOW;
+  if (c.spec.vsupAware) {
+    c.link = ipc::RpcLink::connect(loop_, std::move(parentEnd));
+    c.node = c.link->bootstrap<schema::Node>();
+    auto request = c.node->startRequest();
+    if (c.spec.supervisor) {
+      encode(*c.spec.supervisor, request.initSpec());
+    } else {
+      request.initSpec().setName(c.spec.name);
+    }
+    ready = request.send().ignoreResult();
+  } else if (c.spec.ready == Readiness::Notify) {
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    c.readyFulfiller = kj::mv(paf.fulfiller);
+    ready = kj::mv(paf.promise);
+  }
+
+  bool waits = c.spec.vsupAware || c.spec.ready == Readiness::Notify;
+  if (waits) {
+    std::string name = c.spec.name;
+    // Dying before ready is a start failure, whatever the exit status.
+    ready = ready.exclusiveJoin(exited(c).then([&c]() -> kj::Promise<void> {
+      return toKj("child '" + c.spec.name + "' exited before it was ready (" +
+                  (c.lastExit ? c.lastExit->describe() : std::string("?")) + ")");
+    }));
+    if (c.spec.startTimeoutMs >= 0) {
+      int64_t ms = c.spec.startTimeoutMs;
+      ready = ready.exclusiveJoin(ipc::uvSleep(loop_, uint64_t(ms)).then([name, ms]() -> kj::Promise<void> {
+        return toKj("child '" + name + "' did not become ready within " + std::to_string(ms) +
+                    "ms (start_timeout)");
+      }));
+    }
+  }
+  return ready.then(
+      [this, &c]() -> kj::Promise<void> {
+        c.state = Child::State::Running;
+        if (c.spec.vsupAware || c.spec.ready == Readiness::Notify) {
+          vsup::log().info("[supervisor] {}: {} ready in {}", spec_.name, c.spec.name,
+                           millis(monoNow() - c.startedAt));
+        }
+        return kj::READY_NOW;
+      },
+      [this, &c](kj::Exception&& e) -> kj::Promise<void> {
+        // The child failed to become ready: it must not outlive the failure.
+        std::string why = e.getDescription().cStr();
+        if (e.getType() == kj::Exception::Type::DISCONNECTED && c.lastExit) {
+          why = "child '" + c.spec.name + "' exited before it was ready (" +
+                c.lastExit->describe() + ")";
+        }
+        if (c.proc) {
+          c.exitExpected = true;
+          c.proc->killGroup();
+          return exited(c).then([why]() -> kj::Promise<void> { return toKj(why); });
+        }
+        return toKj(why);
+      });
+}
+
+// --------------------------------------------------------------------------------------------
+// Exits
+
+void Supervisor::watchExit(Child& c) {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  c.exitFulfiller = kj::mv(paf.fulfiller);
+  c.exitPromise = paf.promise.fork();
+  c.exitPoll = UvHandle<uv_poll_t>::make(
+      [&](uv_poll_t* h) { uv_poll_init(loop_, h, c.proc->pidfd()); });
+  c.exitPoll->data = &c;
+  uv_poll_start(c.exitPoll.get(), UV_READABLE, [](uv_poll_t* h, int, int) {
+    auto* child = static_cast<Child*>(h->data);
+    if (child != nullptr) child->owner->onExit(*child);
+  });
+}
+
+kj::Promise<void> Supervisor::exited(Child& c) {
+  if (!c.proc) return kj::READY_NOW;
+  KJ_IF_MAYBE(p, c.exitPromise) { return p->addBranch(); }
+  return kj::READY_NOW;
+}
+
+void Supervisor::onExit(Child& c) {
+  std::optional<ExitStatus> status;
+  try {
+    status = c.proc->tryReap();
+  } catch (const std::exception& e) {
+    vsup::log().error("[supervisor] {}: reaping {} failed: {}", spec_.name, c.spec.name, e.what());
+    status = c.proc->killAndReap();
+  }
+  if (!status) return;  // spurious wake-up
+  c.exitPoll.reset();
+  pid_t pid = c.proc->pid();
+  c.proc.reset();
+  c.lastExit = *status;
+  c.state = Child::State::Stopped;
+  c.readyFulfiller = nullptr;
+  bool unexpected = !c.exitExpected;
+  if (unexpected) {
+    vsup::log().warn("[supervisor] {}: {} (pid {}) exited ({})", spec_.name, c.spec.name, pid,
+                     status->describe());
+  }
+  auto fulfiller = kj::mv(c.exitFulfiller);
+  fulfiller->fulfill();
+  if (unexpected && (phase_ == Phase::Running || phase_ == Phase::Starting)) {
+    onUnexpectedExit(c, status->success());
+  }
+}
+
+void Supervisor::onUnexpectedExit(Child& c, bool success) {
+  bool restart = c.spec.restart == Restart::Permanent ||
+                 (c.spec.restart == Restart::Transient && !success);
+  if (!restart) {
+    c.ended = true;
+    if (c.spec.significant) checkAutoShutdown();
+    return;
+  }
+  if (!recordRestart()) {
+    std::string why = "intensity exceeded (" + std::to_string(restartTimes_.size()) +
+                      " restarts in " + seconds(spec_.periodMs * kNsPerMs) + ", intensity " +
+                      std::to_string(spec_.intensity) + ")";
+    vsup::log().error("[supervisor] {}: {}: shutting down", spec_.name, why);
+    terminateSelf(Outcome::IntensityExceeded, why);
+    return;
+  }
+  c.state = Child::State::Restarting;
+  restartAfter(c);
+}
+
+bool Supervisor::recordRestart() {
+  MonoNs now = monoNow();
+  restartTimes_.push_back(now);
+  while (!restartTimes_.empty() && restartTimes_.front() <= now - spec_.periodMs * kNsPerMs) {
+    restartTimes_.pop_front();
+  }
+  return restartTimes_.size() <= spec_.intensity;
+}
+
+void Supervisor::restartAfter(Child& failed) {
+  size_t i = failed.index;
+  size_t n = children_.size();
+  // Which children are restarted: the failed one, all of them, or it and the ones after it.
+  size_t from = i;
+  size_t to = i + 1;
+  if (spec_.strategy == Strategy::OneForAll) {
+    from = 0;
+    to = n;
+  } else if (spec_.strategy == Strategy::RestForOne) {
+    to = n;
+  }
+  enqueue([this, &failed, from, to]() -> kj::Promise<void> {
+    if (phase_ != Phase::Running && phase_ != Phase::Starting) return kj::READY_NOW;
+    // Stop the siblings that go down with it, in reverse order, with their own policies.
+    return stopRange(from, to).then([this, &failed, from, to]() {
+      kj::Promise<void> chain = kj::READY_NOW;
+      for (size_t k = from; k < to; ++k) {
+        Child& c = *children_[k];
+        // A temporary child is never restarted; one that ended normally stays ended.
+        if (&c != &failed && (c.spec.restart == Restart::Temporary || c.ended)) continue;
+        chain = chain.then([this, &c, &failed]() -> kj::Promise<void> {
+          if (phase_ != Phase::Running && phase_ != Phase::Starting) return kj::READY_NOW;
+          c.restarts++;
+          vsup::log().info("[supervisor] {}: restarting {} (restart {} of intensity {} in {})",
+                           spec_.name, c.spec.name, restartTimes_.size(), spec_.intensity,
+                           seconds(spec_.periodMs * kNsPerMs));
+          (void)failed;
+          return startChild(c).catch_([this, &c](kj::Exception&& e) {
+            restartFailed(c, e.getDescription().cStr());
+          });
+        });
+      }
+      return chain;
+    });
+  });
+}
+
+void Supervisor::restartFailed(Child& c, const std::string& why) {
+  vsup::log().error("[supervisor] {}: restart of {} failed: {}", spec_.name, c.spec.name, why);
+  // A failed restart counts as another exit: intensity decides whether to try again.
+  tasks_->add(kj::evalLater([this, &c]() {
+    if (phase_ == Phase::Running || phase_ == Phase::Starting) onUnexpectedExit(c, false);
+  }));
+}
+
+void Supervisor::checkAutoShutdown() {
+  if (spec_.autoShutdown == AutoShutdown::Never) return;
+  bool all = std::all_of(children_.begin(), children_.end(), [](const auto& c) {
+    return !c->spec.significant || c->ended;
+  });
+  if (spec_.autoShutdown == AutoShutdown::AnySignificant || all) {
+    vsup::log().info("[supervisor] {}: significant child ended: auto_shutdown = {}", spec_.name,
+                     toString(spec_.autoShutdown));
+    terminateSelf(Outcome::Clean, "");
+  }
+}
+
+void Supervisor::enqueue(kj::Function<kj::Promise<void>()> op) {
+  ops_ = ops_.then(kj::mv(op)).eagerlyEvaluate([this](kj::Exception&& e) {
+    vsup::log().error("[supervisor] {}: operation failed: {}", spec_.name,
+                      e.getDescription().cStr());
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+// Stopping
+
+void Supervisor::terminateSelf(Outcome outcome, const std::string& why) {
+  if (phase_ == Phase::ShuttingDown || phase_ == Phase::Terminated) return;
+  if (outcome != Outcome::Clean) forcedOutcome_ = outcome;
+  failure_ = why;
+  // Deferred: this may run inside the operation that the shutdown is about to cancel.
+  tasks_->add(kj::evalLater([this]() { beginShutdown(kNoDeadline); }));
+}
+
+kj::Promise<void> Supervisor::shutdown(MonoNs deadline) {
+  if (phase_ == Phase::Terminated) return kj::READY_NOW;
+  if (phase_ == Phase::ShuttingDown) {
+    shorten(deadline);
+  } else {
+    beginShutdown(deadline);
+  }
+  return done_.addBranch();
+}
+
+void Supervisor::beginShutdown(MonoNs deadline) {
+  if (phase_ == Phase::Terminated) return;
+  if (phase_ == Phase::ShuttingDown) {
+    shorten(deadline);
+    return;
+  }
+  bool wasStarting = phase_ == Phase::Starting || phase_ == Phase::Idle;
+  phase_ = Phase::ShuttingDown;
+  deadline_ = deadline;
+  shutdownStartedAt_ = monoNow();
+  // Why first: nothing may be started or restarted once shutdown began (OTP).
+  ops_ = kj::READY_NOW;
+  if (wasStarting && startFulfiller_ && startFulfiller_->isWaiting()) {
+    startFulfiller_->reject(toKj("shut down while starting"));
+  }
+  vsup::log().info("[shutdown] {}: stopping {} children in reverse order{}", spec_.name,
+                   std::count_if(children_.begin(), children_.end(),
+                                 [](const auto& c) { return c->proc.has_value(); }),
+                   deadline == kNoDeadline ? std::string()
+                                           : " (deadline " + seconds(deadline - monoNow()) + ")");
+  stopAll_ = stopRange(0, children_.size())
+                 .then([this]() {
+                   phase_ = Phase::Terminated;
+                   stopping_ = nullptr;
+                   if (forcedOutcome_) {
+                     outcome_ = *forcedOutcome_;
+                   } else {
+                     outcome_ = escalations_ > 0 ? Outcome::Escalated : Outcome::Clean;
+                   }
+                   vsup::log().info("[shutdown] {}: done in {} ({})", spec_.name,
+                                    millis(monoNow() - shutdownStartedAt_),
+                                    escalations_ > 0 ? std::to_string(escalations_) + " escalations"
+                                                     : std::string("clean"));
+                   notify_.reset();
+                   doneFulfiller_->fulfill();
+                 })
+                 .eagerlyEvaluate([this](kj::Exception&& e) {
+                   vsup::log().critical("[shutdown] {}: shutdown failed: {}", spec_.name,
+                                        e.getDescription().cStr());
+                   for (auto& c : children_) {
+                     if (c->proc) c->proc->killAndReap();
+                   }
+                   phase_ = Phase::Terminated;
+                   outcome_ = Outcome::Escalated;
+                   doneFulfiller_->fulfill();
+                 });
+}
+
+kj::Promise<void> Supervisor::stopRange(size_t from, size_t to) {
+  if (to <= from) return kj::READY_NOW;
+  Child& c = *children_[to - 1];
+  return stopChild(c).then([this, from, to]() { return stopRange(from, to - 1); });
+}
+
+MonoNs Supervisor::childCap() const { return withMargin(deadline_); }
+
+kj::Promise<void> Supervisor::stopChild(Child& c) {
+  if (!c.proc) return kj::READY_NOW;
+  c.exitExpected = true;
+  c.killed = false;
+  c.state = Child::State::Stopping;
+  c.readyFulfiller = nullptr;
+  MonoNs now = monoNow();
+  MonoNs cap = phase_ == Phase::ShuttingDown ? childCap() : kNoDeadline;
+  MonoNs deadline = cap;
+  switch (c.spec.shutdown.kind) {
+    case ShutdownPolicy::Kind::BrutalKill: deadline = now; break;
+    case ShutdownPolicy::Kind::Timeout:
+      deadline = std::min(cap, now + c.spec.shutdown.timeoutMs * kNsPerMs);
+      break;
+    case ShutdownPolicy::Kind::Infinity: break;
+  }
+  c.stopStartedAt = now;
+  c.stopCap = cap;
+  c.stopDeadline = deadline;
+  if (phase_ == Phase::ShuttingDown) stopping_ = &c;
+
+  if (c.spec.shutdown.kind == ShutdownPolicy::Kind::BrutalKill) {
+    vsup::log().info("[shutdown] {}: killing {} (process group {}): shutdown = brutal_kill",
+                     spec_.name, c.spec.name, c.proc->pid());
+    c.proc->killGroup();
+  } else {
+    vsup::log().info("[shutdown] {}: stopping {} (deadline {})", spec_.name, c.spec.name,
+                     deadline == kNoDeadline ? std::string("none") : seconds(deadline - now));
+    sendStopRequest(c);
+  }
+  kj::Promise<void> killAtDeadline = waitStopDeadline(c).then([this, &c]() -> kj::Promise<void> {
+    if (!c.proc) return kj::READY_NOW;
+    vsup::log().warn("[shutdown] {}: killing {} (process group {}): shutdown timeout passed",
+                     spec_.name, c.spec.name, c.proc->pid());
+    ++escalations_;
+    c.killed = true;
+    c.proc->killGroup();
+    return exited(c);
+  });
+  return exited(c).exclusiveJoin(kj::mv(killAtDeadline)).then([this, &c]() {
+    c.state = Child::State::Stopped;
+    c.deferral = {};
+    if (stopping_ == &c) stopping_ = nullptr;
+    vsup::log().info("[shutdown] {}: {} stopped in {} ({})", spec_.name, c.spec.name,
+                     millis(monoNow() - c.stopStartedAt),
+                     c.lastExit ? c.lastExit->describe() : std::string("?"));
+  });
+}
+
+void Supervisor::sendStopRequest(Child& c) {
+  if (c.node) {
+    auto request = c.node->shutdownRequest();
+    request.setDeadlineNs(withMargin(c.stopDeadline));
+    request.setObserver(kj::heap<DeferralSink>(
+        [this, &c](const std::string& node, const Deferral& d) {
+          if (node == c.spec.name) c.deferral = d;
+          reportDeferral(node, d);
+        }));
+    tasks_->add(request.send().ignoreResult());
+  } else {
+    c.proc->signal(SIGTERM);
+  }
+}
+
+kj::Promise<void> Supervisor::waitStopDeadline(Child& c) {
+  auto moved = kj::newPromiseAndFulfiller<void>();
+  c.deadlineMoved = kj::mv(moved.fulfiller);
+  kj::Promise<void> wake = kj::mv(moved.promise);
+  if (c.stopDeadline != kNoDeadline) {
+    wake = wake.exclusiveJoin(ipc::uvSleep(loop_, msUntil(c.stopDeadline)));
+  }
+  return wake.then([this, &c]() -> kj::Promise<void> {
+    if (c.stopDeadline != kNoDeadline && monoNow() >= c.stopDeadline) return kj::READY_NOW;
+    return waitStopDeadline(c);
+  });
+}
+
+void Supervisor::setStopDeadline(Child& c, MonoNs deadline) {
+  c.stopDeadline = deadline;
+  if (c.deadlineMoved) {
+    auto f = kj::mv(c.deadlineMoved);
+    f->fulfill();
+  }
+}
+
+void Supervisor::shorten(MonoNs deadline) {
+  if (deadline >= deadline_) return;
+  deadline_ = deadline;
+  vsup::log().info("[shutdown] {}: deadline shortened to {}", spec_.name,
+                   seconds(deadline - monoNow()));
+  if (stopping_ != nullptr && stopping_->proc) {
+    Child& c = *stopping_;
+    MonoNs cap = childCap();
+    c.stopCap = std::min(c.stopCap, cap);
+    if (c.stopDeadline > cap) {
+      setStopDeadline(c, cap);
+      if (c.node) sendStopRequest(c);  // the child's own shutdown is idempotent: shortens it
+    }
+  }
+}
+
+void Supervisor::killAll() {
+  for (auto& c : children_) {
+    if (!c->proc) continue;
+    vsup::log().warn("[shutdown] {}: killing {} (process group {}): kill requested", spec_.name,
+                     c->spec.name, c->proc->pid());
+    ++escalations_;
+    c->exitExpected = true;
+    c->proc->killGroup();
+  }
+  if (phase_ != Phase::ShuttingDown && phase_ != Phase::Terminated) {
+    forcedOutcome_ = Outcome::Escalated;
+    beginShutdown(monoNow());
+  }
+}
+
+kj::Promise<Outcome> Supervisor::terminated() {
+  return done_.addBranch().then([this]() { return outcome_; });
+}
+
+bool Supervisor::isTerminated() const { return phase_ == Phase::Terminated; }
+Outcome Supervisor::outcome() const { return outcome_; }
+
+// --------------------------------------------------------------------------------------------
+// Notifications and deferrals
+
+void Supervisor::reportDeferral(const std::string& node, const Deferral& deferral) {
+  if (options_.onDeferral) options_.onDeferral(node, deferral);
+}
+
+void Supervisor::onNotify(pid_t sender, const NotifyMessage& m) {
+  Child* from = nullptr;
+  for (auto& c : children_) {
+    if (!c->proc) continue;
+    // The main process, or a helper in its process group (as systemd's NotifyAccess=all would
+    // allow within the unit).
+    if (c->proc->pid() == sender || ::getpgid(sender) == c->proc->pid()) {
+      from = c.get();
+      break;
+    }
+  }
+  if (from == nullptr) return;  // not one of ours: dropped
+  Child& c = *from;
+  if (!m.status.empty()) c.statusText = m.status;
+  if (m.ready && c.state == Child::State::Starting && c.readyFulfiller) {
+    auto f = kj::mv(c.readyFulfiller);
+    f->fulfill();
+  }
+  if (m.extendTimeoutUs >= 0 && c.state == Child::State::Stopping) {
+    MonoNs now = monoNow();
+    MonoNs wanted = now + m.extendTimeoutUs * 1000;
+    MonoNs extended = std::min(wanted, c.stopCap);
+    c.deferral.reason = c.statusText.empty() ? "extending its stop timeout" : c.statusText;
+    c.deferral.progress = "extended by " + seconds(m.extendTimeoutUs * 1000) +
+                          (extended < wanted ? " (capped at the parent's deadline)" : "");
+    vsup::log().info("[shutdown] {}: deferring: {} ({})", c.spec.name, c.deferral.reason,
+                     c.deferral.progress);
+    reportDeferral(c.spec.name, c.deferral);
+    if (extended > c.stopDeadline || c.stopDeadline == kNoDeadline) {
+      if (c.stopDeadline != kNoDeadline) setStopDeadline(c, extended);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// Status
+
+const char* Supervisor::phaseName() const {
+  switch (phase_) {
+    case Phase::Idle:
+    case Phase::Starting: return "starting";
+    case Phase::Running: return "running";
+    case Phase::ShuttingDown: return "stopping";
+    case Phase::Terminated: return "stopped";
+  }
+  return "?";
+}
+
+NodeStatus Supervisor::localStatus(const Child& c) const {
+  NodeStatus s;
+  s.name = c.spec.name;
+  s.pid = c.proc ? c.proc->pid() : 0;
+  s.type = c.spec.type == ChildType::Supervisor ? "supervisor" : "worker";
+  switch (c.state) {
+    case Child::State::Stopped: s.state = "stopped"; break;
+    case Child::State::Starting: s.state = "starting"; break;
+    case Child::State::Running: s.state = "running"; break;
+    case Child::State::Stopping: s.state = "stopping"; break;
+    case Child::State::Restarting: s.state = "restarting"; break;
+  }
+  s.uptimeMs = c.proc ? (monoNow() - c.startedAt) / kNsPerMs : 0;
+  s.restarts = c.restarts;
+  s.deferral = c.deferral;
+  return s;
+}
+
+kj::Promise<NodeStatus> Supervisor::status() {
+  NodeStatus self;
+  self.name = spec_.name;
+  self.pid = ::getpid();
+  self.type = "supervisor";
+  self.state = phaseName();
+  self.uptimeMs = startedAt_ ? (monoNow() - startedAt_) / kNsPerMs : 0;
+  kj::Vector<kj::Promise<NodeStatus>> parts;
+  for (auto& cp : children_) {
+    Child& c = *cp;
+    NodeStatus local = localStatus(c);
+    if (!c.node || !c.proc) {
+      parts.add(kj::mv(local));
+      continue;
+    }
+    auto remote = c.node->statusRequest().send().then(
+        [local](capnp::Response<schema::Node::StatusResults>&& r) {
+          NodeStatus s = decode(r.getStatus());
+          // The parent knows best how often it restarted the child, and that it is stopping it.
+          s.name = local.name;
+          s.restarts = local.restarts;
+          if (local.state == "stopping" || local.state == "starting") s.state = local.state;
+          if (!s.deferral.active()) s.deferral = local.deferral;
+          return s;
+        },
+        [local](kj::Exception&& e) {
+          vsup::log().debug("[supervisor] status of {} failed: {}", local.name,
+                            e.getDescription().cStr());
+          NodeStatus s = local;
+          s.state = "unresponsive";
+          return s;
+        });
+    auto timeout = ipc::uvSleep(loop_, kStatusTimeoutMs).then([local]() {
+      NodeStatus s = local;
+      s.state = "unresponsive";
+      return s;
+    });
+    parts.add(remote.exclusiveJoin(kj::mv(timeout)));
+  }
+  return kj::joinPromises(parts.releaseAsArray())
+      .then([self = kj::mv(self)](kj::Array<NodeStatus> children) mutable {
+        for (auto& c : children) self.children.push_back(kj::mv(c));
+        return kj::mv(self);
+      });
+}
+
+}  // namespace vsup::supervisor

@@ -1,0 +1,148 @@
+// Supervisor: OTP supervision of OS processes on one libuv loop (DESIGN.md sections 2-3).
+//
+// Lifecycle:  start() ──► running ──► shutdown(deadline) ──► terminated
+//                 │            │                               ▲
+//                 │            └─ intensity exceeded / auto_shutdown (stops itself) ──┘
+//                 └─ a child failed to start: started ones stopped in reverse ───────┘
+//
+// Threading: every method runs on the loop thread, with a KjOnUv current on it. Children are
+// spawned from that thread only (their PR_SET_PDEATHSIG is tied to it).
+// Lifetime: the Supervisor must outlive every promise it returned. Destroying it before it
+// terminated is a backstop, not a shutdown: every child's process group is SIGKILLed and reaped
+// synchronously, and the escalation is logged.
+#pragma once
+
+#include <uv.h>
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <kj/async.h>
+
+#include "ipc/clock.h"
+#include "supervisor/spec.h"
+#include "supervisor/status.h"
+
+namespace vsup::supervisor {
+
+// How a supervisor ended. The exit status of a supervisor process is exitCodeFor(outcome).
+enum class Outcome {
+  Clean,              // ordered shutdown (or auto_shutdown), nothing SIGKILLed
+  Escalated,          // shutdown completed, but at least one child had to be SIGKILLed
+  StartFailed,        // a child failed to start; the started ones were stopped
+  IntensityExceeded,  // more than `intensity` restarts within `period`
+};
+int exitCodeFor(Outcome outcome);
+const char* toString(Outcome outcome);
+
+inline constexpr int kExitClean = 0;
+inline constexpr int kExitError = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitStartFailed = 3;
+inline constexpr int kExitEscalated = 4;
+inline constexpr int kExitIntensity = 5;
+
+struct SupervisorOptions {
+  // The vsup executable, re-executed (`vsup __node`) for children of type "supervisor".
+  std::string selfExe;
+  // Called for every deferral reported in this subtree while it shuts down (a generic child's
+  // EXTEND_TIMEOUT_USEC, or a vsup-aware descendant's shutdown hook). `node` names who defers.
+  std::function<void(const std::string& node, const Deferral&)> onDeferral;
+};
+
+class Supervisor {
+ public:
+  Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions options = {});
+  ~Supervisor();
+  Supervisor(const Supervisor&) = delete;
+  Supervisor& operator=(const Supervisor&) = delete;
+
+  // Starts the children in spec order, each after the previous one is ready. Resolves when all
+  // are ready; on failure, rejects with a message naming the child, after the already-started
+  // children were stopped in reverse order. Call once.
+  kj::Promise<void> start();
+
+  // Ordered shutdown: children stopped in reverse start order, one at a time, the whole of it
+  // finished before `deadline` (kNoDeadline: each child's own `shutdown` policy governs).
+  // Idempotent; a later call with an earlier deadline shortens the running shutdown. Resolves
+  // when every child has been reaped.
+  kj::Promise<void> shutdown(MonoNs deadline);
+
+  // SIGKILL to every child's process group at once ("kill the tree now"). The children are
+  // still reaped through the normal path.
+  void killAll();
+
+  // Resolves once, when the supervisor has terminated for any reason (all children reaped).
+  kj::Promise<Outcome> terminated();
+  bool isTerminated() const;
+  Outcome outcome() const;
+  // Why the supervisor terminated when it was not asked to (start failure, intensity).
+  const std::string& failure() const { return failure_; }
+
+  // This supervisor and its subtree; vsup-aware children are asked over RPC (bounded wait: an
+  // unresponsive one is reported as "unresponsive").
+  kj::Promise<NodeStatus> status();
+
+  const SupervisorSpec& spec() const { return spec_; }
+  size_t escalations() const { return escalations_; }
+
+  struct Child;  // internal
+
+ private:
+  enum class Phase { Idle, Starting, Running, ShuttingDown, Terminated };
+
+  kj::Promise<void> startAll(size_t index);
+  kj::Promise<void> startChild(Child& c);
+  kj::Promise<void> stopChild(Child& c);
+  kj::Promise<void> stopRange(size_t from, size_t to);  // reverse order, [from, to)
+  kj::Promise<void> waitStopDeadline(Child& c);
+  kj::Promise<void> exited(Child& c);
+  void watchExit(Child& c);
+  void onExit(Child& c);
+  void onUnexpectedExit(Child& c, bool success);
+  void restartAfter(Child& c);
+  void restartFailed(Child& c, const std::string& why);
+  bool recordRestart();
+  void checkAutoShutdown();
+  void enqueue(kj::Function<kj::Promise<void>()> op);
+  void beginShutdown(MonoNs deadline);
+  void terminateSelf(Outcome outcome, const std::string& why);
+  void shorten(MonoNs deadline);
+  void setStopDeadline(Child& c, MonoNs deadline);
+  void sendStopRequest(Child& c);
+  void onNotify(pid_t sender, const struct NotifyMessage& message);
+  void reportDeferral(const std::string& node, const Deferral& deferral);
+  MonoNs childCap() const;
+  NodeStatus localStatus(const Child& c) const;
+  std::vector<std::string> childEnvironment(const Child& c) const;
+  const char* phaseName() const;
+
+  uv_loop_t* loop_;
+  SupervisorSpec spec_;
+  SupervisorOptions options_;
+  std::unique_ptr<class NotifySocket> notify_;
+  std::vector<std::unique_ptr<Child>> children_;
+  Phase phase_ = Phase::Idle;
+  MonoNs startedAt_ = 0;
+  MonoNs shutdownStartedAt_ = 0;
+  MonoNs deadline_ = kNoDeadline;
+  std::deque<MonoNs> restartTimes_;
+  size_t escalations_ = 0;
+  std::optional<Outcome> forcedOutcome_;
+  std::string failure_;
+  Outcome outcome_ = Outcome::Clean;
+  Child* stopping_ = nullptr;  // the child whose stop is in progress during shutdown
+
+  kj::Own<kj::PromiseFulfiller<void>> startFulfiller_;
+  kj::Own<kj::PromiseFulfiller<void>> doneFulfiller_;
+  kj::ForkedPromise<void> done_;
+  kj::Promise<void> ops_;         // serialized start/restart operations; dropped on shutdown
+  kj::Promise<void> stopAll_;     // the shutdown traversal
+  kj::Own<kj::TaskSet> tasks_;    // detached work (stop RPCs); errors are logged
+  std::unique_ptr<kj::TaskSet::ErrorHandler> errorHandler_;
+};
+
+}  // namespace vsup::supervisor

@@ -1,0 +1,162 @@
+// `vsup run --topology FILE`: the root supervisor process.
+//
+// The root owns SIGTERM/SIGINT (DESIGN.md 2.1). They are blocked and read from a signalfd on
+// the loop, so no handler runs at all and the children, whose masks are reset at spawn, are
+// unaffected. First signal: ordered shutdown. Second: the rest of it must finish within 1 s.
+// Third: SIGKILL every child process group now.
+#include <limits.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+
+#include <kj/debug.h>
+
+#include "ipc/check.h"
+#include "ipc/log.h"
+#include "ipc/uv_kj.h"
+#include "supervisor/control_socket.h"
+#include "supervisor/supervisor.h"
+#include "supervisor/topology.h"
+#include "tools/commands.h"
+
+namespace vsup::tools {
+
+using namespace vsup::supervisor;
+
+namespace {
+
+constexpr int64_t kHurryMs = 1000;
+
+// The root serves the same Node interface as every other node, to `vsup tree`.
+class RootNode final : public NodeHandler {
+ public:
+  explicit RootNode(Supervisor& sup) : sup_(sup) {}
+  kj::Promise<void> start(SupervisorSpec) override {
+    return KJ_EXCEPTION(FAILED, "the root is already started");
+  }
+  kj::Promise<NodeStatus> status() override { return sup_.status(); }
+  kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter) override {
+    vsup::log().info("[shutdown] {}: shutdown requested over the control socket", sup_.spec().name);
+    return sup_.shutdown(deadline).then([this]() { return sup_.escalations() == 0; });
+  }
+
+ private:
+  Supervisor& sup_;
+};
+
+class SignalWatch {
+ public:
+  SignalWatch(uv_loop_t* loop, std::function<void(int)> onSignal) : onSignal_(std::move(onSignal)) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    VSUP_SYSCALL(::sigprocmask(SIG_BLOCK, &set, nullptr));
+    fd_.reset(VSUP_SYSCALL(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)));
+    poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) { uv_poll_init(loop, h, fd_.get()); });
+    poll_->data = this;
+    uv_poll_start(poll_.get(), UV_READABLE, [](uv_poll_t* h, int, int) {
+      auto* self = static_cast<SignalWatch*>(h->data);
+      if (self == nullptr) return;
+      signalfd_siginfo info;
+      while (::read(self->fd_.get(), &info, sizeof info) == sizeof info) {
+        self->onSignal_(int(info.ssi_signo));
+      }
+    });
+    uv_unref(reinterpret_cast<uv_handle_t*>(poll_.get()));
+  }
+
+ private:
+  std::function<void(int)> onSignal_;
+  OwnFd fd_;
+  UvHandle<uv_poll_t> poll_;
+};
+
+}  // namespace
+
+std::string selfExe() {
+  char buf[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  VSUP_REQUIRE(n > 0, std::string("cannot resolve /proc/self/exe: ") + std::strerror(errno));
+  return std::string(buf, size_t(n));
+}
+
+int runTopology(const RunOptions& options) {
+  SupervisorSpec spec;
+  try {
+    spec = loadTopology(options.topology);
+  } catch (const vsup::Error& e) {
+    std::fprintf(stderr, "vsup: %s\n", e.what());
+    return kExitUsage;
+  }
+  setLogProcessName(spec.name);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int exitCode = kExitError;
+  {
+    ipc::KjOnUv kj(&loop);
+    // Blocked before the first child exists (children reset their masks at spawn anyway).
+    int signals = 0;
+    Supervisor* supPtr = nullptr;
+    SignalWatch watch(&loop, [&](int sig) {
+      ++signals;
+      const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+      if (supPtr == nullptr) return;
+      if (signals == 1) {
+        vsup::log().info("[shutdown] {}: {} received: ordered shutdown", spec.name, name);
+        supPtr->shutdown(kNoDeadline).detach([](kj::Exception&&) {});
+      } else if (signals == 2) {
+        vsup::log().warn("[shutdown] {}: second {}: finishing the shutdown within {}ms", spec.name,
+                         name, kHurryMs);
+        supPtr->shutdown(deadlineAfterMs(kHurryMs)).detach([](kj::Exception&&) {});
+      } else {
+        vsup::log().error("[shutdown] {}: third {}: killing the tree now", spec.name, name);
+        supPtr->killAll();
+      }
+    });
+
+    SupervisorOptions supOptions;
+    supOptions.selfExe = selfExe();
+    Supervisor sup(&loop, spec, supOptions);
+    supPtr = &sup;
+    RootNode rootNode(sup);
+    std::unique_ptr<ControlSocket> control;
+    try {
+      control = std::make_unique<ControlSocket>(
+          &loop, options.controlSocket.empty() ? ControlSocket::defaultPath(spec.name)
+                                               : options.controlSocket,
+          rootNode);
+    } catch (const vsup::Error& e) {
+      std::fprintf(stderr, "vsup: %s\n", e.what());
+      return kExitError;
+    }
+    vsup::log().info("[supervisor] {}: control socket {}", spec.name, control->path());
+
+    auto started = sup.start().eagerlyEvaluate([](kj::Exception&&) {
+      // Logged by the supervisor; the outcome says StartFailed.
+    });
+    bool done = false;
+    auto finished = sup.terminated().then([&](Outcome o) {
+      exitCode = exitCodeFor(o);
+      done = true;
+    }).eagerlyEvaluate(nullptr);
+    while (!done) {
+      if (uv_run(&loop, UV_RUN_ONCE) == 0 && !done) {
+        vsup::log().critical("[supervisor] {}: event loop ran dry", spec.name);
+        break;
+      }
+    }
+    supPtr = nullptr;
+    // The control socket answers until here: the very end of the tree's life.
+  }
+  // Let every closed handle's callback run, then the loop is empty.
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return exitCode;
+}
+
+}  // namespace vsup::tools
