@@ -1,6 +1,7 @@
 #include "supervisor/process.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -261,9 +262,16 @@ ExitStatus Process::killAndReap() {
   siginfo_t info;
   std::memset(&info, 0, sizeof info);
   int rc;
-  do {
+  for (;;) {
+    // The pidfd may be O_NONBLOCK (libuv's uv_poll_init sets it), so waitid can say EAGAIN
+    // while the SIGKILLed child is still on its way out: wait for the pidfd to turn readable.
     rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | __WALL);
-  } while (rc < 0 && errno == EINTR);
+    if (rc == 0 || (errno != EINTR && errno != EAGAIN)) break;
+    if (errno == EAGAIN) {
+      pollfd p{pidfd_.get(), POLLIN, 0};
+      ::poll(&p, 1, -1);
+    }
+  }
   reaped_ = true;
   pidfd_.reset();
   if (rc < 0) return ExitStatus{ExitStatus::Kind::Lost, 0};

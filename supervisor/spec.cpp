@@ -91,7 +91,7 @@ void validate(const SupervisorSpec& spec, const std::string& origin) {
   validateSupervisor(spec, origin, spec.name);
 }
 
-const char* toString(Restart r) {
+const char* nameOf(Restart r) {
   switch (r) {
     case Restart::Permanent: return "permanent";
     case Restart::Transient: return "transient";
@@ -100,7 +100,7 @@ const char* toString(Restart r) {
   return "?";
 }
 
-const char* toString(Strategy s) {
+const char* nameOf(Strategy s) {
   switch (s) {
     case Strategy::OneForOne: return "one_for_one";
     case Strategy::OneForAll: return "one_for_all";
@@ -109,7 +109,7 @@ const char* toString(Strategy s) {
   return "?";
 }
 
-const char* toString(AutoShutdown a) {
+const char* nameOf(AutoShutdown a) {
   switch (a) {
     case AutoShutdown::Never: return "never";
     case AutoShutdown::AnySignificant: return "any_significant";
@@ -118,7 +118,7 @@ const char* toString(AutoShutdown a) {
   return "?";
 }
 
-std::string toString(const ShutdownPolicy& p) {
+std::string nameOf(const ShutdownPolicy& p) {
   switch (p.kind) {
     case ShutdownPolicy::Kind::Timeout: return std::to_string(p.timeoutMs) + "ms";
     case ShutdownPolicy::Kind::BrutalKill: return "brutal_kill";

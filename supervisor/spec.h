@@ -62,9 +62,9 @@ struct ChildSpec {
 // the field, e.g. `topology.toml: child 'db': field 'significant': ...`.
 void validate(const SupervisorSpec& spec, const std::string& origin);
 
-const char* toString(Restart);
-const char* toString(Strategy);
-const char* toString(AutoShutdown);
-std::string toString(const ShutdownPolicy&);
+const char* nameOf(Restart);
+const char* nameOf(Strategy);
+const char* nameOf(AutoShutdown);
+std::string nameOf(const ShutdownPolicy&);
 
 }  // namespace vsup::supervisor

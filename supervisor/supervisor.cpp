@@ -34,7 +34,7 @@ int exitCodeFor(Outcome outcome) {
   return kExitError;
 }
 
-const char* toString(Outcome outcome) {
+const char* nameOf(Outcome outcome) {
   switch (outcome) {
     case Outcome::Clean: return "clean";
     case Outcome::Escalated: return "escalated";
@@ -473,7 +473,7 @@ void Supervisor::checkAutoShutdown() {
   });
   if (spec_.autoShutdown == AutoShutdown::AnySignificant || all) {
     vsup::log().info("[supervisor] {}: significant child ended: auto_shutdown = {}", spec_.name,
-                     toString(spec_.autoShutdown));
+                     nameOf(spec_.autoShutdown));
     terminateSelf(Outcome::Clean, "");
   }
 }

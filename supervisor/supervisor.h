@@ -36,7 +36,7 @@ enum class Outcome {
   IntensityExceeded,  // more than `intensity` restarts within `period`
 };
 int exitCodeFor(Outcome outcome);
-const char* toString(Outcome outcome);
+const char* nameOf(Outcome outcome);
 
 inline constexpr int kExitClean = 0;
 inline constexpr int kExitError = 1;

@@ -1,0 +1,325 @@
+// In-process tests of Supervisor: the guarantees a host program relies on (library mode).
+// Process-level behaviour of `vsup run` is covered by tests/integration.
+#include "supervisor/supervisor.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "ipc/check.h"
+#include "ipc/log.h"
+#include "ipc/uv_kj.h"
+
+namespace vsup::supervisor {
+namespace {
+
+// One uv loop + KJ on the current thread, torn down completely (every handle closed).
+class TestLoop {
+ public:
+  TestLoop() {
+    uv_loop_init(&loop_);
+    kj_ = std::make_unique<ipc::KjOnUv>(&loop_);
+  }
+  ~TestLoop() {
+    kj_.reset();
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    int rc = uv_loop_close(&loop_);
+    CHECK_MESSAGE(rc == 0, "uv loop still had open handles at teardown");
+  }
+  uv_loop_t* loop() { return &loop_; }
+  kj::WaitScope& ws() { return kj_->waitScope(); }
+
+ private:
+  uv_loop_t loop_;
+  std::unique_ptr<ipc::KjOnUv> kj_;
+};
+
+ChildSpec worker(const std::string& name, std::vector<std::string> command) {
+  ChildSpec c;
+  c.name = name;
+  c.command = std::move(command);
+  return c;
+}
+
+std::set<std::string> openFds() {
+  std::set<std::string> fds;
+  DIR* d = ::opendir("/proc/self/fd");
+  REQUIRE(d != nullptr);
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') fds.insert(e->d_name);
+  }
+  ::closedir(d);
+  return fds;
+}
+
+// Readlink of each fd, so a leak says what leaked.
+std::string describeFds(const std::set<std::string>& fds) {
+  std::string out;
+  for (const auto& fd : fds) {
+    char buf[256] = {};
+    ssize_t n = ::readlink(("/proc/self/fd/" + fd).c_str(), buf, sizeof buf - 1);
+    out += fd + "->" + (n > 0 ? std::string(buf, size_t(n)) : "?") + " ";
+  }
+  return out;
+}
+
+std::map<std::string, std::string> signalStatus() {
+  std::map<std::string, std::string> out;
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    for (const char* key : {"SigBlk:", "SigIgn:", "SigCgt:"}) {
+      if (line.rfind(key, 0) == 0) out[key] = line.substr(std::strlen(key));
+    }
+  }
+  return out;
+}
+
+// sigaction for every signal: handler address, flags and mask, as text for a readable diff.
+std::vector<std::string> sigactionTable() {
+  std::vector<std::string> table;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    if (::sigaction(sig, nullptr, &sa) != 0) {
+      table.push_back("EINVAL");
+      continue;
+    }
+    std::ostringstream os;
+    os << sig << ":" << reinterpret_cast<void*>(sa.sa_handler) << "/" << sa.sa_flags;
+    table.push_back(os.str());
+  }
+  return table;
+}
+
+// No child of this process exists, exited or not.
+bool noChildren() {
+  siginfo_t info;
+  std::memset(&info, 0, sizeof info);
+  return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT | __WALL) < 0 && errno == ECHILD;
+}
+
+// The test probe (tests/probe.cpp), built beside this test.
+std::string probe() {
+  const char* p = std::getenv("VSUP_TEST_PROBE");
+  REQUIRE_MESSAGE(p != nullptr, "VSUP_TEST_PROBE is not set: run this test through meson test");
+  return p;
+}
+
+bool pidGone(pid_t pid) { return ::kill(pid, 0) < 0 && errno == ESRCH; }
+
+std::atomic<int> hostSigchldCount{0};
+void hostSigchld(int) { hostSigchldCount.fetch_add(1); }
+
+}  // namespace
+
+}  // namespace vsup::supervisor
+
+namespace doctest {
+template <>
+struct StringMaker<vsup::supervisor::Outcome> {
+  static String convert(vsup::supervisor::Outcome o) { return vsup::supervisor::nameOf(o); }
+};
+}  // namespace doctest
+
+namespace vsup::supervisor {
+
+TEST_CASE("a supervisor started and shut down leaves the host's signal table, fds and children as they were") {
+  vsup::setLogLevel("warn");
+  // The host has its own SIGCHLD and SIGTERM handlers and an ignored SIGUSR1.
+  struct sigaction mine;
+  std::memset(&mine, 0, sizeof mine);
+  mine.sa_handler = hostSigchld;
+  struct sigaction oldChld, oldTerm, oldUsr1;
+  REQUIRE(::sigaction(SIGCHLD, &mine, &oldChld) == 0);
+  REQUIRE(::sigaction(SIGTERM, &mine, &oldTerm) == 0);
+  struct sigaction ign;
+  std::memset(&ign, 0, sizeof ign);
+  ign.sa_handler = SIG_IGN;
+  REQUIRE(::sigaction(SIGUSR1, &ign, &oldUsr1) == 0);
+
+  // libuv creates a process-wide lock pipe with its first loop and keeps it: warm it up so
+  // the comparison below sees only what vsup itself takes.
+  { TestLoop warmUp; }
+  auto tableBefore = sigactionTable();
+  auto statusBefore = signalStatus();
+  auto fdsBefore = openFds();
+  {
+    TestLoop t;
+    SupervisorSpec spec;
+    spec.name = "lib";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    spec.children.push_back(worker("b", {"sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"}));
+    Supervisor sup(t.loop(), spec);
+    sup.start().wait(t.ws());
+    auto status = sup.status().wait(t.ws());
+    REQUIRE(status.children.size() == 2);
+    CHECK(status.children[0].state == "running");
+    CHECK(status.children[1].pid > 0);
+    sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
+    CHECK(sup.outcome() == Outcome::Clean);
+  }
+  CHECK_MESSAGE(sigactionTable() == tableBefore, "a signal disposition changed");
+  CHECK_MESSAGE(signalStatus() == statusBefore, "SigBlk/SigIgn/SigCgt changed");
+  auto fdsAfter = openFds();
+  CHECK_MESSAGE(fdsAfter == fdsBefore, "fds before: " << describeFds(fdsBefore)
+                                                      << " after: " << describeFds(fdsAfter));
+  CHECK_MESSAGE(noChildren(), "a child process or zombie is left");
+
+  // The host's SIGCHLD handler still runs for the host's own children.
+  int before = hostSigchldCount.load();
+  pid_t own = ::fork();
+  if (own == 0) ::_exit(0);
+  REQUIRE(own > 0);
+  int st = 0;
+  REQUIRE(::waitpid(own, &st, 0) == own);
+  CHECK(hostSigchldCount.load() > before);
+
+  ::sigaction(SIGCHLD, &oldChld, nullptr);
+  ::sigaction(SIGTERM, &oldTerm, nullptr);
+  ::sigaction(SIGUSR1, &oldUsr1, nullptr);
+}
+
+TEST_CASE("two supervisors on two loops in two threads each see exactly their own children's exits") {
+  vsup::setLogLevel("warn");
+  // Each supervisor has a child that exits with its own code; with intensity 0 the first exit
+  // makes the supervisor give up. Each must see its own child's exit, never the other's.
+  auto run = [](int code, std::string* failure, Outcome* outcome, uint32_t* restarts) {
+    TestLoop t;
+    SupervisorSpec spec;
+    spec.name = "s" + std::to_string(code);
+    spec.intensity = 2;
+    spec.periodMs = 60000;
+    // Exits with `code` three times (intensity 2 → the third exit exceeds it).
+    spec.children.push_back(worker("c", {"sh", "-c", "sleep 0.05; exit " + std::to_string(code)}));
+    spec.children.push_back(worker("idle", {"sleep", "30"}));
+    Supervisor sup(t.loop(), spec);
+    sup.start().wait(t.ws());
+    *outcome = sup.terminated().wait(t.ws());
+    *failure = sup.failure();
+    auto status = sup.status().wait(t.ws());
+    *restarts = status.children[0].restarts;
+  };
+  std::string f1, f2;
+  Outcome o1 = Outcome::Clean, o2 = Outcome::Clean;
+  uint32_t r1 = 0, r2 = 0;
+  std::thread t1(run, 3, &f1, &o1, &r1);
+  std::thread t2(run, 4, &f2, &o2, &r2);
+  t1.join();
+  t2.join();
+  CHECK(o1 == Outcome::IntensityExceeded);
+  CHECK(o2 == Outcome::IntensityExceeded);
+  // Exactly two restarts each: a stolen or duplicated exit would change the count.
+  CHECK(r1 == 2);
+  CHECK(r2 == 2);
+  CHECK(noChildren());
+}
+
+TEST_CASE("destroying a running supervisor kills and reaps every child synchronously") {
+  vsup::setLogLevel("off");
+  pid_t a = 0, b = 0;
+  {
+    TestLoop t;
+    SupervisorSpec spec;
+    spec.name = "backstop";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    spec.children.push_back(worker("b", {"sh", "-c", "trap '' TERM; sleep 30 & wait"}));
+    {
+      Supervisor sup(t.loop(), spec);
+      sup.start().wait(t.ws());
+      auto status = sup.status().wait(t.ws());
+      a = status.children[0].pid;
+      b = status.children[1].pid;
+      REQUIRE(a > 0);
+      REQUIRE(b > 0);
+    }
+    CHECK(pidGone(a));
+    CHECK(pidGone(b));
+  }
+  CHECK(noChildren());
+}
+
+TEST_CASE("a start failure stops the children already started, in reverse order, and names the child") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "sf";
+  spec.children.push_back(worker("first", {"sleep", "30"}));
+  ChildSpec never = worker("never-ready", {"sleep", "30"});
+  never.ready = Readiness::Notify;
+  never.startTimeoutMs = 100;
+  spec.children.push_back(never);
+  spec.children.push_back(worker("third", {"sleep", "30"}));
+  Supervisor sup(t.loop(), spec);
+  std::string error;
+  try {
+    sup.start().wait(t.ws());
+  } catch (const kj::Exception& e) {
+    error = e.getDescription().cStr();
+  }
+  CHECK(error.find("never-ready") != std::string::npos);
+  CHECK(error.find("start_timeout") != std::string::npos);
+  CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
+  auto status = sup.status().wait(t.ws());
+  for (const auto& c : status.children) CHECK(c.pid == 0);
+  CHECK(noChildren());
+}
+
+TEST_CASE("a command that cannot be found is a start failure with a clear message") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "nf";
+  spec.children.push_back(worker("ok", {"sleep", "30"}));
+  spec.children.push_back(worker("missing", {"vsup-no-such-program-xyz"}));
+  Supervisor sup(t.loop(), spec);
+  std::string error;
+  try {
+    sup.start().wait(t.ws());
+  } catch (const kj::Exception& e) {
+    error = e.getDescription().cStr();
+  }
+  CHECK(error.find("missing") != std::string::npos);
+  CHECK(error.find("not found in PATH") != std::string::npos);
+  CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
+  CHECK(noChildren());
+}
+
+TEST_CASE("shutdown is idempotent and a second call with an earlier deadline shortens it") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "idem";
+  // Ready only once it ignores SIGTERM: no race between its set-up and our stop request.
+  ChildSpec stubborn = worker("stubborn", {probe(), "--ignore-term", "--ready-after", "0"});
+  stubborn.ready = Readiness::Notify;
+  stubborn.shutdown = ShutdownPolicy::timeout(20000);
+  spec.children.push_back(stubborn);
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  MonoNs began = monoNow();
+  auto first = sup.shutdown(kNoDeadline);
+  auto second = sup.shutdown(deadlineAfterMs(300));
+  second.wait(t.ws());
+  first.wait(t.ws());
+  int64_t tookMs = (monoNow() - began) / kNsPerMs;
+  CHECK(tookMs < 5000);  // not the 20 s of its own policy
+  CHECK(sup.outcome() == Outcome::Escalated);
+  CHECK(sup.escalations() == 1);
+  sup.shutdown(kNoDeadline).wait(t.ws());  // after termination: resolves at once
+  CHECK(noChildren());
+}
+
+}  // namespace vsup::supervisor
