@@ -54,6 +54,13 @@ ChildRuntime::ChildRuntime(uv_loop_t* loop)
   ::fcntl(fd, F_SETFD, FD_CLOEXEC);  // our own children must not inherit the control socket
   const char* name = std::getenv("VSUP_NODE_NAME");
   name_ = name != nullptr ? name : "node";
+  if (const char* level = std::getenv("VSUP_LOG_LEVEL")) {
+    try {
+      setLogLevel(level);
+    } catch (const vsup::Error&) {
+      // An unknown level from a newer parent: keep the default.
+    }
+  }
   // The variables describe this process's edge, not its children's.
   ::unsetenv("VSUP_CONTROL_FD");
   errorHandler_ = std::make_unique<LogErrors>();

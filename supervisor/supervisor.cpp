@@ -227,7 +227,10 @@ std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
   std::vector<std::string> env;
   auto overridden = [&](const std::string& kv) {
     std::string key = kv.substr(0, kv.find('='));
-    if (key == "NOTIFY_SOCKET" || key == "VSUP_CONTROL_FD" || key == "VSUP_NODE_NAME") return true;
+    if (key == "NOTIFY_SOCKET" || key == "VSUP_CONTROL_FD" || key == "VSUP_NODE_NAME" ||
+        key == "VSUP_LOG_LEVEL") {
+      return true;
+    }
     for (const auto& [k, v] : c.spec.env) {
       if (k == key) return true;
     }
@@ -240,7 +243,12 @@ std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
   for (const auto& [k, v] : c.spec.env) env.push_back(k + "=" + v);
   env.push_back("NOTIFY_SOCKET=" + notify_->address());
   env.push_back("VSUP_NODE_NAME=" + c.spec.name);
-  if (c.spec.vsupAware) env.push_back("VSUP_CONTROL_FD=3");
+  if (c.spec.vsupAware) {
+    env.push_back("VSUP_CONTROL_FD=3");
+    // A vsup-aware child logs at the level its parent does.
+    auto level = spdlog::level::to_string_view(vsup::log().level());
+    env.push_back("VSUP_LOG_LEVEL=" + std::string(level.data(), level.size()));
+  }
   return env;
 }
 
