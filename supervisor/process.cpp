@@ -32,6 +32,7 @@ struct ChildArgs {
   int targets[kMaxPassFds];
   int count;
   pid_t parentPid;
+  bool deathSignal;
   // Written by the child when a step fails; read by the parent after clone returns (CLONE_VFORK
   // suspends the parent until the child has exec'd or exited).
   int error;
@@ -59,8 +60,10 @@ int childMain(void* arg) {
     if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
   }
   // 3. Backstop: if our parent (thread) dies, so do we.
-  if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) childFail(a, "prctl(PR_SET_PDEATHSIG)");
-  if (getppid() != a->parentPid) _exit(127);
+  if (a->deathSignal) {
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) childFail(a, "prctl(PR_SET_PDEATHSIG)");
+    if (getppid() != a->parentPid) _exit(127);
+  }
   // 4. Exactly the fds asked for. First move every source above the highest target so that no
   //    dup2 can clobber a source still to be placed, then place them, then close the rest.
   int moved[kMaxPassFds];
@@ -178,6 +181,7 @@ Process Process::spawn(const SpawnRequest& request) {
   args.argv = argv.data();
   args.envp = envp.data();
   args.parentPid = ::getpid();
+  args.deathSignal = request.deathSignal;
 
   void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);

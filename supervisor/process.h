@@ -29,6 +29,9 @@ struct SpawnRequest {
   int stderrFd = 2;
   // Extra fds: source fd in this process → fd number in the child (3, 4, ...).
   std::vector<std::pair<int, int>> passFds;
+  // PR_SET_PDEATHSIG(SIGKILL): the child dies with the spawning thread. Off only for the
+  // OrphanGuard, which must outlive its parent.
+  bool deathSignal = true;
 };
 
 struct ExitStatus {

@@ -16,6 +16,7 @@
 #include "ipc/uv_kj.h"
 #include "supervisor/node_codec.h"
 #include "supervisor/notify.h"
+#include "supervisor/orphan_guard.h"
 #include "supervisor/process.h"
 
 extern char** environ;
@@ -159,6 +160,7 @@ Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions o
   done_ = paf.promise.fork();
   notify_ = std::make_unique<NotifySocket>(
       loop_, [this](pid_t sender, const NotifyMessage& m) { onNotify(sender, m); });
+  if (!options_.selfExe.empty()) guard_ = std::make_unique<OrphanGuard>(options_.selfExe);
   for (size_t i = 0; i < spec_.children.size(); ++i) {
     auto c = std::make_unique<Child>();
     c->spec = spec_.children[i];
@@ -288,6 +290,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     return toKj("child '" + c.spec.name + "': " + e.what());
   }
   childEnd.reset();
+  if (guard_) guard_->add(c.proc->pid());
   c.startedAt = monoNow();
   watchExit(c);
   vsup::log().info("[supervisor] {}: started {} (pid {})", spec_.name, c.spec.name, c.proc->pid());
@@ -384,6 +387,7 @@ void Supervisor::onExit(Child& c) {
   c.exitPoll.reset();
   pid_t pid = c.proc->pid();
   c.proc.reset();
+  if (guard_) guard_->remove(pid);
   c.lastExit = *status;
   c.state = Child::State::Stopped;
   c.readyFulfiller = nullptr;
@@ -548,6 +552,7 @@ void Supervisor::beginShutdown(MonoNs deadline) {
                                     escalations_ > 0 ? std::to_string(escalations_) + " escalations"
                                                      : std::string("clean"));
                    notify_.reset();
+                   guard_.reset();
                    doneFulfiller_->fulfill();
                  })
                  .eagerlyEvaluate([this](kj::Exception&& e) {

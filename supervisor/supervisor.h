@@ -46,7 +46,9 @@ inline constexpr int kExitEscalated = 4;
 inline constexpr int kExitIntensity = 5;
 
 struct SupervisorOptions {
-  // The vsup executable, re-executed (`vsup __node`) for children of type "supervisor".
+  // The vsup executable, re-executed (`vsup __node`) for children of type "supervisor", and
+  // (`vsup __guard`) as the OrphanGuard that kills what this supervisor's children left behind
+  // should this process be SIGKILLed. Empty: no nested supervisors, no guard.
   std::string selfExe;
   // Called for every deferral reported in this subtree while it shuts down (a generic child's
   // EXTEND_TIMEOUT_USEC, or a vsup-aware descendant's shutdown hook). `node` names who defers.
@@ -124,6 +126,7 @@ class Supervisor {
   SupervisorSpec spec_;
   SupervisorOptions options_;
   std::unique_ptr<class NotifySocket> notify_;
+  std::unique_ptr<class OrphanGuard> guard_;  // only with options_.selfExe
   std::vector<std::unique_ptr<Child>> children_;
   Phase phase_ = Phase::Idle;
   MonoNs startedAt_ = 0;

@@ -6,6 +6,7 @@
 
 #include "ipc/check.h"
 #include "ipc/log.h"
+#include "supervisor/orphan_guard.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
 
@@ -13,6 +14,7 @@ int main(int argc, char** argv) {
   using namespace vsup;
   // The hidden entry point of sub-supervisors: not a user command, so not in --help.
   if (argc == 2 && std::string(argv[1]) == "__node") return tools::nodeMain();
+  if (argc == 2 && std::string(argv[1]) == "__guard") return supervisor::orphanGuardMain();
 
   CLI::App app{"vsup: OTP-style supervision trees for LLM inference serving"};
   app.require_subcommand(1);

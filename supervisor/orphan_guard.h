@@ -1,0 +1,51 @@
+// OrphanGuard: makes "no grandchild outlives its parent's supervision" hold even when the
+// supervising process itself is SIGKILLed.
+//
+// PR_SET_PDEATHSIG kills a supervisor's direct children when it dies, but not what those
+// children forked into their process groups. So each supervisor keeps one small helper,
+// `vsup __guard`, in its own process group and without a death signal, connected by a socket
+// (its lifeline). The supervisor registers every child's process group when it spawns it and
+// unregisters it when it has reaped the child. If the lifeline closes without the goodbye
+// message — the supervisor died — the guard SIGKILLs every registered group and exits.
+// A registered pgid cannot be recycled while any process of that group is alive, so the kill
+// only ever hits what we spawned.
+//
+// Runs on the loop thread only. Messages are sent with MSG_NOSIGNAL | MSG_DONTWAIT: a dead
+// guard never raises SIGPIPE in the host.
+#pragma once
+
+#include <sys/types.h>
+
+#include <optional>
+#include <string>
+
+#include "ipc/fd.h"
+#include "supervisor/process.h"
+
+namespace vsup::supervisor {
+
+class OrphanGuard {
+ public:
+  // Spawns `vsupExe __guard`. Throws vsup::Error when it cannot.
+  explicit OrphanGuard(const std::string& vsupExe);
+  // Says goodbye (nothing is killed), closes the lifeline and reaps the guard.
+  ~OrphanGuard();
+  OrphanGuard(const OrphanGuard&) = delete;
+  OrphanGuard& operator=(const OrphanGuard&) = delete;
+
+  void add(pid_t pgid);
+  void remove(pid_t pgid);
+  pid_t pid() const { return process_ ? process_->pid() : 0; }
+
+ private:
+  void send(char op, pid_t pgid);
+
+  OwnFd lifeline_;
+  std::optional<Process> process_;
+};
+
+// The guard program itself (`vsup __guard`): reads the lifeline on fd 3 until EOF. Returns the
+// exit status.
+int orphanGuardMain();
+
+}  // namespace vsup::supervisor
