@@ -583,6 +583,8 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
   c.readyFulfiller = nullptr;
   MonoNs now = monoNow();
   MonoNs cap = phase_ == Phase::ShuttingDown ? childCap() : kNoDeadline;
+  // After hurry() no child gets more than hurryMs_, deferrals included.
+  if (hurryMs_ >= 0) cap = std::min(cap, now + hurryMs_ * kNsPerMs);
   MonoNs deadline = cap;
   switch (c.spec.shutdown.kind) {
     case ShutdownPolicy::Kind::BrutalKill: deadline = now; break;
@@ -596,26 +598,38 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
   c.stopDeadline = deadline;
   if (phase_ == Phase::ShuttingDown) stopping_ = &c;
 
+  kj::Promise<void> stopped = nullptr;
   if (c.spec.shutdown.kind == ShutdownPolicy::Kind::BrutalKill) {
+    // The configured way to stop this child, not an escalation.
     vsup::log().info("[shutdown] {}: killing {} (process group {}): shutdown = brutal_kill",
                      spec_.name, c.spec.name, c.proc->pid());
     c.proc->killGroup();
+    stopped = exited(c);
   } else {
     vsup::log().info("[shutdown] {}: stopping {} (deadline {})", spec_.name, c.spec.name,
                      deadline == kNoDeadline ? std::string("none") : seconds(deadline - now));
     sendStopRequest(c);
+    kj::Promise<void> killAtDeadline =
+        waitStopDeadline(c).then([this, &c]() -> kj::Promise<void> {
+          if (!c.proc) return kj::READY_NOW;
+          vsup::log().warn("[shutdown] {}: killing {} (process group {}): shutdown timeout passed",
+                           spec_.name, c.spec.name, c.proc->pid());
+          ++escalations_;
+          c.killed = true;
+          c.proc->killGroup();
+          return exited(c);
+        });
+    stopped = exited(c).exclusiveJoin(kj::mv(killAtDeadline));
   }
-  kj::Promise<void> killAtDeadline = waitStopDeadline(c).then([this, &c]() -> kj::Promise<void> {
-    if (!c.proc) return kj::READY_NOW;
-    vsup::log().warn("[shutdown] {}: killing {} (process group {}): shutdown timeout passed",
-                     spec_.name, c.spec.name, c.proc->pid());
-    ++escalations_;
-    c.killed = true;
-    c.proc->killGroup();
-    return exited(c);
-  });
-  return exited(c).exclusiveJoin(kj::mv(killAtDeadline)).then([this, &c]() {
+  return stopped.then([this, &c]() {
     c.state = Child::State::Stopped;
+    // A vsup-aware child (a sub-supervisor, say) that had to kill or abandon something says so
+    // with its exit status: the
+    // escalation is the whole tree's, and the root's exit status reports it.
+    if (!c.killed && c.spec.vsupAware && c.lastExit &&
+        c.lastExit->kind == ExitStatus::Kind::Exited && c.lastExit->code == kExitEscalated) {
+      ++escalations_;
+    }
     c.deferral = {};
     if (stopping_ == &c) stopping_ = nullptr;
     vsup::log().info("[shutdown] {}: {} stopped in {} ({})", spec_.name, c.spec.name,
@@ -672,6 +686,21 @@ void Supervisor::shorten(MonoNs deadline) {
     if (c.stopDeadline > cap) {
       setStopDeadline(c, cap);
       if (c.node) sendStopRequest(c);  // the child's own shutdown is idempotent: shortens it
+    }
+  }
+}
+
+void Supervisor::hurry(int64_t capMs) {
+  if (hurryMs_ >= 0 && hurryMs_ <= capMs) return;
+  hurryMs_ = capMs;
+  vsup::log().info("[shutdown] {}: every remaining stop timeout capped at {}ms", spec_.name, capMs);
+  if (stopping_ != nullptr && stopping_->proc) {
+    Child& c = *stopping_;
+    MonoNs capped = monoNow() + capMs * kNsPerMs;
+    if (c.stopDeadline > capped) {
+      c.stopCap = std::min(c.stopCap, capped);
+      setStopDeadline(c, capped);
+      if (c.node) sendStopRequest(c);  // its own shutdown is idempotent: this shortens it
     }
   }
 }

@@ -73,6 +73,11 @@ class Supervisor {
   // when every child has been reaped.
   kj::Promise<void> shutdown(MonoNs deadline);
 
+  // "Stop now" (a second signal): from now on, no child gets more than `capMs` between its
+  // stop request and SIGKILL, the one being stopped included. Stop requests are still sent
+  // first. Combine with shutdown(): this only shortens it.
+  void hurry(int64_t capMs);
+
   // SIGKILL to every child's process group at once ("kill the tree now"). The children are
   // still reaped through the normal path.
   void killAll();
@@ -137,7 +142,8 @@ class Supervisor {
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
   Outcome outcome_ = Outcome::Clean;
-  Child* stopping_ = nullptr;  // the child whose stop is in progress during shutdown
+  Child* stopping_ = nullptr;
+  int64_t hurryMs_ = -1;  // hurry(): per-child cap on stop timeouts; -1: none  // the child whose stop is in progress during shutdown
 
   kj::Own<kj::PromiseFulfiller<void>> startFulfiller_;
   kj::Own<kj::PromiseFulfiller<void>> doneFulfiller_;

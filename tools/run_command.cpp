@@ -28,7 +28,8 @@ using namespace vsup::supervisor;
 
 namespace {
 
-constexpr int64_t kHurryMs = 1000;
+// After a second signal, no child gets more than this between its stop request and SIGKILL.
+constexpr int64_t kHurryMs = 500;
 
 // The root serves the same Node interface as every other node, to `vsup tree`.
 class RootNode final : public NodeHandler {
@@ -110,9 +111,10 @@ int runTopology(const RunOptions& options) {
         vsup::log().info("[shutdown] {}: {} received: ordered shutdown", spec.name, name);
         supPtr->shutdown(kNoDeadline).detach([](kj::Exception&&) {});
       } else if (signals == 2) {
-        vsup::log().warn("[shutdown] {}: second {}: finishing the shutdown within {}ms", spec.name,
-                         name, kHurryMs);
-        supPtr->shutdown(deadlineAfterMs(kHurryMs)).detach([](kj::Exception&&) {});
+        vsup::log().warn("[shutdown] {}: second {}: stop now (at most {}ms per remaining child)",
+                         spec.name, name, kHurryMs);
+        supPtr->shutdown(kNoDeadline).detach([](kj::Exception&&) {});
+        supPtr->hurry(kHurryMs);
       } else {
         vsup::log().error("[shutdown] {}: third {}: killing the tree now", spec.name, name);
         supPtr->killAll();
