@@ -15,8 +15,13 @@ UvEventPort::UvEventPort(uv_loop_t* loop) : loop_(loop) {
   pump_ = UvHandle<uv_idle_t>::make([&](uv_idle_t* h) { uv_idle_init(loop, h); });
   pump_->data = this;
   wakeup_ = UvHandle<uv_async_t>::make([&](uv_async_t* h) {
-    uv_async_init(loop, h, [](uv_async_t*) { /* woken_ is read by wait()/poll() */ });
+    uv_async_init(loop, h, [](uv_async_t* async) {
+      // Another thread queued work for KJ (kj::Executor): pump, so that it gets polled.
+      auto* self = static_cast<UvEventPort*>(async->data);
+      if (self != nullptr) self->schedulePump();
+    });
   });
+  wakeup_->data = this;
   // The wake-up handle alone must not keep the host's loop alive.
   uv_unref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
 }
@@ -24,31 +29,53 @@ UvEventPort::UvEventPort(uv_loop_t* loop) : loop_(loop) {
 UvEventPort::~UvEventPort() = default;
 
 bool UvEventPort::wait() {
+  if (inPump_) return woken_.exchange(false);
+  // Blocking wait (outside uv_run): the wake-up handle must count, or uv_run would return at
+  // once whenever nothing else is active and KJ would call wait() again in a busy loop.
+  uv_ref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
   uv_run(loop_, UV_RUN_ONCE);
+  uv_unref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
   return woken_.exchange(false);
 }
 
 bool UvEventPort::poll() {
+  // Inside the pump we are already inside uv_run, which libuv forbids re-entering: the uv
+  // events are delivered by the running loop itself.
+  if (inPump_) return woken_.exchange(false);
   uv_run(loop_, UV_RUN_NOWAIT);
   return woken_.exchange(false);
 }
 
 void UvEventPort::setRunnable(bool runnable) {
-  if (!runnable) {
+  if (runnable) {
+    schedulePump();
+  } else if (!woken_.load()) {
     uv_idle_stop(pump_.get());
-    return;
   }
+}
+
+void UvEventPort::schedulePump() {
   uv_idle_start(pump_.get(), [](uv_idle_t* h) {
     auto* self = static_cast<UvEventPort*>(h->data);
-    if (self == nullptr || self->kjLoop_ == nullptr) return;
-    // An exception must never unwind into libuv: KJ routes callback failures into promises,
-    // so anything reaching here is a bug worth a loud line, not a crash of the host.
-    try {
-      self->kjLoop_->run();
-    } catch (const std::exception& e) {
-      vsup::log().error("[ipc] uncaught exception in event loop: {}", e.what());
-    }
+    if (self != nullptr) self->pump();
   });
+}
+
+void UvEventPort::pump() {
+  if (kjLoop_ == nullptr || scope_ == nullptr) return;
+  // An exception must never unwind into libuv: KJ routes callback failures into promises,
+  // so anything reaching here is a bug worth a loud line, not a crash of the host.
+  inPump_ = true;
+  try {
+    // poll() runs the queue and takes cross-thread work (it asks poll() of this port, which
+    // reports wake-ups); run() then tells the port when the queue is empty.
+    scope_->poll();
+    kjLoop_->run();
+  } catch (const std::exception& e) {
+    vsup::log().error("[ipc] uncaught exception in event loop: {}", e.what());
+  }
+  inPump_ = false;
+  if (!kjLoop_->isRunnable() && !woken_.load()) uv_idle_stop(pump_.get());
 }
 
 void UvEventPort::wake() const {
@@ -57,10 +84,10 @@ void UvEventPort::wake() const {
 }
 
 KjOnUv::KjOnUv(uv_loop_t* loop) : port_(loop), kjLoop_(port_), scope_(kjLoop_) {
-  port_.attach(&kjLoop_);
+  port_.attach(&kjLoop_, &scope_);
 }
 
-KjOnUv::~KjOnUv() { port_.attach(nullptr); }
+KjOnUv::~KjOnUv() { port_.attach(nullptr, nullptr); }
 
 // ---------------------------------------------------------------------------------------------
 

@@ -32,12 +32,20 @@ class UvEventPort final : public kj::EventPort {
   void setRunnable(bool runnable) override;
   void wake() const override;
 
-  void attach(kj::EventLoop* kjLoop) { kjLoop_ = kjLoop; }
+  void attach(kj::EventLoop* kjLoop, kj::WaitScope* scope) {
+    kjLoop_ = kjLoop;
+    scope_ = scope;
+  }
   uv_loop_t* loop() const { return loop_; }
 
  private:
+  void schedulePump();
+  void pump();
+
   uv_loop_t* loop_;
   kj::EventLoop* kjLoop_ = nullptr;
+  kj::WaitScope* scope_ = nullptr;
+  bool inPump_ = false;  // inside the uv_idle pump, i.e. inside uv_run
   UvHandle<uv_idle_t> pump_;
   UvHandle<uv_async_t> wakeup_;
   mutable std::atomic<bool> woken_{false};

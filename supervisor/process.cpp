@@ -218,6 +218,10 @@ Process::~Process() {
 
 bool Process::signal(int sig) {
   if (!running()) return false;
+  // A readable pidfd means it has exited (a zombie): the kernel would accept the signal and
+  // deliver it to no one.
+  pollfd exited{pidfd_.get(), POLLIN, 0};
+  if (::poll(&exited, 1, 0) > 0) return false;
   // Raw syscall: glibc 2.36 declares the wrapper without C linkage.
   if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), sig, nullptr, 0) == 0) return true;
   if (errno == ESRCH) return false;

@@ -345,9 +345,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
                 c.lastExit->describe() + ")";
         }
         if (c.proc) {
-          c.exitExpected = true;
-          c.proc->killGroup();
-          return exited(c).then([why]() -> kj::Promise<void> { return toKj(why); });
+          // Stopped like any other child (its own policy, SIGKILL at the end): a sub-supervisor
+          // then stops the children it had already started, in order.
+          return stopChild(c).then([why]() -> kj::Promise<void> { return toKj(why); });
         }
         return toKj(why);
       });
@@ -385,13 +385,15 @@ void Supervisor::onExit(Child& c) {
   }
   if (!status) return;  // spurious wake-up
   c.exitPoll.reset();
+  // A child that dies while starting is a start failure, handled by startChild alone.
+  bool wasStarting = c.state == Child::State::Starting;
   pid_t pid = c.proc->pid();
   c.proc.reset();
   if (guard_) guard_->remove(pid);
   c.lastExit = *status;
   c.state = Child::State::Stopped;
   c.readyFulfiller = nullptr;
-  bool unexpected = !c.exitExpected;
+  bool unexpected = !c.exitExpected && !wasStarting;
   if (unexpected) {
     vsup::log().warn("[supervisor] {}: {} (pid {}) exited ({})", spec_.name, c.spec.name, pid,
                      status->describe());

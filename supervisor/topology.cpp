@@ -1,6 +1,7 @@
 #include "supervisor/topology.h"
 
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -208,8 +209,10 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
 void parseSupervisorKeys(const Place& p, const toml::table& t, SupervisorSpec& spec) {
   if (const toml::node* n = t.get("strategy")) spec.strategy = getEnum(p, *n, "strategy", kStrategies);
   if (const toml::node* n = t.get("intensity")) {
-    if (!n->is_integer() || *n->value<int64_t>() < 0) {
-      p.fail(n, "intensity", "expected an integer >= 0 (restarts allowed within 'period')");
+    if (!n->is_integer() || *n->value<int64_t>() < 0 ||
+        *n->value<int64_t>() > int64_t(std::numeric_limits<uint32_t>::max())) {
+      p.fail(n, "intensity",
+             "expected an integer from 0 to 4294967295 (restarts allowed within 'period')");
     }
     spec.intensity = uint32_t(*n->value<int64_t>());
   }
