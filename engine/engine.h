@@ -1,0 +1,82 @@
+// The pluggable engine (DESIGN.md section 4, "Engine plug-in"): a scheduler side that runs in
+// engine-core and a worker side that runs in each tensor-parallel rank. Plain values only; the
+// processes in workers/ carry them over the control plane.
+//
+// One step: engine-core's Scheduler builds a StepInput (continuous batching: requests are
+// admitted between steps), every rank executes it (WorkerEngine::execute), and the scheduler
+// completes the step with the ranks' outputs, producing one TokenDelta per running request.
+// A step is all-or-nothing: every rank takes part, so a dead or stuck rank fails or stalls it,
+// and shutdown always happens at a step boundary.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/types.h"
+
+namespace vsup::engine {
+
+// What one rank needs to compute one sequence's next token.
+struct SeqStep {
+  std::string id;
+  uint64_t promptHash = 0;
+  uint32_t position = 0;  // index of the token to generate (0 = first generated token)
+  uint64_t seed = 0;
+  double temperature = 1.0;
+};
+
+struct StepInput {
+  uint64_t step = 0;
+  std::vector<SeqStep> seqs;
+};
+
+struct StepOutput {
+  uint64_t step = 0;
+  uint32_t rank = 0;
+  std::vector<int32_t> tokens;  // one per StepInput::seqs entry, same order
+};
+
+// Worker side: one rank's part of a step. Called on the rank's compute thread; may block.
+class WorkerEngine {
+ public:
+  virtual ~WorkerEngine() = default;
+  virtual StepOutput execute(const StepInput& input) = 0;
+  // Cost of the step this rank just computed, for engines that simulate it (sim); 0 otherwise.
+  virtual uint64_t simulatedCostMs(const StepInput& input) const = 0;
+};
+
+// Scheduler side, in engine-core. Single-threaded (engine-core's loop thread).
+class Scheduler {
+ public:
+  virtual ~Scheduler() = default;
+  // Queues a request; it joins the batch at the next step boundary. Throws vsup-free
+  // std::invalid_argument for a request the engine cannot take (duplicate id).
+  virtual void admit(GenerateRequest request) = 0;
+  // Removes a request; returns its final delta (finish = Abort, text so far already sent).
+  // False if unknown (already finished).
+  virtual bool abort(const std::string& id, TokenDelta* final) = 0;
+  // The next step, or an empty step (seqs empty) when nothing is waiting or running.
+  virtual StepInput nextStep() = 0;
+  // Applies the outputs of every rank for the step nextStep() returned. Returns one delta per
+  // request in the step; finished requests are removed. Throws std::runtime_error when the
+  // ranks disagree (a broken collective).
+  virtual std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) = 0;
+  virtual size_t inFlight() const = 0;  // waiting + running
+};
+
+struct SimOptions {
+  uint32_t maxNumSeqs = 256;  // running batch size limit; the rest wait
+  uint64_t tokenMs = 20;      // simulated cost of one step (one token for every running request)
+};
+
+std::unique_ptr<Scheduler> makeSimScheduler(SimOptions options);
+std::unique_ptr<WorkerEngine> makeSimWorker(SimOptions options, uint32_t rank);
+
+// The sim engine's vocabulary: token t decodes to kSimWords[t].
+std::string simDetokenize(int32_t token);
+uint64_t simPromptHash(const std::string& prompt);
+int64_t simPromptTokens(const std::string& prompt);
+
+}  // namespace vsup::engine
