@@ -1,0 +1,185 @@
+// The OpenAI wire format: request bodies of /v1/completions and /v1/chat/completions parsed into
+// engine::SamplingParams and prompts, and responses, SSE chunks, model lists and errors rendered
+// as the JSON the official OpenAI clients expect.
+//
+// This is the only place where OpenAI JSON exists (STYLE.md habit 11): the HTTP front end hands
+// bodies in and gets plain values out; nothing past it sees JSON. Bad client input is an
+// expected outcome, so it comes back as a value (ApiError), never as an exception.
+//
+// Every function here is pure and thread-safe: parse bodies on a worker thread if they are big
+// (habit 9). Rendered text is always valid UTF-8 JSON: bytes in generated text that are not
+// valid UTF-8 (e.g. a token that ends inside a multi-byte character) are replaced with U+FFFD
+// rather than failing, so the engine should hold back incomplete characters between deltas if it
+// wants them to arrive intact.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "engine/types.h"
+
+namespace vsup::api {
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+// An error response. `status` is the HTTP status; the rest is the OpenAI error object. Empty
+// `param` / `code` render as null.
+struct ApiError {
+  int status = 500;
+  std::string message;
+  std::string type;   // "invalid_request_error", "authentication_error", "not_found_error",
+                      // "unavailable", "server_error"
+  std::string code;   // machine-readable detail, e.g. "model_not_found"; may be empty
+  std::string param;  // the request field at fault; empty when none
+};
+
+// {"error":{"message":...,"type":...,"param":...|null,"code":...|null}}
+std::string renderError(const ApiError& error);
+
+// Constructors for the errors the front end sends, so the status/type pairs stay consistent.
+// 400 invalid_request_error.
+ApiError invalidRequest(std::string message, std::string param = {}, std::string code = {});
+// 404 invalid_request_error, code "model_not_found": "The model `x` does not exist."
+ApiError modelNotFound(std::string_view model);
+// 413 invalid_request_error: the body is larger than `limitBytes`.
+ApiError payloadTooLarge(uint64_t limitBytes);
+// 401 authentication_error, code "invalid_api_key".
+ApiError authenticationFailed(std::string message = "Incorrect API key provided.");
+// 404 not_found_error: no route for `path`.
+ApiError pathNotFound(std::string_view method, std::string_view path);
+// 503 unavailable (e.g. draining, or the engine is not up).
+ApiError unavailable(std::string message);
+// 500 server_error.
+ApiError serverError(std::string message);
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+// What the server is configured to accept.
+struct Limits {
+  std::string servedModel;        // the only accepted value of "model"
+  int64_t maxTokensLimit = 4096;  // the largest accepted max_tokens
+  int64_t defaultMaxTokens = 16;  // used when max_tokens is absent or null
+};
+
+// A parsed, validated completion or chat completion request.
+struct CompletionCall {
+  bool chat = false;
+  std::string model;
+  // Completions: the prompt string, or each string of a prompt list (choice index = position).
+  // Chat: exactly one prompt, the messages rendered by renderChatPrompt().
+  std::vector<std::string> prompts;
+  engine::SamplingParams sampling;  // every field within the ranges documented in engine/types.h
+  bool stream = false;
+  bool includeUsage = false;  // stream_options.include_usage; only ever true with stream
+  bool echo = false;          // echo is not supported: a request with echo true is refused,
+                              // so this is always false in a returned call
+};
+
+// The largest number of prompts accepted in one completions request.
+inline constexpr size_t kMaxPrompts = 64;
+// The deepest JSON nesting accepted in a body (arrays and objects). Real requests need 4.
+inline constexpr int kMaxJsonDepth = 32;
+
+// Parses the body of POST /v1/completions (chat = false) or /v1/chat/completions (chat = true).
+//
+// Accepted fields (null always means "the default"):
+//   model                  required string, must equal limits.servedModel (else 404)
+//   prompt                 completions, required: a string or 1..64 strings (token ids: refused)
+//   messages               chat, required: non-empty list of {role, content}; role is system,
+//                          user or assistant ("developer" is taken as system); content is a
+//                          string or a list of {"type":"text","text":...} parts (joined by "\n")
+//   max_tokens             integer in [1, maxTokensLimit]; chat also takes max_completion_tokens
+//                          (which wins when both are set)
+//   temperature            number in [0, 2]
+//   top_p                  number in (0, 1]
+//   seed                   integer >= 0
+//   stop                   a non-empty string, or a list of at most 4 non-empty strings
+//   n                      only 1
+//   stream                 bool
+//   stream_options         {"include_usage": bool}; only with stream true
+//   user                   string, ignored
+// Refused when set to anything but their default, because the engine cannot honour them:
+//   logprobs, top_logprobs, best_of, echo, suffix, tools, functions, presence_penalty,
+//   frequency_penalty, logit_bias.
+// Unknown fields are ignored: OpenAI clients send extras.
+//
+// Returns the call, or an ApiError whose message names the field and what was expected and
+// whose param is the field name.
+[[nodiscard]] std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view body,
+                                                                            bool chat,
+                                                                            const Limits& limits);
+
+// One chat message, already validated.
+struct ChatMessage {
+  std::string role;     // "system", "user" or "assistant"
+  std::string content;  // text
+};
+
+// The built-in chat template. For each message, "<|role|>\n" + content + "\n"; then
+// "<|assistant|>\n" to cue the reply. E.g. [{system,"Be brief."},{user,"hi"}] renders as
+//   "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
+// Content is not escaped: a message that itself contains "<|user|>" reads like a turn marker to
+// the model. Good enough for the sim and test models; a real model's template replaces this.
+std::string renderChatPrompt(const std::vector<ChatMessage>& messages);
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+struct Choice {
+  int index = 0;
+  std::string text;  // the whole text (non-streaming) or this chunk's text (streaming)
+  engine::FinishReason finish = engine::FinishReason::None;  // None renders as null
+};
+
+struct Usage {
+  int64_t prompt = 0;
+  int64_t completion = 0;
+};
+
+struct CompletionResult {
+  bool chat = false;
+  std::string id;       // "cmpl-..." / "chatcmpl-..."
+  int64_t created = 0;  // Unix seconds
+  std::string model;
+  std::vector<Choice> choices;
+  Usage usage;
+};
+
+// The non-streaming response body.
+// Completions: {"id","object":"text_completion","created","model",
+//               "choices":[{"index","text","logprobs":null,"finish_reason"}],
+//               "usage":{"prompt_tokens","completion_tokens","total_tokens"}}
+// Chat:        "object":"chat.completion", choices [{"index",
+//               "message":{"role":"assistant","content"},"logprobs":null,"finish_reason"}]
+std::string renderCompletion(const CompletionResult& result);
+
+// The JSON of one streamed chunk (wrap it with sseEvent()).
+// Completions: {"id","object":"text_completion","created","model",
+//               "choices":[{"index","text","logprobs":null,"finish_reason"}]}
+// Chat:        {"id","object":"chat.completion.chunk","created","model",
+//               "choices":[{"index","delta":{...},"logprobs":null,"finish_reason"}]}
+// The chat delta holds "role":"assistant" only when `first`, and "content" when `first` or the
+// text is non-empty (so the closing chunk with only a finish reason has "delta":{}, as OpenAI's).
+std::string renderStreamChunk(bool chat, std::string_view id, int64_t created,
+                              std::string_view model, const Choice& delta, bool first);
+
+// The usage chunk sent last when stream_options.include_usage is true: the same envelope with
+// "choices":[] and "usage":{"prompt_tokens","completion_tokens","total_tokens"}.
+std::string renderUsageChunk(bool chat, std::string_view id, int64_t created,
+                             std::string_view model, const Usage& usage);
+
+// "data: " + json + "\n\n". The JSON must be one line (everything rendered here is).
+std::string sseEvent(std::string_view json);
+
+// The event that ends every stream.
+inline constexpr std::string_view kSseDone = "data: [DONE]\n\n";
+
+// GET /v1/models: {"object":"list","data":[{"id","object":"model","created","owned_by":"vsup"}]}
+std::string renderModels(std::string_view model, int64_t created);
+
+}  // namespace vsup::api
