@@ -85,4 +85,11 @@ interface Node {
 
   # Liveness.
   ping @3 () -> ();
+
+  # The node's own application interface (engine-core's Worker, say), if it has one.
+  service @4 () -> (service :Capability);
+
+  # Stop intake now (an API server closes its listener), keep serving what is in flight until
+  # `drainDeadlineNs`. The ordered shutdown follows with shutdown(). Idempotent.
+  quiesce @5 (drainDeadlineNs :Int64) -> ();
 }

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <kj/common.h>
 #include <kj/debug.h>
 #include <vector>
 
@@ -30,6 +31,10 @@ UvEventPort::~UvEventPort() = default;
 
 bool UvEventPort::wait() {
   if (inPump_) return woken_.exchange(false);
+  // KJ itself is driving uv_run here: it runs its own queue when this returns, so the pump
+  // must stay out of the way (KJ forbids poll() from inside its wait()).
+  kjDriving_ = true;
+  KJ_DEFER(kjDriving_ = false);
   // Blocking wait (outside uv_run): the wake-up handle must count, or uv_run would return at
   // once whenever nothing else is active and KJ would call wait() again in a busy loop.
   uv_ref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
@@ -42,6 +47,8 @@ bool UvEventPort::poll() {
   // Inside the pump we are already inside uv_run, which libuv forbids re-entering: the uv
   // events are delivered by the running loop itself.
   if (inPump_) return woken_.exchange(false);
+  kjDriving_ = true;
+  KJ_DEFER(kjDriving_ = false);
   uv_run(loop_, UV_RUN_NOWAIT);
   return woken_.exchange(false);
 }
@@ -62,7 +69,7 @@ void UvEventPort::schedulePump() {
 }
 
 void UvEventPort::pump() {
-  if (kjLoop_ == nullptr || scope_ == nullptr) return;
+  if (kjLoop_ == nullptr || scope_ == nullptr || kjDriving_) return;
   // An exception must never unwind into libuv: KJ routes callback failures into promises,
   // so anything reaching here is a bug worth a loud line, not a crash of the host.
   inPump_ = true;

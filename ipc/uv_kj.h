@@ -45,7 +45,8 @@ class UvEventPort final : public kj::EventPort {
   uv_loop_t* loop_;
   kj::EventLoop* kjLoop_ = nullptr;
   kj::WaitScope* scope_ = nullptr;
-  bool inPump_ = false;  // inside the uv_idle pump, i.e. inside uv_run
+  bool inPump_ = false;     // inside the uv_idle pump, i.e. inside uv_run
+  bool kjDriving_ = false;  // inside wait()/poll(): KJ drives uv_run and runs its own queue
   UvHandle<uv_idle_t> pump_;
   UvHandle<uv_async_t> wakeup_;
   mutable std::atomic<bool> woken_{false};

@@ -3,8 +3,11 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
+
+#include <kj/debug.h>
 
 #include "ipc/check.h"
 #include "ipc/log.h"
@@ -38,6 +41,10 @@ int controlFd() {
 }  // namespace
 
 void ShutdownContext::defer(const std::string& reason, const std::string& progress) {
+  // One line per change: a hook that reports every 100 ms must not flood the log.
+  if (reason == lastReason_ && progress == lastProgress_) return;
+  lastReason_ = reason;
+  lastProgress_ = progress;
   vsup::log().info("[shutdown] {}: deferring: {}{}", node_, reason,
                    progress.empty() ? std::string() : " (" + progress + ")");
   report_(Deferral{reason, progress});
@@ -80,6 +87,18 @@ void ChildRuntime::addShutdownHook(std::string name, HookFn hook) {
   hooks_.emplace_back(std::move(name), std::move(hook));
 }
 
+void ChildRuntime::setService(capnp::Capability::Client service) { service_ = kj::mv(service); }
+
+kj::Promise<capnp::Capability::Client> ChildRuntime::service() {
+  if (!service_) return KJ_EXCEPTION(UNIMPLEMENTED, "node '" + name_ + "' has no service");
+  return *service_;
+}
+
+kj::Promise<void> ChildRuntime::quiesce(MonoNs drainDeadline) {
+  if (!quiesce_) return kj::READY_NOW;
+  return quiesce_(drainDeadline);
+}
+
 void ChildRuntime::reportDeferral(const std::string& node, const Deferral& deferral) {
   if (reporter_) reporter_(node, deferral);
 }
@@ -95,6 +114,7 @@ kj::Promise<NodeStatus> ChildRuntime::status() {
   auto overlay = [this](NodeStatus s) {
     s.name = name_;
     s.pid = ::getpid();
+    if (s.uptimeMs == 0) s.uptimeMs = (monoNow() - startedAt_) / kNsPerMs;
     if (shuttingDown_) s.state = "stopping";
     if (deferral_.active()) s.deferral = deferral_;
     return s;
@@ -126,10 +146,11 @@ kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter repor
                    deadline == kNoDeadline ? std::string("none")
                                            : fmt::format("{:.1f}s", double(deadline - began) / 1e9));
   // 1. Hooks first, while this node's children still serve them; bounded so the children keep
-  //    a share of the deadline. 2. Then the children, in reverse order.
+  //    a share of the deadline (a fifth of it, at most a second: a long drain keeps nearly all
+  //    of its time). 2. Then the children, in reverse order.
   kj::Promise<void> hooks = runHooks(0);
   if (deadline != kNoDeadline) {
-    MonoNs hookDeadline = deadline - (deadline - began) / 5;
+    MonoNs hookDeadline = deadline - std::min<int64_t>((deadline - began) / 5, 1000 * kNsPerMs);
     hooks = hooks.exclusiveJoin(ipc::uvSleep(loop_, msUntil(hookDeadline)).then([this]() {
       vsup::log().warn("[shutdown] {}: shutdown hooks abandoned at their deadline", name_);
       clean_ = false;

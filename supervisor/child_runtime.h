@@ -13,6 +13,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,8 @@ class ShutdownContext {
   std::string node_;
   MonoNs deadline_;
   std::function<void(const Deferral&)> report_;
+  std::string lastReason_;
+  std::string lastProgress_;
 };
 
 class ChildRuntime final : private NodeHandler {
@@ -68,6 +71,10 @@ class ChildRuntime final : private NodeHandler {
   void onStatus(StatusFn fn) { status_ = std::move(fn); }
   void onStopChildren(StopChildrenFn fn) { stopChildren_ = std::move(fn); }
   void addShutdownHook(std::string name, HookFn hook);
+  // This node's application interface, handed to the parent on Node.service.
+  void setService(capnp::Capability::Client service);
+  // Called on Node.quiesce: stop intake now, drain until the deadline.
+  void onQuiesce(std::function<kj::Promise<void>(MonoNs drainDeadline)> fn) { quiesce_ = std::move(fn); }
   // Forward a descendant's deferral to the parent.
   void reportDeferral(const std::string& node, const Deferral& deferral);
 
@@ -82,6 +89,8 @@ class ChildRuntime final : private NodeHandler {
   kj::Promise<void> start(SupervisorSpec spec) override;
   kj::Promise<NodeStatus> status() override;
   kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) override;
+  kj::Promise<capnp::Capability::Client> service() override;
+  kj::Promise<void> quiesce(MonoNs drainDeadline) override;
   kj::Promise<void> runHooks(size_t index);
   void onParentLost();
 
@@ -93,6 +102,8 @@ class ChildRuntime final : private NodeHandler {
   StatusFn status_;
   StopChildrenFn stopChildren_;
   std::vector<std::pair<std::string, HookFn>> hooks_;
+  std::optional<capnp::Capability::Client> service_;
+  std::function<kj::Promise<void>(MonoNs)> quiesce_;
   std::string state_ = "starting";
   Deferral deferral_;
   DeferralReporter reporter_;

@@ -2,6 +2,8 @@
 
 #include <memory>
 
+#include <kj/debug.h>
+
 #include "ipc/log.h"
 #include "supervisor/node_codec.h"
 
@@ -47,6 +49,16 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
 
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
 
+  kj::Promise<void> service(ServiceContext context) override {
+    return handler_.service().then([context](capnp::Capability::Client cap) mutable {
+      context.getResults().setService(kj::mv(cap));
+    });
+  }
+
+  kj::Promise<void> quiesce(QuiesceContext context) override {
+    return handler_.quiesce(context.getParams().getDrainDeadlineNs());
+  }
+
  private:
   void taskFailed(kj::Exception&& e) override {
     // The parent may be gone while we report: that is its business, not an error of ours.
@@ -60,6 +72,12 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
 };
 
 }  // namespace
+
+kj::Promise<capnp::Capability::Client> NodeHandler::service() {
+  return KJ_EXCEPTION(UNIMPLEMENTED, "this node has no service");
+}
+
+kj::Promise<void> NodeHandler::quiesce(MonoNs) { return kj::READY_NOW; }
 
 schema::Node::Client makeNodeServer(NodeHandler& handler) { return kj::heap<NodeServer>(handler); }
 

@@ -9,6 +9,8 @@
 #include <kj/async.h>
 
 #include "ipc/clock.h"
+#include <capnp/capability.h>
+
 #include "ipc/node.capnp.h"
 #include "supervisor/spec.h"
 #include "supervisor/status.h"
@@ -26,6 +28,10 @@ class NodeHandler {
   virtual kj::Promise<NodeStatus> status() = 0;
   // Ordered shutdown before `deadline`; idempotent. Resolves to true when nothing was killed.
   virtual kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) = 0;
+  // The node's application capability; the default says it has none.
+  virtual kj::Promise<capnp::Capability::Client> service();
+  // Stop intake, drain until `drainDeadline`. Default: nothing to stop.
+  virtual kj::Promise<void> quiesce(MonoNs drainDeadline);
 };
 
 // The handler must outlive the returned capability's connection.

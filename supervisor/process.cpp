@@ -109,6 +109,13 @@ std::vector<char*> cStrings(const std::vector<std::string>& strings) {
 
 }  // namespace
 
+std::string selfExecutable() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  VSUP_REQUIRE(n > 0, std::string("cannot resolve /proc/self/exe: ") + std::strerror(errno));
+  return std::string(buf, size_t(n));
+}
+
 std::string findExecutable(const std::string& argv0, const std::string& pathVar) {
   auto executable = [](const std::string& p) {
     struct stat st;

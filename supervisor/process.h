@@ -82,6 +82,10 @@ class Process {
   bool reaped_ = false;
 };
 
+// The absolute path of the running executable (/proc/self/exe), e.g. to re-execute vsup for
+// sub-supervisors. Throws vsup::Error when it cannot be read.
+std::string selfExecutable();
+
 // Resolves argv0 through PATH as execvp would; empty when not found or not executable.
 std::string findExecutable(const std::string& argv0, const std::string& pathVar);
 

@@ -55,6 +55,11 @@ struct ChildSpec {
   bool vsupAware = false;
   // For type == Supervisor: its own strategy and children (its `name` is this child's name).
   std::optional<SupervisorSpec> supervisor;
+  // Embedding API only (not in topology files, not sent to sub-supervisors): fds of the
+  // embedding process the child inherits, numbered from 3 (from 4 for a vsup-aware child, whose
+  // control socket is 3) in this order. The embedder keeps them open (and CLOEXEC) for as long
+  // as the child may be restarted.
+  std::vector<int> inheritFds;
 };
 
 // Checks everything that can be checked before anything is spawned. Throws vsup::Error whose

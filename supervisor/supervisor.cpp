@@ -283,6 +283,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     childEnd.reset(sv[1]);
     request.passFds.emplace_back(childEnd.get(), 3);
   }
+  for (int fd : c.spec.inheritFds) {
+    request.passFds.emplace_back(fd, int(request.passFds.size()) + 3);
+  }
   try {
     c.proc.emplace(Process::spawn(request));
   } catch (const std::exception& e) {
@@ -720,6 +723,28 @@ void Supervisor::killAll() {
     forcedOutcome_ = Outcome::Escalated;
     beginShutdown(monoNow());
   }
+}
+
+kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& child) {
+  for (auto& c : children_) {
+    if (c->spec.name != child) continue;
+    if (!c->node || !c->proc) break;
+    return c->node->serviceRequest().send().then(
+        [](capnp::Response<schema::Node::ServiceResults>&& r) { return r.getService(); });
+  }
+  return toKj("child '" + child + "' is not a running vsup-aware child of " + spec_.name);
+}
+
+kj::Promise<void> Supervisor::quiesceChildren(MonoNs drainDeadline) {
+  kj::Vector<kj::Promise<void>> calls;
+  for (auto& c : children_) {
+    if (!c->node || !c->proc) continue;
+    auto request = c->node->quiesceRequest();
+    request.setDrainDeadlineNs(drainDeadline);
+    // A child that is gone or fails to quiesce is stopped by the shutdown that follows anyway.
+    calls.add(request.send().ignoreResult().catch_([](kj::Exception&&) {}));
+  }
+  return kj::joinPromises(calls.releaseAsArray());
 }
 
 kj::Promise<Outcome> Supervisor::terminated() {

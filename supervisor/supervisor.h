@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include <capnp/capability.h>
 #include <kj/async.h>
 
 #include "ipc/clock.h"
@@ -92,6 +93,12 @@ class Supervisor {
   // This supervisor and its subtree; vsup-aware children are asked over RPC (bounded wait: an
   // unresponsive one is reported as "unresponsive").
   kj::Promise<NodeStatus> status();
+
+  // The application capability of a running vsup-aware child (Node.service).
+  kj::Promise<capnp::Capability::Client> service(const std::string& child);
+  // Node.quiesce on every running vsup-aware child at once (stop intake everywhere before the
+  // ordered, one-at-a-time shutdown). Resolves when all answered.
+  kj::Promise<void> quiesceChildren(MonoNs drainDeadline);
 
   const SupervisorSpec& spec() const { return spec_; }
   size_t escalations() const { return escalations_; }
