@@ -30,6 +30,9 @@ struct SeqStep {
 struct StepInput {
   uint64_t step = 0;
   std::vector<SeqStep> seqs;
+  // Requests finished earlier whose KV blocks each rank must now send (the KV connector's
+  // scheduler side chose them). A step may carry only these (seqs empty).
+  std::vector<std::string> kvTransfers;
 };
 
 struct StepOutput {
@@ -60,7 +63,7 @@ class Scheduler {
   // The next step, or an empty step (seqs empty) when nothing is waiting or running.
   virtual StepInput nextStep() = 0;
   // Applies the outputs of every rank for the step nextStep() returned. Returns one delta per
-  // request in the step; finished requests are removed. Throws std::runtime_error when the
+  // request in the step; finished requests are removed (their deltas carry a finish reason). Throws std::runtime_error when the
   // ranks disagree (a broken collective).
   virtual std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) = 0;
   virtual size_t inFlight() const = 0;  // waiting + running

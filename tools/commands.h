@@ -1,7 +1,11 @@
 // The vsup executable's subcommands. Each returns the process exit status.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <string>
+
+#include "supervisor/spec.h"
 
 namespace vsup::tools {
 
@@ -10,6 +14,37 @@ struct RunOptions {
   std::string controlSocket;  // empty: the default path
 };
 int runTopology(const RunOptions& options);
+
+// How the root of a tree shuts down on the first SIGTERM/SIGINT.
+struct RootHooks {
+  int64_t drainMs = -1;  // Node.quiesce deadline for every child, from the signal; -1: none
+  int64_t totalMs = -1;  // the whole tree's shutdown deadline, from the signal; -1: none
+  // Runs once every child has been started (e.g. to close fds only the children need).
+  std::function<void()> afterStart;
+};
+// Runs `spec` as the root of a tree until it has shut down; returns the exit status.
+int runTree(const supervisor::SupervisorSpec& spec, const std::string& controlSocket,
+            const RootHooks& hooks);
+
+struct ServeOptions {
+  std::string model = "vsup-sim";
+  uint32_t tensorParallelSize = 1;
+  uint32_t apiServerCount = 1;
+  std::string host = "127.0.0.1";
+  uint16_t port = 8000;
+  double shutdownTimeout = 30;
+  std::string engine = "sim";
+  uint64_t simTokenMs = 20;
+  uint32_t maxNumSeqs = 256;
+  std::string apiKey;
+  uint64_t maxRequestBytes = 16 * 1024 * 1024;
+  std::string kvConnector = "none";
+  uint64_t simKvTransferMs = 200;
+  double kvShutdownTimeout = 10;
+  std::string controlSocket;
+};
+// `vsup run` without --topology: the serving tree.
+int serve(const ServeOptions& options);
 
 struct TreeOptions {
   std::string socket;  // empty: find the running tree

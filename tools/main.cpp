@@ -3,18 +3,24 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
+#include <vector>
 
 #include "ipc/check.h"
 #include "ipc/log.h"
 #include "supervisor/orphan_guard.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
+#include "workers/processes.h"
 
 int main(int argc, char** argv) {
   using namespace vsup;
   // The hidden entry point of sub-supervisors: not a user command, so not in --help.
   if (argc == 2 && std::string(argv[1]) == "__node") return tools::nodeMain();
   if (argc == 2 && std::string(argv[1]) == "__guard") return supervisor::orphanGuardMain();
+  if (argc >= 2 && std::string(argv[1]) == "__engine-core") return workers::engineCoreMain(argc - 1, argv + 1);
+  if (argc >= 2 && std::string(argv[1]) == "__worker") return workers::workerMain(argc - 1, argv + 1);
+  if (argc >= 2 && std::string(argv[1]) == "__api-server") return workers::apiServerMain(argc - 1, argv + 1);
 
   CLI::App app{"vsup: OTP-style supervision trees for LLM inference serving"};
   app.require_subcommand(1);
@@ -23,14 +29,51 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
 
   tools::RunOptions run;
-  auto* runCmd = app.add_subcommand("run", "start a tree and supervise it until SIGTERM/SIGINT");
-  runCmd->add_option("--topology", run.topology, "TOML file describing the tree")
-      ->required()
-      ->check(CLI::ExistingFile);
+  tools::ServeOptions serve;
+  auto* runCmd = app.add_subcommand(
+      "run", "serve a model over HTTP (default), or supervise a tree of commands (--topology)");
+  auto* topology = runCmd->add_option("--topology", run.topology,
+                                      "supervise the tree in this TOML file instead of serving")
+                       ->check(CLI::ExistingFile);
   runCmd->add_option("--control-socket", run.controlSocket,
                      "serve `vsup tree` here (default: $XDG_RUNTIME_DIR/vsup/<name>-<pid>.sock)");
   runCmd->add_option("--log-level", logLevel, "trace, debug, info, warn, error or off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  // Serving flags, named like `vllm serve`'s. Each excludes --topology.
+  std::vector<CLI::Option*> serving = {
+      runCmd->add_option("--model", serve.model, "model name served (sim engine: any name)")
+          ->capture_default_str(),
+      runCmd->add_option("--tensor-parallel-size", serve.tensorParallelSize,
+                         "worker processes (ranks) per engine")
+          ->check(CLI::Range(1u, 64u))->capture_default_str(),
+      runCmd->add_option("--api-server-count", serve.apiServerCount,
+                         "HTTP front-end processes sharing the port")
+          ->check(CLI::Range(1u, 64u))->capture_default_str(),
+      runCmd->add_option("--host", serve.host, "address to listen on")->capture_default_str(),
+      runCmd->add_option("--port", serve.port, "TCP port")->capture_default_str(),
+      runCmd->add_option("--shutdown-timeout", serve.shutdownTimeout,
+                         "seconds in-flight requests get to finish after SIGTERM (0: abort at once)")
+          ->check(CLI::Range(0.0, 86400.0))->capture_default_str(),
+      runCmd->add_option("--engine", serve.engine, "sim")
+          ->check(CLI::IsMember({"sim"}))->capture_default_str(),
+      runCmd->add_option("--sim-token-ms", serve.simTokenMs, "sim engine: milliseconds per step")
+          ->check(CLI::Range(uint64_t(0), uint64_t(600000)))->capture_default_str(),
+      runCmd->add_option("--max-num-seqs", serve.maxNumSeqs, "requests batched per step")
+          ->check(CLI::Range(1u, 65536u))->capture_default_str(),
+      runCmd->add_option("--api-key", serve.apiKey,
+                         "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)"),
+      runCmd->add_option("--max-request-bytes", serve.maxRequestBytes, "largest request body")
+          ->check(CLI::Range(uint64_t(1024), uint64_t(1) << 34))->capture_default_str(),
+      runCmd->add_option("--kv-connector", serve.kvConnector, "none or sim")
+          ->check(CLI::IsMember({"none", "sim"}))->capture_default_str(),
+      runCmd->add_option("--sim-kv-transfer-ms", serve.simKvTransferMs,
+                         "sim KV connector: each finished request's transfer takes this long")
+          ->check(CLI::Range(uint64_t(0), uint64_t(3600000)))->capture_default_str(),
+      runCmd->add_option("--kv-shutdown-timeout", serve.kvShutdownTimeout,
+                         "seconds a rank may defer its shutdown for pending KV transfers")
+          ->check(CLI::Range(0.0, 3600.0))->capture_default_str(),
+  };
+  for (auto* opt : serving) opt->excludes(topology);
 
   tools::TreeOptions tree;
   auto* treeCmd = app.add_subcommand("tree", "show a running tree, live");
@@ -49,7 +92,14 @@ int main(int argc, char** argv) {
   }
   try {
     setLogLevel(logLevel);
-    if (runCmd->parsed()) return tools::runTopology(run);
+    if (runCmd->parsed()) {
+      if (!run.topology.empty()) return tools::runTopology(run);
+      if (serve.apiKey.empty()) {
+        if (const char* key = std::getenv("VSUP_API_KEY")) serve.apiKey = key;
+      }
+      serve.controlSocket = run.controlSocket;
+      return tools::serve(serve);
+    }
     if (treeCmd->parsed()) return tools::tree(tree);
   } catch (const vsup::Error& e) {
     std::fprintf(stderr, "vsup: %s\n", e.what());

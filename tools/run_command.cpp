@@ -18,6 +18,7 @@
 #include "ipc/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"
+#include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "supervisor/topology.h"
 #include "tools/commands.h"
@@ -78,12 +79,7 @@ class SignalWatch {
 
 }  // namespace
 
-std::string selfExe() {
-  char buf[PATH_MAX];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  VSUP_REQUIRE(n > 0, std::string("cannot resolve /proc/self/exe: ") + std::strerror(errno));
-  return std::string(buf, size_t(n));
-}
+std::string selfExe() { return supervisor::selfExecutable(); }
 
 int runTopology(const RunOptions& options) {
   SupervisorSpec spec;
@@ -93,31 +89,48 @@ int runTopology(const RunOptions& options) {
     std::fprintf(stderr, "vsup: %s\n", e.what());
     return kExitUsage;
   }
-  setLogProcessName(spec.name);
+  return runTree(spec, options.controlSocket, RootHooks{});
+}
 
+int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const RootHooks& hooks) {
+  setLogProcessName(spec.name);
   uv_loop_t loop;
   uv_loop_init(&loop);
   int exitCode = kExitError;
   {
     ipc::KjOnUv kj(&loop);
-    // Blocked before the first child exists (children reset their masks at spawn anyway).
     int signals = 0;
     Supervisor* supPtr = nullptr;
+    kj::Own<kj::TaskSet> tasks;
+    struct LogErrors final : kj::TaskSet::ErrorHandler {
+      void taskFailed(kj::Exception&& e) override {
+        vsup::log().warn("[shutdown] root: {}", e.getDescription().cStr());
+      }
+    } logErrors;
+    tasks = kj::heap<kj::TaskSet>(logErrors);
+    // Blocked before the first child exists (children reset their masks at spawn anyway).
     SignalWatch watch(&loop, [&](int sig) {
       ++signals;
       const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
       if (supPtr == nullptr) return;
+      Supervisor& sup = *supPtr;
       if (signals == 1) {
         vsup::log().info("[shutdown] {}: {} received: ordered shutdown", spec.name, name);
-        supPtr->shutdown(kNoDeadline).detach([](kj::Exception&&) {});
+        MonoNs drain = hooks.drainMs < 0 ? kNoDeadline : deadlineAfterMs(hooks.drainMs);
+        MonoNs deadline = hooks.totalMs < 0 ? kNoDeadline : deadlineAfterMs(hooks.totalMs);
+        // Stop intake everywhere at once, then tear down in order.
+        tasks->add(sup.quiesceChildren(drain).then([&sup, deadline]() {
+          return sup.shutdown(deadline);
+        }));
       } else if (signals == 2) {
-        vsup::log().warn("[shutdown] {}: second {}: stop now (at most {}ms per remaining child)",
-                         spec.name, name, kHurryMs);
-        supPtr->shutdown(kNoDeadline).detach([](kj::Exception&&) {});
-        supPtr->hurry(kHurryMs);
+        vsup::log().warn("[shutdown] {}: second {}: abort in-flight work, stop now (at most {}ms "
+                         "per remaining child)", spec.name, name, kHurryMs);
+        tasks->add(sup.quiesceChildren(monoNow()));
+        sup.shutdown(kNoDeadline).detach([](kj::Exception&&) {});
+        sup.hurry(kHurryMs);
       } else {
         vsup::log().error("[shutdown] {}: third {}: killing the tree now", spec.name, name);
-        supPtr->killAll();
+        sup.killAll();
       }
     });
 
@@ -129,8 +142,7 @@ int runTopology(const RunOptions& options) {
     std::unique_ptr<ControlSocket> control;
     try {
       control = std::make_unique<ControlSocket>(
-          &loop, options.controlSocket.empty() ? ControlSocket::defaultPath(spec.name)
-                                               : options.controlSocket,
+          &loop, controlSocket.empty() ? ControlSocket::defaultPath(spec.name) : controlSocket,
           rootNode);
     } catch (const vsup::Error& e) {
       std::fprintf(stderr, "vsup: %s\n", e.what());
@@ -138,9 +150,13 @@ int runTopology(const RunOptions& options) {
     }
     vsup::log().info("[supervisor] {}: control socket {}", spec.name, control->path());
 
-    auto started = sup.start().eagerlyEvaluate([](kj::Exception&&) {
-      // Logged by the supervisor; the outcome says StartFailed.
-    });
+    auto started = sup.start()
+                       .then([&hooks]() {
+                         if (hooks.afterStart) hooks.afterStart();
+                       })
+                       .eagerlyEvaluate([](kj::Exception&&) {
+                         // Logged by the supervisor; the outcome says StartFailed.
+                       });
     bool done = false;
     auto finished = sup.terminated().then([&](Outcome o) {
       exitCode = exitCodeFor(o);
@@ -153,6 +169,7 @@ int runTopology(const RunOptions& options) {
       }
     }
     supPtr = nullptr;
+    tasks = nullptr;
     // The control socket answers until here: the very end of the tree's life.
   }
   // Let every closed handle's callback run, then the loop is empty.

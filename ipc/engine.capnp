@@ -1,0 +1,68 @@
+# The serving tree's data plane: API servers ↔ engine-core (one socketpair per API server,
+# made by the root at spawn), and engine-core ↔ each tensor-parallel worker (through the
+# worker's Node.service). Tokens flow once per step per API server, never once per token per
+# request (DESIGN.md, notes/machine-floors.md).
+@0xd445dcdf53664d95;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("vsup::ipc::schema");
+
+struct GenerateRequest {
+  id @0 :Text;
+  prompt @1 :Text;
+  maxTokens @2 :Int64;
+  temperature @3 :Float64;
+  topP @4 :Float64;
+  hasSeed @5 :Bool;
+  seed @6 :UInt64;
+  stop @7 :List(Text);
+}
+
+enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
+
+struct TokenDelta {
+  requestId @0 :Text;
+  text @1 :Text;
+  promptTokens @2 :Int64;
+  completionTokens @3 :Int64;
+  finish @4 :FinishReason;
+  error @5 :Text;
+}
+
+# Implemented by the API server: engine-core sends every delta for this server's requests,
+# one call per step.
+interface TokenSink {
+  deltas @0 (deltas :List(TokenDelta)) -> ();
+}
+
+# Served by engine-core on each API server's connection.
+interface Engine {
+  attach @0 (sink :TokenSink) -> ();            # before the first submit
+  submit @1 (request :GenerateRequest) -> ();   # throws when engine-core is stopping or failed
+  abort @2 (id :Text) -> ();                    # the final delta (finish = abort) follows via the sink
+}
+
+struct SeqStep {
+  id @0 :Text;
+  promptHash @1 :UInt64;
+  position @2 :UInt32;
+  seed @3 :UInt64;
+  temperature @4 :Float64;
+}
+
+struct StepInput {
+  step @0 :UInt64;
+  seqs @1 :List(SeqStep);
+  kvTransfers @2 :List(Text);
+}
+
+struct StepOutput {
+  step @0 :UInt64;
+  rank @1 :UInt32;
+  tokens @2 :List(Int32);
+}
+
+# A tensor-parallel rank (its Node.service). Every rank takes part in every step.
+interface Worker {
+  step @0 (input :StepInput) -> (output :StepOutput);
+}

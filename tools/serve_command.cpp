@@ -1,0 +1,99 @@
+// `vsup run`: the serving tree (DESIGN.md section 1):
+//
+//   root (this process)            owns SIGTERM/SIGINT, never serves traffic
+//   ├── engine-core                scheduler + step loop; supervises the ranks (intensity 0)
+//   │   ├── worker-tp0 … tpN-1     one per tensor-parallel rank
+//   └── api-server-0 … M-1         HTTP front ends sharing the port (SO_REUSEPORT)
+//
+// API servers start after engine-core, so they stop before it. The root's own intensity is 0:
+// no partial restart; any unexpected death shuts the tree down and `vsup run` exits non-zero.
+// Each API server talks to engine-core over its own socketpair, made here and inherited by
+// both at spawn (no path on disk).
+#include <sys/socket.h>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "ipc/check.h"
+#include "ipc/fd.h"
+#include "supervisor/process.h"
+#include "supervisor/supervisor.h"
+#include "tools/commands.h"
+
+namespace vsup::tools {
+
+using namespace vsup::supervisor;
+
+namespace {
+
+// How long engine-core gets to stop at a step boundary and stop its ranks, after the drain.
+constexpr int64_t kTeardownMs = 10000;
+
+}  // namespace
+
+int serve(const ServeOptions& o) {
+  std::string exe = selfExecutable();
+  // One socketpair per API server: [0] stays with engine-core, [1] goes to the API server.
+  std::vector<OwnFd> engineEnds;
+  std::vector<OwnFd> apiEnds;
+  for (uint32_t i = 0; i < o.apiServerCount; ++i) {
+    int sv[2];
+    VSUP_SYSCALL(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+    engineEnds.emplace_back(sv[0]);
+    apiEnds.emplace_back(sv[1]);
+  }
+  int64_t drainMs = int64_t(std::llround(o.shutdownTimeout * 1000));
+
+  SupervisorSpec spec;
+  spec.name = "root";
+  spec.strategy = Strategy::OneForOne;
+  spec.intensity = 0;  // no partial restart of a serving tree (DESIGN.md 2.7)
+
+  ChildSpec core;
+  core.name = "engine-core";
+  core.vsupAware = true;
+  core.command = {exe, "__engine-core", "--tp", std::to_string(o.tensorParallelSize),
+                  "--engine", o.engine, "--sim-token-ms", std::to_string(o.simTokenMs),
+                  "--max-num-seqs", std::to_string(o.maxNumSeqs),
+                  "--kv-connector", o.kvConnector,
+                  "--sim-kv-transfer-ms", std::to_string(o.simKvTransferMs),
+                  "--kv-shutdown-timeout", std::to_string(o.kvShutdownTimeout)};
+  for (uint32_t i = 0; i < o.apiServerCount; ++i) {
+    core.inheritFds.push_back(engineEnds[i].get());
+    core.command.push_back("--api-fd");
+    core.command.push_back(std::to_string(4 + i));  // after the control socket (fd 3)
+  }
+  int64_t kvMs = o.kvConnector == "none" ? 0 : int64_t(std::llround(o.kvShutdownTimeout * 1000));
+  core.shutdown = ShutdownPolicy::timeout(kTeardownMs + kvMs);
+  core.startTimeoutMs = 120000;
+  spec.children.push_back(core);
+
+  for (uint32_t i = 0; i < o.apiServerCount; ++i) {
+    ChildSpec api;
+    api.name = "api-server-" + std::to_string(i);
+    api.vsupAware = true;
+    api.command = {exe, "__api-server", "--index", std::to_string(i), "--host", o.host,
+                   "--port", std::to_string(o.port), "--model", o.model,
+                   "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4"};
+    api.inheritFds = {apiEnds[i].get()};
+    if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);
+    // The drain, plus time to tell the aborted clients and close.
+    api.shutdown = ShutdownPolicy::timeout(drainMs + 3000);
+    api.startTimeoutMs = 30000;
+    spec.children.push_back(api);
+  }
+
+  RootHooks hooks;
+  // Once engine-core and the API servers hold their ends, the root must not: an end kept open
+  // here would hide a dead peer (no EOF) from the survivor. No restarts need them again.
+  hooks.afterStart = [&]() {
+    engineEnds.clear();
+    apiEnds.clear();
+  };
+  hooks.drainMs = drainMs;
+  hooks.totalMs = drainMs + 3000 + kTeardownMs + kvMs + 2000;
+  return runTree(spec, o.controlSocket, hooks);
+}
+
+}  // namespace vsup::tools

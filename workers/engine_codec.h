@@ -1,0 +1,19 @@
+// Conversions between the data-plane Cap'n Proto structs (ipc/engine.capnp) and the engine's
+// plain values. The only place in workers/ that touches those structs' fields.
+#pragma once
+
+#include "engine/engine.h"
+#include "ipc/engine.capnp.h"
+
+namespace vsup::workers {
+
+void encode(const engine::GenerateRequest& in, ipc::schema::GenerateRequest::Builder out);
+engine::GenerateRequest decode(ipc::schema::GenerateRequest::Reader in);
+void encode(const engine::TokenDelta& in, ipc::schema::TokenDelta::Builder out);
+engine::TokenDelta decode(ipc::schema::TokenDelta::Reader in);
+void encode(const engine::StepInput& in, ipc::schema::StepInput::Builder out);
+engine::StepInput decode(ipc::schema::StepInput::Reader in);
+void encode(const engine::StepOutput& in, ipc::schema::StepOutput::Builder out);
+engine::StepOutput decode(ipc::schema::StepOutput::Reader in);
+
+}  // namespace vsup::workers

@@ -1,0 +1,430 @@
+// `vsup __engine-core --tp N --engine sim [...] --api-fd FD ...`: the engine-core process.
+//
+// A child supervisor (it supervises the tensor-parallel workers with intensity 0: a rank that
+// dies fails the engine, no partial restart) and the scheduler. It runs the step loop: between
+// steps it admits new requests (continuous batching), then broadcasts the step to every rank and
+// waits for all of them, then sends each API server the deltas of its requests in one call.
+//
+// Shutdown (its hook, before its workers are stopped): refuse new requests, abort whatever is
+// still running (the API servers have drained by then: normally nothing), announce the last KV
+// transfers, and stop the loop at a step boundary, so no rank is ever left inside a step.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <kj/debug.h>
+
+#include "engine/engine.h"
+#include "ipc/log.h"
+#include "ipc/rpc_link.h"
+#include "ipc/uv_kj.h"
+#include "kvconnector/kv_connector.h"
+#include "supervisor/child_runtime.h"
+#include "supervisor/process.h"
+#include "supervisor/supervisor.h"
+#include "workers/engine_codec.h"
+#include "workers/processes.h"
+
+namespace vsup::workers {
+namespace {
+
+namespace schema = ipc::schema;
+
+struct Options {
+  uint32_t tp = 1;
+  std::string engineName = "sim";
+  uint64_t simTokenMs = 20;
+  uint32_t maxNumSeqs = 256;
+  uint64_t stepTimeoutMs = 30000;
+  std::string kvConnector = "none";
+  uint64_t simKvTransferMs = 0;
+  double kvShutdownTimeout = 10;
+  std::vector<int> apiFds;
+};
+
+class EngineCore;
+
+// One API server's connection: its sink and the requests it submitted.
+class Session final : public schema::Engine::Server {
+ public:
+  Session(EngineCore& core, size_t index) : core_(core), index_(index) {}
+  std::optional<schema::TokenSink::Client> sink;
+
+ protected:
+  kj::Promise<void> attach(AttachContext context) override;
+  kj::Promise<void> submit(SubmitContext context) override;
+  kj::Promise<void> abort(AbortContext context) override;
+
+ private:
+  EngineCore& core_;
+  size_t index_;
+};
+
+class EngineCore final : private kj::TaskSet::ErrorHandler {
+ public:
+  EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime, Options options)
+      : loop_(loop), runtime_(runtime), options_(std::move(options)), tasks_(*this) {
+    engine::SimOptions sim;
+    sim.tokenMs = options_.simTokenMs;
+    sim.maxNumSeqs = options_.maxNumSeqs;
+    scheduler_ = engine::makeSimScheduler(sim);
+    if (options_.kvConnector == "sim") kv_ = kv::makeSimScheduler();
+  }
+
+  ~EngineCore() {
+    loopPromise_ = kj::READY_NOW;
+    links_.clear();
+  }
+
+  // Node.start: start the ranks, then open the API servers' connections, then run.
+  kj::Promise<void> start() {
+    supervisor::SupervisorSpec spec;
+    spec.name = runtime_.name();
+    spec.intensity = 0;  // no partial restart: a dead rank fails the engine
+    std::string exe = supervisor::selfExecutable();
+    for (uint32_t r = 0; r < options_.tp; ++r) {
+      supervisor::ChildSpec c;
+      c.name = "worker-tp" + std::to_string(r);
+      c.vsupAware = true;
+      c.command = {exe, "__worker", "--rank", std::to_string(r), "--engine", options_.engineName,
+                   "--sim-token-ms", std::to_string(options_.simTokenMs),
+                   "--kv-connector", options_.kvConnector,
+                   "--sim-kv-transfer-ms", std::to_string(options_.simKvTransferMs),
+                   "--kv-shutdown-timeout", std::to_string(options_.kvShutdownTimeout)};
+      // The KV deferral is bounded by --kv-shutdown-timeout; leave room for it.
+      c.shutdown = supervisor::ShutdownPolicy::timeout(
+          5000 + int64_t(options_.kvShutdownTimeout * 1000));
+      spec.children.push_back(std::move(c));
+    }
+    supervisor::SupervisorOptions supOptions;
+    supOptions.selfExe = exe;
+    supOptions.onDeferral = [this](const std::string& node, const supervisor::Deferral& d) {
+      runtime_.reportDeferral(node, d);
+    };
+    workers_ = std::make_unique<supervisor::Supervisor>(loop_, spec, supOptions);
+    watchdog_ = workers_->terminated()
+                    .then([this](supervisor::Outcome o) {
+                      if (stopping_) return;
+                      fail("a tensor-parallel worker died (" +
+                           std::string(supervisor::nameOf(o)) + ": " + workers_->failure() + ")");
+                    })
+                    .eagerlyEvaluate(nullptr);
+    return workers_->start().then([this]() {
+      kj::Vector<kj::Promise<void>> caps;
+      for (uint32_t r = 0; r < options_.tp; ++r) ranks_.emplace_back(nullptr);
+      for (uint32_t r = 0; r < options_.tp; ++r) {
+        caps.add(workers_->service("worker-tp" + std::to_string(r))
+                     .then([this, r](capnp::Capability::Client cap) {
+                       ranks_[r] = cap.castAs<schema::Worker>();
+                     }));
+      }
+      return kj::joinPromises(caps.releaseAsArray()).then([this]() {
+        for (size_t i = 0; i < options_.apiFds.size(); ++i) {
+          auto session = kj::heap<Session>(*this, i);
+          sessions_.push_back(session.get());
+          links_.push_back(ipc::RpcLink::serve(loop_, OwnFd(options_.apiFds[i]), kj::mv(session)));
+          size_t index = i;
+          tasks_.add(links_.back()->onDisconnect().then([this, index]() { sessionLost(index); }));
+        }
+        vsup::log().info("[engine] {}: {} rank(s) ready, serving {} API server(s)", runtime_.name(),
+                         options_.tp, options_.apiFds.size());
+        loopPromise_ = loop().eagerlyEvaluate([this](kj::Exception&& e) {
+          fail(std::string("step loop failed: ") + e.getDescription().cStr());
+        });
+      });
+    });
+  }
+
+  kj::Promise<supervisor::NodeStatus> status() {
+    if (!workers_) {
+      supervisor::NodeStatus s;
+      s.type = "supervisor";
+      s.state = "starting";
+      return s;
+    }
+    return workers_->status().then([this](supervisor::NodeStatus s) {
+      s.inFlight = int64_t(scheduler_->inFlight());
+      if (!failure_.empty()) s.state = "failed";
+      return s;
+    });
+  }
+
+  // The engine's own shutdown hook: intake off, abort leftovers, stop at a step boundary.
+  kj::Promise<void> stopAtStepBoundary() {
+    stopping_ = true;
+    size_t aborted = abortAll("engine-core is shutting down");
+    if (aborted > 0) {
+      vsup::log().warn("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
+                       aborted);
+    }
+    if (!stepRunning_ && kvPending_.empty()) return kj::READY_NOW;
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    boundary_ = kj::mv(paf.fulfiller);
+    wake();  // an idle loop with KV announcements left runs one transfer-only step
+    return paf.promise.then([this]() {
+      vsup::log().info("[shutdown] {}: step loop stopped at step boundary {}", runtime_.name(),
+                       lastStep_);
+    });
+  }
+
+  kj::Promise<bool> stopWorkers(MonoNs deadline) {
+    if (!workers_) return true;
+    return workers_->shutdown(deadline).then([this]() { return workers_->escalations() == 0; });
+  }
+
+  void submit(size_t session, engine::GenerateRequest request) {
+    if (stopping_ || !failure_.empty()) {
+      throw std::runtime_error(failure_.empty() ? "engine-core is shutting down"
+                                                : "engine failed: " + failure_);
+    }
+    std::string id = request.id;
+    scheduler_->admit(std::move(request));
+    owner_[id] = session;
+    wake();
+  }
+
+  void abort(const std::string& id) {
+    engine::TokenDelta final;
+    if (scheduler_->abort(id, &final)) route({final});
+  }
+
+  void sessionLost(size_t index) {
+    // The API server is gone: nobody can receive these requests' tokens any more.
+    std::vector<std::string> ids;
+    for (auto& [id, owner] : owner_) {
+      if (owner == index) ids.push_back(id);
+    }
+    for (const auto& id : ids) {
+      scheduler_->abort(id, nullptr);
+      owner_.erase(id);
+    }
+    if (index < sessions_.size()) sessions_[index] = nullptr;
+  }
+
+ private:
+  void taskFailed(kj::Exception&& e) override {
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
+    vsup::log().warn("[engine] {}: {}", runtime_.name(), e.getDescription().cStr());
+  }
+
+  void wake() {
+    if (workAvailable_) {
+      auto f = kj::mv(workAvailable_);
+      f->fulfill();
+    }
+  }
+
+  kj::Promise<void> loop() {
+    if (!failure_.empty() || (stopping_ && kvPending_.empty())) {
+      if (boundary_) boundary_->fulfill();
+      return kj::READY_NOW;
+    }
+    if (scheduler_->inFlight() == 0 && kvPending_.empty()) {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      workAvailable_ = kj::mv(paf.fulfiller);
+      return paf.promise.then([this]() { return loop(); });
+    }
+    // Stopping: only the last transfer announcements go out, no new tokens.
+    engine::StepInput input;
+    if (stopping_) {
+      input.step = lastStep_ + 1;
+    } else {
+      input = scheduler_->nextStep();
+    }
+    input.kvTransfers = std::move(kvPending_);
+    kvPending_.clear();
+    lastStep_ = input.step;
+    stepRunning_ = true;
+    bool generates = !input.seqs.empty();
+    kj::Vector<kj::Promise<engine::StepOutput>> calls;
+    for (auto& rank : ranks_) {
+      auto request = rank.stepRequest();
+      encode(input, request.initInput());
+      calls.add(request.send().then([](capnp::Response<schema::Worker::StepResults>&& r) {
+        return decode(r.getOutput());
+      }));
+    }
+    uint64_t step = input.step;
+    auto all = kj::joinPromises(calls.releaseAsArray());
+    auto timeout = ipc::uvSleep(loop_, options_.stepTimeoutMs)
+                       .then([this, step]() -> kj::Promise<kj::Array<engine::StepOutput>> {
+                         return KJ_EXCEPTION(FAILED, "step timed out: a rank did not answer",
+                                             step, options_.stepTimeoutMs);
+                       });
+    return all.exclusiveJoin(kj::mv(timeout))
+        .then([this, generates](kj::Array<engine::StepOutput> outputs) {
+          stepRunning_ = false;
+          if (generates) {
+            std::vector<engine::StepOutput> outs(std::make_move_iterator(outputs.begin()),
+                                                 std::make_move_iterator(outputs.end()));
+            auto deltas = scheduler_->complete(outs);
+            std::vector<std::string> finished;
+            for (const auto& d : deltas) {
+              if (d.finish == engine::FinishReason::Length ||
+                  d.finish == engine::FinishReason::Stop) {
+                finished.push_back(d.requestId);
+              }
+            }
+            if (kv_) {
+              for (auto& id : kv_->toTransfer(finished)) kvPending_.push_back(std::move(id));
+            }
+            route(deltas);
+          }
+          return loop();
+        });
+  }
+
+  // Sends every delta to the API server that owns the request: one call per server per step.
+  void route(const std::vector<engine::TokenDelta>& deltas) {
+    std::map<size_t, std::vector<const engine::TokenDelta*>> bySession;
+    for (const auto& d : deltas) {
+      auto it = owner_.find(d.requestId);
+      if (it == owner_.end()) continue;
+      bySession[it->second].push_back(&d);
+      if (d.finish != engine::FinishReason::None) owner_.erase(it);
+    }
+    for (auto& [index, list] : bySession) {
+      if (index >= sessions_.size() || sessions_[index] == nullptr || !sessions_[index]->sink) {
+        continue;
+      }
+      auto request = sessions_[index]->sink->deltasRequest();
+      auto out = request.initDeltas(unsigned(list.size()));
+      for (unsigned i = 0; i < list.size(); ++i) encode(*list[i], out[i]);
+      tasks_.add(request.send().ignoreResult());
+    }
+  }
+
+  size_t abortAll(const std::string& why) {
+    std::vector<engine::TokenDelta> finals;
+    std::vector<std::string> ids;
+    for (auto& [id, owner] : owner_) ids.push_back(id);
+    for (const auto& id : ids) {
+      engine::TokenDelta final;
+      if (scheduler_->abort(id, &final)) {
+        final.error = why;
+        finals.push_back(std::move(final));
+      }
+    }
+    route(finals);
+    return finals.size();
+  }
+
+  // The engine cannot go on: every request fails with a clear error, and this process exits
+  // non-zero so that the root tears the tree down (no partial restart).
+  void fail(const std::string& why) {
+    if (!failure_.empty()) return;
+    failure_ = why;
+    vsup::log().error("[engine] {}: engine failed: {}", runtime_.name(), why);
+    std::vector<engine::TokenDelta> finals;
+    std::vector<std::string> ids;
+    for (auto& [id, owner] : owner_) ids.push_back(id);
+    for (const auto& id : ids) {
+      engine::TokenDelta final;
+      if (scheduler_->abort(id, &final)) {
+        final.finish = engine::FinishReason::Error;
+        final.error = "engine failure: " + why;
+        finals.push_back(std::move(final));
+      }
+    }
+    route(finals);
+    if (boundary_) boundary_->fulfill();
+    // Stop the remaining ranks, then exit with an error status.
+    tasks_.add(stopWorkers(deadlineAfterMs(2000)).then([this](bool) {
+      runtime_.exit(supervisor::kExitError);
+    }));
+  }
+
+  uv_loop_t* loop_;
+  supervisor::ChildRuntime& runtime_;
+  Options options_;
+  std::unique_ptr<engine::Scheduler> scheduler_;
+  std::unique_ptr<supervisor::Supervisor> workers_;
+  std::vector<schema::Worker::Client> ranks_;
+  std::vector<Session*> sessions_;  // owned by their RPC links; null once disconnected
+  std::vector<std::unique_ptr<ipc::RpcLink>> links_;
+  std::map<std::string, size_t> owner_;  // request id → session index
+  std::unique_ptr<kv::KvConnectorScheduler> kv_;
+  std::vector<std::string> kvPending_;  // announced to the ranks with the next step
+  bool stopping_ = false;
+  bool stepRunning_ = false;
+  uint64_t lastStep_ = 0;
+  std::string failure_;
+  kj::Own<kj::PromiseFulfiller<void>> workAvailable_;
+  kj::Own<kj::PromiseFulfiller<void>> boundary_;
+  kj::Promise<void> loopPromise_ = kj::READY_NOW;
+  kj::Promise<void> watchdog_ = kj::READY_NOW;
+  kj::TaskSet tasks_;
+};
+
+kj::Promise<void> Session::attach(AttachContext context) {
+  sink = context.getParams().getSink();
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> Session::submit(SubmitContext context) {
+  try {
+    core_.submit(index_, decode(context.getParams().getRequest()));
+  } catch (const std::exception& e) {
+    return KJ_EXCEPTION(FAILED, e.what());
+  }
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> Session::abort(AbortContext context) {
+  core_.abort(context.getParams().getId());
+  return kj::READY_NOW;
+}
+
+}  // namespace
+
+int engineCoreMain(int argc, char** argv) {
+  CLI::App app{"vsup engine-core (started by vsup run)"};
+  Options options;
+  app.add_option("--tp", options.tp)->check(CLI::Range(1u, 64u));
+  app.add_option("--engine", options.engineName)->check(CLI::IsMember({"sim"}));
+  app.add_option("--sim-token-ms", options.simTokenMs);
+  app.add_option("--max-num-seqs", options.maxNumSeqs)->check(CLI::Range(1u, 65536u));
+  app.add_option("--step-timeout-ms", options.stepTimeoutMs);
+  app.add_option("--api-fd", options.apiFds);
+  app.add_option("--kv-connector", options.kvConnector)->check(CLI::IsMember({"none", "sim"}));
+  app.add_option("--sim-kv-transfer-ms", options.simKvTransferMs);
+  app.add_option("--kv-shutdown-timeout", options.kvShutdownTimeout);
+  CLI11_PARSE(app, argc, argv);
+
+  ::signal(SIGINT, SIG_IGN);
+  ::signal(SIGTERM, SIG_IGN);
+  ::signal(SIGHUP, SIG_IGN);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int code = supervisor::kExitError;
+  {
+    ipc::KjOnUv kj(&loop);
+    std::unique_ptr<supervisor::ChildRuntime> runtime;
+    try {
+      runtime = std::make_unique<supervisor::ChildRuntime>(&loop);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "vsup __engine-core: %s\n", e.what());
+      return supervisor::kExitUsage;
+    }
+    setLogProcessName(runtime->name());
+    auto core = std::make_unique<EngineCore>(&loop, *runtime, options);
+    runtime->onStart([&](const supervisor::SupervisorSpec&) { return core->start(); });
+    runtime->onStatus([&]() { return core->status(); });
+    runtime->addShutdownHook("engine", [&](supervisor::ShutdownContext&) {
+      return core->stopAtStepBoundary();
+    });
+    runtime->onStopChildren([&](MonoNs deadline) { return core->stopWorkers(deadline); });
+    code = runtime->run();
+    core.reset();
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return code;
+}
+
+}  // namespace vsup::workers

@@ -1,0 +1,12 @@
+// The processes of the serving tree, each a hidden subcommand of the vsup executable
+// (`vsup __engine-core`, `vsup __worker`, `vsup __api-server`), started by `vsup run` as
+// vsup-aware children. Each returns its exit status.
+#pragma once
+
+namespace vsup::workers {
+
+int engineCoreMain(int argc, char** argv);
+int workerMain(int argc, char** argv);
+int apiServerMain(int argc, char** argv);
+
+}  // namespace vsup::workers

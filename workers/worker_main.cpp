@@ -1,0 +1,136 @@
+// `vsup __worker --rank R --engine sim [--sim-token-ms T]`: one tensor-parallel rank.
+//
+// It serves the Worker interface (ipc/engine.capnp) as its Node.service: engine-core calls
+// step() on every rank for every step. It is vsup-aware: it ignores SIGINT/SIGTERM/SIGHUP and
+// stops only when engine-core tells it to, which engine-core does only at a step boundary.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <algorithm>
+#include <memory>
+
+#include "engine/engine.h"
+#include "kvconnector/kv_connector.h"
+#include "ipc/log.h"
+#include "ipc/uv_kj.h"
+#include "supervisor/child_runtime.h"
+#include "supervisor/supervisor.h"
+#include "workers/engine_codec.h"
+#include "workers/processes.h"
+
+namespace vsup::workers {
+namespace {
+
+namespace schema = ipc::schema;
+
+class WorkerService final : public schema::Worker::Server {
+ public:
+  WorkerService(uv_loop_t* loop, std::unique_ptr<engine::WorkerEngine> engine,
+                kv::KvConnectorWorker* kv)
+      : loop_(loop), engine_(std::move(engine)), kv_(kv) {}
+
+ protected:
+  kj::Promise<void> step(StepContext context) override {
+    engine::StepInput input = decode(context.getParams().getInput());
+    if (kv_ != nullptr) {
+      for (const auto& id : input.kvTransfers) kv_->startTransfer(id, monoNow());
+    }
+    engine::StepOutput output = engine_->execute(input);
+    uint64_t cost = engine_->simulatedCostMs(input);
+    auto finish = [context, output = std::move(output)]() mutable {
+      encode(output, context.getResults().initOutput());
+    };
+    if (cost == 0) {
+      finish();
+      return kj::READY_NOW;
+    }
+    // The simulated compute time: this rank is busy for the whole step.
+    return ipc::uvSleep(loop_, cost).then(kj::mv(finish));
+  }
+
+ private:
+  uv_loop_t* loop_;
+  std::unique_ptr<engine::WorkerEngine> engine_;
+  kv::KvConnectorWorker* kv_;
+};
+
+// The KV connector's shutdown: defer while transfers are pending, reporting progress, until
+// they are done or the KV shutdown timeout passes (then say how many were abandoned).
+kj::Promise<void> drainTransfers(uv_loop_t* loop, kv::KvConnectorWorker& kv,
+                                 supervisor::ShutdownContext& ctx, MonoNs giveUpAt, size_t total,
+                                 const std::string& node) {
+  MonoNs now = monoNow();
+  size_t pending = kv.pending(now);
+  if (pending == 0) {
+    if (total > 0) vsup::log().info("[shutdown] {}: kv: all {} transfer(s) done", node, total);
+    return kj::READY_NOW;
+  }
+  if (now >= giveUpAt) {
+    vsup::log().warn("[shutdown] {}: kv: giving up: {} transfer(s) abandoned", node, pending);
+    return kj::READY_NOW;
+  }
+  ctx.defer("kv: " + std::to_string(pending) + " transfer(s) pending",
+            std::to_string(total - pending) + " of " + std::to_string(total) + " done");
+  MonoNs wakeAt = std::min({kv.nextCompletion(), giveUpAt, now + 100 * kNsPerMs});
+  return ipc::uvSleep(loop, msUntil(wakeAt)).then([loop, &kv, &ctx, giveUpAt, total, node]() {
+    return drainTransfers(loop, kv, ctx, giveUpAt, total, node);
+  });
+}
+
+}  // namespace
+
+int workerMain(int argc, char** argv) {
+  CLI::App app{"vsup tensor-parallel worker (started by engine-core)"};
+  uint32_t rank = 0;
+  std::string engineName = "sim";
+  uint64_t simTokenMs = 20;
+  std::string kvName = "none";
+  uint64_t simKvTransferMs = 0;
+  double kvShutdownTimeout = 10;
+  app.add_option("--rank", rank)->required();
+  app.add_option("--kv-connector", kvName)->check(CLI::IsMember({"none", "sim"}));
+  app.add_option("--sim-kv-transfer-ms", simKvTransferMs);
+  app.add_option("--kv-shutdown-timeout", kvShutdownTimeout);
+  app.add_option("--engine", engineName)->check(CLI::IsMember({"sim"}));
+  app.add_option("--sim-token-ms", simTokenMs);
+  CLI11_PARSE(app, argc, argv);
+
+  ::signal(SIGINT, SIG_IGN);
+  ::signal(SIGTERM, SIG_IGN);
+  ::signal(SIGHUP, SIG_IGN);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int code = supervisor::kExitError;
+  {
+    ipc::KjOnUv kj(&loop);
+    std::unique_ptr<supervisor::ChildRuntime> runtime;
+    try {
+      runtime = std::make_unique<supervisor::ChildRuntime>(&loop);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "vsup __worker: %s\n", e.what());
+      return supervisor::kExitUsage;
+    }
+    setLogProcessName(runtime->name());
+    engine::SimOptions options;
+    options.tokenMs = simTokenMs;
+    std::unique_ptr<kv::KvConnectorWorker> kv;
+    if (kvName == "sim") kv = kv::makeSimWorker(simKvTransferMs);
+    runtime->setService(
+        kj::heap<WorkerService>(&loop, engine::makeSimWorker(options, rank), kv.get()));
+    if (kv) {
+      std::string node = runtime->name();
+      runtime->addShutdownHook("kv", [&, node](supervisor::ShutdownContext& ctx) {
+        MonoNs giveUpAt = std::min(ctx.deadline(), deadlineAfterMs(int64_t(kvShutdownTimeout * 1000)));
+        size_t total = kv->pending(monoNow());
+        return drainTransfers(&loop, *kv, ctx, giveUpAt, total, node);
+      });
+    }
+    code = runtime->run();
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return code;
+}
+
+}  // namespace vsup::workers
