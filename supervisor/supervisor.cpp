@@ -1,5 +1,6 @@
 #include "supervisor/supervisor.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "supervisor/node_codec.h"
 #include "supervisor/notify.h"
 #include "supervisor/orphan_guard.h"
+#include "supervisor/output_collector.h"
 #include "supervisor/process.h"
 
 extern char** environ;
@@ -286,6 +288,19 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
   for (int fd : c.spec.inheritFds) {
     request.passFds.emplace_back(fd, int(request.passFds.size()) + 3);
   }
+  OwnFd outRead, outWrite, errRead, errWrite;
+  if (options_.collectOutput) {
+    int out[2];
+    int err[2];
+    VSUP_SYSCALL(::pipe2(out, O_CLOEXEC));
+    outRead.reset(out[0]);
+    outWrite.reset(out[1]);
+    VSUP_SYSCALL(::pipe2(err, O_CLOEXEC));
+    errRead.reset(err[0]);
+    errWrite.reset(err[1]);
+    request.stdoutFd = outWrite.get();
+    request.stderrFd = errWrite.get();
+  }
   try {
     c.proc.emplace(Process::spawn(request));
   } catch (const std::exception& e) {
@@ -293,6 +308,20 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     return toKj("child '" + c.spec.name + "': " + e.what());
   }
   childEnd.reset();
+  if (options_.collectOutput) {
+    // Only the child holds the write ends now: EOF comes when it (and its group) is gone.
+    outWrite.reset();
+    errWrite.reset();
+    std::string prefix = outputPrefix(c.spec.name, c.proc->pid());
+    for (auto [fd, target] : {std::pair{&outRead, 1}, std::pair{&errRead, 2}}) {
+      collectors_.push_back(nullptr);
+      auto it = std::prev(collectors_.end());
+      *it = std::make_unique<OutputCollector>(loop_, std::move(*fd), target, prefix, [this, it]() {
+        // Deferred: the collector is still on the stack of its own callback.
+        tasks_->add(kj::evalLater([this, it]() { collectors_.erase(it); }));
+      });
+    }
+  }
   if (guard_) guard_->add(c.proc->pid());
   c.startedAt = monoNow();
   watchExit(c);

@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include <deque>
+#include <list>
 #include <functional>
 #include <memory>
 #include <string>
@@ -54,6 +55,10 @@ struct SupervisorOptions {
   // Called for every deferral reported in this subtree while it shuts down (a generic child's
   // EXTEND_TIMEOUT_USEC, or a vsup-aware descendant's shutdown hook). `node` names who defers.
   std::function<void(const std::string& node, const Deferral&)> onDeferral;
+  // Read children's stdout/stderr through pipes and write them to this process's fd 1/2, each
+  // line prefixed with the child's name and pid (OutputCollector). For the vsup executable;
+  // off for library hosts, whose children inherit fds 1 and 2 as they are.
+  bool collectOutput = false;
 };
 
 class Supervisor {
@@ -139,6 +144,7 @@ class Supervisor {
   SupervisorOptions options_;
   std::unique_ptr<class NotifySocket> notify_;
   std::unique_ptr<class OrphanGuard> guard_;  // only with options_.selfExe
+  std::list<std::unique_ptr<class OutputCollector>> collectors_;
   std::vector<std::unique_ptr<Child>> children_;
   Phase phase_ = Phase::Idle;
   MonoNs startedAt_ = 0;

@@ -1,4 +1,5 @@
 // vsup: run and inspect supervised process trees. See README.md.
+#include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -15,6 +16,9 @@
 
 int main(int argc, char** argv) {
   using namespace vsup;
+  // The vsup executable (never the library) writes children's collected output to its own
+  // stdout/stderr: a closed terminal or pipe there must not kill the tree's supervisor.
+  ::signal(SIGPIPE, SIG_IGN);
   // The hidden entry point of sub-supervisors: not a user command, so not in --help.
   if (argc == 2 && std::string(argv[1]) == "__node") return tools::nodeMain();
   if (argc == 2 && std::string(argv[1]) == "__guard") return supervisor::orphanGuardMain();

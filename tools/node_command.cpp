@@ -45,6 +45,7 @@ int nodeMain() {
       if (sup) return KJ_EXCEPTION(FAILED, "already started");
       SupervisorOptions options;
       options.selfExe = exe;
+      options.collectOutput = true;
       options.onDeferral = [&](const std::string& node, const Deferral& d) {
         runtime->reportDeferral(node, d);
       };

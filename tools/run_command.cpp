@@ -136,6 +136,7 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
 
     SupervisorOptions supOptions;
     supOptions.selfExe = selfExe();
+    supOptions.collectOutput = true;
     Supervisor sup(&loop, spec, supOptions);
     supPtr = &sup;
     RootNode rootNode(sup);

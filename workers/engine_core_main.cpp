@@ -103,6 +103,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     }
     supervisor::SupervisorOptions supOptions;
     supOptions.selfExe = exe;
+    supOptions.collectOutput = true;
     supOptions.onDeferral = [this](const std::string& node, const supervisor::Deferral& d) {
       runtime_.reportDeferral(node, d);
     };
