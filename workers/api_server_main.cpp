@@ -31,6 +31,7 @@
 #include "workers/api_server/openai.h"
 #include "workers/engine_codec.h"
 #include "workers/http/http_server.h"
+#include "workers/node_process.h"
 #include "workers/processes.h"
 
 namespace vsup::workers {
@@ -513,41 +514,23 @@ int apiServerMain(int argc, char** argv) {
   // The API key comes through the environment, never argv (visible in ps).
   if (const char* key = std::getenv("VSUP_API_KEY")) options.apiKey = key;
 
-  ::signal(SIGINT, SIG_IGN);
-  ::signal(SIGTERM, SIG_IGN);
-  ::signal(SIGHUP, SIG_IGN);
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  int code = supervisor::kExitError;
-  {
-    ipc::KjOnUv kj(&loop);
-    std::unique_ptr<supervisor::ChildRuntime> runtime;
-    try {
-      runtime = std::make_unique<supervisor::ChildRuntime>(&loop);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "vsup __api-server: %s\n", e.what());
-      return supervisor::kExitUsage;
-    }
-    setLogProcessName(runtime->name());
-    auto api = std::make_unique<ApiServer>(&loop, *runtime, options);
-    runtime->onStart([&](const supervisor::SupervisorSpec&) { return api->start(); });
-    runtime->onQuiesce([&](MonoNs deadline) { return api->quiesce(deadline); });
-    runtime->onStatus([&]() -> kj::Promise<supervisor::NodeStatus> {
+  return runNodeProcess("vsup __api-server",
+                        [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
+    auto api = std::make_unique<ApiServer>(loop, runtime, options);
+    ApiServer* a = api.get();
+    runtime.onStart([a](const supervisor::SupervisorSpec&) { return a->start(); });
+    runtime.onQuiesce([a](MonoNs deadline) { return a->quiesce(deadline); });
+    runtime.onStatus([a]() -> kj::Promise<supervisor::NodeStatus> {
       supervisor::NodeStatus s;
       s.type = "worker";
       s.state = "running";
-      s.inFlight = api->inFlight();
+      s.inFlight = a->inFlight();
       return s;
     });
-    runtime->addShutdownHook("drain", [&](supervisor::ShutdownContext& ctx) {
-      return api->drainHook(ctx);
-    });
-    code = runtime->run();
-    api.reset();
-  }
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
-  return code;
+    runtime.addShutdownHook("drain",
+                            [a](supervisor::ShutdownContext& ctx) { return a->drainHook(ctx); });
+    return holding(std::move(api));
+  });
 }
 
 }  // namespace vsup::workers

@@ -28,6 +28,7 @@
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "workers/engine_codec.h"
+#include "workers/node_process.h"
 #include "workers/processes.h"
 
 namespace vsup::workers {
@@ -397,35 +398,17 @@ int engineCoreMain(int argc, char** argv) {
   app.add_option("--kv-shutdown-timeout", options.kvShutdownTimeout);
   CLI11_PARSE(app, argc, argv);
 
-  ::signal(SIGINT, SIG_IGN);
-  ::signal(SIGTERM, SIG_IGN);
-  ::signal(SIGHUP, SIG_IGN);
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  int code = supervisor::kExitError;
-  {
-    ipc::KjOnUv kj(&loop);
-    std::unique_ptr<supervisor::ChildRuntime> runtime;
-    try {
-      runtime = std::make_unique<supervisor::ChildRuntime>(&loop);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "vsup __engine-core: %s\n", e.what());
-      return supervisor::kExitUsage;
-    }
-    setLogProcessName(runtime->name());
-    auto core = std::make_unique<EngineCore>(&loop, *runtime, options);
-    runtime->onStart([&](const supervisor::SupervisorSpec&) { return core->start(); });
-    runtime->onStatus([&]() { return core->status(); });
-    runtime->addShutdownHook("engine", [&](supervisor::ShutdownContext&) {
-      return core->stopAtStepBoundary();
-    });
-    runtime->onStopChildren([&](MonoNs deadline) { return core->stopWorkers(deadline); });
-    code = runtime->run();
-    core.reset();
-  }
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
-  return code;
+  return runNodeProcess("vsup __engine-core",
+                        [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
+    auto core = std::make_unique<EngineCore>(loop, runtime, options);
+    EngineCore* c = core.get();
+    runtime.onStart([c](const supervisor::SupervisorSpec&) { return c->start(); });
+    runtime.onStatus([c]() { return c->status(); });
+    runtime.addShutdownHook("engine",
+                            [c](supervisor::ShutdownContext&) { return c->stopAtStepBoundary(); });
+    runtime.onStopChildren([c](MonoNs deadline) { return c->stopWorkers(deadline); });
+    return holding(std::move(core));
+  });
 }
 
 }  // namespace vsup::workers

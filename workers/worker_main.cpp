@@ -17,6 +17,7 @@
 #include "supervisor/child_runtime.h"
 #include "supervisor/supervisor.h"
 #include "workers/engine_codec.h"
+#include "workers/node_process.h"
 #include "workers/processes.h"
 
 namespace vsup::workers {
@@ -96,41 +97,25 @@ int workerMain(int argc, char** argv) {
   app.add_option("--sim-token-ms", simTokenMs);
   CLI11_PARSE(app, argc, argv);
 
-  ::signal(SIGINT, SIG_IGN);
-  ::signal(SIGTERM, SIG_IGN);
-  ::signal(SIGHUP, SIG_IGN);
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  int code = supervisor::kExitError;
-  {
-    ipc::KjOnUv kj(&loop);
-    std::unique_ptr<supervisor::ChildRuntime> runtime;
-    try {
-      runtime = std::make_unique<supervisor::ChildRuntime>(&loop);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "vsup __worker: %s\n", e.what());
-      return supervisor::kExitUsage;
-    }
-    setLogProcessName(runtime->name());
+  return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
     engine::SimOptions options;
     options.tokenMs = simTokenMs;
     std::unique_ptr<kv::KvConnectorWorker> kv;
     if (kvName == "sim") kv = kv::makeSimWorker(simKvTransferMs);
-    runtime->setService(
-        kj::heap<WorkerService>(&loop, engine::makeSimWorker(options, rank), kv.get()));
+    runtime.setService(
+        kj::heap<WorkerService>(loop, engine::makeSimWorker(options, rank), kv.get()));
     if (kv) {
-      std::string node = runtime->name();
-      runtime->addShutdownHook("kv", [&, node](supervisor::ShutdownContext& ctx) {
-        MonoNs giveUpAt = std::min(ctx.deadline(), deadlineAfterMs(int64_t(kvShutdownTimeout * 1000)));
-        size_t total = kv->pending(monoNow());
-        return drainTransfers(&loop, *kv, ctx, giveUpAt, total, node);
+      std::string node = runtime.name();
+      kv::KvConnectorWorker* connector = kv.get();
+      runtime.addShutdownHook("kv", [=](supervisor::ShutdownContext& ctx) {
+        MonoNs giveUpAt =
+            std::min(ctx.deadline(), deadlineAfterMs(int64_t(kvShutdownTimeout * 1000)));
+        size_t total = connector->pending(monoNow());
+        return drainTransfers(loop, *connector, ctx, giveUpAt, total, node);
       });
     }
-    code = runtime->run();
-  }
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
-  return code;
+    return holding(std::move(kv));
+  });
 }
 
 }  // namespace vsup::workers

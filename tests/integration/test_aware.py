@@ -64,7 +64,8 @@ def test_a_hook_deferring_past_the_childs_deadline_is_cut_short_and_reported_as_
 
 def test_a_vsup_aware_child_that_refuses_to_start_fails_the_start_with_its_message(tree):
     code = tree.run_to_exit({"children": [
-        {"name": "first", "command": tree.probe("first")},
+        # Ready only once it handles SIGTERM, so its stop is observable.
+        {"name": "first", "command": tree.probe("first", "--ready-after", "0"), "ready": "notify"},
         with_log(tree, "broken", "--fail-start"),
     ]})
     assert code == 3
