@@ -33,6 +33,9 @@ struct StepInput {
   // Requests finished earlier whose KV blocks each rank must now send (the KV connector's
   // scheduler side chose them). A step may carry only these (seqs empty).
   std::vector<std::string> kvTransfers;
+  // Set on engine-core's final step when it shuts down: the one absolute instant (monotonic ns)
+  // at which every rank gives up on its pending KV transfers. 0: not shutting down.
+  int64_t kvGiveUpAtNs = 0;
 };
 
 struct StepOutput {

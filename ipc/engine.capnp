@@ -54,6 +54,7 @@ struct StepInput {
   step @0 :UInt64;
   seqs @1 :List(SeqStep);
   kvTransfers @2 :List(Text);
+  kvGiveUpAtNs @3 :Int64;   # 0: not shutting down
 }
 
 struct StepOutput {

@@ -61,6 +61,7 @@ void encode(const engine::StepInput& in, schema::StepInput::Builder out) {
   }
   auto kv = out.initKvTransfers(unsigned(in.kvTransfers.size()));
   for (unsigned i = 0; i < in.kvTransfers.size(); ++i) kv.set(i, in.kvTransfers[i]);
+  out.setKvGiveUpAtNs(in.kvGiveUpAtNs);
 }
 
 engine::StepInput decode(schema::StepInput::Reader in) {
@@ -76,6 +77,7 @@ engine::StepInput decode(schema::StepInput::Reader in) {
     s.seqs.push_back(std::move(step));
   }
   for (auto id : in.getKvTransfers()) s.kvTransfers.emplace_back(id);
+  s.kvGiveUpAtNs = in.getKvGiveUpAtNs();
   return s;
 }
 

@@ -159,12 +159,18 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   // The engine's own shutdown hook: intake off, abort leftovers, stop at a step boundary.
   kj::Promise<void> stopAtStepBoundary() {
     stopping_ = true;
+    // One KV deadline for every rank, from now: ranks are stopped one after another, and each
+    // must not start a clock of its own (N ranks would then wait N times the bound).
+    if (kv_) {
+      kvGiveUpAt_ = deadlineAfterMs(int64_t(options_.kvShutdownTimeout * 1000));
+      finalKvStep_ = true;
+    }
     size_t aborted = abortAll("engine-core is shutting down");
     if (aborted > 0) {
       vsup::log().warn("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
                        aborted);
     }
-    if (!stepRunning_ && kvPending_.empty()) return kj::READY_NOW;
+    if (!stepRunning_ && kvPending_.empty() && !finalKvStep_) return kj::READY_NOW;
     auto paf = kj::newPromiseAndFulfiller<void>();
     boundary_ = kj::mv(paf.fulfiller);
     wake();  // an idle loop with KV announcements left runs one transfer-only step
@@ -222,11 +228,11 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   }
 
   kj::Promise<void> loop() {
-    if (!failure_.empty() || (stopping_ && kvPending_.empty())) {
+    if (!failure_.empty() || (stopping_ && kvPending_.empty() && !finalKvStep_)) {
       if (boundary_) boundary_->fulfill();
       return kj::READY_NOW;
     }
-    if (scheduler_->inFlight() == 0 && kvPending_.empty()) {
+    if (scheduler_->inFlight() == 0 && kvPending_.empty() && !finalKvStep_) {
       auto paf = kj::newPromiseAndFulfiller<void>();
       workAvailable_ = kj::mv(paf.fulfiller);
       return paf.promise.then([this]() { return loop(); });
@@ -235,6 +241,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     engine::StepInput input;
     if (stopping_) {
       input.step = lastStep_ + 1;
+      input.kvGiveUpAtNs = kvGiveUpAt_;
+      finalKvStep_ = false;
     } else {
       input = scheduler_->nextStep();
     }
@@ -352,6 +360,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::map<std::string, size_t> owner_;  // request id → session index
   std::unique_ptr<kv::KvConnectorScheduler> kv_;
   std::vector<std::string> kvPending_;  // announced to the ranks with the next step
+  MonoNs kvGiveUpAt_ = 0;                // set when shutting down with a KV connector
+  bool finalKvStep_ = false;             // the step that tells every rank kvGiveUpAt_ is due
   bool stopping_ = false;
   bool stepRunning_ = false;
   uint64_t lastStep_ = 0;

@@ -28,8 +28,8 @@ namespace schema = ipc::schema;
 class WorkerService final : public schema::Worker::Server {
  public:
   WorkerService(uv_loop_t* loop, std::unique_ptr<engine::WorkerEngine> engine,
-                kv::KvConnectorWorker* kv)
-      : loop_(loop), engine_(std::move(engine)), kv_(kv) {}
+                kv::KvConnectorWorker* kv, MonoNs* kvGiveUpAt)
+      : loop_(loop), engine_(std::move(engine)), kv_(kv), kvGiveUpAt_(kvGiveUpAt) {}
 
  protected:
   kj::Promise<void> step(StepContext context) override {
@@ -37,6 +37,7 @@ class WorkerService final : public schema::Worker::Server {
     if (kv_ != nullptr) {
       for (const auto& id : input.kvTransfers) kv_->startTransfer(id, monoNow());
     }
+    if (input.kvGiveUpAtNs != 0) *kvGiveUpAt_ = input.kvGiveUpAtNs;
     engine::StepOutput output = engine_->execute(input);
     uint64_t cost = engine_->simulatedCostMs(input);
     auto finish = [context, output = std::move(output)]() mutable {
@@ -54,6 +55,7 @@ class WorkerService final : public schema::Worker::Server {
   uv_loop_t* loop_;
   std::unique_ptr<engine::WorkerEngine> engine_;
   kv::KvConnectorWorker* kv_;
+  MonoNs* kvGiveUpAt_;  // engine-core's one KV deadline for all ranks, once it announced it
 };
 
 // The KV connector's shutdown: defer while transfers are pending, reporting progress, until
@@ -79,6 +81,12 @@ kj::Promise<void> drainTransfers(uv_loop_t* loop, kv::KvConnectorWorker& kv,
   });
 }
 
+// What a rank keeps while it runs.
+struct WorkerState final : NodeState {
+  std::unique_ptr<kv::KvConnectorWorker> kv;
+  MonoNs kvGiveUpAt = 0;
+};
+
 }  // namespace
 
 int workerMain(int argc, char** argv) {
@@ -100,21 +108,25 @@ int workerMain(int argc, char** argv) {
   return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
     engine::SimOptions options;
     options.tokenMs = simTokenMs;
-    std::unique_ptr<kv::KvConnectorWorker> kv;
-    if (kvName == "sim") kv = kv::makeSimWorker(simKvTransferMs);
-    runtime.setService(
-        kj::heap<WorkerService>(loop, engine::makeSimWorker(options, rank), kv.get()));
-    if (kv) {
+    auto state = std::make_unique<WorkerState>();
+    if (kvName == "sim") state->kv = kv::makeSimWorker(simKvTransferMs);
+    runtime.setService(kj::heap<WorkerService>(loop, engine::makeSimWorker(options, rank),
+                                               state->kv.get(), &state->kvGiveUpAt));
+    if (state->kv) {
       std::string node = runtime.name();
-      kv::KvConnectorWorker* connector = kv.get();
+      kv::KvConnectorWorker* connector = state->kv.get();
+      MonoNs* announced = &state->kvGiveUpAt;
       runtime.addShutdownHook("kv", [=](supervisor::ShutdownContext& ctx) {
-        MonoNs giveUpAt =
-            std::min(ctx.deadline(), deadlineAfterMs(int64_t(kvShutdownTimeout * 1000)));
+        // engine-core's deadline when it announced one (normal shutdown); our own otherwise
+        // (engine-core gone).
+        MonoNs own = *announced != 0 ? *announced
+                                     : deadlineAfterMs(int64_t(kvShutdownTimeout * 1000));
+        MonoNs giveUpAt = std::min(ctx.deadline(), own);
         size_t total = connector->pending(monoNow());
         return drainTransfers(loop, *connector, ctx, giveUpAt, total, node);
       });
     }
-    return holding(std::move(kv));
+    return std::unique_ptr<NodeState>(std::move(state));
   });
 }
 
