@@ -33,6 +33,9 @@ struct TokenDelta {
 # one call per step.
 interface TokenSink {
   deltas @0 (deltas :List(TokenDelta)) -> ();
+  # The engine cannot serve any more (a rank died, a step failed): /health must say so now,
+  # before the tree is torn down. Sent after the failed requests' final deltas.
+  engineFailed @1 (reason :Text) -> ();
 }
 
 # Served by engine-core on each API server's connection.

@@ -99,6 +99,7 @@ class ApiServer final : private kj::TaskSet::ErrorHandler {
   kj::Promise<void> start();
   kj::Promise<void> quiesce(MonoNs drainDeadline);
   kj::Promise<void> drainHook(supervisor::ShutdownContext& ctx);
+  void engineFailed(const std::string& reason);
   void deliver(const std::vector<engine::TokenDelta>& deltas);
   int64_t inFlight() const { return int64_t(pending_.size()); }
 
@@ -153,6 +154,11 @@ class Sink final : public schema::TokenSink::Server {
     std::vector<engine::TokenDelta> list;
     for (auto d : context.getParams().getDeltas()) list.push_back(decode(d));
     server_.deliver(list);
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> engineFailed(EngineFailedContext context) override {
+    server_.engineFailed(context.getParams().getReason());
     return kj::READY_NOW;
   }
 
@@ -462,6 +468,12 @@ void ApiServer::forceFinishAll() {
       onDelta(d);
     }
   }
+}
+
+void ApiServer::engineFailed(const std::string& reason) {
+  if (state_ == "failed") return;
+  state_ = "failed";
+  vsup::log().error("[api] {}: the engine failed ({}): /health is now 503", runtime_.name(), reason);
 }
 
 void ApiServer::engineLost() {

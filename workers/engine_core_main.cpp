@@ -342,6 +342,12 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
       }
     }
     route(finals);
+    for (Session* s : sessions_) {
+      if (s == nullptr || !s->sink) continue;
+      auto request = s->sink->engineFailedRequest();
+      request.setReason(why);
+      tasks_.add(request.send().ignoreResult());
+    }
     if (boundary_) boundary_->fulfill();
     // Stop the remaining ranks, then exit with an error status.
     tasks_.add(stopWorkers(deadlineAfterMs(2000)).then([this](bool) {

@@ -378,6 +378,12 @@ def test_sigkill_of_a_tree_process_fails_requests_clearly_and_exits_non_zero(ser
         # The client is told: an error event, then [DONE] (no silently dropped stream).
         assert any(isinstance(e, dict) and "error" in e for e in stream.events), stream.events[-3:]
         assert stream.events[-1] == "[DONE]"
+        # After the failure the server never claims to be ready again: 503 ("failed" or
+        # "stopping") while it still answers, then nothing.
+        status, body = serving.health()
+        assert status != 200, body
+        if status:
+            assert status == 503 and json.loads(body)["status"] in ("failed", "stopping", "draining")
     code = serving.wait_exit(15)
     assert code != 0, serving.stderr()
 
