@@ -69,7 +69,9 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
         fail(origin, cw, "command",
              "a child of type \"supervisor\" runs vsup itself and takes no command");
       }
-      VSUP_ASSERT(child.supervisor.has_value(), childPath);
+      if (!child.supervisor.has_value()) {
+        fail(origin, cw, "supervisor", "missing: a child of type \"supervisor\" needs its spec");
+      }
       if (child.supervisor->name != child.name) {
         fail(origin, cw, "name", "supervisor spec name does not match the child name");
       }
@@ -86,6 +88,18 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
 }
 
 }  // namespace
+
+void normalize(ChildSpec& child) {
+  if (child.type != ChildType::Supervisor) return;
+  child.vsupAware = true;
+  if (!child.supervisor) child.supervisor.emplace();
+  child.supervisor->name = child.name;
+  normalize(*child.supervisor);
+}
+
+void normalize(SupervisorSpec& spec) {
+  for (ChildSpec& child : spec.children) normalize(child);
+}
 
 void validate(const SupervisorSpec& spec, const std::string& origin) {
   validateSupervisor(spec, origin, spec.name);

@@ -67,6 +67,12 @@ struct ChildSpec {
 // the field, e.g. `topology.toml: child 'db': field 'significant': ...`.
 void validate(const SupervisorSpec& spec, const std::string& origin);
 
+// What is implied and not written: a child of type supervisor is always vsup-aware, and its
+// own spec carries its name (empty spec: a supervisor with no children yet). Recursive. The
+// TOML loader and every Supervisor apply it, so specs built in code behave like loaded ones.
+void normalize(SupervisorSpec& spec);
+void normalize(ChildSpec& child);
+
 const char* nameOf(Restart);
 const char* nameOf(Strategy);
 const char* nameOf(AutoShutdown);

@@ -154,6 +154,7 @@ Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions o
       done_(nullptr),
       ops_(kj::READY_NOW),
       stopAll_(kj::READY_NOW) {
+  normalize(spec_);
   validate(spec_, "supervisor spec");
   errorHandler_ = std::make_unique<LoggingErrorHandler>(spec_.name);
   tasks_ = kj::heap<kj::TaskSet>(*errorHandler_);
@@ -213,9 +214,16 @@ kj::Promise<void> Supervisor::start() {
         [this](kj::Exception&& e) {
           std::string why = e.getDescription().cStr();
           vsup::log().error("[supervisor] {}: start failed: {}", spec_.name, why);
-          auto f = kj::mv(startFulfiller_);
+          startFailure_ = why;
           terminateSelf(Outcome::StartFailed, why);
-          f->reject(toKj("start failed: " + why));
+          // start() fails only once the children already started have been stopped, so a
+          // caller that sees the error sees nothing left running. (tasks_, not this operation:
+          // the shutdown cancels the operation chain.)
+          tasks_->add(done_.addBranch().then([this]() {
+            if (startFulfiller_ && startFulfiller_->isWaiting()) {
+              startFulfiller_->reject(toKj("start failed: " + startFailure_));
+            }
+          }));
         });
   });
   return kj::mv(paf.promise);
@@ -564,7 +572,7 @@ void Supervisor::beginShutdown(MonoNs deadline) {
   shutdownStartedAt_ = monoNow();
   // Why first: nothing may be started or restarted once shutdown began (OTP).
   ops_ = kj::READY_NOW;
-  if (wasStarting && startFulfiller_ && startFulfiller_->isWaiting()) {
+  if (wasStarting && startFailure_.empty() && startFulfiller_ && startFulfiller_->isWaiting()) {
     startFulfiller_->reject(toKj("shut down while starting"));
   }
   vsup::log().info("[shutdown] {}: stopping {} children in reverse order{}", spec_.name,
@@ -752,6 +760,56 @@ void Supervisor::killAll() {
     forcedOutcome_ = Outcome::Escalated;
     beginShutdown(monoNow());
   }
+}
+
+kj::Promise<void> Supervisor::stopChild(const std::string& name) {
+  for (auto& cp : children_) {
+    if (cp->spec.name != name) continue;
+    Child& c = *cp;
+    // If shutdown cancels the operation, the dropped fulfiller rejects the caller's promise.
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    enqueue([this, &c, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
+      c.ended = true;  // not restarted, and counts as ended for auto_shutdown
+      return stopChild(c).then([f = kj::mv(f)]() mutable { f->fulfill(); });
+    });
+    return kj::mv(paf.promise);
+  }
+  return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+}
+
+kj::Promise<void> Supervisor::addChild(ChildSpec child) {
+  if (phase_ == Phase::ShuttingDown || phase_ == Phase::Terminated) {
+    return toKj("supervisor '" + spec_.name + "' is shutting down: cannot add '" + child.name + "'");
+  }
+  normalize(child);
+  SupervisorSpec check = spec_;
+  check.children.push_back(child);
+  try {
+    validate(check, "added child");
+  } catch (const std::exception& e) {
+    return toKj(e.what());
+  }
+  spec_.children.push_back(child);
+  auto c = std::make_unique<Child>();
+  c->spec = std::move(child);
+  c->index = children_.size();
+  c->owner = this;
+  Child& ref = *c;
+  children_.push_back(std::move(c));
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  enqueue([this, &ref, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
+    return startChild(ref)
+        .then([]() -> kj::Maybe<kj::Exception> { return nullptr; },
+              [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); })
+        .then([f = kj::mv(f)](kj::Maybe<kj::Exception> error) mutable {
+          KJ_IF_MAYBE(e, error) {
+            f->reject(kj::mv(*e));
+          } else {
+            f->fulfill();
+          }
+        });
+  });
+  return kj::mv(paf.promise);
 }
 
 kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& child) {

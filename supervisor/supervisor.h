@@ -99,6 +99,13 @@ class Supervisor {
   // unresponsive one is reported as "unresponsive").
   kj::Promise<NodeStatus> status();
 
+  // OTP terminate_child: stops the child with its own policy and does not restart it.
+  // Rejects for an unknown name.
+  kj::Promise<void> stopChild(const std::string& name);
+  // OTP start_child: appends the child and starts it (after any operation in progress).
+  // Rejects for an invalid spec or a duplicate name, or when the start fails.
+  kj::Promise<void> addChild(ChildSpec child);
+
   // The application capability of a running vsup-aware child (Node.service).
   kj::Promise<capnp::Capability::Client> service(const std::string& child);
   // Node.quiesce on every running vsup-aware child at once (stop intake everywhere before the
@@ -154,6 +161,7 @@ class Supervisor {
   size_t escalations_ = 0;
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
+  std::string startFailure_;  // set when start() failed; it rejects once the tree is down
   Outcome outcome_ = Outcome::Clean;
   Child* stopping_ = nullptr;
   int64_t hurryMs_ = -1;  // hurry(): per-child cap on stop timeouts; -1: none  // the child whose stop is in progress during shutdown

@@ -196,6 +196,7 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
     parseSupervisorKeys(Place{origin, "supervisor '" + parentPath + "/" + child.name + "'"}, t,
                         sub);
     child.supervisor = std::move(sub);
+    normalize(child);
   } else {
     for (const char* k : {"strategy", "intensity", "period", "auto_shutdown", "children"}) {
       if (const toml::node* n = t.get(k)) {
