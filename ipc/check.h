@@ -14,23 +14,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "ipc/error.h"
+
 namespace vsup {
-
-// Bad input or a failed operation the caller should handle; its message is meant for a person.
-class Error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-// A syscall failed; errno() is kept so callers can branch on it (EAGAIN, ECHILD, ...).
-class SysError final : public Error {
- public:
-  SysError(const std::string& what, int err) : Error(what), errno_(err) {}
-  int errnoValue() const { return errno_; }
-
- private:
-  int errno_;
-};
 
 namespace detail {
 

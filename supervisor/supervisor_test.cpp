@@ -21,6 +21,7 @@
 #include "ipc/check.h"
 #include "ipc/log.h"
 #include "ipc/uv_kj.h"
+#include "supervisor/public/supervisor.h"
 
 namespace vsup::supervisor {
 namespace {
@@ -124,6 +125,74 @@ std::atomic<int> hostSigchldCount{0};
 void hostSigchld(int) { hostSigchldCount.fetch_add(1); }
 
 }  // namespace
+
+TEST_CASE("a vsup::Supervisor on the host's loop runs when the host runs it and leaves no handle") {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  pid_t child = 0;
+  bool shutDown = false;
+  {
+    SupervisorSpec spec;
+    spec.name = "hosted";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    vsup::Supervisor::Options options;
+    options.logLevel = "off";
+    vsup::Supervisor sup(&loop, spec, options);
+    sup.start();  // blocking: drives the host's loop while it waits
+    child = sup.status().children.at(0).pid;
+    REQUIRE(child > 0);
+    // From inside a libuv callback, only the asynchronous form may be used.
+    uv_timer_t timer;
+    uv_timer_init(&loop, &timer);
+    struct Ctx {
+      vsup::Supervisor* sup;
+      bool* done;
+    } ctx{&sup, &shutDown};
+    timer.data = &ctx;
+    uv_timer_start(
+        &timer,
+        [](uv_timer_t* t) {
+          auto* c = static_cast<Ctx*>(t->data);
+          c->sup->shutdownAsync(std::chrono::seconds(5), [c](std::exception_ptr error) {
+            *c->done = error == nullptr;
+          });
+          uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
+        },
+        10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);  // returns once the tree is gone: vsup holds no handle open
+    CHECK(shutDown);
+    CHECK(sup.terminated());
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK(uv_loop_close(&loop) == 0);
+  CHECK(pidGone(child));
+  CHECK(noChildren());
+}
+
+TEST_CASE("vsup::Supervisor adds a child and stops one without restarting it") {
+  SupervisorSpec spec;
+  spec.name = "dyn";
+  spec.intensity = 5;
+  spec.children.push_back(worker("a", {"sleep", "30"}));
+  vsup::Supervisor::Options options;
+  options.logLevel = "off";
+  vsup::Supervisor sup(spec, options);
+  sup.start();
+  sup.addChild(worker("b", {"sleep", "30"}));
+  auto status = sup.status();
+  REQUIRE(status.children.size() == 2);
+  pid_t a = status.children[0].pid;
+  CHECK(status.children[1].state == "running");
+  sup.stopChild("a");
+  status = sup.status();
+  CHECK(status.children[0].state == "stopped");
+  CHECK(status.children[0].pid == 0);
+  CHECK(pidGone(a));
+  CHECK_THROWS_AS(sup.addChild(worker("b", {"sleep", "1"})), vsup::Error);  // duplicate name
+  CHECK_THROWS_AS(sup.stopChild("nope"), vsup::Error);
+  CHECK(sup.shutdown(std::chrono::seconds(5)));
+  CHECK(noChildren());
+}
 
 }  // namespace vsup::supervisor
 
@@ -319,6 +388,74 @@ TEST_CASE("shutdown is idempotent and a second call with an earlier deadline sho
   CHECK(sup.outcome() == Outcome::Escalated);
   CHECK(sup.escalations() == 1);
   sup.shutdown(kNoDeadline).wait(t.ws());  // after termination: resolves at once
+  CHECK(noChildren());
+}
+
+TEST_CASE("a vsup::Supervisor on the host's loop runs when the host runs it and leaves no handle") {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  pid_t child = 0;
+  bool shutDown = false;
+  {
+    SupervisorSpec spec;
+    spec.name = "hosted";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    vsup::Supervisor::Options options;
+    options.logLevel = "off";
+    vsup::Supervisor sup(&loop, spec, options);
+    sup.start();  // blocking: drives the host's loop while it waits
+    child = sup.status().children.at(0).pid;
+    REQUIRE(child > 0);
+    // From inside a libuv callback, only the asynchronous form may be used.
+    uv_timer_t timer;
+    uv_timer_init(&loop, &timer);
+    struct Ctx {
+      vsup::Supervisor* sup;
+      bool* done;
+    } ctx{&sup, &shutDown};
+    timer.data = &ctx;
+    uv_timer_start(
+        &timer,
+        [](uv_timer_t* t) {
+          auto* c = static_cast<Ctx*>(t->data);
+          c->sup->shutdownAsync(std::chrono::seconds(5), [c](std::exception_ptr error) {
+            *c->done = error == nullptr;
+          });
+          uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
+        },
+        10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);  // returns once the tree is gone: vsup holds no handle open
+    CHECK(shutDown);
+    CHECK(sup.terminated());
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK(uv_loop_close(&loop) == 0);
+  CHECK(pidGone(child));
+  CHECK(noChildren());
+}
+
+TEST_CASE("vsup::Supervisor adds a child and stops one without restarting it") {
+  SupervisorSpec spec;
+  spec.name = "dyn";
+  spec.intensity = 5;
+  spec.children.push_back(worker("a", {"sleep", "30"}));
+  vsup::Supervisor::Options options;
+  options.logLevel = "off";
+  vsup::Supervisor sup(spec, options);
+  sup.start();
+  sup.addChild(worker("b", {"sleep", "30"}));
+  auto status = sup.status();
+  REQUIRE(status.children.size() == 2);
+  pid_t a = status.children[0].pid;
+  CHECK(status.children[1].state == "running");
+  sup.stopChild("a");
+  status = sup.status();
+  CHECK(status.children[0].state == "stopped");
+  CHECK(status.children[0].pid == 0);
+  CHECK(pidGone(a));
+  CHECK_THROWS_AS(sup.addChild(worker("b", {"sleep", "1"})), vsup::Error);  // duplicate name
+  CHECK_THROWS_AS(sup.stopChild("nope"), vsup::Error);
+  CHECK(sup.shutdown(std::chrono::seconds(5)));
   CHECK(noChildren());
 }
 

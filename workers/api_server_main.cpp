@@ -116,7 +116,7 @@ class ApiServer final : private kj::TaskSet::ErrorHandler {
   void sendJson(http::Response& response, int status, const std::string& body);
   void onDelta(const engine::TokenDelta& d);
   void complete(const std::string& id);
-  void abortAll(const std::string& why);
+  void abortAll();
   void forceFinishAll();
   void engineLost();
   std::string metrics() const;
@@ -219,7 +219,7 @@ kj::Promise<void> ApiServer::quiesce(MonoNs drainDeadline) {
       if (!pending_.empty()) {
         vsup::log().warn("[shutdown] {}: drain deadline: aborting {} request(s)",
                          runtime_.name(), pending_.size());
-        abortAll("drain deadline");
+        abortAll();
       }
     }).eagerlyEvaluate(nullptr);
   }
@@ -435,7 +435,7 @@ void ApiServer::complete(const std::string& id) {
   sendJson(*p->response, 200, api::renderCompletion(result));
 }
 
-void ApiServer::abortAll(const std::string& why) {
+void ApiServer::abortAll() {
   for (auto& [id, p] : pending_) {
     for (size_t i = 0; i < p->engineIds.size(); ++i) {
       if (p->finish[i] != FinishReason::None) continue;
@@ -444,7 +444,6 @@ void ApiServer::abortAll(const std::string& why) {
       tasks_.add(abort.send().ignoreResult());
     }
   }
-  (void)why;
   // The engine answers each abort with a final delta (finish = abort). Should it not (it is
   // gone), answer the clients ourselves shortly after.
   tasks_.add(ipc::uvSleep(loop_, 500).then([this]() { forceFinishAll(); }));

@@ -167,7 +167,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     }
     size_t aborted = abortAll("engine-core is shutting down");
     if (aborted > 0) {
-      vsup::log().warn("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
+      vsup::log().info("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
                        aborted);
     }
     if (!stepRunning_ && kvPending_.empty() && !finalKvStep_) return kj::READY_NOW;
