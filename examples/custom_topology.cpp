@@ -2,7 +2,8 @@
 //
 //   custom_topology [--run-for-ms N]
 //
-// It starts two `sleep` workers and a nested supervisor (with its own `sleep` worker), prints
+// It starts two `sleep` workers, a nested supervisor (with its own `sleep` worker) and a custom
+// vsup-aware program (aware_child, built beside it), prints
 // the tree, and runs until SIGTERM or SIGINT (or N ms, if given), then shuts the tree down with
 // a 5 s deadline. The signal handling is the host's own: vsup installs no signal handler, so the
 // host catches SIGTERM itself (the handler only writes to a pipe) and calls shutdown().
@@ -97,6 +98,16 @@ int main(int argc, char** argv) {
   batch.supervisor->strategy = sv::Strategy::OneForAll;
   batch.supervisor->children.push_back(sleeper("job"));
   spec.children.push_back(std::move(batch));
+
+  // A custom vsup-aware program (examples/aware_child.cpp, built beside this one): ready when
+  // it says so, stopped over RPC, deferring its shutdown while it flushes.
+  sv::ChildSpec flusher;
+  flusher.name = "flusher";
+  flusher.vsupAware = true;
+  flusher.ready = sv::Readiness::Notify;
+  std::string self = argv[0];
+  flusher.command = {self.substr(0, self.rfind('/') + 1) + "aware_child"};
+  spec.children.push_back(std::move(flusher));
 
   try {
     vsup::Supervisor sup(spec);

@@ -20,6 +20,14 @@ export VSUP_EXE="$(find "$scratch/root" -path '*/bin/vsup' | head -n 1)"
 meson setup "$scratch/examples-build" "$src/examples" >/dev/null
 meson compile -C "$scratch/examples-build" >/dev/null
 echo "examples built against the installed library ($pcdir/vsup.pc)"
-timeout 60 "$scratch/examples-build/offline_generate"
-timeout 60 "$scratch/examples-build/custom_topology" --run-for-ms 300
+out="$(timeout 60 "$scratch/examples-build/offline_generate" 2>&1)"
+echo "$out"
+grep -q '^\[1\] .*(length, 12 tokens)$' <<<"$out" || { echo "offline_generate: no second completion"; exit 1; }
+out="$(timeout 60 "$scratch/examples-build/custom_topology" --run-for-ms 300 2>&1)"
+echo "$out"
+# The custom vsup-aware child was started, stopped over RPC after flushing, and the tree
+# shut down without killing anything.
+grep -q 'flusher \[worker\] running' <<<"$out" || { echo "custom_topology: flusher not running"; exit 1; }
+grep -q '^flusher: flushed, exiting with 0$' <<<"$out" || { echo "aware_child did not finish its shutdown"; exit 1; }
+grep -q '^shut down cleanly$' <<<"$out" || { echo "custom_topology: not a clean shutdown"; exit 1; }
 echo "examples ran"
