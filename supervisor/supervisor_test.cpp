@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -124,6 +125,14 @@ bool pidGone(pid_t pid) { return ::kill(pid, 0) < 0 && errno == ESRCH; }
 std::atomic<int> hostSigchldCount{0};
 void hostSigchld(int) { hostSigchldCount.fetch_add(1); }
 
+std::atomic<int> stolen{0};
+// A host that reaps every child it can see, as many daemons' SIGCHLD handlers do.
+void greedyReaper(int) {
+  int saved = errno;
+  while (::waitpid(-1, nullptr, WNOHANG) > 0) stolen.fetch_add(1);
+  errno = saved;
+}
+
 }  // namespace
 
 TEST_CASE("a vsup::Supervisor on the host's loop runs when the host runs it and leaves no handle") {
@@ -167,6 +176,33 @@ TEST_CASE("a vsup::Supervisor on the host's loop runs when the host runs it and 
   CHECK(uv_loop_close(&loop) == 0);
   CHECK(pidGone(child));
   CHECK(noChildren());
+}
+
+TEST_CASE("a host that reaps with waitpid(-1) still gets a working supervisor and a lost exit is reported") {
+  struct sigaction greedy, old;
+  std::memset(&greedy, 0, sizeof greedy);
+  greedy.sa_handler = greedyReaper;
+  greedy.sa_flags = SA_RESTART;
+  REQUIRE(::sigaction(SIGCHLD, &greedy, &old) == 0);
+  {
+    SupervisorSpec spec;
+    spec.name = "greedy";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    spec.children.push_back(worker("b", {"sleep", "30"}));
+    vsup::Supervisor::Options options;
+    options.logLevel = "off";
+    vsup::Supervisor sup(spec, options);
+    sup.start();
+    auto began = std::chrono::steady_clock::now();
+    // The host steals the exits; vsup sees each pidfd turn readable and a lost status, and
+    // carries on: the shutdown completes, it does not hang.
+    sup.shutdown(std::chrono::seconds(5));
+    CHECK(std::chrono::steady_clock::now() - began < std::chrono::seconds(4));
+    CHECK(sup.terminated());
+  }
+  CHECK(stolen.load() >= 1);
+  CHECK(noChildren());
+  ::sigaction(SIGCHLD, &old, nullptr);
 }
 
 TEST_CASE("vsup::Supervisor adds a child and stops one without restarting it") {
@@ -432,6 +468,33 @@ TEST_CASE("a vsup::Supervisor on the host's loop runs when the host runs it and 
   CHECK(uv_loop_close(&loop) == 0);
   CHECK(pidGone(child));
   CHECK(noChildren());
+}
+
+TEST_CASE("a host that reaps with waitpid(-1) still gets a working supervisor and a lost exit is reported") {
+  struct sigaction greedy, old;
+  std::memset(&greedy, 0, sizeof greedy);
+  greedy.sa_handler = greedyReaper;
+  greedy.sa_flags = SA_RESTART;
+  REQUIRE(::sigaction(SIGCHLD, &greedy, &old) == 0);
+  {
+    SupervisorSpec spec;
+    spec.name = "greedy";
+    spec.children.push_back(worker("a", {"sleep", "30"}));
+    spec.children.push_back(worker("b", {"sleep", "30"}));
+    vsup::Supervisor::Options options;
+    options.logLevel = "off";
+    vsup::Supervisor sup(spec, options);
+    sup.start();
+    auto began = std::chrono::steady_clock::now();
+    // The host steals the exits; vsup sees each pidfd turn readable and a lost status, and
+    // carries on: the shutdown completes, it does not hang.
+    sup.shutdown(std::chrono::seconds(5));
+    CHECK(std::chrono::steady_clock::now() - began < std::chrono::seconds(4));
+    CHECK(sup.terminated());
+  }
+  CHECK(stolen.load() >= 1);
+  CHECK(noChildren());
+  ::sigaction(SIGCHLD, &old, nullptr);
 }
 
 TEST_CASE("vsup::Supervisor adds a child and stops one without restarting it") {
