@@ -378,6 +378,24 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
         return kj::READY_NOW;
       },
       [this, &c](kj::Exception&& e) -> kj::Promise<void> {
+        if (e.getType() == kj::Exception::Type::DISCONNECTED && c.proc) {
+          // The control connection broke because the child is dying: its exit status says
+          // more than the broken connection, so wait for it (briefly) before reporting.
+          return exited(c)
+              .exclusiveJoin(ipc::uvSleep(loop_, 1000))
+              .then([this, &c]() -> kj::Promise<void> {
+                std::string why =
+                    c.lastExit && !c.proc
+                        ? "child '" + c.spec.name + "' exited before it was ready (" +
+                              c.lastExit->describe() + ")"
+                        : "child '" + c.spec.name +
+                              "' closed its control connection before it was ready";
+                if (c.proc) {
+                  return stopChild(c).then([why]() -> kj::Promise<void> { return toKj(why); });
+                }
+                return toKj(why);
+              });
+        }
         // The child failed to become ready: it must not outlive the failure.
         std::string why = e.getDescription().cStr();
         if (e.getType() == kj::Exception::Type::DISCONNECTED && c.lastExit) {

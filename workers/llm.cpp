@@ -164,7 +164,7 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
           }));
           auto attach = engine_->attachRequest();
           attach.setSink(kj::heap<Sink>(*this));
-          return attach.send().ignoreResult();
+          return attach.send().ignoreResult().then([this]() { started_ = true; });
         },
         [this](kj::Exception&& e) -> kj::Promise<void> {
           return failure(std::string("vsup::LLM: the engine did not start: ") +
@@ -226,7 +226,8 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
   void fail(const std::string& why) {
     if (!failure_.empty()) return;
     failure_ = "vsup::LLM: " + why;
-    vsup::log().error("[llm] {}", why);
+    // Before the start completed, the constructor's exception says it; no second report.
+    if (started_) vsup::log().error("[llm] {}", why);
     failPending(failure_);
   }
 
@@ -265,6 +266,7 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
   std::map<std::string, Pending> pending_;
   uint64_t nextId_ = 0;
   bool stopping_ = false;
+  bool started_ = false;
   std::string failure_;
   kj::Promise<void> watchdog_ = kj::READY_NOW;
   kj::Own<kj::TaskSet> tasks_;

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <algorithm>
 #include <memory>
 
@@ -104,6 +105,12 @@ int workerMain(int argc, char** argv) {
   app.add_option("--engine", engineName)->check(CLI::IsMember({"sim"}));
   app.add_option("--sim-token-ms", simTokenMs);
   CLI11_PARSE(app, argc, argv);
+  // Test-only fault injection (README, "Fault injection"): this rank dies during start-up.
+  if (const char* fail = std::getenv("VSUP_TEST_FAIL_WORKER_START");
+      fail != nullptr && std::to_string(rank) == fail) {
+    std::fprintf(stderr, "vsup __worker: rank %u: injected start-up failure\n", rank);
+    return 3;
+  }
 
   return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
     engine::SimOptions options;

@@ -783,6 +783,20 @@ TEST_CASE("failed starts throw a vsup::Error that says why and leave nothing beh
     checkNoTrace(before);
   }
 
+  SUBCASE("an LLM whose worker dies during start-up") {
+    // Test-only injection (README, "Fault injection"): rank 1 exits with code 3 at start-up.
+    ::setenv("VSUP_TEST_FAIL_WORKER_START", "1", 1);
+    try {
+      vsup::LLM llm(llmConfig(2));
+      FAIL("vsup::LLM started although a worker died during start-up");
+    } catch (const vsup::Error& e) {
+      CHECK_MESSAGE(contains(e.what(), "worker-tp1"), "the error does not name the worker: " << e.what());
+      CHECK_MESSAGE(contains(e.what(), "code 3"), "the error does not say how it died: " << e.what());
+    }
+    ::unsetenv("VSUP_TEST_FAIL_WORKER_START");
+    checkNoTrace(before);
+  }
+
   SUBCASE("a supervisor child that never says it is ready within its start timeout") {
     sv::SupervisorSpec spec;
     spec.name = "host";
