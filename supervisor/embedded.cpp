@@ -14,37 +14,17 @@
 #include "ipc/check.h"
 #include "ipc/log.h"
 #include "ipc/uv_kj.h"
+#include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"
 #include "supervisor/supervisor.h"
 
-#ifndef VSUP_INSTALLED_EXE
-#define VSUP_INSTALLED_EXE "/usr/local/bin/vsup"
-#endif
 
 namespace vsup {
 
 namespace {
 
-// The kernel reaps children itself when SIGCHLD is ignored (SIG_IGN or SA_NOCLDWAIT): their
-// exit statuses would be lost. Refuse clearly instead of losing them silently.
-void requireSigchldNotIgnored(const char* what) {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof sa);
-  ::sigaction(SIGCHLD, nullptr, &sa);
-  bool ignored = sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT) != 0;
-  VSUP_REQUIRE(!ignored, std::string(what) +
-                             ": SIGCHLD is ignored in this process (SIG_IGN or SA_NOCLDWAIT), so "
-                             "the kernel would reap vsup's children and lose their exit status; "
-                             "set SIGCHLD back to SIG_DFL or to a handler first");
-}
-
 }  // namespace
 
-std::string resolveVsupExecutable(const std::string& configured) {
-  if (!configured.empty()) return configured;
-  if (const char* env = std::getenv("VSUP_EXE"); env != nullptr && *env != '\0') return env;
-  return VSUP_INSTALLED_EXE;
-}
 
 // KJ allows one event loop per thread: every Supervisor on the same host loop shares one
 // KjOnUv, which goes away with the last of them.
@@ -69,7 +49,7 @@ class Supervisor::Impl final : public kj::TaskSet::ErrorHandler {
  public:
   // Private-thread mode.
   Impl(supervisor::SupervisorSpec spec, Options options) {
-    requireSigchldNotIgnored("vsup::Supervisor");
+    supervisor::requireSigchldNotIgnored("vsup::Supervisor");
     supervisor::normalize(spec);
     supervisor::validate(spec, "vsup::Supervisor spec");
     loop_ = std::make_unique<supervisor::LoopThread>();
@@ -80,7 +60,7 @@ class Supervisor::Impl final : public kj::TaskSet::ErrorHandler {
   Impl(uv_loop_t* host, supervisor::SupervisorSpec spec, Options options)
       : hostThread_(std::this_thread::get_id()) {
     VSUP_REQUIRE(host != nullptr, "vsup::Supervisor: the host loop is null");
-    requireSigchldNotIgnored("vsup::Supervisor");
+    supervisor::requireSigchldNotIgnored("vsup::Supervisor");
     supervisor::normalize(spec);
     supervisor::validate(spec, "vsup::Supervisor spec");
     kj_ = kjFor(host);
@@ -147,7 +127,7 @@ class Supervisor::Impl final : public kj::TaskSet::ErrorHandler {
   void create(uv_loop_t* loop, supervisor::SupervisorSpec spec, const Options& options) {
     setLogLevel(options.logLevel);
     supervisor::SupervisorOptions o;
-    std::string exe = resolveVsupExecutable(options.vsupExecutable);
+    std::string exe = supervisor::resolveVsupExecutable(options.vsupExecutable);
     // The vsup executable only when it exists: a tree of plain commands needs none.
     if (::access(exe.c_str(), X_OK) == 0) o.selfExe = exe;
     sup_ = std::make_unique<supervisor::Supervisor>(loop, std::move(spec), o);

@@ -18,13 +18,12 @@
 #include "ipc/engine.capnp.h"
 #include "ipc/log.h"
 #include "ipc/rpc_link.h"
+#include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"
 #include "supervisor/supervisor.h"
 #include "workers/engine_codec.h"
 
 namespace vsup {
-
-std::string resolveVsupExecutable(const std::string& configured);  // supervisor/embedded.cpp
 
 namespace {
 
@@ -39,13 +38,7 @@ kj::Exception failure(const std::string& message) {
 class LLM::Impl : public kj::TaskSet::ErrorHandler {
  public:
   explicit Impl(LLMConfig config) : config_(std::move(config)) {
-    struct sigaction sa;
-    std::memset(&sa, 0, sizeof sa);
-    ::sigaction(SIGCHLD, nullptr, &sa);
-    VSUP_REQUIRE(sa.sa_handler != SIG_IGN && (sa.sa_flags & SA_NOCLDWAIT) == 0,
-                 "vsup::LLM: SIGCHLD is ignored in this process (SIG_IGN or SA_NOCLDWAIT), so the "
-                 "kernel would reap vsup's children and lose their exit status; set SIGCHLD back "
-                 "to SIG_DFL or to a handler first");
+    supervisor::requireSigchldNotIgnored("vsup::LLM");
     VSUP_REQUIRE(config_.engine == "sim", "vsup::LLM: unknown engine '" + config_.engine +
                                               "' (accepted: sim; cpu and cuda are not built yet)");
     VSUP_REQUIRE(config_.tensorParallelSize >= 1 && config_.tensorParallelSize <= 64,
@@ -53,7 +46,7 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
                      std::to_string(config_.tensorParallelSize));
     VSUP_REQUIRE(config_.startTimeout.count() > 0, "vsup::LLM: startTimeout must be positive");
     setLogLevel(config_.logLevel);
-    exe_ = resolveVsupExecutable(config_.vsupExecutable);
+    exe_ = supervisor::resolveVsupExecutable(config_.vsupExecutable);
     VSUP_REQUIRE(::access(exe_.c_str(), X_OK) == 0,
                  "vsup::LLM: the vsup executable '" + exe_ +
                      "' is missing or not executable (set LLMConfig::vsupExecutable or $VSUP_EXE)");
