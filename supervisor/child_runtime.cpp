@@ -20,13 +20,6 @@ namespace {
 
 constexpr int64_t kParentLostDeadlineMs = 500;
 
-class LogErrors final : public kj::TaskSet::ErrorHandler {
- public:
-  void taskFailed(kj::Exception&& e) override {
-    if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-    vsup::log().warn("[node] task failed: {}", e.getDescription().cStr());
-  }
-};
 
 int controlFd() {
   const char* v = std::getenv("VSUP_CONTROL_FD");
@@ -39,6 +32,11 @@ int controlFd() {
 }
 
 }  // namespace
+
+void ChildRuntime::taskFailed(kj::Exception&& e) {
+  if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
+  vsup::log().warn("[node] task failed: {}", e.getDescription().cStr());
+}
 
 void ShutdownContext::defer(const std::string& reason, const std::string& progress) {
   // One line per change: a hook that reports every 100 ms must not flood the log.
@@ -70,8 +68,7 @@ ChildRuntime::ChildRuntime(uv_loop_t* loop)
   }
   // The variables describe this process's edge, not its children's.
   ::unsetenv("VSUP_CONTROL_FD");
-  errorHandler_ = std::make_unique<LogErrors>();
-  tasks_ = kj::heap<kj::TaskSet>(*errorHandler_);
+  tasks_ = kj::heap<kj::TaskSet>(*this);
   link_ = ipc::RpcLink::serve(loop_, OwnFd(fd), makeNodeServer(*this));
   lifeline_ = link_->onDisconnect().then([this]() { onParentLost(); }).eagerlyEvaluate(nullptr);
 }

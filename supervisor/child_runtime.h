@@ -48,7 +48,7 @@ class ShutdownContext {
   std::string lastProgress_;
 };
 
-class ChildRuntime final : private NodeHandler {
+class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler {
  public:
   using StartFn = std::function<kj::Promise<void>(const SupervisorSpec&)>;
   using StatusFn = std::function<kj::Promise<NodeStatus>()>;
@@ -92,6 +92,7 @@ class ChildRuntime final : private NodeHandler {
   kj::Promise<capnp::Capability::Client> service() override;
   kj::Promise<void> quiesce(MonoNs drainDeadline) override;
   kj::Promise<void> runHooks(size_t index);
+  void taskFailed(kj::Exception&& e) override;
   void onParentLost();
 
   uv_loop_t* loop_;
@@ -115,7 +116,7 @@ class ChildRuntime final : private NodeHandler {
   kj::Maybe<kj::ForkedPromise<bool>> shutdownDone_;
   kj::Promise<void> lifeline_;
   kj::Own<kj::TaskSet> tasks_;
-  std::unique_ptr<kj::TaskSet::ErrorHandler> errorHandler_;
+
 };
 
 }  // namespace vsup::supervisor

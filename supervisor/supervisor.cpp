@@ -80,20 +80,14 @@ kj::Exception toKj(const std::string& message) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
 }
 
-class LoggingErrorHandler final : public kj::TaskSet::ErrorHandler {
- public:
-  explicit LoggingErrorHandler(std::string name) : name_(std::move(name)) {}
-  void taskFailed(kj::Exception&& exception) override {
-    if (exception.getType() == kj::Exception::Type::DISCONNECTED) return;  // peer exited
-    vsup::log().warn("[supervisor] {}: background task failed: {}", name_,
-                     exception.getDescription().cStr());
-  }
-
- private:
-  std::string name_;
-};
 
 }  // namespace
+
+void Supervisor::taskFailed(kj::Exception&& exception) {
+  if (exception.getType() == kj::Exception::Type::DISCONNECTED) return;  // peer exited
+  vsup::log().warn("[supervisor] {}: background task failed: {}", spec_.name,
+                   exception.getDescription().cStr());
+}
 
 // Everything the supervisor knows about one child, across its incarnations.
 struct Supervisor::Child {
@@ -156,8 +150,7 @@ Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions o
       stopAll_(kj::READY_NOW) {
   normalize(spec_);
   validate(spec_, "supervisor spec");
-  errorHandler_ = std::make_unique<LoggingErrorHandler>(spec_.name);
-  tasks_ = kj::heap<kj::TaskSet>(*errorHandler_);
+  tasks_ = kj::heap<kj::TaskSet>(*this);
   auto paf = kj::newPromiseAndFulfiller<void>();
   doneFulfiller_ = kj::mv(paf.fulfiller);
   done_ = paf.promise.fork();
@@ -173,7 +166,7 @@ Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions o
   }
 }
 
-Supervisor::~Supervisor() {
+Supervisor::~Supervisor() noexcept(false) {
   // Backstop only: a caller that shut down properly finds nothing running here.
   tasks_ = nullptr;
   ops_ = kj::READY_NOW;

@@ -61,10 +61,12 @@ struct SupervisorOptions {
   bool collectOutput = false;
 };
 
-class Supervisor {
+// (It is its own TaskSet error handler: kj::TaskSet::ErrorHandler has no virtual destructor, so
+// a handler must never be owned through a base-class pointer.)
+class Supervisor final : public kj::TaskSet::ErrorHandler {
  public:
   Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions options = {});
-  ~Supervisor();
+  ~Supervisor() noexcept(false);
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
 
@@ -120,6 +122,7 @@ class Supervisor {
  private:
   enum class Phase { Idle, Starting, Running, ShuttingDown, Terminated };
 
+  void taskFailed(kj::Exception&& exception) override;
   kj::Promise<void> startAll(size_t index);
   kj::Promise<void> startChild(Child& c);
   kj::Promise<void> stopChild(Child& c);
@@ -172,7 +175,7 @@ class Supervisor {
   kj::Promise<void> ops_;         // serialized start/restart operations; dropped on shutdown
   kj::Promise<void> stopAll_;     // the shutdown traversal
   kj::Own<kj::TaskSet> tasks_;    // detached work (stop RPCs); errors are logged
-  std::unique_ptr<kj::TaskSet::ErrorHandler> errorHandler_;
+
 };
 
 }  // namespace vsup::supervisor

@@ -89,15 +89,11 @@ std::string statusField(const std::string& key) {
   return "";
 }
 
-// gcc's and as's temporaries ("ccAbC123.s", "ccAbC123.o"): other processes on a shared machine
-// (a build running beside the tests) create and delete them in /tmp at any moment. vsup never
-// creates files there, so ignoring exactly this shape keeps the check about vsup.
-bool compilerTemporary(const std::string& name) {
-  if (name.size() < 10 || name.compare(0, 2, "cc") != 0 || name[8] != '.') return false;
-  for (size_t i = 2; i < 8; ++i) {
-    if (!std::isalnum(static_cast<unsigned char>(name[i]))) return false;
-  }
-  return true;
+// /tmp is shared with every other process on the machine (a build or a log beside the tests
+// writes there at any moment). What vsup could leave there is a socket, or an entry named
+// after it (its control-socket directory is /tmp/vsup-<uid>): those are what counts.
+bool couldBeVsups(const std::string& name, unsigned char type) {
+  return type == DT_SOCK || name.find("vsup") != std::string::npos;
 }
 
 std::set<std::string> dirEntries(const std::string& path) {
@@ -106,7 +102,9 @@ std::set<std::string> dirEntries(const std::string& path) {
   if (d == nullptr) return out;
   while (dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    if (name != "." && name != ".." && !compilerTemporary(name)) out.insert(name);
+    if (name == "." || name == "..") continue;
+    if (path == "/tmp" && !couldBeVsups(name, e->d_type)) continue;
+    out.insert(name);
   }
   ::closedir(d);
   return out;
