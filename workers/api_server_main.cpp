@@ -184,7 +184,7 @@ kj::Promise<void> ApiServer::start() {
     server_->setDrainResponse("application/json",
                               api::renderError(api::unavailable("server is shutting down")));
     server_->onIdle([this]() {
-      if (idle_) idle_->fulfill();
+      if (idle_ && idle_->isWaiting()) idle_->fulfill();
     });
     server_->listen();
     state_ = "ready";

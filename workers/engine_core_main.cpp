@@ -229,7 +229,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
 
   kj::Promise<void> loop() {
     if (!failure_.empty() || (stopping_ && kvPending_.empty() && !finalKvStep_)) {
-      if (boundary_) boundary_->fulfill();
+      if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
       return kj::READY_NOW;
     }
     if (scheduler_->inFlight() == 0 && kvPending_.empty() && !finalKvStep_) {
@@ -348,7 +348,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
       request.setReason(why);
       tasks_.add(request.send().ignoreResult());
     }
-    if (boundary_) boundary_->fulfill();
+    if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
     // Stop the remaining ranks, then exit with an error status.
     tasks_.add(stopWorkers(deadlineAfterMs(2000)).then([this](bool) {
       runtime_.exit(supervisor::kExitError);
