@@ -16,40 +16,21 @@
 #include <string>
 
 #include "ipc/clock.h"
+#include "ipc/test_util.h"
 #include "ipc/node.capnp.h"
 #include "ipc/uv_kj.h"
 
 namespace {
+
+using vsup::testing::elapsedMs;
+using vsup::testing::openFdCount;
+using vsup::testing::TestLoop;
 
 using vsup::OwnFd;
 using vsup::ipc::KjOnUv;
 using vsup::ipc::RpcLink;
 using vsup::ipc::uvSleep;
 namespace schema = vsup::ipc::schema;
-
-int openFdCount() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  REQUIRE(dir != nullptr);
-  int n = 0;
-  while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(dir);
-  return n - 1;  // the directory's own fd
-}
-
-double elapsedMs(vsup::MonoNs since) { return double(vsup::monoNow() - since) / 1e6; }
-
-struct TestLoop {
-  uv_loop_t raw{};
-  TestLoop() { REQUIRE(uv_loop_init(&raw) == 0); }
-  ~TestLoop() {
-    for (int i = 0; i < 10 && uv_run(&raw, UV_RUN_NOWAIT) != 0; ++i) {
-    }
-    CHECK_MESSAGE(uv_loop_close(&raw) == 0, "a uv handle was left open on the loop");
-  }
-  uv_loop_t* get() { return &raw; }
-};
 
 struct Outcome {
   enum Kind { Resolved, Failed, TimedOut };

@@ -20,8 +20,13 @@
 #include <vector>
 
 #include "ipc/clock.h"
+#include "ipc/test_util.h"
 
 namespace {
+
+using vsup::testing::elapsedMs;
+using vsup::testing::openFdCount;
+using vsup::testing::TestLoop;
 
 using vsup::OwnFd;
 using vsup::UvHandle;
@@ -30,17 +35,6 @@ using vsup::ipc::UvEventPort;
 using vsup::ipc::UvSocketStream;
 using vsup::ipc::uvSleep;
 
-int openFdCount() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  REQUIRE(dir != nullptr);
-  int n = 0;
-  while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(dir);
-  return n - 1;  // the directory's own fd
-}
-
 // CPU time (user + system) of the calling thread, in milliseconds.
 double threadCpuMs() {
   rusage ru{};
@@ -48,21 +42,6 @@ double threadCpuMs() {
   return (double(ru.ru_utime.tv_sec) + double(ru.ru_stime.tv_sec)) * 1e3 +
          (double(ru.ru_utime.tv_usec) + double(ru.ru_stime.tv_usec)) / 1e3;
 }
-
-double elapsedMs(vsup::MonoNs since) { return double(vsup::monoNow() - since) / 1e6; }
-
-// A uv loop owned by one test. Declare it before the KjOnUv and streams that use it, so they are
-// destroyed first; the destructor then delivers the close callbacks and closes the loop.
-struct TestLoop {
-  uv_loop_t raw{};
-  TestLoop() { REQUIRE(uv_loop_init(&raw) == 0); }
-  ~TestLoop() {
-    for (int i = 0; i < 10 && uv_run(&raw, UV_RUN_NOWAIT) != 0; ++i) {
-    }
-    CHECK_MESSAGE(uv_loop_close(&raw) == 0, "a uv handle was left open on the loop");
-  }
-  uv_loop_t* get() { return &raw; }
-};
 
 // A one-shot uv timer that calls `fn` on the loop thread.
 struct Timer {

@@ -17,34 +17,17 @@
 #include <vector>
 
 #include "ipc/fd.h"
+#include "ipc/test_util.h"
 #include "ipc/uv_handle.h"
 
 namespace {
 
+using vsup::testing::elapsedMs;
+using vsup::testing::openFdCount;
+using vsup::testing::TestLoop;
+
 using vsup::supervisor::NotifyMessage;
 using vsup::supervisor::NotifySocket;
-
-int openFdCount() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  REQUIRE(dir != nullptr);
-  int n = 0;
-  while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(dir);
-  return n - 1;
-}
-
-struct TestLoop {
-  uv_loop_t raw{};
-  TestLoop() { REQUIRE(uv_loop_init(&raw) == 0); }
-  ~TestLoop() {
-    for (int i = 0; i < 10 && uv_run(&raw, UV_RUN_NOWAIT) != 0; ++i) {
-    }
-    CHECK_MESSAGE(uv_loop_close(&raw) == 0, "a uv handle was left open on the loop");
-  }
-  uv_loop_t* get() { return &raw; }
-};
 
 // Sends `text` as one datagram to a $NOTIFY_SOCKET-style address ("@name" is abstract).
 bool sendNotify(const std::string& address, const std::string& text) {

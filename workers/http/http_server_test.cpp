@@ -33,10 +33,15 @@
 
 #include "ipc/check.h"
 #include "ipc/clock.h"
+#include "ipc/test_util.h"
 #include "ipc/fd.h"
 #include "ipc/uv_handle.h"
 
 namespace {
+
+using vsup::testing::elapsedMs;
+using vsup::testing::openFdCount;
+using vsup::testing::TestLoop;
 
 using vsup::OwnFd;
 using vsup::UvHandle;
@@ -47,31 +52,6 @@ using vsup::http::Server;
 using vsup::http::ServerOptions;
 
 constexpr auto kWait = std::chrono::seconds(5);
-
-int openFdCount() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  REQUIRE(dir != nullptr);
-  int n = 0;
-  while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(dir);
-  return n - 1;  // the directory's own fd
-}
-
-double elapsedMs(vsup::MonoNs since) { return double(vsup::monoNow() - since) / 1e6; }
-
-// A uv loop owned by one test; destroyed last, after delivering the close callbacks.
-struct TestLoop {
-  uv_loop_t raw{};
-  TestLoop() { REQUIRE(uv_loop_init(&raw) == 0); }
-  ~TestLoop() {
-    for (int i = 0; i < 10 && uv_run(&raw, UV_RUN_NOWAIT) != 0; ++i) {
-    }
-    CHECK_MESSAGE(uv_loop_close(&raw) == 0, "a uv handle was left open on the loop");
-  }
-  uv_loop_t* get() { return &raw; }
-};
 
 // Lets the client thread run code on the loop thread, and runs the loop until the client is done.
 class LoopBridge {
