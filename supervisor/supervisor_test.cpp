@@ -120,6 +120,16 @@ std::string probe() {
   return p;
 }
 
+// start() is expected to fail: its error message ("" if it started after all).
+std::string startError(Supervisor& sup, TestLoop& t) {
+  try {
+    sup.start().wait(t.ws());
+  } catch (const kj::Exception& e) {
+    return e.getDescription().cStr();
+  }
+  return "";
+}
+
 bool pidGone(pid_t pid) { return ::kill(pid, 0) < 0 && errno == ESRCH; }
 
 std::atomic<int> hostSigchldCount{0};
@@ -273,12 +283,7 @@ TEST_CASE("a start failure stops the children already started, in reverse order,
   spec.children.push_back(never);
   spec.children.push_back(worker("third", {"sleep", "30"}));
   Supervisor sup(t.loop(), spec);
-  std::string error;
-  try {
-    sup.start().wait(t.ws());
-  } catch (const kj::Exception& e) {
-    error = e.getDescription().cStr();
-  }
+  std::string error = startError(sup, t);
   CHECK(error.find("never-ready") != std::string::npos);
   CHECK(error.find("start_timeout") != std::string::npos);
   CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
@@ -295,12 +300,7 @@ TEST_CASE("a command that cannot be found is a start failure with a clear messag
   spec.children.push_back(worker("ok", {"sleep", "30"}));
   spec.children.push_back(worker("missing", {"vsup-no-such-program-xyz"}));
   Supervisor sup(t.loop(), spec);
-  std::string error;
-  try {
-    sup.start().wait(t.ws());
-  } catch (const kj::Exception& e) {
-    error = e.getDescription().cStr();
-  }
+  std::string error = startError(sup, t);
   CHECK(error.find("missing") != std::string::npos);
   CHECK(error.find("not found in PATH") != std::string::npos);
   CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
