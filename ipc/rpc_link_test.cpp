@@ -132,6 +132,21 @@ LinkPair makePair(uv_loop_t* loop) {
   ::_exit(rc);
 }
 
+// A child process serving Node on one end of a socketpair; returns its pid and the other end.
+// It forks before this process has a KJ loop: the child makes its own on a clean thread state.
+std::pair<pid_t, int> forkNodeServer() {
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::close(sv[0]);
+    serveInChild(sv[1]);
+  }
+  ::close(sv[1]);
+  return {child, sv[0]};
+}
+
 }  // namespace
 
 TEST_CASE("status over an RpcLink returns the server's nested tree") {
@@ -268,22 +283,13 @@ TEST_CASE("creating and destroying 200 RpcLink pairs keeps the fd count flat") {
 
 TEST_CASE("a Node served by a forked child answers, and its death fails a pending call") {
   int before = openFdCount();
-  int sv[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-  // Fork before this process has a KJ loop: the child makes its own on a clean thread state.
-  pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    ::close(sv[0]);
-    serveInChild(sv[1]);
-  }
-  ::close(sv[1]);
+  auto [child, parentEnd] = forkNodeServer();
   bool childReaped = false;
   {
     TestLoop loop;
     KjOnUv kj(loop.get());
     auto& ws = kj.waitScope();
-    auto link = RpcLink::connect(loop.get(), OwnFd(sv[0]));
+    auto link = RpcLink::connect(loop.get(), OwnFd(parentEnd));
     {
       auto node = link->bootstrap<schema::Node>();
       auto status = node.statusRequest().send().wait(ws);
@@ -312,19 +318,11 @@ TEST_CASE("a Node served by a forked child answers, and its death fails a pendin
 }
 
 TEST_CASE("a forked child serving Node exits cleanly when the parent closes its link") {
-  int sv[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-  pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    ::close(sv[0]);
-    serveInChild(sv[1]);
-  }
-  ::close(sv[1]);
+  auto [child, parentEnd] = forkNodeServer();
   {
     TestLoop loop;
     KjOnUv kj(loop.get());
-    auto link = RpcLink::connect(loop.get(), OwnFd(sv[0]));
+    auto link = RpcLink::connect(loop.get(), OwnFd(parentEnd));
     for (int i = 0; i < 10; ++i) {
       link->bootstrap<schema::Node>().pingRequest().send().wait(kj.waitScope());
     }
