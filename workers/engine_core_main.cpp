@@ -165,7 +165,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
       kvGiveUpAt_ = deadlineAfterMs(int64_t(options_.kvShutdownTimeout * 1000));
       finalKvStep_ = true;
     }
-    size_t aborted = abortAll("engine-core is shutting down");
+    size_t aborted = endAll(engine::FinishReason::Abort, "engine-core is shutting down");
     if (aborted > 0) {
       vsup::log().info("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
                        aborted);
@@ -309,14 +309,17 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     }
   }
 
-  size_t abortAll(const std::string& why) {
+  // Ends every request now with a final delta (`finish`, `error`) to its API server; returns how
+  // many there were.
+  size_t endAll(engine::FinishReason finish, const std::string& error) {
     std::vector<engine::TokenDelta> finals;
     std::vector<std::string> ids;
     for (auto& [id, owner] : owner_) ids.push_back(id);
     for (const auto& id : ids) {
       engine::TokenDelta final;
       if (scheduler_->abort(id, &final)) {
-        final.error = why;
+        final.finish = finish;
+        final.error = error;
         finals.push_back(std::move(final));
       }
     }
@@ -330,18 +333,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     if (!failure_.empty()) return;
     failure_ = why;
     vsup::log().error("[engine] {}: engine failed: {}", runtime_.name(), why);
-    std::vector<engine::TokenDelta> finals;
-    std::vector<std::string> ids;
-    for (auto& [id, owner] : owner_) ids.push_back(id);
-    for (const auto& id : ids) {
-      engine::TokenDelta final;
-      if (scheduler_->abort(id, &final)) {
-        final.finish = engine::FinishReason::Error;
-        final.error = "engine failure: " + why;
-        finals.push_back(std::move(final));
-      }
-    }
-    route(finals);
+    endAll(engine::FinishReason::Error, "engine failure: " + why);
     for (Session* s : sessions_) {
       if (s == nullptr || !s->sink) continue;
       auto request = s->sink->engineFailedRequest();
