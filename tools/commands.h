@@ -57,7 +57,4 @@ int tree(const TreeOptions& options);
 // `vsup __node`: a sub-supervisor, started by its parent with the control socket on fd 3.
 int nodeMain();
 
-// The absolute path of this executable (re-executed for sub-supervisors).
-std::string selfExe();
-
 }  // namespace vsup::tools

@@ -8,6 +8,7 @@
 
 #include "ipc/log.h"
 #include "supervisor/child_runtime.h"
+#include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
 #include "workers/node_process.h"
@@ -26,7 +27,7 @@ class SubSupervisor final : public workers::NodeState {
   kj::Promise<void> start(const SupervisorSpec& spec) {
     if (sup_) return KJ_EXCEPTION(FAILED, "already started");
     SupervisorOptions options;
-    options.selfExe = selfExe();
+    options.selfExe = selfExecutable();
     options.collectOutput = true;
     options.onDeferral = [this](const std::string& node, const Deferral& d) {
       runtime_.reportDeferral(node, d);

@@ -79,8 +79,6 @@ class SignalWatch {
 
 }  // namespace
 
-std::string selfExe() { return supervisor::selfExecutable(); }
-
 int runTopology(const RunOptions& options) {
   SupervisorSpec spec;
   try {
@@ -135,7 +133,7 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
     });
 
     SupervisorOptions supOptions;
-    supOptions.selfExe = selfExe();
+    supOptions.selfExe = selfExecutable();
     supOptions.collectOutput = true;
     Supervisor sup(&loop, spec, supOptions);
     supPtr = &sup;
