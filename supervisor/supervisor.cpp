@@ -861,11 +861,12 @@ void Supervisor::reportDeferral(const std::string& node, const Deferral& deferra
 
 void Supervisor::onNotify(pid_t sender, const NotifyMessage& m) {
   Child* from = nullptr;
+  pid_t senderGroup = ::getpgid(sender);  // -1 if it is already gone
   for (auto& c : children_) {
     if (!c->proc) continue;
     // The main process, or a helper in its process group (as systemd's NotifyAccess=all would
     // allow within the unit).
-    if (c->proc->pid() == sender || ::getpgid(sender) == c->proc->pid()) {
+    if (c->proc->pid() == sender || senderGroup == c->proc->pid()) {
       from = c.get();
       break;
     }
