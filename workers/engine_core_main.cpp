@@ -111,7 +111,10 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     workers_ = std::make_unique<supervisor::Supervisor>(loop_, spec, supOptions);
     watchdog_ = workers_->terminated()
                     .then([this](supervisor::Outcome o) {
-                      if (stopping_) return;
+                      // While starting, a rank's failure is the start's failure: Node.start
+                      // reports it (naming the rank) and the parent then stops this process.
+                      // Exiting here would race that report.
+                      if (stopping_ || !running_) return;
                       fail("a tensor-parallel worker died (" +
                            std::string(supervisor::nameOf(o)) + ": " + workers_->failure() + ")");
                     })
@@ -135,6 +138,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
         }
         vsup::log().info("[engine] {}: {} rank(s) ready, serving {} API server(s)", runtime_.name(),
                          options_.tp, options_.apiFds.size());
+        running_ = true;
         loopPromise_ = loop().eagerlyEvaluate([this](kj::Exception&& e) {
           fail(std::string("step loop failed: ") + e.getDescription().cStr());
         });
@@ -361,6 +365,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   MonoNs kvGiveUpAt_ = 0;                // set when shutting down with a KV connector
   bool finalKvStep_ = false;             // the step that tells every rank kvGiveUpAt_ is due
   bool stopping_ = false;
+  bool running_ = false;  // started: the step loop runs
   bool stepRunning_ = false;
   uint64_t lastStep_ = 0;
   std::string failure_;
