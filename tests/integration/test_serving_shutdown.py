@@ -20,21 +20,9 @@ from test_serving import (  # noqa: F401 - `serving` is a fixture, found by pyte
     Serving,
     StreamClient,
     completion,
+    refused,
     serving,
 )
-
-
-def refused(port: int) -> bool:
-    """True when a new TCP connect to PORT is refused (the listener is closed)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return False
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        # With several SO_REUSEPORT listeners, a connect queued on one that is closing is reset
-        # rather than refused: not served, but not yet the steady state. Ask again.
-        return False
 
 
 def wait_log(s: Serving, pattern: str, timeout: float) -> re.Match:
