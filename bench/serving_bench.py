@@ -190,7 +190,7 @@ def wait_until(pred, timeout, proc=None, step=0.0005):
 
 def vsup_argv(args, port, tp, extra=()):
     return [args.vsup, "run", "--port", str(port), "--tensor-parallel-size", str(tp),
-            "--log-level", "warn", *extra]
+            "--engine", "sim", "--model", "vsup-sim", "--log-level", "warn", *extra]
 
 
 # --- (a) + (b): startup and idle shutdown ------------------------------------------------------

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -18,13 +19,23 @@
 
 namespace vsup::engine {
 
-// What one rank needs to compute one sequence's next token.
+// What one rank needs to compute one sequence's part of a step.
 struct SeqStep {
   std::string id;
-  uint64_t promptHash = 0;
-  uint32_t position = 0;  // index of the token to generate (0 = first generated token)
   uint64_t seed = 0;
-  double temperature = 1.0;
+  double temperature = 1.0;  // 0: greedy
+  double topP = 1.0;
+  int32_t topK = 0;  // <= 0: off
+  // The sim engine: token `position` (0 = first generated) is a function of (promptHash, seed).
+  uint64_t promptHash = 0;
+  uint32_t position = 0;
+  // Real engines: this step's tokens of the sequence (a prompt chunk, a recompute after
+  // preemption, or the one token generated last) at positions startPos.., their KV written
+  // through blockTable; with `sample`, the rank samples the token at startPos + tokens.size().
+  std::vector<int32_t> tokens;
+  uint32_t startPos = 0;
+  std::vector<int32_t> blockTable;
+  bool sample = true;
 };
 
 struct StepInput {
@@ -41,7 +52,14 @@ struct StepInput {
 struct StepOutput {
   uint64_t step = 0;
   uint32_t rank = 0;
-  std::vector<int32_t> tokens;  // one per StepInput::seqs entry, same order
+  std::vector<int32_t> tokens;  // one per StepInput::seqs entry, same order; -1: not sampled
+};
+
+// A request the engine can never serve as asked (e.g. longer than the context): the API
+// server answers 400 with this message.
+class RequestRejected : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
 };
 
 // Worker side: one rank's part of a step. Called on the rank's compute thread; may block.
@@ -49,6 +67,9 @@ class WorkerEngine {
  public:
   virtual ~WorkerEngine() = default;
   virtual StepOutput execute(const StepInput& input) = 0;
+  // Makes a running or later execute() fail at once instead of waiting for peer ranks (this
+  // rank is being torn down). Thread-safe: called from the rank's loop thread.
+  virtual void cancel() {}
   // Cost of the step this rank just computed, for engines that simulate it (sim); 0 otherwise.
   virtual uint64_t simulatedCostMs(const StepInput& input) const = 0;
 };
@@ -57,8 +78,9 @@ class WorkerEngine {
 class Scheduler {
  public:
   virtual ~Scheduler() = default;
-  // Queues a request; it joins the batch at the next step boundary. Throws vsup-free
-  // std::invalid_argument for a request the engine cannot take (duplicate id).
+  // Queues a request; it joins the batch at the next step boundary. Throws RequestRejected for
+  // a request it can never serve (too long for the context, empty prompt) and
+  // std::invalid_argument for a broken caller contract (duplicate id).
   virtual void admit(GenerateRequest request) = 0;
   // Removes a request; returns its final delta (finish = Abort, text so far already sent).
   // False if unknown (already finished).
@@ -70,6 +92,10 @@ class Scheduler {
   // ranks disagree (a broken collective).
   virtual std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) = 0;
   virtual size_t inFlight() const = 0;  // waiting + running
+  // What the API servers need to know about the model: its context length (0: unbounded) and
+  // how to write chat prompts ("plain", "chatml", "llama3").
+  virtual int64_t maxModelLen() const { return 0; }
+  virtual std::string chatFormat() const { return "plain"; }
 };
 
 struct SimOptions {

@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "engine/engine.h"
+#include "engine/text_stream.h"
 
 namespace vsup::engine {
 namespace {
@@ -33,8 +34,7 @@ struct Sequence {
   uint64_t seed = 0;
   int64_t promptTokens = 0;
   int64_t generated = 0;
-  std::string text;     // everything generated so far (for stop strings)
-  size_t sentChars = 0;  // how much of `text` was already sent in deltas
+  StopTextStream text{{}};
 };
 
 class SimScheduler final : public Scheduler {
@@ -49,6 +49,7 @@ class SimScheduler final : public Scheduler {
     s.promptHash = simPromptHash(request.prompt);
     s.seed = request.sampling.seed.value_or(0);
     s.promptTokens = simPromptTokens(request.prompt);
+    s.text = StopTextStream(request.sampling.stop);
     std::string id = request.id;
     s.request = std::move(request);
     byId_[id] = std::move(s);
@@ -113,39 +114,16 @@ class SimScheduler final : public Scheduler {
       if (it == byId_.end()) continue;  // aborted while the step ran
       Sequence& s = it->second;
       s.generated++;
-      s.text += simDetokenize(ranks[0].tokens[i]);
       TokenDelta d;
       d.requestId = s.request.id;
       d.promptTokens = s.promptTokens;
       d.completionTokens = s.generated;
-      // Stop strings: the text ends before the earliest match, which is never sent.
-      size_t cut = std::string::npos;
-      for (const std::string& stop : s.request.sampling.stop) {
-        size_t at = s.text.find(stop, s.sentChars > stop.size() ? s.sentChars - stop.size() : 0);
-        if (at != std::string::npos) cut = std::min(cut, at);
-      }
-      if (cut != std::string::npos) {
-        s.text.resize(cut);
+      if (s.text.append(simDetokenize(ranks[0].tokens[i]))) {
         d.finish = FinishReason::Stop;
       } else if (s.generated >= s.request.sampling.maxTokens) {
         d.finish = FinishReason::Length;
       }
-      // Hold back a tail that could still become a stop string, unless finished.
-      size_t sendable = s.text.size();
-      if (d.finish == FinishReason::None) {
-        for (const std::string& stop : s.request.sampling.stop) {
-          for (size_t k = std::min(stop.size() - 1, s.text.size()); k > 0; --k) {
-            if (s.text.compare(s.text.size() - k, k, stop, 0, k) == 0) {
-              sendable = std::min(sendable, s.text.size() - k);
-              break;
-            }
-          }
-        }
-      }
-      if (sendable > s.sentChars) {
-        d.text = s.text.substr(s.sentChars, sendable - s.sentChars);
-        s.sentChars = sendable;
-      }
+      d.text = s.text.take(d.finish != FinishReason::None);
       out.push_back(std::move(d));
       if (out.back().finish != FinishReason::None) {
         running_.erase(std::remove(running_.begin(), running_.end(), s.request.id),

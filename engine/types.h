@@ -14,6 +14,7 @@ struct SamplingParams {
   int64_t maxTokens = 16;          // >= 1
   double temperature = 1.0;        // [0, 2]; 0 = greedy
   double topP = 1.0;               // (0, 1]
+  int32_t topK = 0;                // <= 0: off (not in the OpenAI API; vLLM's extension)
   std::optional<uint64_t> seed;    // per-request seed; none: derived from the request id
   std::vector<std::string> stop;   // up to 4 stop strings, each non-empty
 };

@@ -16,6 +16,7 @@ struct GenerateRequest {
   hasSeed @5 :Bool;
   seed @6 :UInt64;
   stop @7 :List(Text);
+  topK @8 :Int32;
 }
 
 enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
@@ -40,8 +41,12 @@ interface TokenSink {
 
 # Served by engine-core on each API server's connection.
 interface Engine {
-  attach @0 (sink :TokenSink) -> ();            # before the first submit
-  submit @1 (request :GenerateRequest) -> ();   # throws when engine-core is stopping or failed
+  # Before the first submit. Returns what the API server needs about the model: its context
+  # length (0: unbounded) and how chat prompts are written ("plain", "chatml", "llama3").
+  attach @0 (sink :TokenSink) -> (maxModelLen :Int64, chatFormat :Text);
+  # Throws when engine-core is stopping or failed. `rejected` is set (and nothing queued) for a
+  # request the engine can never serve as asked: the API server answers 400 with it.
+  submit @1 (request :GenerateRequest) -> (rejected :Text);
   abort @2 (id :Text) -> ();                    # the final delta (finish = abort) follows via the sink
 }
 
@@ -51,6 +56,12 @@ struct SeqStep {
   position @2 :UInt32;
   seed @3 :UInt64;
   temperature @4 :Float64;
+  topP @5 :Float64;
+  topK @6 :Int32;
+  tokens @7 :List(Int32);     # real engines: this step's tokens at positions startPos..
+  startPos @8 :UInt32;
+  blockTable @9 :List(Int32);
+  sample @10 :Bool;           # sample the next token after these
 }
 
 struct StepInput {

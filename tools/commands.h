@@ -6,6 +6,7 @@
 #include <string>
 
 #include "supervisor/spec.h"
+#include "workers/engine_flags.h"
 
 namespace vsup::tools {
 
@@ -27,14 +28,12 @@ int runTree(const supervisor::SupervisorSpec& spec, const std::string& controlSo
             const RootHooks& hooks);
 
 struct ServeOptions {
-  std::string model = "vsup-sim";
+  workers::EngineFlags engine;  // --engine, --model and the engine's sizes
   uint32_t tensorParallelSize = 1;
   uint32_t apiServerCount = 1;
   std::string host = "127.0.0.1";
   uint16_t port = 8000;
   double shutdownTimeout = 30;
-  std::string engine = "sim";
-  uint64_t simTokenMs = 20;
   uint32_t maxNumSeqs = 256;
   std::string apiKey;
   uint64_t maxRequestBytes = 16 * 1024 * 1024;

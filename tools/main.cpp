@@ -45,8 +45,6 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   // Serving flags, named like `vllm serve`'s. Each excludes --topology.
   std::vector<CLI::Option*> serving = {
-      runCmd->add_option("--model", serve.model, "model name served (sim engine: any name)")
-          ->capture_default_str(),
       runCmd->add_option("--tensor-parallel-size", serve.tensorParallelSize,
                          "worker processes (ranks) per engine")
           ->check(CLI::Range(1u, 64u))->capture_default_str(),
@@ -58,10 +56,6 @@ int main(int argc, char** argv) {
       runCmd->add_option("--shutdown-timeout", serve.shutdownTimeout,
                          "seconds in-flight requests get to finish after SIGTERM (0: abort at once)")
           ->check(CLI::Range(0.0, 86400.0))->capture_default_str(),
-      runCmd->add_option("--engine", serve.engine, "sim")
-          ->check(CLI::IsMember({"sim"}))->capture_default_str(),
-      runCmd->add_option("--sim-token-ms", serve.simTokenMs, "sim engine: milliseconds per step")
-          ->check(CLI::Range(uint64_t(0), uint64_t(600000)))->capture_default_str(),
       runCmd->add_option("--max-num-seqs", serve.maxNumSeqs, "requests batched per step")
           ->check(CLI::Range(1u, 65536u))->capture_default_str(),
       runCmd->add_option("--api-key", serve.apiKey,
@@ -77,6 +71,7 @@ int main(int argc, char** argv) {
                          "seconds a rank may defer its shutdown for pending KV transfers")
           ->check(CLI::Range(0.0, 3600.0))->capture_default_str(),
   };
+  for (auto* opt : workers::addEngineFlags(*runCmd, serve.engine, true)) serving.push_back(opt);
   for (auto* opt : serving) opt->excludes(topology);
 
   tools::TreeOptions tree;

@@ -20,6 +20,7 @@
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
+#include "workers/engine_flags.h"
 
 namespace vsup::tools {
 
@@ -33,6 +34,20 @@ constexpr int64_t kTeardownMs = 10000;
 }  // namespace
 
 int serve(const ServeOptions& o) {
+  // Bad engine flags (no such model, sizes that cannot work) are usage errors, found before any
+  // process starts.
+  if (o.engine.engine == "cpu") {
+    try {
+      workers::EngineFlags flags = o.engine;
+      workers::resolveEngineFlags(flags);
+      flags.cpu.tensorParallelSize = o.tensorParallelSize;
+      flags.cpu.maxNumSeqs = o.maxNumSeqs;
+      engine::planCpuEngine(flags.cpu);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "vsup run: %s\n", e.what());
+      return kExitUsage;
+    }
+  }
   std::string exe = selfExecutable();
   // One socketpair per API server: [0] stays with engine-core, [1] goes to the API server.
   std::vector<OwnFd> engineEnds;
@@ -54,7 +69,6 @@ int serve(const ServeOptions& o) {
   core.name = "engine-core";
   core.vsupAware = true;
   core.command = {exe, "__engine-core", "--tp", std::to_string(o.tensorParallelSize),
-                  "--engine", o.engine, "--sim-token-ms", std::to_string(o.simTokenMs),
                   "--max-num-seqs", std::to_string(o.maxNumSeqs),
                   "--kv-connector", o.kvConnector,
                   "--sim-kv-transfer-ms", std::to_string(o.simKvTransferMs),
@@ -64,6 +78,7 @@ int serve(const ServeOptions& o) {
     core.command.push_back("--api-fd");
     core.command.push_back(std::to_string(4 + i));  // after the control socket (fd 3)
   }
+  for (auto& a : workers::engineFlagsArgv(o.engine)) core.command.push_back(a);
   int64_t kvMs = o.kvConnector == "none" ? 0 : int64_t(std::llround(o.kvShutdownTimeout * 1000));
   core.shutdown = ShutdownPolicy::timeout(kTeardownMs + kvMs);
   core.startTimeoutMs = 120000;
@@ -74,7 +89,7 @@ int serve(const ServeOptions& o) {
     api.name = "api-server-" + std::to_string(i);
     api.vsupAware = true;
     api.command = {exe, "__api-server", "--index", std::to_string(i), "--host", o.host,
-                   "--port", std::to_string(o.port), "--model", o.model,
+                   "--port", std::to_string(o.port), "--model", o.engine.cpu.model,
                    "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4"};
     api.inheritFds = {apiEnds[i].get()};
     if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);

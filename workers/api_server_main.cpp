@@ -77,7 +77,10 @@ struct Pending {
   std::vector<int64_t> promptTokens;
   std::vector<int64_t> completionTokens;
   size_t open = 0;            // choices not finished
+  size_t accepted = 0;        // choices the engine queued (answered submit without rejecting)
+  bool streamStarted = false; // streaming: the 200 and its headers are out
   std::string error;          // an engine error ends the whole request
+  std::string rejected;       // the engine refused a choice (400 with this message)
 };
 
 class ApiServer final : private kj::TaskSet::ErrorHandler {
@@ -115,6 +118,7 @@ class ApiServer final : private kj::TaskSet::ErrorHandler {
   void sendError(http::Response& response, const api::ApiError& error);
   void sendJson(http::Response& response, int status, const std::string& body);
   void onDelta(const engine::TokenDelta& d);
+  void startStream(Pending& p);
   void complete(const std::string& id);
   void abortAll();
   void forceFinishAll();
@@ -172,7 +176,8 @@ kj::Promise<void> ApiServer::start() {
   tasks_.add(link_->onDisconnect().then([this]() { engineLost(); }));
   auto attach = engine_->attachRequest();
   attach.setSink(kj::heap<Sink>(*this));
-  return attach.send().ignoreResult().then([this]() {
+  return attach.send().then([this](capnp::Response<schema::Engine::AttachResults>&& r) {
+    limits_.chatFormat = r.getChatFormat();
     http::ServerOptions o;
     o.host = options_.host;
     o.port = options_.port;
@@ -339,16 +344,27 @@ void ApiServer::handleCompletion(const http::Request& request,
     choiceOf_[g.id] = {id, i};
     auto submit = engine_->submitRequest();
     encode(g, submit.initRequest());
-    tasks_.add(submit.send().ignoreResult().catch_([this, id](kj::Exception&& e) {
-      auto it = pending_.find(id);
-      if (it == pending_.end()) return;
-      it->second->error = std::string("engine refused the request: ") + e.getDescription().cStr();
-      complete(id);
-    }));
-  }
-  if (p->call.stream) {
-    response->startStream(200, {{"Content-Type", "text/event-stream"},
-                                {"Cache-Control", "no-cache"}});
+    tasks_.add(submit.send()
+                   .then([this, id](capnp::Response<schema::Engine::SubmitResults>&& r) {
+                     auto it = pending_.find(id);
+                     if (it == pending_.end()) return;
+                     Pending& p = *it->second;
+                     if (r.getRejected().size() > 0) {
+                       p.rejected = r.getRejected();
+                       complete(id);
+                       return;
+                     }
+                     // A stream's 200 goes out once every choice is accepted: a rejection
+                     // can still be a plain 400 until then.
+                     if (++p.accepted == p.engineIds.size()) startStream(p);
+                   })
+                   .catch_([this, id](kj::Exception&& e) {
+                     auto it = pending_.find(id);
+                     if (it == pending_.end()) return;
+                     it->second->error =
+                         std::string("engine refused the request: ") + e.getDescription().cStr();
+                     complete(id);
+                   }));
   }
   response->onClientGone([this, id]() {
     auto it = pending_.find(id);
@@ -376,6 +392,7 @@ void ApiServer::onDelta(const engine::TokenDelta& d) {
   p.completionTokens[index] = d.completionTokens;
   if (d.finish == FinishReason::Error) p.error = d.error.empty() ? "engine error" : d.error;
   if (p.call.stream && d.finish != FinishReason::Error && (!d.text.empty() || d.finish != FinishReason::None)) {
+    startStream(p);
     api::Choice choice{int(index), d.text, d.finish};
     p.response->write(api::sseEvent(api::renderStreamChunk(p.call.chat, p.id, p.created,
                                                            options_.model, choice,
@@ -390,13 +407,42 @@ void ApiServer::onDelta(const engine::TokenDelta& d) {
   }
 }
 
+void ApiServer::startStream(Pending& p) {
+  if (!p.call.stream || p.streamStarted) return;
+  p.streamStarted = true;
+  p.response->startStream(200, {{"Content-Type", "text/event-stream"},
+                                {"Cache-Control", "no-cache"}});
+}
+
 // Writes the end of a response whose choices are all finished (or that failed).
 void ApiServer::complete(const std::string& id) {
   auto it = pending_.find(id);
   if (it == pending_.end()) return;
   std::unique_ptr<Pending> p = std::move(it->second);
   pending_.erase(it);
-  for (const auto& eid : p->engineIds) choiceOf_.erase(eid);
+  for (size_t i = 0; i < p->engineIds.size(); ++i) {
+    // Choices still running when the request ends early (an error, a rejected sibling).
+    if (p->finish[i] == FinishReason::None && choiceOf_.count(p->engineIds[i]) != 0) {
+      auto abort = engine_->abortRequest();
+      abort.setId(p->engineIds[i]);
+      tasks_.add(abort.send().ignoreResult());
+    }
+    choiceOf_.erase(p->engineIds[i]);
+  }
+  if (!p->rejected.empty()) {
+    ++errorsTotal_;
+    bool tooLong = p->rejected.find("maximum context length") != std::string::npos;
+    api::ApiError error = api::invalidRequest(p->rejected, tooLong ? "max_tokens" : "",
+                                              tooLong ? "context_length_exceeded" : "");
+    if (p->streamStarted) {
+      p->response->write(api::sseEvent(api::renderError(error)));
+      p->response->write(api::kSseDone);
+      p->response->finish();
+    } else {
+      sendJson(*p->response, error.status, api::renderError(error));
+    }
+    return;
+  }
   api::Usage usage;
   for (size_t i = 0; i < p->text.size(); ++i) {
     usage.prompt += p->promptTokens[i];
@@ -405,7 +451,7 @@ void ApiServer::complete(const std::string& id) {
   if (!p->error.empty()) {
     ++errorsTotal_;
     api::ApiError error = api::serverError(p->error);
-    if (p->call.stream) {
+    if (p->streamStarted) {
       p->response->write(api::sseEvent(api::renderError(error)));
       p->response->write(api::kSseDone);
       p->response->finish();
@@ -415,6 +461,7 @@ void ApiServer::complete(const std::string& id) {
     return;
   }
   if (p->call.stream) {
+    startStream(*p);
     if (p->call.includeUsage) {
       p->response->write(api::sseEvent(
           api::renderUsageChunk(p->call.chat, p->id, p->created, options_.model, usage)));

@@ -12,6 +12,7 @@ void encode(const engine::GenerateRequest& in, schema::GenerateRequest::Builder 
   out.setTopP(in.sampling.topP);
   out.setHasSeed(in.sampling.seed.has_value());
   out.setSeed(in.sampling.seed.value_or(0));
+  out.setTopK(in.sampling.topK);
   auto stop = out.initStop(unsigned(in.sampling.stop.size()));
   for (unsigned i = 0; i < in.sampling.stop.size(); ++i) stop.set(i, in.sampling.stop[i]);
 }
@@ -24,6 +25,7 @@ engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
   r.sampling.temperature = in.getTemperature();
   r.sampling.topP = in.getTopP();
   if (in.getHasSeed()) r.sampling.seed = in.getSeed();
+  r.sampling.topK = in.getTopK();
   for (auto s : in.getStop()) r.sampling.stop.emplace_back(s);
   return r;
 }
@@ -58,6 +60,14 @@ void encode(const engine::StepInput& in, schema::StepInput::Builder out) {
     seqs[i].setPosition(s.position);
     seqs[i].setSeed(s.seed);
     seqs[i].setTemperature(s.temperature);
+    seqs[i].setTopP(s.topP);
+    seqs[i].setTopK(s.topK);
+    auto tokens = seqs[i].initTokens(unsigned(s.tokens.size()));
+    for (unsigned t = 0; t < s.tokens.size(); ++t) tokens.set(t, s.tokens[t]);
+    seqs[i].setStartPos(s.startPos);
+    auto table = seqs[i].initBlockTable(unsigned(s.blockTable.size()));
+    for (unsigned b = 0; b < s.blockTable.size(); ++b) table.set(b, s.blockTable[b]);
+    seqs[i].setSample(s.sample);
   }
   auto kv = out.initKvTransfers(unsigned(in.kvTransfers.size()));
   for (unsigned i = 0; i < in.kvTransfers.size(); ++i) kv.set(i, in.kvTransfers[i]);
@@ -74,6 +84,12 @@ engine::StepInput decode(schema::StepInput::Reader in) {
     step.position = q.getPosition();
     step.seed = q.getSeed();
     step.temperature = q.getTemperature();
+    step.topP = q.getTopP();
+    step.topK = q.getTopK();
+    for (auto t : q.getTokens()) step.tokens.push_back(t);
+    step.startPos = q.getStartPos();
+    for (auto b : q.getBlockTable()) step.blockTable.push_back(b);
+    step.sample = q.getSample();
     s.seqs.push_back(std::move(step));
   }
   for (auto id : in.getKvTransfers()) s.kvTransfers.emplace_back(id);

@@ -1,4 +1,4 @@
-// `vsup __engine-core --tp N --engine sim [...] --api-fd FD ...`: the engine-core process.
+// `vsup __engine-core --tp N <engine flags> [...] --api-fd FD ...`: the engine-core process.
 //
 // A child supervisor (it supervises the tensor-parallel workers with intensity 0: a rank that
 // dies fails the engine, no partial restart) and the scheduler. It runs the step loop: between
@@ -19,7 +19,10 @@
 
 #include <kj/debug.h>
 
+#include "engine/collective.h"
+#include "engine/cpu_engine.h"
 #include "engine/engine.h"
+#include "ipc/fd.h"
 #include "ipc/log.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
@@ -28,6 +31,7 @@
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "workers/engine_codec.h"
+#include "workers/engine_flags.h"
 #include "workers/node_process.h"
 #include "workers/processes.h"
 
@@ -38,8 +42,7 @@ namespace schema = ipc::schema;
 
 struct Options {
   uint32_t tp = 1;
-  std::string engineName = "sim";
-  uint64_t simTokenMs = 20;
+  EngineFlags engine;
   uint32_t maxNumSeqs = 256;
   uint64_t stepTimeoutMs = 30000;
   std::string kvConnector = "none";
@@ -70,11 +73,33 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
  public:
   EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime, Options options)
       : loop_(loop), runtime_(runtime), options_(std::move(options)), tasks_(*this) {
-    engine::SimOptions sim;
-    sim.tokenMs = options_.simTokenMs;
-    sim.maxNumSeqs = options_.maxNumSeqs;
-    scheduler_ = engine::makeSimScheduler(sim);
     if (options_.kvConnector == "sim") kv_ = kv::makeSimScheduler();
+  }
+
+  // The engine's scheduler side, and for the CPU engine the shared region of the ranks'
+  // collectives. Throws with a message for the user (bad model, bad sizes).
+  void makeScheduler() {
+    if (options_.engine.engine == "sim") {
+      engine::SimOptions sim;
+      sim.tokenMs = options_.engine.simTokenMs;
+      sim.maxNumSeqs = options_.maxNumSeqs;
+      scheduler_ = engine::makeSimScheduler(sim);
+      return;
+    }
+    resolveEngineFlags(options_.engine);
+    options_.engine.cpu.tensorParallelSize = options_.tp;
+    options_.engine.cpu.maxNumSeqs = options_.maxNumSeqs;
+    engine::CpuPlan plan = engine::planCpuEngine(options_.engine.cpu);
+    if (!plan.model.chatFormatNote.empty()) {
+      vsup::log().warn("[engine] {}: {}", runtime_.name(), plan.model.chatFormatNote);
+    }
+    vsup::log().info("[engine] {}: model {} ({} parameters, weights {}), context {} tokens, "
+                     "KV cache {} blocks of {} tokens per rank",
+                     runtime_.name(), plan.model.name, plan.model.config.parameterCount(),
+                     plan.model.dummyWeights ? "dummy" : "safetensors", plan.maxModelLen,
+                     plan.numBlocks, options_.engine.cpu.blockSize);
+    scheduler_ = engine::makeCpuScheduler(options_.engine.cpu, plan);
+    if (options_.tp > 1) collectiveRegion_ = OwnFd(engine::createSharedCollective(options_.tp));
   }
 
   ~EngineCore() {
@@ -84,6 +109,11 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
 
   // Node.start: start the ranks, then open the API servers' connections, then run.
   kj::Promise<void> start() {
+    try {
+      makeScheduler();
+    } catch (const std::exception& e) {
+      return KJ_EXCEPTION(FAILED, e.what());
+    }
     supervisor::SupervisorSpec spec;
     spec.name = runtime_.name();
     spec.intensity = 0;  // no partial restart: a dead rank fails the engine
@@ -92,11 +122,16 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
       supervisor::ChildSpec c;
       c.name = "worker-tp" + std::to_string(r);
       c.vsupAware = true;
-      c.command = {exe, "__worker", "--rank", std::to_string(r), "--engine", options_.engineName,
-                   "--sim-token-ms", std::to_string(options_.simTokenMs),
-                   "--kv-connector", options_.kvConnector,
+      c.command = {exe, "__worker", "--rank", std::to_string(r), "--tp",
+                   std::to_string(options_.tp), "--kv-connector", options_.kvConnector,
                    "--sim-kv-transfer-ms", std::to_string(options_.simKvTransferMs),
                    "--kv-shutdown-timeout", std::to_string(options_.kvShutdownTimeout)};
+      for (auto& a : engineFlagsArgv(options_.engine)) c.command.push_back(a);
+      if (collectiveRegion_) {
+        c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
+        c.command.insert(c.command.end(), {"--collective-fd", "4"});
+      }
+      c.startTimeoutMs = 600000;  // loading a model's weights
       // The KV deferral is bounded by --kv-shutdown-timeout; leave room for it.
       c.shutdown = supervisor::ShutdownPolicy::timeout(
           5000 + int64_t(options_.kvShutdownTimeout * 1000));
@@ -120,6 +155,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
                     })
                     .eagerlyEvaluate(nullptr);
     return workers_->start().then([this]() {
+      collectiveRegion_ = OwnFd();  // every rank has it mapped
       kj::Vector<kj::Promise<void>> caps;
       for (uint32_t r = 0; r < options_.tp; ++r) ranks_.emplace_back(nullptr);
       for (uint32_t r = 0; r < options_.tp; ++r) {
@@ -189,15 +225,23 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     return workers_->shutdown(deadline).then([this]() { return workers_->escalations() == 0; });
   }
 
-  void submit(size_t session, engine::GenerateRequest request) {
+  engine::Scheduler& scheduler() { return *scheduler_; }
+
+  // Queues a request; returns why it is rejected (empty: accepted).
+  std::string submit(size_t session, engine::GenerateRequest request) {
     if (stopping_ || !failure_.empty()) {
       throw std::runtime_error(failure_.empty() ? "engine-core is shutting down"
                                                 : "engine failed: " + failure_);
     }
     std::string id = request.id;
-    scheduler_->admit(std::move(request));
+    try {
+      scheduler_->admit(std::move(request));
+    } catch (const engine::RequestRejected& e) {
+      return e.what();
+    }
     owner_[id] = session;
     wake();
+    return {};
   }
 
   void abort(const std::string& id) {
@@ -355,6 +399,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   supervisor::ChildRuntime& runtime_;
   Options options_;
   std::unique_ptr<engine::Scheduler> scheduler_;
+  OwnFd collectiveRegion_;  // until every rank has mapped it
   std::unique_ptr<supervisor::Supervisor> workers_;
   std::vector<schema::Worker::Client> ranks_;
   std::vector<Session*> sessions_;  // owned by their RPC links; null once disconnected
@@ -378,12 +423,14 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
 
 kj::Promise<void> Session::attach(AttachContext context) {
   sink = context.getParams().getSink();
+  context.getResults().setMaxModelLen(core_.scheduler().maxModelLen());
+  context.getResults().setChatFormat(core_.scheduler().chatFormat());
   return kj::READY_NOW;
 }
 
 kj::Promise<void> Session::submit(SubmitContext context) {
   try {
-    core_.submit(index_, decode(context.getParams().getRequest()));
+    context.getResults().setRejected(core_.submit(index_, decode(context.getParams().getRequest())));
   } catch (const std::exception& e) {
     return KJ_EXCEPTION(FAILED, e.what());
   }
@@ -401,8 +448,7 @@ int engineCoreMain(int argc, char** argv) {
   CLI::App app{"vsup engine-core (started by vsup run)"};
   Options options;
   app.add_option("--tp", options.tp)->check(CLI::Range(1u, 64u));
-  app.add_option("--engine", options.engineName)->check(CLI::IsMember({"sim"}));
-  app.add_option("--sim-token-ms", options.simTokenMs);
+  addEngineFlags(app, options.engine, false);
   app.add_option("--max-num-seqs", options.maxNumSeqs)->check(CLI::Range(1u, 65536u));
   app.add_option("--step-timeout-ms", options.stepTimeoutMs);
   app.add_option("--api-fd", options.apiFds);

@@ -39,8 +39,8 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
  public:
   explicit Impl(LLMConfig config) : config_(std::move(config)) {
     supervisor::requireSigchldNotIgnored("vsup::LLM");
-    VSUP_REQUIRE(config_.engine == "sim", "vsup::LLM: unknown engine '" + config_.engine +
-                                              "' (accepted: sim; cpu and cuda are not built yet)");
+    VSUP_REQUIRE(config_.engine == "sim" || config_.engine == "cpu",
+                 "vsup::LLM: unknown engine '" + config_.engine + "' (accepted: cpu, sim)");
     VSUP_REQUIRE(config_.tensorParallelSize >= 1 && config_.tensorParallelSize <= 64,
                  "vsup::LLM: tensorParallelSize must be between 1 and 64, got " +
                      std::to_string(config_.tensorParallelSize));
@@ -132,6 +132,10 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     core.command = {exe_, "__engine-core", "--tp", std::to_string(config_.tensorParallelSize),
                     "--engine", config_.engine, "--sim-token-ms", std::to_string(config_.simTokenMs),
                     "--api-fd", "4"};
+    if (!config_.model.empty()) core.command.insert(core.command.end(), {"--model", config_.model});
+    if (!config_.kvCacheMemory.empty()) {
+      core.command.insert(core.command.end(), {"--kv-cache-memory", config_.kvCacheMemory});
+    }
     core.inheritFds = {engineEnd.get()};
     core.startTimeoutMs = config_.startTimeout.count();
     core.shutdown = supervisor::ShutdownPolicy::timeout(10000);
@@ -173,6 +177,7 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     request.sampling.maxTokens = sampling.maxTokens;
     request.sampling.temperature = sampling.temperature;
     request.sampling.topP = sampling.topP;
+    request.sampling.topK = sampling.topK;
     request.sampling.seed = sampling.seed;
     request.sampling.stop = sampling.stop;
     auto paf = kj::newPromiseAndFulfiller<Completion>();
@@ -182,13 +187,24 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     auto call = engine_->submitRequest();
     workers::encode(request, call.initRequest());
     std::string id = request.id;
-    tasks_->add(call.send().ignoreResult().catch_([this, id](kj::Exception&& e) {
-      auto it = pending_.find(id);
-      if (it == pending_.end()) return;
-      it->second.done->reject(failure(std::string("vsup::LLM: the engine refused the request: ") +
-                                      e.getDescription().cStr()));
-      pending_.erase(it);
-    }));
+    tasks_->add(call.send()
+                    .then([this, id](capnp::Response<schema::Engine::SubmitResults>&& r) {
+                      if (r.getRejected().size() == 0) return;
+                      auto it = pending_.find(id);
+                      if (it == pending_.end()) return;
+                      // A bad request, not a broken engine: this call fails, the LLM goes on.
+                      it->second.done->reject(failure(std::string("vsup::LLM: request rejected: ") +
+                                                      r.getRejected().cStr()));
+                      pending_.erase(it);
+                    })
+                    .catch_([this, id](kj::Exception&& e) {
+                      auto it = pending_.find(id);
+                      if (it == pending_.end()) return;
+                      it->second.done->reject(
+                          failure(std::string("vsup::LLM: the engine refused the request: ") +
+                                  e.getDescription().cStr()));
+                      pending_.erase(it);
+                    }));
     return kj::mv(paf.promise);
   }
 

@@ -1,9 +1,10 @@
-// `vsup __worker --rank R --engine sim [--sim-token-ms T]`: one tensor-parallel rank.
+// `vsup __worker --rank R --tp N [--collective-fd 4] <engine flags>`: one tensor-parallel rank.
 //
 // It serves the Worker interface (ipc/engine.capnp) as its Node.service: engine-core calls
 // step() on every rank for every step. It is vsup-aware: it ignores SIGINT/SIGTERM/SIGHUP and
 // stops only when engine-core tells it to, which engine-core does only at a step boundary.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -17,7 +18,9 @@
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"
 #include "supervisor/supervisor.h"
+#include "workers/compute_thread.h"
 #include "workers/engine_codec.h"
+#include "workers/engine_flags.h"
 #include "workers/node_process.h"
 #include "workers/processes.h"
 
@@ -28,9 +31,9 @@ namespace schema = ipc::schema;
 
 class WorkerService final : public schema::Worker::Server {
  public:
-  WorkerService(uv_loop_t* loop, std::unique_ptr<engine::WorkerEngine> engine,
+  WorkerService(uv_loop_t* loop, engine::WorkerEngine** engine, ComputeThread* compute,
                 kv::KvConnectorWorker* kv, MonoNs* kvGiveUpAt)
-      : loop_(loop), engine_(std::move(engine)), kv_(kv), kvGiveUpAt_(kvGiveUpAt) {}
+      : loop_(loop), engine_(engine), compute_(compute), kv_(kv), kvGiveUpAt_(kvGiveUpAt) {}
 
  protected:
   kj::Promise<void> step(StepContext context) override {
@@ -39,22 +42,35 @@ class WorkerService final : public schema::Worker::Server {
       for (const auto& id : input.kvTransfers) kv_->startTransfer(id, monoNow());
     }
     if (input.kvGiveUpAtNs != 0) *kvGiveUpAt_ = input.kvGiveUpAtNs;
-    engine::StepOutput output = engine_->execute(input);
-    uint64_t cost = engine_->simulatedCostMs(input);
-    auto finish = [context, output = std::move(output)]() mutable {
-      encode(output, context.getResults().initOutput());
-    };
-    if (cost == 0) {
-      finish();
-      return kj::READY_NOW;
+    engine::WorkerEngine* engine = *engine_;
+    KJ_REQUIRE(engine != nullptr, "step before the rank finished loading");
+    uint64_t cost = engine->simulatedCostMs(input);
+    if (cost > 0 || input.seqs.empty()) {
+      // The sim engine: instant tokens, then the simulated compute time on the loop.
+      engine::StepOutput output = engine->execute(input);
+      auto finish = [context, output = std::move(output)]() mutable {
+        encode(output, context.getResults().initOutput());
+      };
+      if (cost == 0) {
+        finish();
+        return kj::READY_NOW;
+      }
+      return ipc::uvSleep(loop_, cost).then(kj::mv(finish));
     }
-    // The simulated compute time: this rank is busy for the whole step.
-    return ipc::uvSleep(loop_, cost).then(kj::mv(finish));
+    // Real compute runs on the compute thread; the loop stays free for the control plane.
+    return compute_
+        ->run<engine::StepOutput>([engine, input = std::move(input)]() {
+          return engine->execute(input);
+        })
+        .then([context](engine::StepOutput output) mutable {
+          encode(output, context.getResults().initOutput());
+        });
   }
 
  private:
   uv_loop_t* loop_;
-  std::unique_ptr<engine::WorkerEngine> engine_;
+  engine::WorkerEngine** engine_;  // set once the rank has loaded
+  ComputeThread* compute_;
   kv::KvConnectorWorker* kv_;
   MonoNs* kvGiveUpAt_;  // engine-core's one KV deadline for all ranks, once it announced it
 };
@@ -82,10 +98,19 @@ kj::Promise<void> drainTransfers(uv_loop_t* loop, kv::KvConnectorWorker& kv,
   });
 }
 
-// What a rank keeps while it runs.
+// What a rank keeps while it runs. Destroyed in reverse: the engine is cancelled first (a step
+// waiting for peers in a collective returns at once), then the compute thread is joined, then
+// the engine is freed.
 struct WorkerState final : NodeState {
   std::unique_ptr<kv::KvConnectorWorker> kv;
   MonoNs kvGiveUpAt = 0;
+  std::unique_ptr<engine::WorkerEngine> engine;
+  engine::WorkerEngine* ready = nullptr;  // engine, once loaded
+  std::unique_ptr<ComputeThread> compute = std::make_unique<ComputeThread>();
+  ~WorkerState() override {
+    if (engine) engine->cancel();
+    compute.reset();
+  }
 };
 
 }  // namespace
@@ -93,17 +118,19 @@ struct WorkerState final : NodeState {
 int workerMain(int argc, char** argv) {
   CLI::App app{"vsup tensor-parallel worker (started by engine-core)"};
   uint32_t rank = 0;
-  std::string engineName = "sim";
-  uint64_t simTokenMs = 20;
+  uint32_t tp = 1;
+  int collectiveFd = -1;
+  EngineFlags flags;
   std::string kvName = "none";
   uint64_t simKvTransferMs = 0;
   double kvShutdownTimeout = 10;
   app.add_option("--rank", rank)->required();
+  app.add_option("--tp", tp)->check(CLI::Range(1u, 64u));
+  app.add_option("--collective-fd", collectiveFd);
   app.add_option("--kv-connector", kvName)->check(CLI::IsMember({"none", "sim"}));
   app.add_option("--sim-kv-transfer-ms", simKvTransferMs);
   app.add_option("--kv-shutdown-timeout", kvShutdownTimeout);
-  app.add_option("--engine", engineName)->check(CLI::IsMember({"sim"}));
-  app.add_option("--sim-token-ms", simTokenMs);
+  addEngineFlags(app, flags, false);
   CLI11_PARSE(app, argc, argv);
   // Test-only fault injection (README, "Fault injection"): this rank dies during start-up.
   if (const char* fail = std::getenv("VSUP_TEST_FAIL_WORKER_START");
@@ -113,12 +140,40 @@ int workerMain(int argc, char** argv) {
   }
 
   return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
-    engine::SimOptions options;
-    options.tokenMs = simTokenMs;
     auto state = std::make_unique<WorkerState>();
     if (kvName == "sim") state->kv = kv::makeSimWorker(simKvTransferMs);
-    runtime.setService(kj::heap<WorkerService>(loop, engine::makeSimWorker(options, rank),
+    WorkerState* st = state.get();
+    runtime.setService(kj::heap<WorkerService>(loop, &st->ready, st->compute.get(),
                                                state->kv.get(), &state->kvGiveUpAt));
+    if (flags.engine == "sim") {
+      engine::SimOptions options;
+      options.tokenMs = flags.simTokenMs;
+      st->engine = engine::makeSimWorker(options, rank);
+      st->ready = st->engine.get();
+    } else {
+      // Loading (weights, KV cache) runs on the compute thread; the rank is ready when it is
+      // done, and a loading error fails its start with the message (naming file and tensor).
+      std::string node = runtime.name();
+      runtime.onStart([st, rank, tp, collectiveFd, flags, node](const supervisor::SupervisorSpec&) mutable {
+        return st->compute
+            ->run<std::unique_ptr<engine::WorkerEngine>>([rank, tp, collectiveFd, flags]() mutable {
+              resolveEngineFlags(flags);
+              flags.cpu.tensorParallelSize = tp;
+              engine::CpuPlan plan = engine::planCpuEngine(flags.cpu);
+              std::unique_ptr<engine::Collective> collective =
+                  tp == 1 ? engine::makeSingleRankCollective()
+                          : engine::joinSharedCollective(collectiveFd, rank, tp,
+                                                         flags.cpu.collectiveTimeoutMs);
+              if (collectiveFd >= 0) ::close(collectiveFd);  // mapped: the fd is not needed
+              return engine::makeCpuWorker(flags.cpu, plan, rank, std::move(collective));
+            })
+            .then([st, node](std::unique_ptr<engine::WorkerEngine> engine) {
+              st->engine = std::move(engine);
+              st->ready = st->engine.get();
+              vsup::log().info("[engine] {}: loaded", node);
+            });
+      });
+    }
     if (state->kv) {
       std::string node = runtime.name();
       kv::KvConnectorWorker* connector = state->kv.get();

@@ -43,8 +43,10 @@ class Serving:
         self.pids: set[int] = set()
 
     def start(self, *args: str, env: dict | None = None) -> None:
+        # The sim engine unless a test asks for another: its tokens and step times are exact.
+        engine = [] if "--engine" in args else ["--engine", "sim", "--model", "vsup-sim"]
         argv = [self.vsup_bin, "run", "--port", str(self.port), "--control-socket",
-                str(self.socket), *args]
+                str(self.socket), *engine, *args]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True,

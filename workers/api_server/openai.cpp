@@ -184,7 +184,8 @@ std::optional<ApiError> parsePrompt(const json& root, CompletionCall& call) {
   return std::nullopt;
 }
 
-std::optional<ApiError> parseMessages(const json& root, CompletionCall& call) {
+std::optional<ApiError> parseMessages(const json& root, const Limits& limits,
+                                      CompletionCall& call) {
   const json* messages = member(root, "messages");
   if (messages == nullptr) return missing("messages");
   if (!messages->is_array() || messages->empty()) {
@@ -243,7 +244,7 @@ std::optional<ApiError> parseMessages(const json& root, CompletionCall& call) {
     }
     parsed.push_back(std::move(out));
   }
-  call.prompts.push_back(renderChatPrompt(parsed));
+  call.prompts.push_back(renderChatPrompt(parsed, limits.chatFormat));
   return std::nullopt;
 }
 
@@ -280,6 +281,14 @@ std::optional<ApiError> parseSampling(const json& root, CompletionCall& call) {
                     v->is_number() ? "invalid_value" : "invalid_type");
     }
     sampling.topP = v->get<double>();
+  }
+  if (const json* v = member(root, "top_k")) {  // vLLM's extension; -1 and 0 mean off
+    const std::optional<int64_t> n = asInteger(*v);
+    if (!n || *n < -1 || *n > (int64_t(1) << 30)) {
+      return mustBe("top_k", "an integer >= -1 (-1 or 0: off)", *v,
+                    n ? "invalid_value" : "invalid_type");
+    }
+    sampling.topK = int32_t(*n < 0 ? 0 : *n);
   }
   if (const json* v = member(root, "seed")) {
     if (v->is_number_unsigned()) {
@@ -459,7 +468,7 @@ std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view b
   call.model = model->get<std::string>();
   if (call.model != limits.servedModel) return modelNotFound(call.model);
 
-  std::optional<ApiError> error = chat ? parseMessages(root, call) : parsePrompt(root, call);
+  std::optional<ApiError> error = chat ? parseMessages(root, limits, call) : parsePrompt(root, call);
   if (!error) error = parseMaxTokens(root, chat, limits, call);
   if (!error) error = parseSampling(root, call);
   if (!error) error = parseOptions(root, call);
@@ -467,8 +476,23 @@ std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view b
   return call;
 }
 
-std::string renderChatPrompt(const std::vector<ChatMessage>& messages) {
+std::string renderChatPrompt(const std::vector<ChatMessage>& messages,
+                             std::string_view format) {
   std::string out;
+  if (format == "chatml") {
+    for (const ChatMessage& message : messages) {
+      out += "<|im_start|>" + message.role + "\n" + message.content + "<|im_end|>\n";
+    }
+    return out + "<|im_start|>assistant\n";
+  }
+  if (format == "llama3") {
+    out = "<|begin_of_text|>";
+    for (const ChatMessage& message : messages) {
+      out += "<|start_header_id|>" + message.role + "<|end_header_id|>\n\n" + message.content +
+             "<|eot_id|>";
+    }
+    return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  }
   for (const ChatMessage& message : messages) {
     out += "<|";
     out += message.role;

@@ -64,6 +64,7 @@ struct Limits {
   std::string servedModel;        // the only accepted value of "model"
   int64_t maxTokensLimit = 4096;  // the largest accepted max_tokens
   int64_t defaultMaxTokens = 16;  // used when max_tokens is absent or null
+  std::string chatFormat = "plain";  // how renderChatPrompt() writes chats (the engine says)
 };
 
 // A parsed, validated completion or chat completion request.
@@ -97,6 +98,7 @@ inline constexpr int kMaxJsonDepth = 32;
 //                          (which wins when both are set)
 //   temperature            number in [0, 2]
 //   top_p                  number in (0, 1]
+//   top_k                  integer >= -1; -1 or 0: off (vLLM's extension, not OpenAI's)
 //   seed                   integer >= 0
 //   stop                   a non-empty string, or a list of at most 4 non-empty strings
 //   n                      only 1
@@ -120,12 +122,16 @@ struct ChatMessage {
   std::string content;  // text
 };
 
-// The built-in chat template. For each message, "<|role|>\n" + content + "\n"; then
-// "<|assistant|>\n" to cue the reply. E.g. [{system,"Be brief."},{user,"hi"}] renders as
-//   "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
-// Content is not escaped: a message that itself contains "<|user|>" reads like a turn marker to
-// the model. Good enough for the sim and test models; a real model's template replaces this.
-std::string renderChatPrompt(const std::vector<ChatMessage>& messages);
+// Chat messages as one prompt, in the model's format (the engine tells which at attach):
+//   "chatml": "<|im_start|>role\ncontent<|im_end|>\n"... then "<|im_start|>assistant\n"
+//   "llama3": "<|begin_of_text|>" + "<|start_header_id|>role<|end_header_id|>\n\ncontent
+//             <|eot_id|>"... then "<|start_header_id|>assistant<|end_header_id|>\n\n"
+//   anything else ("plain"): "<|role|>\n" + content + "\n"... then "<|assistant|>\n", e.g.
+//   [{system,"Be brief."},{user,"hi"}] renders as "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
+// Content is not escaped: a message that itself contains a turn marker reads like one to the
+// model (as with the Jinja templates these stand for).
+std::string renderChatPrompt(const std::vector<ChatMessage>& messages,
+                             std::string_view format = "plain");
 
 // ---------------------------------------------------------------------------------------------
 // Responses

@@ -31,7 +31,10 @@
 namespace vsup {
 
 struct LLMConfig {
-  std::string engine = "sim";        // "sim" today; "cpu" and "cuda" as they land
+  std::string engine = "cpu";        // "cpu" (a real Llama model) or "sim" (simulated tokens)
+  std::string model;                 // cpu: a built-in preset or a Hugging Face model directory;
+                                     // empty: the default preset (vsup-tiny-25m, dummy weights)
+  std::string kvCacheMemory;         // cpu: KV cache per worker, e.g. "64MiB"; empty: 256MiB
   uint32_t tensorParallelSize = 1;
   uint64_t simTokenMs = 0;           // sim engine: cost of one step
   std::chrono::milliseconds startTimeout{60000};
@@ -43,6 +46,7 @@ struct Sampling {
   int64_t maxTokens = 16;
   double temperature = 1.0;
   double topP = 1.0;
+  int32_t topK = 0;  // <= 0: off
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
 };

@@ -1,0 +1,238 @@
+#include "engine/collective.h"
+
+#include <linux/futex.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <system_error>
+#include <thread>
+
+namespace vsup::engine {
+namespace {
+
+constexpr uint32_t kMagic = 0x76737570;  // "vsup"
+constexpr uint32_t kMaxRanks = 64;
+constexpr size_t kHeaderBytes = 4096;
+
+// The region's header. Zero-filled is the initial state; every field is accessed atomically
+// (the region is shared by processes, so these are address-free lock-free atomics).
+struct Header {
+  std::atomic<uint32_t> magic;
+  std::atomic<uint32_t> arrived;     // ranks at the current barrier
+  std::atomic<uint32_t> generation;  // bumped by the last rank to arrive; the futex word
+  std::atomic<int32_t> pids[kMaxRanks];
+};
+static_assert(sizeof(Header) <= kHeaderBytes);
+static_assert(std::atomic<uint32_t>::is_always_lock_free);
+
+int64_t nowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+class SingleRank final : public Collective {
+ public:
+  uint32_t rank() const override { return 0; }
+  uint32_t size() const override { return 1; }
+  void allReduceSum(float*, size_t) override {}
+  void allGather(const float* mine, size_t n, float* all) override {
+    std::memmove(all, mine, n * sizeof(float));
+  }
+  void cancel() override {}
+};
+
+class Shared final : public Collective {
+ public:
+  Shared(void* base, size_t bytes, uint32_t rank, uint32_t ranks, int64_t timeoutMs,
+         size_t slotFloats)
+      : base_(base), bytes_(bytes), rank_(rank), ranks_(ranks), timeoutMs_(timeoutMs),
+        slotFloats_(slotFloats), peerPidfds_(ranks, -1) {
+    header_ = static_cast<Header*>(base);
+    header_->magic.store(kMagic, std::memory_order_relaxed);
+    header_->pids[rank].store(int32_t(::getpid()), std::memory_order_release);
+    // Spinning only pays when every rank has a core of its own; otherwise it steals the core
+    // the peer we wait for needs.
+    spin_ = std::thread::hardware_concurrency() >= ranks ? 4000 : 0;
+  }
+
+  ~Shared() override {
+    for (int fd : peerPidfds_) {
+      if (fd >= 0) ::close(fd);
+    }
+    ::munmap(base_, bytes_);
+  }
+
+  uint32_t rank() const override { return rank_; }
+  uint32_t size() const override { return ranks_; }
+
+  void allReduceSum(float* data, size_t n) override {
+    for (size_t done = 0; done < n; done += slotFloats_) {
+      size_t m = std::min(slotFloats_, n - done);
+      float* slots = nextSlots();
+      std::memcpy(slot(slots, rank_), data + done, m * sizeof(float));
+      barrier();
+      // Every rank adds in rank order: bit-identical results everywhere.
+      float* out = data + done;
+      std::memcpy(out, slot(slots, 0), m * sizeof(float));
+      for (uint32_t r = 1; r < ranks_; ++r) {
+        const float* __restrict in = slot(slots, r);
+        float* __restrict o = out;
+        for (size_t i = 0; i < m; ++i) o[i] += in[i];
+      }
+    }
+  }
+
+  void allGather(const float* mine, size_t n, float* all) override {
+    for (size_t done = 0; done < n; done += slotFloats_) {
+      size_t m = std::min(slotFloats_, n - done);
+      float* slots = nextSlots();
+      std::memcpy(slot(slots, rank_), mine + done, m * sizeof(float));
+      barrier();
+      for (uint32_t r = 0; r < ranks_; ++r) {
+        std::memcpy(all + size_t(r) * n + done, slot(slots, r), m * sizeof(float));
+      }
+    }
+  }
+
+  void cancel() override {
+    cancelled_.store(true, std::memory_order_release);
+    // Wake our own waits; peers notice through their own cancel or our exit.
+    ::syscall(SYS_futex, &header_->generation, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+  }
+
+ private:
+  // Two sets of slots used alternately: a rank writes set k+1 only after the barrier of round
+  // k, which every rank reaches only after it finished reading set k-1 (= k+1). One barrier per
+  // round is then enough.
+  float* nextSlots() {
+    if (broken_) throw CollectiveError("collective is broken: " + brokenWhy_);
+    float* first = reinterpret_cast<float*>(static_cast<char*>(base_) + kHeaderBytes);
+    float* set = first + (round_ & 1) * size_t(ranks_) * slotFloats_;
+    ++round_;
+    return set;
+  }
+  float* slot(float* set, uint32_t r) const { return set + size_t(r) * slotFloats_; }
+
+  void fail(const std::string& why) {
+    broken_ = true;
+    brokenWhy_ = why;
+    throw CollectiveError(why);
+  }
+
+  void barrier() {
+    uint32_t gen = header_->generation.load(std::memory_order_acquire);
+    if (header_->arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == ranks_) {
+      header_->arrived.store(0, std::memory_order_relaxed);
+      header_->generation.store(gen + 1, std::memory_order_release);
+      ::syscall(SYS_futex, &header_->generation, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+      return;
+    }
+    for (int i = 0; i < spin_; ++i) {
+      if (header_->generation.load(std::memory_order_acquire) != gen) return;
+      __builtin_ia32_pause();
+    }
+    int64_t start = nowMs();
+    int64_t lastPeerCheck = start;
+    while (header_->generation.load(std::memory_order_acquire) == gen) {
+      if (cancelled_.load(std::memory_order_acquire)) fail("cancelled while waiting for peers");
+      struct timespec slice {0, 20 * 1000 * 1000};
+      ::syscall(SYS_futex, &header_->generation, FUTEX_WAIT, gen, &slice, nullptr, 0);
+      int64_t now = nowMs();
+      if (now - lastPeerCheck >= 100) {
+        lastPeerCheck = now;
+        checkPeers();
+      }
+      if (now - start > timeoutMs_ && header_->generation.load(std::memory_order_acquire) == gen) {
+        fail("rank " + std::to_string(rank_) + ": timed out after " +
+             std::to_string(timeoutMs_) + " ms waiting for a peer rank in a collective (" +
+             std::to_string(header_->arrived.load()) + " of " + std::to_string(ranks_) +
+             " arrived): a peer is hung or stopped");
+      }
+    }
+  }
+
+  // A peer that exited will never arrive: fail now rather than at the timeout.
+  void checkPeers() {
+    for (uint32_t r = 0; r < ranks_; ++r) {
+      if (r == rank_) continue;
+      int32_t pid = header_->pids[r].load(std::memory_order_acquire);
+      if (pid <= 0) continue;  // not joined yet
+      if (peerPidfds_[r] < 0) {
+        int fd = int(::syscall(SYS_pidfd_open, pid, 0));
+        if (fd < 0) {
+          if (errno == ESRCH) fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
+                                   ") died during a collective");
+          continue;
+        }
+        peerPidfds_[r] = fd;
+      }
+      struct pollfd p {peerPidfds_[r], POLLIN, 0};
+      if (::poll(&p, 1, 0) == 1) {
+        fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
+             ") died during a collective");
+      }
+    }
+  }
+
+  void* base_;
+  size_t bytes_;
+  Header* header_ = nullptr;
+  uint32_t rank_;
+  uint32_t ranks_;
+  int64_t timeoutMs_;
+  size_t slotFloats_;
+  int spin_ = 0;
+  uint64_t round_ = 0;
+  bool broken_ = false;
+  std::string brokenWhy_;
+  std::atomic<bool> cancelled_{false};
+  std::vector<int> peerPidfds_;
+};
+
+}  // namespace
+
+std::unique_ptr<Collective> makeSingleRankCollective() { return std::make_unique<SingleRank>(); }
+
+size_t sharedCollectiveBytes(uint32_t ranks, size_t slotFloats) {
+  return kHeaderBytes + 2 * size_t(ranks) * slotFloats * sizeof(float);
+}
+
+int createSharedCollective(uint32_t ranks, size_t slotFloats) {
+  if (ranks == 0 || ranks > kMaxRanks) {
+    throw std::invalid_argument("tensor-parallel size must be 1.." + std::to_string(kMaxRanks));
+  }
+  int fd = int(::syscall(SYS_memfd_create, "vsup-tp", MFD_CLOEXEC));
+  if (fd < 0) throw std::system_error(errno, std::generic_category(), "memfd_create(vsup-tp)");
+  if (::ftruncate(fd, off_t(sharedCollectiveBytes(ranks, slotFloats))) != 0) {
+    int e = errno;
+    ::close(fd);
+    throw std::system_error(e, std::generic_category(), "ftruncate(vsup-tp memfd)");
+  }
+  return fd;
+}
+
+std::unique_ptr<Collective> joinSharedCollective(int fd, uint32_t rank, uint32_t ranks,
+                                                 int64_t timeoutMs, size_t slotFloats) {
+  if (rank >= ranks || ranks > kMaxRanks) {
+    throw std::invalid_argument("rank " + std::to_string(rank) + " of " + std::to_string(ranks));
+  }
+  size_t bytes = sharedCollectiveBytes(ranks, slotFloats);
+  off_t size = ::lseek(fd, 0, SEEK_END);
+  if (size < 0 || size_t(size) != bytes) {
+    throw std::runtime_error("collective region (fd " + std::to_string(fd) + ") has " +
+                             std::to_string(size) + " bytes, expected " + std::to_string(bytes));
+  }
+  void* base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap(vsup-tp)");
+  return std::make_unique<Shared>(base, bytes, rank, ranks, timeoutMs, slotFloats);
+}
+
+}  // namespace vsup::engine

@@ -1,0 +1,276 @@
+#include "engine/llama_model.h"
+
+#include "engine/blas.h"
+
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+namespace vsup::engine {
+namespace {
+
+// y[T, out] = x[T, in] · w[out, in]ᵀ, x rows `ldx` floats apart. One token: gemv, which reads the
+// weights once at memory bandwidth (sgemm at tiny M is slower: notes/machine-floors.md).
+void matmul(float* y, const float* x, int64_t T, int64_t ldx, const float* w, int64_t out,
+            int64_t in) {
+  if (T == 1) {
+    blas::sgemv(CblasRowMajor, CblasNoTrans, blasint(out), blasint(in), 1.0f, w, blasint(in), x, 1,
+                0.0f, y, 1);
+  } else {
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(T), blasint(out), blasint(in),
+                1.0f, x, blasint(ldx), w, blasint(in), 0.0f, y, blasint(out));
+  }
+}
+
+std::vector<float> load(const WeightSource& weights, const std::string& name,
+                        std::vector<int64_t> shape, TensorSlice slice) {
+  std::vector<float> out(size_t(slice.rows() * slice.cols()));
+  weights.read(name, shape, slice, out.data());
+  return out;
+}
+
+std::vector<float> loadVector(const WeightSource& weights, const std::string& name, int64_t n) {
+  return load(weights, name, {n}, TensorSlice{0, 1, 0, n});
+}
+
+std::vector<float> loadRows(const WeightSource& weights, const std::string& name, int64_t rows,
+                            int64_t cols, int64_t begin, int64_t end) {
+  return load(weights, name, {rows, cols}, TensorSlice{begin, end, 0, cols});
+}
+
+std::vector<float> loadCols(const WeightSource& weights, const std::string& name, int64_t rows,
+                            int64_t cols, int64_t begin, int64_t end) {
+  return load(weights, name, {rows, cols}, TensorSlice{0, rows, begin, end});
+}
+
+void append(std::vector<float>& to, const std::vector<float>& from) {
+  to.insert(to.end(), from.begin(), from.end());
+}
+
+}  // namespace
+
+int64_t kvBytesPerBlock(const LlamaConfig& c, uint32_t tp, int32_t blockSize) {
+  return 2 * c.numLayers * int64_t(blockSize) * c.kvHeadsPerRank(tp) * c.headDim *
+         int64_t(sizeof(float));
+}
+
+int32_t kvBlocksFor(const LlamaConfig& c, uint32_t tp, int32_t blockSize, int64_t budgetBytes) {
+  int64_t blocks = budgetBytes / kvBytesPerBlock(c, tp, blockSize);
+  return int32_t(std::min<int64_t>(blocks, 1 << 30));
+}
+
+LlamaShard::LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp,
+                       const WeightSource& weights, KvCacheShape cache, Collective& collective)
+    : config_(config), rank_(rank), tp_(tp), collective_(collective), cache_(cache),
+      rope_(int(config.headDim), float(config.ropeTheta), int(config.maxPositions)) {
+  config_.checkTensorParallel(tp);
+  const LlamaConfig& c = config_;
+  qHeads_ = c.numHeads / tp;
+  kvHeads_ = c.kvHeadsPerRank(tp);
+  mlp_ = c.intermediateSize / tp;
+  vocabShard_ = (c.vocabSize + tp - 1) / tp;
+  const int64_t H = c.hiddenSize, hd = c.headDim;
+
+  embed_ = loadRows(weights, "model.embed_tokens.weight", c.vocabSize, H, 0, c.vocabSize);
+  std::string head = c.tieEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  int64_t vBegin = std::min<int64_t>(rank * vocabShard_, c.vocabSize);
+  int64_t vEnd = std::min<int64_t>(vBegin + vocabShard_, c.vocabSize);
+  lmHead_.assign(size_t(vocabShard_ * H), 0.0f);  // rows past the vocabulary stay zero
+  if (vEnd > vBegin) {
+    auto rows = loadRows(weights, head, c.vocabSize, H, vBegin, vEnd);
+    std::copy(rows.begin(), rows.end(), lmHead_.begin());
+  }
+  finalNorm_ = loadVector(weights, "model.norm.weight", H);
+
+  for (int64_t i = 0; i < c.numLayers; ++i) {
+    std::string p = "model.layers." + std::to_string(i) + ".";
+    Layer l;
+    l.inputNorm = loadVector(weights, p + "input_layernorm.weight", H);
+    l.postNorm = loadVector(weights, p + "post_attention_layernorm.weight", H);
+    int64_t q0 = rank * qHeads_ * hd, q1 = q0 + qHeads_ * hd;
+    // With fewer KV heads than ranks, rank r's query heads all use KV head r / (tp / numKvHeads).
+    int64_t kvFirst = c.numKvHeads >= int64_t(tp) ? rank * kvHeads_ : rank / (tp / c.numKvHeads);
+    int64_t k0 = kvFirst * hd, k1 = k0 + kvHeads_ * hd;
+    l.qkv = loadRows(weights, p + "self_attn.q_proj.weight", c.numHeads * hd, H, q0, q1);
+    append(l.qkv, loadRows(weights, p + "self_attn.k_proj.weight", c.numKvHeads * hd, H, k0, k1));
+    append(l.qkv, loadRows(weights, p + "self_attn.v_proj.weight", c.numKvHeads * hd, H, k0, k1));
+    l.o = loadCols(weights, p + "self_attn.o_proj.weight", H, c.numHeads * hd, q0, q1);
+    int64_t m0 = rank * mlp_, m1 = m0 + mlp_;
+    l.gateUp = loadRows(weights, p + "mlp.gate_proj.weight", c.intermediateSize, H, m0, m1);
+    append(l.gateUp, loadRows(weights, p + "mlp.up_proj.weight", c.intermediateSize, H, m0, m1));
+    l.down = loadCols(weights, p + "mlp.down_proj.weight", H, c.intermediateSize, m0, m1);
+    layers_.push_back(std::move(l));
+  }
+
+  layout_.blockSize = cache.blockSize;
+  layout_.numKvHeads = int(kvHeads_);
+  layout_.headDim = int(hd);
+  kvBytes_ = size_t(kvBytesPerBlock(c, tp, cache.blockSize)) * size_t(cache.numBlocks);
+  if (kvBytes_ > 0) {
+    void* p = ::mmap(nullptr, kvBytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      throw std::system_error(errno, std::generic_category(),
+                              "mmap of the KV cache (" + std::to_string(kvBytes_) + " bytes)");
+    }
+    // Touch it now, with huge pages where the kernel allows: first-touch faults would otherwise
+    // land in the first requests' steps (notes/machine-floors.md).
+    ::madvise(p, kvBytes_, MADV_HUGEPAGE);
+    std::memset(p, 0, kvBytes_);
+    kv_ = static_cast<float*>(p);
+  }
+}
+
+LlamaShard::~LlamaShard() {
+  if (kv_ != nullptr) ::munmap(kv_, kvBytes_);
+}
+
+int64_t LlamaShard::weightBytes() const {
+  size_t n = embed_.size() + lmHead_.size() + finalNorm_.size();
+  for (const Layer& l : layers_) {
+    n += l.inputNorm.size() + l.postNorm.size() + l.qkv.size() + l.o.size() + l.gateUp.size() +
+         l.down.size();
+  }
+  return int64_t(n * sizeof(float));
+}
+
+void LlamaShard::forward(const std::vector<Seq>& batch, std::vector<float>& logits) {
+  const LlamaConfig& c = config_;
+  const int64_t H = c.hiddenSize, hd = c.headDim;
+  const int64_t qkvDim = (qHeads_ + 2 * kvHeads_) * hd;
+  const int64_t attnDim = qHeads_ * hd;
+
+  // Where each token of the batch belongs.
+  struct Token {
+    const Seq* seq;
+    int32_t pos;
+  };
+  std::vector<Token> tokens;
+  int64_t wanted = 0;
+  for (const Seq& s : batch) {
+    if (s.count <= 0) throw std::invalid_argument("a sequence in the batch has no tokens");
+    int64_t end = int64_t(s.startPos) + s.count;
+    if (s.startPos < 0 || end > c.maxPositions) {
+      throw std::invalid_argument("positions " + std::to_string(s.startPos) + ".." +
+                                  std::to_string(end - 1) + " exceed the context (" +
+                                  std::to_string(c.maxPositions) + ")");
+    }
+    if (end > int64_t(s.blockCount) * cache_.blockSize) {
+      throw std::invalid_argument("block table of " + std::to_string(s.blockCount) +
+                                  " blocks does not cover position " + std::to_string(end - 1));
+    }
+    for (int32_t b = 0; b < s.blockCount; ++b) {
+      if (s.blockTable[b] < 0 || s.blockTable[b] >= cache_.numBlocks) {
+        throw std::invalid_argument("block " + std::to_string(s.blockTable[b]) +
+                                    " is outside the KV cache (" +
+                                    std::to_string(cache_.numBlocks) + " blocks)");
+      }
+    }
+    for (int32_t i = 0; i < s.count; ++i) {
+      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocabSize) {
+        throw std::invalid_argument("token id " + std::to_string(s.tokens[i]) +
+                                    " is outside the vocabulary");
+      }
+      tokens.push_back({&s, s.startPos + i});
+    }
+    if (s.wantLogits) ++wanted;
+  }
+  const int64_t T = int64_t(tokens.size());
+  logits.assign(size_t(wanted * c.vocabSize), 0.0f);
+  if (T == 0) return;
+
+  x_.resize(size_t(T * H));
+  h_.resize(size_t(T * H));
+  qkvOut_.resize(size_t(T * qkvDim));
+  attn_.resize(size_t(T * attnDim));
+  proj_.resize(size_t(T * H));
+  gu_.resize(size_t(T * 2 * mlp_));
+  {
+    int64_t t = 0;
+    for (const Seq& s : batch) {
+      for (int32_t i = 0; i < s.count; ++i, ++t) {
+        std::memcpy(&x_[size_t(t * H)], &embed_[size_t(s.tokens[i]) * size_t(H)],
+                    size_t(H) * sizeof(float));
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const size_t perCache = size_t(cache_.numBlocks) * size_t(cache_.blockSize) *
+                          size_t(kvHeads_) * size_t(hd);
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const Layer& l = layers_[li];
+    float* kCache = kv_ + (2 * li) * perCache;
+    float* vCache = kv_ + (2 * li + 1) * perCache;
+    for (int64_t t = 0; t < T; ++t) {
+      kernels::rmsNorm(&h_[size_t(t * H)], &x_[size_t(t * H)], l.inputNorm.data(), int(H),
+                       float(c.rmsEps));
+    }
+    matmul(qkvOut_.data(), h_.data(), T, H, l.qkv.data(), qkvDim, H);
+    // Every token's K/V first, so that attention of a prompt token sees its predecessors.
+    for (int64_t t = 0; t < T; ++t) {
+      float* q = &qkvOut_[size_t(t * qkvDim)];
+      float* k = q + attnDim;
+      float* v = k + kvHeads_ * hd;
+      rope_.apply(q, int(qHeads_), tokens[size_t(t)].pos);
+      rope_.apply(k, int(kvHeads_), tokens[size_t(t)].pos);
+      kernels::writeKv(kCache, vCache, layout_, tokens[size_t(t)].seq->blockTable,
+                       tokens[size_t(t)].pos, k, v);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      int32_t context = tokens[size_t(t)].pos + 1;
+      if (scores_.size() < size_t(context)) scores_.resize(size_t(context));
+      kernels::pagedAttention(&attn_[size_t(t * attnDim)], &qkvOut_[size_t(t * qkvDim)], kCache,
+                              vCache, layout_, tokens[size_t(t)].seq->blockTable, context,
+                              int(qHeads_), scale, scores_.data());
+    }
+    matmul(proj_.data(), attn_.data(), T, attnDim, l.o.data(), H, attnDim);
+    collective_.allReduceSum(proj_.data(), size_t(T * H));
+    kernels::addInPlace(x_.data(), proj_.data(), int(T * H));
+
+    for (int64_t t = 0; t < T; ++t) {
+      kernels::rmsNorm(&h_[size_t(t * H)], &x_[size_t(t * H)], l.postNorm.data(), int(H),
+                       float(c.rmsEps));
+    }
+    matmul(gu_.data(), h_.data(), T, H, l.gateUp.data(), 2 * mlp_, H);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = &gu_[size_t(t * 2 * mlp_)];
+      kernels::siluMul(row, row, row + mlp_, int(mlp_));
+    }
+    matmul(proj_.data(), gu_.data(), T, 2 * mlp_, l.down.data(), H, mlp_);
+    collective_.allReduceSum(proj_.data(), size_t(T * H));
+    kernels::addInPlace(x_.data(), proj_.data(), int(T * H));
+  }
+  if (wanted == 0) return;
+
+  // The last token of each sequence that wants logits: final norm, this rank's vocabulary
+  // slice, then every rank gathers the full rows.
+  lastRows_.resize(size_t(wanted * H));
+  {
+    int64_t t = 0, row = 0;
+    for (const Seq& s : batch) {
+      t += s.count;
+      if (!s.wantLogits) continue;
+      kernels::rmsNorm(&lastRows_[size_t(row * H)], &x_[size_t((t - 1) * H)], finalNorm_.data(),
+                       int(H), float(c.rmsEps));
+      ++row;
+    }
+  }
+  shardLogits_.resize(size_t(wanted * vocabShard_));
+  matmul(shardLogits_.data(), lastRows_.data(), wanted, H, lmHead_.data(), vocabShard_, H);
+  gathered_.resize(size_t(tp_) * shardLogits_.size());
+  collective_.allGather(shardLogits_.data(), shardLogits_.size(), gathered_.data());
+  for (int64_t s = 0; s < wanted; ++s) {
+    for (uint32_t r = 0; r < tp_; ++r) {
+      int64_t v0 = int64_t(r) * vocabShard_;
+      int64_t n = std::min<int64_t>(vocabShard_, c.vocabSize - v0);
+      if (n <= 0) continue;
+      const float* from = &gathered_[size_t(r) * shardLogits_.size() + size_t(s * vocabShard_)];
+      std::memcpy(&logits[size_t(s * c.vocabSize + v0)], from, size_t(n) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace vsup::engine

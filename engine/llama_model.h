@@ -1,0 +1,90 @@
+// One tensor-parallel rank's shard of a Llama-architecture transformer, with its part of the
+// paged KV cache, computing in fp32 on the CPU (OpenBLAS for the matrix products, kernels/ for
+// the rest).
+//
+// Megatron-style split over `tp` ranks: q/k/v and gate/up are column-parallel (this rank holds
+// numHeads/tp query heads, numKvHeads/tp KV heads and intermediateSize/tp MLP columns), o and
+// down are row-parallel (partial sums, all-reduced), the input embedding is replicated and the
+// output projection (lm_head) is vocab-parallel (each rank computes its slice of the logits,
+// then all-gathers). Every rank ends a forward pass with the same full-vocabulary logits.
+//
+// Thread: one compute thread calls forward(); not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/collective.h"
+#include "engine/llama_config.h"
+#include "engine/weights.h"
+#include "kernels/cpu_kernels.h"
+
+namespace vsup::engine {
+
+struct KvCacheShape {
+  int32_t numBlocks = 0;
+  int32_t blockSize = 16;
+};
+
+// Bytes of KV cache one block takes on one rank, and how many blocks fit in `budgetBytes`.
+int64_t kvBytesPerBlock(const LlamaConfig& config, uint32_t tp, int32_t blockSize);
+int32_t kvBlocksFor(const LlamaConfig& config, uint32_t tp, int32_t blockSize, int64_t budgetBytes);
+
+class LlamaShard {
+ public:
+  // Loads this rank's shard from `weights` (throws std::runtime_error naming the tensor) and
+  // allocates and touches its KV cache. Borrows `collective`, which must outlive it.
+  LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp, const WeightSource& weights,
+             KvCacheShape cache, Collective& collective);
+  ~LlamaShard();
+  LlamaShard(const LlamaShard&) = delete;
+  LlamaShard& operator=(const LlamaShard&) = delete;
+
+  // One sequence's part of a batch: `tokens` at positions startPos.. (a prompt chunk, or the
+  // one token generated last), their KV written through `blockTable`, which must cover every
+  // position up to startPos + tokens.size() - 1.
+  struct Seq {
+    const int32_t* tokens = nullptr;
+    int32_t count = 0;
+    int32_t startPos = 0;
+    const int32_t* blockTable = nullptr;
+    int32_t blockCount = 0;
+    bool wantLogits = false;  // logits of its last token
+  };
+  // Runs the batch. `logits` receives vocabSize floats for each Seq with wantLogits, in order.
+  // Throws CollectiveError when the ranks cannot complete a collective, and
+  // std::invalid_argument for a Seq outside the cache or the context.
+  void forward(const std::vector<Seq>& batch, std::vector<float>& logits);
+
+  const LlamaConfig& config() const { return config_; }
+  int64_t weightBytes() const;  // this rank's weights, for the benchmark's bandwidth floor
+
+ private:
+  struct Layer {
+    std::vector<float> inputNorm, postNorm;
+    std::vector<float> qkv;     // [(qHeads + 2 kvHeads) * headDim, hidden]
+    std::vector<float> o;       // [hidden, qHeads * headDim]
+    std::vector<float> gateUp;  // [2 * mlp, hidden]
+    std::vector<float> down;    // [hidden, mlp]
+  };
+
+  LlamaConfig config_;
+  uint32_t rank_;
+  uint32_t tp_;
+  Collective& collective_;
+  int64_t qHeads_, kvHeads_, mlp_, vocabShard_;
+  std::vector<float> embed_;    // [vocab, hidden], replicated
+  std::vector<float> lmHead_;   // [vocabShard, hidden]: rows rank*vocabShard.. (zero past vocab)
+  std::vector<float> finalNorm_;
+  std::vector<Layer> layers_;
+  KvCacheShape cache_;
+  kernels::PagedLayout layout_;
+  float* kv_ = nullptr;  // [layer][k|v][block][slot][kvHead][headDim], mmap'd
+  size_t kvBytes_ = 0;
+  kernels::RopeTable rope_;
+  // Scratch, reused between steps.
+  std::vector<float> x_, h_, qkvOut_, attn_, proj_, gu_, scores_, lastRows_, shardLogits_, gathered_;
+};
+
+}  // namespace vsup::engine
