@@ -1,5 +1,7 @@
 #include "supervisor/child_runtime.h"
 
+#include "supervisor/fault_injection.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -92,6 +94,7 @@ kj::Promise<capnp::Capability::Client> ChildRuntime::service() {
 }
 
 kj::Promise<void> ChildRuntime::quiesce(MonoNs drainDeadline) {
+  crashIfInjected(name_, "drain");
   if (!quiesce_) return kj::READY_NOW;
   return quiesce_(drainDeadline);
 }
@@ -101,6 +104,7 @@ void ChildRuntime::reportDeferral(const std::string& node, const Deferral& defer
 }
 
 kj::Promise<void> ChildRuntime::start(SupervisorSpec spec) {
+  crashIfInjected(name_, "start");
   kj::Promise<void> ready = start_ ? start_(spec) : kj::Promise<void>(kj::READY_NOW);
   return ready.then([this]() {
     if (!shuttingDown_) state_ = "running";
@@ -125,6 +129,11 @@ kj::Promise<NodeStatus> ChildRuntime::status() {
 }
 
 kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter reporter) {
+  crashIfInjected(name_, "shutdown");
+  if (faultInjected(name_, "ignore-shutdown")) {
+    vsup::log().warn("[shutdown] {}: ignoring the shutdown request (VSUP_TEST_FAULT)", name_);
+    return kj::NEVER_DONE;
+  }
   if (reporter) reporter_ = std::move(reporter);
   if (shuttingDown_) {
     // Idempotent; an earlier deadline shortens what is left (the children's part).

@@ -27,6 +27,7 @@
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"
+#include "supervisor/fault_injection.h"
 #include "supervisor/supervisor.h"
 #include "workers/api_server/openai.h"
 #include "workers/engine_codec.h"
@@ -139,6 +140,7 @@ class ApiServer final : private kj::TaskSet::ErrorHandler {
   std::map<std::string, std::pair<std::string, size_t>> choiceOf_;  // engine id → (id, index)
   // Metrics.
   uint64_t requestsTotal_ = 0;
+  uint64_t deltaBatches_ = 0;  // for VSUP_TEST_FAULT crash@deltaN
   uint64_t abortedAtShutdown_ = 0;
   uint64_t errorsTotal_ = 0;
   MonoNs quiescedAt_ = 0;
@@ -260,6 +262,7 @@ kj::Promise<void> ApiServer::drainHook(supervisor::ShutdownContext& ctx) {
 }
 
 void ApiServer::deliver(const std::vector<engine::TokenDelta>& deltas) {
+  supervisor::crashIfInjected(runtime_.name(), "delta" + std::to_string(++deltaBatches_));
   for (const auto& d : deltas) onDelta(d);
 }
 

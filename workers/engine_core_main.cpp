@@ -28,6 +28,7 @@
 #include "ipc/uv_kj.h"
 #include "kvconnector/kv_connector.h"
 #include "supervisor/child_runtime.h"
+#include "supervisor/fault_injection.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "workers/engine_codec.h"
@@ -294,6 +295,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     } else {
       input = scheduler_->nextStep();
     }
+    supervisor::crashIfInjected(runtime_.name(), "step" + std::to_string(input.step));
     input.kvTransfers = std::move(kvPending_);
     kvPending_.clear();
     lastStep_ = input.step;

@@ -17,6 +17,7 @@
 #include "ipc/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"
+#include "supervisor/fault_injection.h"
 #include "supervisor/supervisor.h"
 #include "workers/compute_thread.h"
 #include "workers/engine_codec.h"
@@ -31,13 +32,15 @@ namespace schema = ipc::schema;
 
 class WorkerService final : public schema::Worker::Server {
  public:
-  WorkerService(uv_loop_t* loop, engine::WorkerEngine** engine, ComputeThread* compute,
-                kv::KvConnectorWorker* kv, MonoNs* kvGiveUpAt)
-      : loop_(loop), engine_(engine), compute_(compute), kv_(kv), kvGiveUpAt_(kvGiveUpAt) {}
+  WorkerService(uv_loop_t* loop, std::string node, engine::WorkerEngine** engine,
+                ComputeThread* compute, kv::KvConnectorWorker* kv, MonoNs* kvGiveUpAt)
+      : loop_(loop), node_(std::move(node)), engine_(engine), compute_(compute), kv_(kv),
+        kvGiveUpAt_(kvGiveUpAt) {}
 
  protected:
   kj::Promise<void> step(StepContext context) override {
     engine::StepInput input = decode(context.getParams().getInput());
+    supervisor::crashIfInjected(node_, "step" + std::to_string(input.step));
     if (kv_ != nullptr) {
       for (const auto& id : input.kvTransfers) kv_->startTransfer(id, monoNow());
     }
@@ -69,6 +72,7 @@ class WorkerService final : public schema::Worker::Server {
 
  private:
   uv_loop_t* loop_;
+  std::string node_;
   engine::WorkerEngine** engine_;  // set once the rank has loaded
   ComputeThread* compute_;
   kv::KvConnectorWorker* kv_;
@@ -143,7 +147,7 @@ int workerMain(int argc, char** argv) {
     auto state = std::make_unique<WorkerState>();
     if (kvName == "sim") state->kv = kv::makeSimWorker(simKvTransferMs);
     WorkerState* st = state.get();
-    runtime.setService(kj::heap<WorkerService>(loop, &st->ready, st->compute.get(),
+    runtime.setService(kj::heap<WorkerService>(loop, runtime.name(), &st->ready, st->compute.get(),
                                                state->kv.get(), &state->kvGiveUpAt));
     if (flags.engine == "sim") {
       engine::SimOptions options;
