@@ -145,10 +145,13 @@ class Shared final : public Collective {
       if (cancelled_.load(std::memory_order_acquire)) fail("cancelled while waiting for peers");
       struct timespec slice {0, 20 * 1000 * 1000};
       ::syscall(SYS_futex, &header_->generation, FUTEX_WAIT, gen, &slice, nullptr, 0);
+      // The barrier may have completed while we slept: then peers that exited since are no
+      // failure of this collective.
+      if (header_->generation.load(std::memory_order_acquire) != gen) return;
       int64_t now = nowMs();
       if (now - lastPeerCheck >= 100) {
         lastPeerCheck = now;
-        checkPeers();
+        checkPeers(gen);
       }
       if (now - start > timeoutMs_ && header_->generation.load(std::memory_order_acquire) == gen) {
         fail("rank " + std::to_string(rank_) + ": timed out after " +
@@ -160,7 +163,7 @@ class Shared final : public Collective {
   }
 
   // A peer that exited will never arrive: fail now rather than at the timeout.
-  void checkPeers() {
+  void checkPeers(uint32_t gen) {
     for (uint32_t r = 0; r < ranks_; ++r) {
       if (r == rank_) continue;
       int32_t pid = header_->pids[r].load(std::memory_order_acquire);
@@ -168,14 +171,16 @@ class Shared final : public Collective {
       if (peerPidfds_[r] < 0) {
         int fd = int(::syscall(SYS_pidfd_open, pid, 0));
         if (fd < 0) {
-          if (errno == ESRCH) fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
-                                   ") died during a collective");
+          if (errno == ESRCH && header_->generation.load(std::memory_order_acquire) == gen) {
+            fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
+                 ") died during a collective");
+          }
           continue;
         }
         peerPidfds_[r] = fd;
       }
       struct pollfd p {peerPidfds_[r], POLLIN, 0};
-      if (::poll(&p, 1, 0) == 1) {
+      if (::poll(&p, 1, 0) == 1 && header_->generation.load(std::memory_order_acquire) == gen) {
         fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
              ") died during a collective");
       }

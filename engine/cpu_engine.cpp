@@ -36,6 +36,7 @@ struct Sequence {
   std::unique_ptr<IncrementalDecoder> decoder;
   StopTextStream text{{}};
   bool running = false;
+  uint64_t serial = 0;  // which admission this is: an id may come back after an abort
 };
 
 class CpuSchedulerImpl final : public CpuScheduler {
@@ -71,6 +72,7 @@ class CpuSchedulerImpl final : public CpuScheduler {
     s.seed = request.sampling.seed.value_or(hashId(request.id));
     s.decoder = std::make_unique<IncrementalDecoder>(*tokenizer_);
     s.text = StopTextStream(request.sampling.stop);
+    s.serial = ++admissions_;
     std::string id = request.id;
     s.request = std::move(request);
     byId_.emplace(id, std::move(s));
@@ -131,6 +133,8 @@ class CpuSchedulerImpl final : public CpuScheduler {
       in.seqs.push_back(stepFor(s, int32_t(n)));
     }
     current_ = in;
+    currentSerials_.clear();
+    for (const SeqStep& q : in.seqs) currentSerials_.push_back(byId_.at(q.id).serial);
     return in;
   }
 
@@ -153,7 +157,8 @@ class CpuSchedulerImpl final : public CpuScheduler {
     for (size_t i = 0; i < current_.seqs.size(); ++i) {
       const SeqStep& q = current_.seqs[i];
       auto it = byId_.find(q.id);
-      if (it == byId_.end()) continue;  // aborted while the step ran
+      // Aborted while the step ran (and perhaps its id admitted again since).
+      if (it == byId_.end() || it->second.serial != currentSerials_[i]) continue;
       Sequence& s = it->second;
       s.computed = int32_t(q.startPos + q.tokens.size());
       if (!q.sample) continue;  // a prompt chunk: nothing to say yet
@@ -183,6 +188,8 @@ class CpuSchedulerImpl final : public CpuScheduler {
       out.push_back(std::move(d));
       if (out.back().finish != FinishReason::None) remove(it);
     }
+    current_.seqs.clear();  // applied: completing this step again is a caller error
+    currentSerials_.clear();
     return out;
   }
 
@@ -265,6 +272,8 @@ class CpuSchedulerImpl final : public CpuScheduler {
   StepInput current_;
   uint64_t step_ = 0;
   uint64_t preemptions_ = 0;
+  uint64_t admissions_ = 0;
+  std::vector<uint64_t> currentSerials_;
 };
 
 class CpuWorkerImpl final : public WorkerEngine {

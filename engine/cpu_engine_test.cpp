@@ -554,6 +554,34 @@ TEST_CASE("a request aborted between nextStep and complete gets no delta and its
   CHECK(ranks.stats().freeBlocks == ranks.stats().totalBlocks);
 }
 
+TEST_CASE("an id reused after an abort while its step runs is a new request that step does not touch") {
+  // The scheduler may refuse the id until the step completes (a caller error), or take it as a
+  // new request; it must not hand the aborted request's token, or its KV position, to it.
+  FakeRanks ranks({});
+  CpuScheduler& s = ranks.scheduler();
+  ranks.admit(request("r", "abcdefgh", 5));
+  StepInput in = ranks.next();
+  std::vector<StepOutput> outs = ranks.answer(in, always('q'));
+  REQUIRE(s.abort("r", nullptr));
+  bool admitted = true;
+  try {
+    s.admit(request("r", "xy", 5));
+  } catch (const RequestRejected&) {
+    FAIL("a reused id is no reason to reject the request");
+  } catch (const std::invalid_argument&) {
+    admitted = false;
+  }
+  std::vector<TokenDelta> deltas = s.complete(outs);
+  CHECK_MESSAGE(deltas.empty(), "the aborted request's token went to the new one: ",
+                deltas.empty() ? "" : deltas[0].text);
+  if (!admitted) s.admit(request("r", "xy", 5));
+  StepInput next;
+  CHECK_NOTHROW(next = s.nextStep());
+  REQUIRE(next.seqs.size() == 1);
+  CHECK(next.seqs[0].startPos == 0);
+  CHECK(next.seqs[0].tokens == bytesOf("xy"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Preemption
 
@@ -801,10 +829,10 @@ TEST_CASE("complete throws when a rank answers another step or with the wrong nu
   std::vector<StepOutput> stale = ranks.answer(in, always('x'));
   stale[1].step = in.step - 1;
   CHECK_THROWS_AS(ranks.scheduler().complete(stale), std::runtime_error);
-  std::vector<StepOutput> short_ = ranks.answer(in, always('x'));
-  short_[0].tokens.clear();
-  short_[1].tokens.clear();
-  CHECK_THROWS_AS(ranks.scheduler().complete(short_), std::runtime_error);
+  std::vector<StepOutput> tooFew = ranks.answer(in, always('x'));
+  tooFew[0].tokens.clear();
+  tooFew[1].tokens.clear();
+  CHECK_THROWS_AS(ranks.scheduler().complete(tooFew), std::runtime_error);
   CHECK_THROWS_AS(ranks.scheduler().complete({}), std::runtime_error);
 }
 

@@ -87,8 +87,9 @@ class Scheduler {
   virtual bool abort(const std::string& id, TokenDelta* final) = 0;
   // The next step, or an empty step (seqs empty) when nothing is waiting or running.
   virtual StepInput nextStep() = 0;
-  // Applies the outputs of every rank for the step nextStep() returned. Returns one delta per
-  // request in the step; finished requests are removed (their deltas carry a finish reason). Throws std::runtime_error when the
+  // Applies the outputs of every rank for the step nextStep() returned. Returns a delta for each
+  // request in the step that produced a token (none for a prompt chunk or a request aborted
+  // meanwhile); finished requests are removed (their deltas carry a finish reason). Throws std::runtime_error when the
   // ranks disagree (a broken collective).
   virtual std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) = 0;
   virtual size_t inFlight() const = 0;  // waiting + running
