@@ -12,6 +12,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <mutex>
 #include <thread>
 
 #include <kj/async.h>
@@ -39,14 +40,56 @@ class LoopThread {
     VSUP_REQUIRE(!onLoopThread(),
                  "a blocking vsup call was made from vsup's own thread (e.g. inside a callback)");
     try {
-      return executor_->executeSync(kj::fwd<Func>(func));
+      handoff();  // happens-before: everything this thread did, then func on the loop thread
+      using Value = typename PromiseValue<kj::PromiseForResult<Func, void>>::Type;
+      auto wrapped = [this, f = kj::fwd<Func>(func)]() mutable {
+        handoff();
+        return kj::Promise<void>(kj::READY_NOW)
+            .then(kj::mv(f))
+            .then(Handoff{this}, [this](kj::Exception&& e) -> Value {
+              handoff();  // the exception (its strings) crosses to the caller too
+              kj::throwFatalException(kj::mv(e));
+            });
+      };
+      using Result = decltype(executor_->executeSync(kj::mv(wrapped)));
+      if constexpr (std::is_void_v<Result>) {
+        executor_->executeSync(kj::mv(wrapped));
+        handoff();
+      } else {
+        Result result = executor_->executeSync(kj::mv(wrapped));
+        handoff();
+        return result;
+      }
     } catch (const kj::Exception& e) {
+      handoff();
       throw vsup::Error(std::string(e.getDescription().cStr()));
     }
   }
 
  private:
+  // The caller and the loop thread hand work over through KJ's cross-thread events, whose
+  // synchronisation lives in libkj (futexes ThreadSanitizer cannot see, as Debian's libkj is not
+  // instrumented). Locking one std::mutex on both sides of each hand-over makes the same
+  // ordering visible to it; it costs two uncontended lock/unlock pairs per run().
+  void handoff() { std::lock_guard<std::mutex> lock(handoffMutex_); }
+  template <typename P>
+  struct PromiseValue;
+  template <typename T>
+  struct PromiseValue<kj::Promise<T>> {
+    using Type = T;
+  };
+  struct Handoff {
+    LoopThread* thread;
+    void operator()() const { thread->handoff(); }
+    template <typename T>
+    T operator()(T&& value) const {
+      thread->handoff();
+      return kj::fwd<T>(value);
+    }
+  };
+
   void main();
+  std::mutex handoffMutex_;
 
   uv_loop_t loop_;
   const kj::Executor* executor_ = nullptr;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <new>
 #include <linux/close_range.h>
 
 #include "ipc/check.h"
@@ -190,17 +191,29 @@ Process Process::spawn(const SpawnRequest& request) {
   args.parentPid = ::getpid();
   args.deathSignal = request.deathSignal;
 
+  // The child's stack, with its arguments at the bottom. Shared, so that the child's failure
+  // report reaches us even when it runs on a copy of our memory (below).
   void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+                       MAP_SHARED | MAP_ANONYMOUS | MAP_STACK, -1, 0);
   if (stack == MAP_FAILED) detail::throwSysError("mmap(child stack)", __FILE__, __LINE__);
+  auto* shared = new (stack) ChildArgs(args);
+#if defined(__SANITIZE_THREAD__)
+  // ThreadSanitizer cannot follow instrumented code running in our address space outside its
+  // threads (a CLONE_VM child corrupts its shadow state): under TSan the child gets a copy of
+  // our memory, still suspending us until it has exec'd (CLONE_VFORK).
+  constexpr int kShareMemory = 0;
+#else
+  constexpr int kShareMemory = CLONE_VM;
+#endif
   int pidfd = -1;
   pid_t pid;
   {
     BlockAllSignals blocked;
     pid = ::clone(childMain, static_cast<char*>(stack) + kChildStackSize,
-                  CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &args, &pidfd);
+                  kShareMemory | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, shared, &pidfd);
   }
   int cloneErrno = errno;
+  args = *shared;
   ::munmap(stack, kChildStackSize);
   if (pid < 0) {
     errno = cloneErrno;

@@ -45,17 +45,25 @@ class ComputeThread {
   template <typename Func>
   kj::Promise<void> runVoid(Func&& job) {
     auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
-    post([job = kj::fwd<Func>(job), fulfiller = kj::mv(paf.fulfiller)]() mutable {
+    post([this, job = kj::fwd<Func>(job), fulfiller = kj::mv(paf.fulfiller)]() mutable {
       try {
         job();
+        handoff();
         fulfiller->fulfill();
       } catch (const std::exception& e) {
+        handoff();
         fulfiller->reject(KJ_EXCEPTION(FAILED, e.what()));
       }
     });
-    return kj::mv(paf.promise);
+    // The fulfiller's synchronisation is in libkj, invisible to ThreadSanitizer: the mutex
+    // makes "the job's writes happen before the loop thread reads them" visible too.
+    return paf.promise.then([this]() { handoff(); }, [this](kj::Exception&& e) {
+      handoff();
+      kj::throwFatalException(kj::mv(e));
+    });
   }
   void post(kj::Function<void()> job);
+  void handoff() { std::lock_guard<std::mutex> lock(mutex_); }
   void loop();
 
   std::mutex mutex_;

@@ -120,6 +120,14 @@ class Notifier {
     std::lock_guard lock(mu_);
     cv_.notify_all();
   }
+  // Runs `f` (e.g. publishing a value to the client thread) under the lock, then wakes the
+  // waiters: a waiter's predicate can never read it half-way or unsynchronised.
+  template <typename F>
+  void update(F&& f) {
+    std::lock_guard lock(mu_);
+    f();
+    cv_.notify_all();
+  }
   bool waitUntil(const std::function<bool()>& pred) {
     std::unique_lock lock(mu_);
     return cv_.wait_for(lock, kWait, pred);
@@ -618,7 +626,8 @@ TEST_CASE("a client that disconnects mid-stream fires onClientGone, and write() 
 }
 
 TEST_CASE("a client that waits without reading is noticed as gone when it disconnects") {
-  std::shared_ptr<Response> pending;
+  std::shared_ptr<Response> pending;  // written on the loop thread, read after `arrived`
+  std::atomic<bool> arrived{false};
   std::atomic<bool> gone{false};
   Notifier notifier;
   Harness h([&](Request&&, std::shared_ptr<Response> resp) {
@@ -627,12 +636,13 @@ TEST_CASE("a client that waits without reading is noticed as gone when it discon
       notifier.poke();
     });
     pending = std::move(resp);
+    arrived = true;
     notifier.poke();
   });
   h.run([&] {
     Client c(h.port());
     c.send(get("/slow-generation"));
-    REQUIRE(notifier.waitUntil([&] { return pending != nullptr; }));
+    REQUIRE(notifier.waitUntil([&] { return arrived.load(); }));
     c.close();
     REQUIRE(notifier.waitUntil([&] { return gone.load(); }));
     h.bridge.call([&] {
@@ -649,8 +659,7 @@ TEST_CASE("a client that stops reading a stream is dropped once 8 MiB are queued
   Harness h([&](Request&&, std::shared_ptr<Response> resp) {
     resp->onClientGone([&] { gone = true; });
     resp->startStream(200, {});
-    stream = std::move(resp);
-    notifier.poke();
+    notifier.update([&] { stream = std::move(resp); });
   });
   h.run([&] {
     Client c(h.port());
@@ -854,8 +863,7 @@ TEST_CASE("a handler taking longer than every timeout is not cut off") {
   std::shared_ptr<Response> pending;
   Notifier notifier;
   Harness h(options, [&](Request&&, std::shared_ptr<Response> resp) {
-    pending = std::move(resp);
-    notifier.poke();
+    notifier.update([&] { pending = std::move(resp); });
   });
   UvHandle<uv_timer_t> timer;  // after h: closed before the loop
   h.run([&] {
@@ -926,8 +934,7 @@ TEST_CASE("stopAccepting refuses new connects while an open connection still get
   std::shared_ptr<Response> pending;
   Notifier notifier;
   Harness h([&](Request&&, std::shared_ptr<Response> resp) {
-    pending = std::move(resp);
-    notifier.poke();
+    notifier.update([&] { pending = std::move(resp); });
   });
   h.run([&] {
     Client c(h.port());
@@ -1023,8 +1030,7 @@ TEST_CASE("draining answers with the body set by setDrainResponse, and a non-str
   std::shared_ptr<Response> pending;
   Notifier notifier;
   Harness h([&](Request&&, std::shared_ptr<Response> resp) {
-    pending = std::move(resp);
-    notifier.poke();
+    notifier.update([&] { pending = std::move(resp); });
   });
   h.server->setDrainResponse("text/plain", "bye");
   h.run([&] {
@@ -1177,8 +1183,7 @@ TEST_CASE("destroying the Server closes the listener and every connection and le
       if (req.path != "/stream") return echo(std::move(req), std::move(resp));
       resp->onClientGone([&] { goneCalled = true; });
       resp->startStream(200, {});
-      stream = std::move(resp);
-      notifier.poke();
+      notifier.update([&] { stream = std::move(resp); });
     });
     server->listen();
     uint16_t port = server->port();
