@@ -11,6 +11,7 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -301,20 +302,45 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
     lastStep_ = input.step;
     stepRunning_ = true;
     bool generates = !input.seqs.empty();
+    // The step fails as soon as one rank fails (joinPromises alone would wait for every rank,
+    // and a stopped rank never answers): its error names it.
+    auto failFast = kj::newPromiseAndFulfiller<kj::Array<engine::StepOutput>>();
+    stepFailed_ = kj::mv(failFast.fulfiller);
     kj::Vector<kj::Promise<engine::StepOutput>> calls;
-    for (auto& rank : ranks_) {
-      auto request = rank.stepRequest();
+    for (size_t r = 0; r < ranks_.size(); ++r) {
+      auto request = ranks_[r].stepRequest();
       encode(input, request.initInput());
-      calls.add(request.send().then([](capnp::Response<schema::Worker::StepResults>&& r) {
-        return decode(r.getOutput());
-      }));
+      calls.add(request.send().then(
+          [this, r, step = input.step](capnp::Response<schema::Worker::StepResults>&& res) {
+            rankAnswered(r, step);
+            return decode(res.getOutput());
+          },
+          [this, r](kj::Exception&& e) -> engine::StepOutput {
+                      std::string why =
+                          "worker-tp" + std::to_string(r) +
+                          (e.getType() == kj::Exception::Type::DISCONNECTED
+                               ? std::string(" disconnected (the process died)")
+                               : std::string(": ") + e.getDescription().cStr());
+                      if (stepFailed_ && stepFailed_->isWaiting()) {
+                        stepFailed_->reject(kj::Exception(kj::Exception::Type::FAILED, __FILE__,
+                                                          __LINE__, kj::str(why.c_str())));
+                      }
+                      kj::throwFatalException(kj::mv(e));
+                    })
+                    // Now, not when joinPromises collects every branch (KJ runs a .then()
+                    // callback lazily): the fail-fast and straggler checks need it at once.
+                    .eagerlyEvaluate(nullptr));
     }
     uint64_t step = input.step;
-    auto all = kj::joinPromises(calls.releaseAsArray());
+    answered_.assign(ranks_.size(), false);
+    auto all = kj::joinPromises(calls.releaseAsArray()).exclusiveJoin(kj::mv(failFast.promise));
     auto timeout = ipc::uvSleep(loop_, options_.stepTimeoutMs)
                        .then([this, step]() -> kj::Promise<kj::Array<engine::StepOutput>> {
-                         return KJ_EXCEPTION(FAILED, "step timed out: a rank did not answer",
-                                             step, options_.stepTimeoutMs);
+                         std::string why = "step " + std::to_string(step) +
+                                           ": a rank did not answer within " +
+                                           std::to_string(options_.stepTimeoutMs) + " ms";
+                         return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                              kj::str(why.c_str()));
                        });
     return all.exclusiveJoin(kj::mv(timeout))
         .then([this, generates](kj::Array<engine::StepOutput> outputs) {
@@ -337,6 +363,31 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
           }
           return loop();
         });
+  }
+
+  // Ranks compute a step in lockstep (every collective waits for all), so once one rank has
+  // answered, the others are at most a sampling pass behind: a rank still silent after the
+  // collective timeout is hung or stopped (a stopped rank that had passed the step's last
+  // collective leaves its peers nothing to time out on).
+  void rankAnswered(size_t rank, uint64_t step) {
+    if (step != lastStep_ || rank >= answered_.size()) return;
+    bool first = std::none_of(answered_.begin(), answered_.end(), [](bool a) { return a; });
+    answered_[rank] = true;
+    if (!first) return;
+    int64_t bound = options_.engine.cpu.collectiveTimeoutMs;
+    tasks_.add(ipc::uvSleep(loop_, uint64_t(bound)).then([this, rank, step, bound]() {
+      if (step != lastStep_ || !stepRunning_ || !stepFailed_ || !stepFailed_->isWaiting()) return;
+      std::string silent;
+      for (size_t r = 0; r < answered_.size(); ++r) {
+        if (!answered_[r]) silent += (silent.empty() ? "worker-tp" : ", worker-tp") + std::to_string(r);
+      }
+      if (silent.empty()) return;
+      std::string why = silent + " did not answer step " + std::to_string(step) + " within " +
+                        std::to_string(bound) + " ms of worker-tp" + std::to_string(rank) +
+                        " (hung or stopped)";
+      stepFailed_->reject(
+          kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str())));
+    }));
   }
 
   // Sends every delta to the API server that owns the request: one call per server per step.
@@ -418,6 +469,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::string failure_;
   kj::Own<kj::PromiseFulfiller<void>> workAvailable_;
   kj::Own<kj::PromiseFulfiller<void>> boundary_;
+  kj::Own<kj::PromiseFulfiller<kj::Array<engine::StepOutput>>> stepFailed_;  // this step's
+  std::vector<bool> answered_;  // this step: which ranks have answered
   kj::Promise<void> loopPromise_ = kj::READY_NOW;
   kj::Promise<void> watchdog_ = kj::READY_NOW;
   kj::TaskSet tasks_;

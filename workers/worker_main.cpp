@@ -65,9 +65,15 @@ class WorkerService final : public schema::Worker::Server {
         ->run<engine::StepOutput>([engine, input = std::move(input)]() {
           return engine->execute(input);
         })
-        .then([context](engine::StepOutput output) mutable {
-          encode(output, context.getResults().initOutput());
-        });
+        .then(
+            [context](engine::StepOutput output) mutable {
+              encode(output, context.getResults().initOutput());
+            },
+            [node = node_, step = context.getParams().getInput().getStep()](kj::Exception&& e) {
+              vsup::log().error("[engine] {}: step {} failed: {}", node, step,
+                                e.getDescription().cStr());
+              kj::throwFatalException(kj::mv(e));
+            });
   }
 
  private:
