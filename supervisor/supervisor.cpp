@@ -33,6 +33,7 @@ int exitCodeFor(Outcome outcome) {
     case Outcome::Escalated: return kExitEscalated;
     case Outcome::StartFailed: return kExitStartFailed;
     case Outcome::IntensityExceeded: return kExitIntensity;
+    case Outcome::ChildFailed: return kExitIntensity;  // the same as an unexpected death
   }
   return kExitError;
 }
@@ -43,6 +44,7 @@ const char* nameOf(Outcome outcome) {
     case Outcome::Escalated: return "escalated";
     case Outcome::StartFailed: return "start failed";
     case Outcome::IntensityExceeded: return "intensity exceeded";
+    case Outcome::ChildFailed: return "a child failed during shutdown";
   }
   return "?";
 }
@@ -453,6 +455,8 @@ void Supervisor::onExit(Child& c) {
   fulfiller->fulfill();
   if (unexpected && (phase_ == Phase::Running || phase_ == Phase::Starting)) {
     onUnexpectedExit(c, status->success());
+  } else if (unexpected) {
+    ++failures_;  // died on its own while the tree was shutting down: not a clean shutdown
   }
 }
 
@@ -597,13 +601,18 @@ void Supervisor::beginShutdown(MonoNs deadline) {
                    stopping_ = nullptr;
                    if (forcedOutcome_) {
                      outcome_ = *forcedOutcome_;
+                   } else if (failures_ > 0) {
+                     outcome_ = Outcome::ChildFailed;
                    } else {
                      outcome_ = escalations_ > 0 ? Outcome::Escalated : Outcome::Clean;
                    }
+                   std::string how = failures_ > 0
+                                         ? std::to_string(failures_) + " child failure(s)"
+                                         : escalations_ > 0
+                                               ? std::to_string(escalations_) + " escalations"
+                                               : std::string("clean");
                    vsup::log().info("[shutdown] {}: done in {} ({})", spec_.name,
-                                    millis(monoNow() - shutdownStartedAt_),
-                                    escalations_ > 0 ? std::to_string(escalations_) + " escalations"
-                                                     : std::string("clean"));
+                                    millis(monoNow() - shutdownStartedAt_), how);
                    notify_.reset();
                    guard_.reset();
                    doneFulfiller_->fulfill();
@@ -682,6 +691,11 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
     if (!c.killed && c.spec.vsupAware && c.lastExit &&
         c.lastExit->kind == ExitStatus::Kind::Exited && c.lastExit->code == kExitEscalated) {
       ++escalations_;
+    } else if (!c.killed && c.spec.vsupAware && c.lastExit && !c.lastExit->success() &&
+               c.exitExpected) {
+      // Asked to stop, a vsup-aware child exits 0 (or 4, above): anything else is a failure
+      // (a crash while stopping, a sub-tree that failed).
+      ++failures_;
     }
     c.deferral = {};
     if (stopping_ == &c) stopping_ = nullptr;
@@ -765,6 +779,7 @@ void Supervisor::killAll() {
                      c->spec.name, c->proc->pid());
     ++escalations_;
     c->exitExpected = true;
+    c->killed = true;  // its SIGKILL is ours: an escalation, not a failure of its own
     c->proc->killGroup();
   }
   if (phase_ != Phase::ShuttingDown && phase_ != Phase::Terminated) {
@@ -833,6 +848,9 @@ kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& ch
   return toKj("child '" + child + "' is not a running vsup-aware child of " + spec_.name);
 }
 
+// How long after the drain deadline a child may take to answer Node.quiesce.
+constexpr int64_t kQuiesceGraceMs = 1000;
+
 kj::Promise<void> Supervisor::quiesceChildren(MonoNs drainDeadline) {
   kj::Vector<kj::Promise<void>> calls;
   for (auto& c : children_) {
@@ -840,7 +858,18 @@ kj::Promise<void> Supervisor::quiesceChildren(MonoNs drainDeadline) {
     auto request = c->node->quiesceRequest();
     request.setDrainDeadlineNs(drainDeadline);
     // A child that is gone or fails to quiesce is stopped by the shutdown that follows anyway.
-    calls.add(request.send().ignoreResult().catch_([](kj::Exception&&) {}));
+    kj::Promise<void> call = request.send().ignoreResult().catch_([](kj::Exception&&) {});
+    if (drainDeadline != kNoDeadline) {
+      // A hung child (stopped, deadlocked) never answers: the shutdown must not wait for it
+      // past the drain (it is then stopped, and killed at its own deadline, like any other).
+      std::string name = c->spec.name;
+      uint64_t ms = uint64_t(std::max<int64_t>(msUntil(drainDeadline), 0)) + kQuiesceGraceMs;
+      call = call.exclusiveJoin(ipc::uvSleep(loop_, ms).then([this, name]() {
+        vsup::log().warn("[shutdown] {}: {} did not answer the request to stop intake: stopping "
+                         "it anyway", spec_.name, name);
+      }));
+    }
+    calls.add(kj::mv(call));
   }
   return kj::joinPromises(calls.releaseAsArray());
 }

@@ -36,6 +36,8 @@ enum class Outcome {
   Escalated,          // shutdown completed, but at least one child had to be SIGKILLed
   StartFailed,        // a child failed to start; the started ones were stopped
   IntensityExceeded,  // more than `intensity` restarts within `period`
+  ChildFailed,        // shutdown completed, but a child died or failed on its own during it
+                      // (a vsup-aware child exiting non-zero, or any child dying unasked)
 };
 int exitCodeFor(Outcome outcome);
 const char* nameOf(Outcome outcome);
@@ -162,6 +164,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   MonoNs deadline_ = kNoDeadline;
   std::deque<MonoNs> restartTimes_;
   size_t escalations_ = 0;
+  size_t failures_ = 0;  // children that died or failed on their own during the shutdown
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
   std::string startFailure_;  // set when start() failed; it rejects once the tree is down

@@ -336,9 +336,15 @@ void checkNoTrace(const HostSnapshot& before, long rssSlackBytes = 16 * kMiB) {
                                              << describeEntries(before.xdg, after.xdg));
   CHECK_MESSAGE(after.shm == before.shm,
                 "entries left in /dev/shm:" << describeEntries(before.shm, after.shm));
-  CHECK_MESSAGE(after.rssBytes <= before.rssBytes + rssSlackBytes,
-                "memory not back to its baseline: RSS " << after.rssBytes / 1024 << " KiB, was "
-                                                        << before.rssBytes / 1024 << " KiB");
+  // Under a sanitizer (.ci/run sets VSUP_SANITIZER), freed memory sits in its quarantine: RSS
+  // says nothing there. Every other check above still runs.
+  if (std::getenv("VSUP_SANITIZER") == nullptr) {
+    CHECK_MESSAGE(after.rssBytes <= before.rssBytes + rssSlackBytes,
+                  "memory not back to its baseline: RSS " << after.rssBytes / 1024 << " KiB, was "
+                                                          << before.rssBytes / 1024 << " KiB");
+  } else {
+    MESSAGE("RSS not compared under the " << std::getenv("VSUP_SANITIZER") << " sanitizer");
+  }
 }
 
 vsup::LLMConfig llmConfig(uint32_t tp, uint64_t simTokenMs = 0) {
