@@ -13,13 +13,22 @@
 
 namespace vsup::ipc {
 
+// How much one received message may make its reader traverse. Cap'n Proto's default (64 MiB)
+// lets a 56-byte message of zero-size list elements decode into millions of specs or statuses
+// (found by tests/fuzz): control links (Node, `vsup tree`) carry small messages and get 1 MiB.
+// The data plane (Engine) carries prompts up to --max-request-bytes and keeps the default.
+capnp::ReaderOptions controlReaderOptions();
+capnp::ReaderOptions dataReaderOptions();
+
 class RpcLink {
  public:
   // Serve `bootstrap` to the peer.
   static std::unique_ptr<RpcLink> serve(uv_loop_t* loop, OwnFd fd,
-                                        capnp::Capability::Client bootstrap);
+                                        capnp::Capability::Client bootstrap,
+                                        capnp::ReaderOptions options = controlReaderOptions());
   // Connect as client; bootstrap() is then the peer's capability.
-  static std::unique_ptr<RpcLink> connect(uv_loop_t* loop, OwnFd fd);
+  static std::unique_ptr<RpcLink> connect(uv_loop_t* loop, OwnFd fd,
+                                          capnp::ReaderOptions options = controlReaderOptions());
 
   ~RpcLink();
   RpcLink(const RpcLink&) = delete;
@@ -33,7 +42,8 @@ class RpcLink {
   kj::Promise<void> onDisconnect();
 
  private:
-  RpcLink(uv_loop_t* loop, OwnFd fd, capnp::rpc::twoparty::Side side);
+  RpcLink(uv_loop_t* loop, OwnFd fd, capnp::rpc::twoparty::Side side,
+          capnp::ReaderOptions options);
   capnp::Capability::Client bootstrapCap();
 
   UvSocketStream stream_;

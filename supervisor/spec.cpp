@@ -22,9 +22,18 @@ bool validName(const std::string& name) {
   throw vsup::Error(origin + ": " + where + ": field '" + field + "': " + what);
 }
 
+// Nested supervisors at most (the root counts as 1). Each level is a message level of the
+// control protocol, whose reader stops at 64 (found by tests/fuzz): refuse here, clearly.
+constexpr int kMaxNesting = 16;
+
 void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
-                        const std::string& path) {
+                        const std::string& path, int depth = 1) {
   std::string where = "supervisor '" + path + "'";
+  if (depth > kMaxNesting) {
+    fail(origin, where, "type", "supervisors nest " + std::to_string(depth) +
+                                    " deep; at most " + std::to_string(kMaxNesting) +
+                                    " levels are supported");
+  }
   if (!validName(spec.name)) {
     fail(origin, where, "name",
          "'" + spec.name + "' is not a valid name (1-64 characters of A-Z a-z 0-9 _ - .)");
@@ -75,7 +84,7 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
       if (child.supervisor->name != child.name) {
         fail(origin, cw, "name", "supervisor spec name does not match the child name");
       }
-      validateSupervisor(*child.supervisor, origin, childPath);
+      validateSupervisor(*child.supervisor, origin, childPath, depth + 1);
     } else {
       if (child.command.empty() || child.command[0].empty()) {
         fail(origin, cw, "command", "missing: a worker needs a command (an array of strings)");

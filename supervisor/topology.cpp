@@ -68,7 +68,11 @@ int64_t getMs(const Place& p, const toml::node& n, const std::string& field) {
   if (n.is_integer()) return *n.value<int64_t>();
   if (n.is_floating_point()) {
     double d = *n.value<double>();
-    if (std::isfinite(d) && d == std::floor(d)) return int64_t(d);
+    if (std::isfinite(d) && d == std::floor(d)) {
+      // Out of int64's range, the conversion is undefined (found by tests/fuzz).
+      if (d < -9.2e18 || d > 9.2e18) p.fail(&n, field, "is too large");
+      return int64_t(d);
+    }
   }
   p.fail(&n, field, "expected a whole number of milliseconds, got " + typeName(n));
 }
@@ -223,6 +227,7 @@ void parseSupervisorKeys(const Place& p, const toml::table& t, SupervisorSpec& s
     if (!(seconds > 0) || !std::isfinite(seconds)) {
       p.fail(n, "period", "expected a positive number of seconds");
     }
+    if (seconds > 9.2e12) p.fail(n, "period", "is too large");
     spec.periodMs = int64_t(std::llround(seconds * 1000.0));
     if (spec.periodMs <= 0) p.fail(n, "period", "must be at least 0.001 seconds");
   }

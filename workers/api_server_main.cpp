@@ -173,7 +173,7 @@ class Sink final : public schema::TokenSink::Server {
 };
 
 kj::Promise<void> ApiServer::start() {
-  link_ = ipc::RpcLink::connect(loop_, OwnFd(options_.engineFd));
+  link_ = ipc::RpcLink::connect(loop_, OwnFd(options_.engineFd), ipc::dataReaderOptions());
   engine_ = link_->bootstrap<schema::Engine>();
   tasks_.add(link_->onDisconnect().then([this]() { engineLost(); }));
   auto attach = engine_->attachRequest();

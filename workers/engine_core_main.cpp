@@ -170,7 +170,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
         for (size_t i = 0; i < options_.apiFds.size(); ++i) {
           auto session = kj::heap<Session>(*this, i);
           sessions_.push_back(session.get());
-          links_.push_back(ipc::RpcLink::serve(loop_, OwnFd(options_.apiFds[i]), kj::mv(session)));
+          links_.push_back(ipc::RpcLink::serve(loop_, OwnFd(options_.apiFds[i]), kj::mv(session),
+                                                 ipc::dataReaderOptions()));
           size_t index = i;
           tasks_.add(links_.back()->onDisconnect().then([this, index]() { sessionLost(index); }));
         }

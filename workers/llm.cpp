@@ -154,7 +154,7 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     return sup_->start().then(
         [this, engineEnd = kj::mv(engineEnd)]() mutable -> kj::Promise<void> {
           engineEnd.reset();  // only engine-core may hold it now: its death must reach us as EOF
-          link_ = ipc::RpcLink::connect(loop_->loop(), std::move(myEnd_));
+          link_ = ipc::RpcLink::connect(loop_->loop(), std::move(myEnd_), ipc::dataReaderOptions());
           engine_ = link_->bootstrap<schema::Engine>();
           tasks_->add(link_->onDisconnect().then([this]() {
             if (!stopping_) fail("lost the connection to engine-core");

@@ -247,6 +247,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // llhttp callbacks.
   static int onMessageBegin(llhttp_t* p);
+  static int onMethodComplete(llhttp_t* p);
   static int onMethod(llhttp_t* p, const char* at, size_t len);
   static int onUrl(llhttp_t* p, const char* at, size_t len);
   static int onVersion(llhttp_t* p, const char* at, size_t len);
@@ -384,6 +385,7 @@ const llhttp_settings_t* Connection::settings() {
     llhttp_settings_init(&t);
     t.on_message_begin = &Connection::onMessageBegin;
     t.on_method = &Connection::onMethod;
+    t.on_method_complete = &Connection::onMethodComplete;
     t.on_url = &Connection::onUrl;
     t.on_version = &Connection::onVersion;
     t.on_header_field = &Connection::onHeaderField;
@@ -616,12 +618,21 @@ int Connection::onMessageBegin(llhttp_t* p) {
   c.headersDone_ = false;
   c.messageComplete_ = false;
   c.state_ = State::Head;
+  c.isHead_ = false;
+  c.startTimer(c.server_->options_.headerTimeoutMs);
+  return 0;
+}
+
+// Draining: a request that starts now gets 503 + close, decided once its method is known so
+// that a HEAD gets no body (found by tests/fuzz).
+int Connection::onMethodComplete(llhttp_t* p) {
+  Connection& c = of(p);
+  c.isHead_ = p->method == HTTP_HEAD;
   if (c.server_->draining_) {
     c.keepAlive_ = false;
     c.pendingError_ = Canned{503, c.server_->drainContentType_, c.server_->drainBody_};
     return -1;
   }
-  c.startTimer(c.server_->options_.headerTimeoutMs);
   return 0;
 }
 
@@ -992,7 +1003,7 @@ void Connection::answer(const Canned& canned) {
                      canned.contentType + "\r\nContent-Length: " +
                      std::to_string(canned.body.size()) + "\r\nConnection: close\r\n\r\n";
   queue(std::move(head));
-  queue(canned.body);
+  if (!isHead_) queue(canned.body);  // a response to HEAD has no body (RFC 9112 6.3)
   beginClose();
 }
 
