@@ -474,13 +474,24 @@ class Tree:
             st = proc_stat(p)
             if st is not None and st[0] == "Z" and self._is_ours(p):
                 problems.append(f"unreaped zombie: {describe(p)}")
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                st = proc_stat(int(entry))
-                if st is not None and st[1] == os.getpid():
-                    reap_if_ours(int(entry))
-                    if is_running(int(entry)) and int(entry) not in alive:
-                        problems.append(f"child of the test runner left running: {describe(int(entry))}")
+        # Children of ours (adopted as subreaper): a tree's orphan guard exits right after the
+        # root, so give them the same grace before calling one left behind.
+        def runner_children():
+            out = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    st = proc_stat(int(entry))
+                    if st is not None and st[1] == os.getpid():
+                        reap_if_ours(int(entry))
+                        if is_running(int(entry)):
+                            out.append(int(entry))
+            return out
+        deadline = time.monotonic() + max(grace, 2.0)
+        while runner_children() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        for pid in runner_children():
+            if pid not in alive:
+                problems.append(f"child of the test runner left running: {describe(pid)}")
         if self.expect_socket_removed and self.proc is not None and self.socket.exists():
             problems.append(f"control socket {self.socket} was not removed")
         return problems
