@@ -559,10 +559,22 @@ void Supervisor::enqueue(kj::Function<kj::Promise<void>()> op) {
 
 void Supervisor::terminateSelf(Outcome outcome, const std::string& why) {
   if (phase_ == Phase::ShuttingDown || phase_ == Phase::Terminated) return;
+  if (terminating_) return;
+  terminating_ = true;
   if (outcome != Outcome::Clean) forcedOutcome_ = outcome;
   failure_ = why;
   // Deferred: this may run inside the operation that the shutdown is about to cancel.
-  tasks_->add(kj::evalLater([this]() { beginShutdown(kNoDeadline); }));
+  bool failed = outcome != Outcome::Clean;
+  tasks_->add(kj::evalLater([this, failed]() -> kj::Promise<void> {
+    if (!failed) {
+      beginShutdown(kNoDeadline);
+      return kj::READY_NOW;
+    }
+    // A failure ends the tree: the surviving children stop intake and abort what they are
+    // doing now, telling their clients, before the ordered stop (found by the fault matrix:
+    // an API server's clients were otherwise cut when its sibling died).
+    return quiesceChildren(monoNow()).then([this]() { beginShutdown(kNoDeadline); });
+  }));
 }
 
 kj::Promise<void> Supervisor::shutdown(MonoNs deadline) {

@@ -165,6 +165,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   std::deque<MonoNs> restartTimes_;
   size_t escalations_ = 0;
   size_t failures_ = 0;  // children that died or failed on their own during the shutdown
+  bool terminating_ = false;  // terminateSelf() ran: the shutdown is on its way
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
   std::string startFailure_;  // set when start() failed; it rejects once the tree is down
