@@ -172,8 +172,12 @@ kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter repor
                     clean_ = clean_ && childrenClean;
                     vsup::log().info("[shutdown] {}: stopped in {:.1f}ms ({})", name_,
                                      double(monoNow() - began) / 1e6,
-                                     clean_ ? "clean" : "with escalations");
-                    exit(clean_ ? kExitClean : kExitEscalated);
+                                     childFailed_ ? "a child failed"
+                                     : clean_     ? "clean"
+                                                  : "with escalations");
+                    // A child that failed on its own outranks our own escalations: the parent
+                    // must see a failure (non-zero, not 4), as for an unexpected death.
+                    exit(childFailed_ ? kExitError : clean_ ? kExitClean : kExitEscalated);
                     return clean_;
                   })
                   .fork();

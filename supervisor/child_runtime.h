@@ -70,6 +70,9 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   // This node's subtree for `vsup tree`. Default: this process alone.
   void onStatus(StatusFn fn) { status_ = std::move(fn); }
   void onStopChildren(StopChildrenFn fn) { stopChildren_ = std::move(fn); }
+  // One of this node's children died or failed on its own while it stopped them: this node then
+  // exits non-zero (not 4), so the failure reaches the root's exit status.
+  void reportChildFailure() { childFailed_ = true; }
   void addShutdownHook(std::string name, HookFn hook);
   // This node's application interface, handed to the parent on Node.service.
   void setService(capnp::Capability::Client service);
@@ -102,6 +105,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   StartFn start_;
   StatusFn status_;
   StopChildrenFn stopChildren_;
+  bool childFailed_ = false;
   std::vector<std::pair<std::string, HookFn>> hooks_;
   std::optional<capnp::Capability::Client> service_;
   std::function<kj::Promise<void>(MonoNs)> quiesce_;

@@ -51,7 +51,10 @@ class SubSupervisor final : public workers::NodeState {
 
   kj::Promise<bool> stopChildren(MonoNs deadline) {
     if (!sup_) return true;
-    return sup_->shutdown(deadline).then([this]() { return sup_->escalations() == 0; });
+    return sup_->shutdown(deadline).then([this]() {
+      if (sup_->outcome() == Outcome::ChildFailed) runtime_.reportChildFailure();
+      return sup_->escalations() == 0;
+    });
   }
 
   ~SubSupervisor() override {

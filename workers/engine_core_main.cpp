@@ -225,7 +225,10 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
 
   kj::Promise<bool> stopWorkers(MonoNs deadline) {
     if (!workers_) return true;
-    return workers_->shutdown(deadline).then([this]() { return workers_->escalations() == 0; });
+    return workers_->shutdown(deadline).then([this]() {
+      if (workers_->outcome() == supervisor::Outcome::ChildFailed) runtime_.reportChildFailure();
+      return workers_->escalations() == 0;
+    });
   }
 
   engine::Scheduler& scheduler() { return *scheduler_; }
