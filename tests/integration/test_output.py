@@ -5,6 +5,8 @@ a newline)."""
 import re
 import signal
 
+from conftest import wait_for
+
 
 def test_child_output_is_prefixed_with_its_name_and_pid_on_the_same_stream_and_never_lost(tree):
     script = ("echo out-line; echo err-line >&2; "
@@ -17,6 +19,11 @@ def test_child_output_is_prefixed_with_its_name_and_pid_on_the_same_stream_and_n
         ]},
     ]})
     tree.wait_log(r"\[supervisor\] root: all 2 children ready")
+    # Ready (readiness "none") is not "has run its first echo": under load a SIGTERM could beat
+    # the shells to their first lines, which would then never have been written at all.
+    wait_for(lambda: tree.stdout_path.exists() and "leaf-line" in tree.stdout_path.read_text()
+             and "out-line" in tree.stdout_path.read_text(), 10, "the children's first lines",
+             tree.diagnostics)
     tree.signal(signal.SIGTERM)
     assert tree.wait_exit() == 0
     out = tree.stdout_path.read_text()
