@@ -191,18 +191,21 @@ Process Process::spawn(const SpawnRequest& request) {
   args.parentPid = ::getpid();
   args.deathSignal = request.deathSignal;
 
-  // The child's stack, with its arguments at the bottom. Shared, so that the child's failure
-  // report reaches us even when it runs on a copy of our memory (below).
-  void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-  if (stack == MAP_FAILED) detail::throwSysError("mmap(child stack)", __FILE__, __LINE__);
-  auto* shared = new (stack) ChildArgs(args);
 #if defined(__SANITIZE_THREAD__)
   // ThreadSanitizer cannot follow instrumented code running in our address space outside its
   // threads (a CLONE_VM child corrupts its shadow state): under TSan the child gets a copy of
-  // our memory, still suspending us until it has exec'd (CLONE_VFORK).
+  // our memory, still suspending us until it has exec'd (CLONE_VFORK), and reports a failure
+  // through a shared page at the bottom of its stack.
+  void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (stack == MAP_FAILED) detail::throwSysError("mmap(child stack)", __FILE__, __LINE__);
+  ChildArgs* shared = new (stack) ChildArgs(args);
   constexpr int kShareMemory = 0;
 #else
+  void* stack = ::mmap(nullptr, kChildStackSize, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (stack == MAP_FAILED) detail::throwSysError("mmap(child stack)", __FILE__, __LINE__);
+  ChildArgs* shared = &args;
   constexpr int kShareMemory = CLONE_VM;
 #endif
   int pidfd = -1;
@@ -213,7 +216,7 @@ Process Process::spawn(const SpawnRequest& request) {
                   kShareMemory | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, shared, &pidfd);
   }
   int cloneErrno = errno;
-  args = *shared;
+  if (shared != &args) args = *shared;
   ::munmap(stack, kChildStackSize);
   if (pid < 0) {
     errno = cloneErrno;

@@ -565,15 +565,13 @@ void Supervisor::terminateSelf(Outcome outcome, const std::string& why) {
   failure_ = why;
   // Deferred: this may run inside the operation that the shutdown is about to cancel.
   bool failed = outcome != Outcome::Clean;
-  tasks_->add(kj::evalLater([this, failed]() -> kj::Promise<void> {
-    if (!failed) {
-      beginShutdown(kNoDeadline);
-      return kj::READY_NOW;
-    }
-    // A failure ends the tree: the surviving children stop intake and abort what they are
-    // doing now, telling their clients, before the ordered stop (found by the fault matrix:
-    // an API server's clients were otherwise cut when its sibling died).
-    return quiesceChildren(monoNow()).then([this]() { beginShutdown(kNoDeadline); });
+  tasks_->add(kj::evalLater([this, failed]() {
+    // A failure ends the tree: the surviving children are told to stop intake and abort what
+    // they are doing now, telling their clients (found by the fault matrix: an API server's
+    // clients were otherwise cut when its sibling died). The request goes out on each child's
+    // connection before the stop request of the ordered shutdown, so it is handled first.
+    if (failed) quiesceNow_ = quiesceChildren(monoNow()).eagerlyEvaluate(nullptr);
+    beginShutdown(kNoDeadline);
   }));
 }
 

@@ -166,6 +166,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   size_t escalations_ = 0;
   size_t failures_ = 0;  // children that died or failed on their own during the shutdown
   bool terminating_ = false;  // terminateSelf() ran: the shutdown is on its way
+  kj::Promise<void> quiesceNow_ = kj::READY_NOW;  // a failing tree's last quiesce
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
   std::string startFailure_;  // set when start() failed; it rejects once the tree is down
