@@ -241,6 +241,9 @@ kj::Promise<void> uvSleep(uv_loop_t* loop, uint64_t ms) {
   sleeper->fulfiller = kj::mv(paf.fulfiller);
   sleeper->timer = UvHandle<uv_timer_t>::make([&](uv_timer_t* t) { uv_timer_init(loop, t); });
   sleeper->timer->data = sleeper.get();
+  // From now, not from the loop's cached time (which may be a whole busy turn old: the sleep
+  // would then end early).
+  uv_update_time(loop);
   uv_timer_start(
       sleeper->timer.get(),
       [](uv_timer_t* t) {
