@@ -55,6 +55,10 @@ struct StepOutput {
   std::vector<int32_t> tokens;  // one per StepInput::seqs entry, same order; -1: not sampled
 };
 
+// Throws std::runtime_error unless every rank answered `step` with one token per sequence and
+// all ranks sampled the same tokens (ranks that disagree: a broken collective).
+void checkRankOutputs(const StepInput& step, const std::vector<StepOutput>& ranks);
+
 // A request the engine can never serve as asked (e.g. longer than the context): the API
 // server answers 400 with this message.
 class RequestRejected : public std::invalid_argument {

@@ -94,20 +94,7 @@ class SimScheduler final : public Scheduler {
   }
 
   std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) override {
-    if (ranks.empty()) throw std::runtime_error("step completed with no rank outputs");
-    for (const StepOutput& r : ranks) {
-      if (r.step != current_.step || r.tokens.size() != current_.seqs.size()) {
-        throw std::runtime_error("rank " + std::to_string(r.rank) + " answered step " +
-                                 std::to_string(r.step) + " with " +
-                                 std::to_string(r.tokens.size()) + " tokens; expected step " +
-                                 std::to_string(current_.step) + " with " +
-                                 std::to_string(current_.seqs.size()));
-      }
-      if (r.tokens != ranks[0].tokens) {
-        throw std::runtime_error("ranks 0 and " + std::to_string(r.rank) +
-                                 " disagree on step " + std::to_string(r.step));
-      }
-    }
+    checkRankOutputs(current_, ranks);
     std::vector<TokenDelta> out;
     for (size_t i = 0; i < current_.seqs.size(); ++i) {
       auto it = byId_.find(current_.seqs[i].id);

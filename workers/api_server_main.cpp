@@ -120,6 +120,7 @@ class ApiServer final : private kj::TaskSet::ErrorHandler {
   void sendJson(http::Response& response, int status, const std::string& body);
   void onDelta(const engine::TokenDelta& d);
   void startStream(Pending& p);
+  void endWithError(Pending& p, const api::ApiError& error);
   void complete(const std::string& id);
   void abortAll();
   void forceFinishAll();
@@ -410,6 +411,18 @@ void ApiServer::onDelta(const engine::TokenDelta& d) {
   }
 }
 
+// Ends a request that failed: an error event and [DONE] once its stream has begun, else a
+// plain JSON error with its status.
+void ApiServer::endWithError(Pending& p, const api::ApiError& error) {
+  if (p.streamStarted) {
+    p.response->write(api::sseEvent(api::renderError(error)));
+    p.response->write(api::kSseDone);
+    p.response->finish();
+  } else {
+    sendJson(*p.response, error.status, api::renderError(error));
+  }
+}
+
 void ApiServer::startStream(Pending& p) {
   if (!p.call.stream || p.streamStarted) return;
   p.streamStarted = true;
@@ -437,14 +450,7 @@ void ApiServer::complete(const std::string& id) {
     bool tooLong = p->rejected.find("maximum context length") != std::string::npos;
     api::ApiError error = api::invalidRequest(p->rejected, tooLong ? "max_tokens" : "",
                                               tooLong ? "context_length_exceeded" : "");
-    if (p->streamStarted) {
-      p->response->write(api::sseEvent(api::renderError(error)));
-      p->response->write(api::kSseDone);
-      p->response->finish();
-    } else {
-      sendJson(*p->response, error.status, api::renderError(error));
-    }
-    return;
+    return endWithError(*p, error);
   }
   api::Usage usage;
   for (size_t i = 0; i < p->text.size(); ++i) {
@@ -454,14 +460,7 @@ void ApiServer::complete(const std::string& id) {
   if (!p->error.empty()) {
     ++errorsTotal_;
     api::ApiError error = api::serverError(p->error);
-    if (p->streamStarted) {
-      p->response->write(api::sseEvent(api::renderError(error)));
-      p->response->write(api::kSseDone);
-      p->response->finish();
-    } else {
-      sendJson(*p->response, error.status, api::renderError(error));
-    }
-    return;
+    return endWithError(*p, error);
   }
   if (p->call.stream) {
     startStream(*p);
