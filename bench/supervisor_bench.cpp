@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "ipc/clock.h"
-#include "ipc/log.h"
+#include "base/clock.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/supervisor.h"
 

@@ -8,7 +8,7 @@
 
 #include <memory>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_kj.h"
 
 namespace vsup::ipc {

@@ -15,7 +15,7 @@
 #include <memory>
 #include <string>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include "ipc/test_util.h"
 #include "ipc/node.capnp.h"
 #include "ipc/uv_kj.h"

@@ -7,7 +7,7 @@
 
 #include <doctest/doctest.h>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 
 namespace vsup::testing {
 

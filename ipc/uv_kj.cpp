@@ -7,8 +7,8 @@
 #include <kj/debug.h>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 
 namespace vsup::ipc {
 

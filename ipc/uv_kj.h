@@ -17,7 +17,7 @@
 #include <kj/async-io.h>
 #include <kj/async.h>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::ipc {

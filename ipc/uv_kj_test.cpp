@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include "ipc/test_util.h"
 
 namespace {

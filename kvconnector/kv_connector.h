@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 
 namespace vsup::kv {
 

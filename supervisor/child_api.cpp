@@ -10,7 +10,7 @@
 
 #include <kj/async.h>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include "ipc/uv_handle.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"

@@ -11,8 +11,8 @@
 
 #include <kj/debug.h>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/supervisor.h"

@@ -19,7 +19,7 @@
 
 #include <kj/async.h>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include "supervisor/node_service.h"
 #include "supervisor/spec.h"
 #include "supervisor/status.h"

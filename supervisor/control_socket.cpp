@@ -8,8 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/rpc_link.h"
 
 namespace vsup::supervisor {

@@ -15,7 +15,7 @@
 
 #include <kj/async.h>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 #include "supervisor/node_service.h"
 

@@ -11,8 +11,8 @@
 #include <cstring>
 #include <unistd.h>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"

@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 #ifndef VSUP_INSTALLED_EXE
 #define VSUP_INSTALLED_EXE "/usr/local/bin/vsup"

@@ -18,7 +18,7 @@
 #include <kj/async.h>
 #include <kj/debug.h>
 
-#include "ipc/check.h"
+#include "base/check.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::supervisor {

@@ -4,7 +4,7 @@
 
 #include <kj/debug.h>
 
-#include "ipc/log.h"
+#include "base/log.h"
 #include "supervisor/node_codec.h"
 
 namespace vsup::supervisor {

@@ -8,7 +8,7 @@
 
 #include <kj/async.h>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include <capnp/capability.h>
 
 #include "ipc/node.capnp.h"

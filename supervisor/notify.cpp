@@ -9,8 +9,8 @@
 #include <cstring>
 #include <random>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 
 namespace vsup::supervisor {
 

@@ -12,7 +12,7 @@
 #include <string>
 #include <string_view>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::supervisor {

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/test_util.h"
 #include "ipc/uv_handle.h"
 

@@ -10,8 +10,8 @@
 #include <set>
 #include <string>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 
 extern char** environ;
 

@@ -19,7 +19,7 @@
 #include <optional>
 #include <string>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "supervisor/process.h"
 
 namespace vsup::supervisor {

@@ -17,7 +17,7 @@
 #include <functional>
 #include <string>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::supervisor {

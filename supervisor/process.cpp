@@ -15,7 +15,7 @@
 #include <new>
 #include <linux/close_range.h>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace vsup::supervisor {
 namespace {

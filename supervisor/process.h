@@ -17,7 +17,7 @@
 #include <utility>
 #include <vector>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 
 namespace vsup::supervisor {
 

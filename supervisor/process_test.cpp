@@ -23,8 +23,8 @@
 #include <thread>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/clock.h"
+#include "base/check.h"
+#include "base/clock.h"
 
 namespace {
 

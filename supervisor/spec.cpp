@@ -2,7 +2,7 @@
 
 #include <set>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace vsup::supervisor {
 namespace {

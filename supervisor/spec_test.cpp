@@ -5,7 +5,7 @@
 #include <doctest/doctest.h>
 #include <string>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace {
 

@@ -9,8 +9,8 @@
 #include <cinttypes>
 #include <optional>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_handle.h"

@@ -24,7 +24,7 @@
 #include <capnp/capability.h>
 #include <kj/async.h>
 
-#include "ipc/clock.h"
+#include "base/clock.h"
 #include "supervisor/spec.h"
 #include "supervisor/status.h"
 

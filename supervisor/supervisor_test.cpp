@@ -19,8 +19,8 @@
 #include <string>
 #include <thread>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/public/supervisor.h"
 

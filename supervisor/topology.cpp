@@ -8,7 +8,7 @@
 
 #include <toml++/toml.h>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace vsup::supervisor {
 namespace {

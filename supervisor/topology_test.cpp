@@ -9,7 +9,7 @@
 #include <fstream>
 #include <string>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace {
 

@@ -7,8 +7,8 @@
 #include <cstdlib>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "supervisor/orphan_guard.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"

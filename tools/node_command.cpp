@@ -6,7 +6,7 @@
 
 #include <kj/debug.h>
 
-#include "ipc/log.h"
+#include "base/log.h"
 #include "supervisor/child_runtime.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"

@@ -14,8 +14,8 @@
 
 #include <kj/debug.h>
 
-#include "ipc/check.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"
 #include "supervisor/process.h"

@@ -15,8 +15,8 @@
 #include <cstdio>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/fd.h"
+#include "base/check.h"
+#include "base/fd.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
-#include "ipc/check.h"
+#include "base/check.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"

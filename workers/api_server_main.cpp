@@ -23,7 +23,7 @@
 #include <kj/debug.h>
 
 #include "engine/types.h"
-#include "ipc/log.h"
+#include "base/log.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"

@@ -14,9 +14,9 @@
 
 #include <kj/debug.h>
 
-#include "ipc/check.h"
+#include "base/check.h"
 #include "ipc/engine.capnp.h"
-#include "ipc/log.h"
+#include "base/log.h"
 #include "ipc/rpc_link.h"
 #include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"

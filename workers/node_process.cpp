@@ -4,7 +4,7 @@
 
 #include <cstdio>
 
-#include "ipc/log.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/supervisor.h"
 

@@ -14,7 +14,7 @@
 
 #include "engine/engine.h"
 #include "kvconnector/kv_connector.h"
-#include "ipc/log.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"
 #include "supervisor/fault_injection.h"

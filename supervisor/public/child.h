@@ -30,7 +30,7 @@
 #include <memory>
 #include <string>
 
-#include "ipc/error.h"
+#include "base/error.h"
 
 namespace vsup {
 

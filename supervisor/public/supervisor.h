@@ -26,7 +26,7 @@
 #include <memory>
 #include <string>
 
-#include "ipc/error.h"
+#include "base/error.h"
 #include "supervisor/spec.h"
 #include "supervisor/status.h"
 

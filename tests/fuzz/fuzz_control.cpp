@@ -33,8 +33,8 @@
 
 #include <kj/debug.h>
 
-#include "ipc/check.h"
-#include "ipc/fd.h"
+#include "base/check.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"

@@ -40,8 +40,8 @@
 #include <variant>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/fd.h"
+#include "base/check.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 #include "tests/fuzz/fuzz_check.h"
 #include "tests/fuzz/fuzz_log.h"

@@ -4,7 +4,7 @@
 
 #include <cstdlib>
 
-#include "ipc/log.h"
+#include "base/log.h"
 
 namespace vsup::fuzz {
 

@@ -23,7 +23,7 @@
 #include <type_traits>
 
 #include "ipc/rpc_link.h"
-#include "ipc/error.h"
+#include "base/error.h"
 #include "supervisor/node_codec.h"
 #include "tests/fuzz/footprint.h"
 #include "tests/fuzz/fuzz_check.h"

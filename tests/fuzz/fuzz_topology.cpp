@@ -16,7 +16,7 @@
 #include <string_view>
 
 #include "ipc/rpc_link.h"
-#include "ipc/error.h"
+#include "base/error.h"
 #include "supervisor/node_codec.h"
 #include "supervisor/topology.h"
 #include "tests/fuzz/fuzz_check.h"

@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"

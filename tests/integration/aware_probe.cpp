@@ -19,8 +19,8 @@
 
 #include <kj/debug.h>
 
-#include "ipc/clock.h"
-#include "ipc/log.h"
+#include "base/clock.h"
+#include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/child_runtime.h"
 #include "supervisor/supervisor.h"

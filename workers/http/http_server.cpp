@@ -17,9 +17,9 @@
 #include <optional>
 #include <unordered_map>
 
-#include "ipc/check.h"
-#include "ipc/fd.h"
-#include "ipc/log.h"
+#include "base/check.h"
+#include "base/fd.h"
+#include "base/log.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::http {

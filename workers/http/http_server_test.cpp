@@ -31,10 +31,10 @@
 #include <thread>
 #include <vector>
 
-#include "ipc/check.h"
-#include "ipc/clock.h"
+#include "base/check.h"
+#include "base/clock.h"
 #include "ipc/test_util.h"
-#include "ipc/fd.h"
+#include "base/fd.h"
 #include "ipc/uv_handle.h"
 
 namespace {

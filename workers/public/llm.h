@@ -26,7 +26,7 @@
 #include <string_view>
 #include <vector>
 
-#include "ipc/error.h"
+#include "base/error.h"
 
 namespace vsup {
 

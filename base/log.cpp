@@ -1,10 +1,10 @@
-#include "ipc/log.h"
+#include "base/log.h"
 
 #include <unistd.h>
 
 #include <spdlog/sinks/stdout_sinks.h>
 
-#include "ipc/check.h"
+#include "base/check.h"
 
 namespace vsup {
 namespace {

@@ -14,7 +14,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "ipc/error.h"
+#include "base/error.h"
 
 namespace vsup {
 
