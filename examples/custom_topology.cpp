@@ -40,8 +40,8 @@ void onStopSignal(int) {
 }
 
 void printTree(const sv::NodeStatus& node, int depth) {
-  std::printf("%*s%s [%s] %s", depth * 2, "", node.name.c_str(), node.type.c_str(),
-              node.state.c_str());
+  std::printf("%*s%s [%s] %s", depth * 2, "", node.name.c_str(), sv::nameOf(node.type),
+              sv::nameOf(node.state));
   if (node.pid > 0) std::printf(" pid %d", static_cast<int>(node.pid));
   if (node.restarts > 0) std::printf(" restarts %u", node.restarts);
   std::printf("\n");

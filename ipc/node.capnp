@@ -1,5 +1,6 @@
 # The control protocol: every node of a vsup tree serves `Node` to its parent, and the root
-# serves it to `vsup tree` on its control socket (DESIGN.md section 4).
+# serves it to `vsup tree` on its control socket. Every process of a tree is the same vsup binary
+# (or links the same library), so both ends always agree on this schema.
 @0xaad22fa97b4e0523;
 
 using Cxx = import "/capnp/c++.capnp";
@@ -22,6 +23,7 @@ struct ChildSpec {
   startTimeoutMs @8 :Int64;      # -1: no start timeout
   vsupAware @9 :Bool;
   supervisor @10 :SupervisorSpec; # set when type == supervisor
+  startConfig @11 :Data;          # opaque to vsup: sent to the child (vsup-aware) in Node.start
 
   enum Restart { permanent @0; transient @1; temporary @2; }
   enum ChildType { worker @0; supervisor @1; }
@@ -55,13 +57,19 @@ struct Deferral {
 struct NodeStatus {
   name @0 :Text;
   pid @1 :Int32;              # 0 when not running
-  type @2 :Text;              # "supervisor" | "worker"
-  state @3 :Text;             # "starting" | "running" | "stopping" | "stopped" | "restarting" | "unresponsive"
+  type @2 :Type;
+  state @3 :State;
   uptimeMs @4 :Int64;
   restarts @5 :UInt32;
   deferral @6 :Deferral;
   inFlight @7 :Int64;         # -1: not applicable
   children @8 :List(NodeStatus);
+
+  # In the order of supervisor::NodeType and supervisor::NodeState (supervisor/status.h).
+  enum Type { worker @0; supervisor @1; }
+  enum State {
+    starting @0; running @1; stopping @2; stopped @3; restarting @4; unresponsive @5; failed @6;
+  }
 }
 
 # Passed by a parent with shutdown(); the node reports each deferral to it while it runs.
@@ -73,7 +81,10 @@ interface Node {
   # Become ready. A sub-supervisor starts its children (in order, each after the previous is
   # ready) and returns when all are ready; it throws, naming the child, when the start failed.
   # A vsup-aware worker returns once its program declared itself ready.
-  start @0 (spec :SupervisorSpec) -> ();
+  # `config` is the child's start configuration (ChildSpec.startConfig): bytes only the child's
+  # program interprets (the serving tree's engine configuration, as a Cap'n Proto message); empty
+  # when it has none. A sub-supervisor ignores it.
+  start @0 (spec :SupervisorSpec, config :Data) -> ();
 
   # This node and its subtree, recursively.
   status @1 () -> (status :NodeStatus);

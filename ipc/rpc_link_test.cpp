@@ -68,12 +68,12 @@ class TestNode final : public schema::Node::Server {
     auto s = context.getResults().initStatus();
     s.setName("root");
     s.setPid(::getpid());
-    s.setType("supervisor");
-    s.setState("running");
+    s.setType(schema::NodeStatus::Type::SUPERVISOR);
+    s.setState(schema::NodeStatus::State::RUNNING);
     s.setInFlight(-1);
     auto children = s.initChildren(2);
     children[0].setName("sub");
-    children[0].setType("supervisor");
+    children[0].setType(schema::NodeStatus::Type::SUPERVISOR);
     auto leaves = children[0].initChildren(1);
     leaves[0].setName("leaf");
     leaves[0].setRestarts(3);

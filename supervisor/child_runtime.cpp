@@ -15,6 +15,7 @@
 #include "base/log.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
+#include "supervisor/deadline_budget.h"
 #include "supervisor/supervisor.h"
 
 namespace vsup::supervisor {
@@ -103,11 +104,12 @@ void ChildRuntime::reportDeferral(const std::string& node, const Deferral& defer
   if (reporter_) reporter_(node, deferral);
 }
 
-kj::Promise<void> ChildRuntime::start(SupervisorSpec spec) {
+kj::Promise<void> ChildRuntime::start(SupervisorSpec spec, std::string config) {
   crashIfInjected(name_, "start");
+  startConfig_ = std::move(config);
   kj::Promise<void> ready = start_ ? start_(spec) : kj::Promise<void>(kj::READY_NOW);
   return ready.then([this]() {
-    if (!shuttingDown_) state_ = "running";
+    if (!shuttingDown_) state_ = NodeState::Running;
   });
 }
 
@@ -116,13 +118,13 @@ kj::Promise<NodeStatus> ChildRuntime::status() {
     s.name = name_;
     s.pid = ::getpid();
     if (s.uptimeMs == 0) s.uptimeMs = (monoNow() - startedAt_) / kNsPerMs;
-    if (shuttingDown_) s.state = "stopping";
+    if (shuttingDown_) s.state = NodeState::Stopping;
     if (deferral_.active()) s.deferral = deferral_;
     return s;
   };
   if (status_) return status_().then(kj::mv(overlay));  // by value: then() keeps a reference to an lvalue
   NodeStatus s;
-  s.type = "worker";
+  s.type = NodeType::Worker;
   s.state = state_;
   s.uptimeMs = (monoNow() - startedAt_) / kNsPerMs;
   return overlay(std::move(s));
@@ -145,18 +147,18 @@ kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter repor
     return true;
   }
   shuttingDown_ = true;
-  state_ = "stopping";
+  state_ = NodeState::Stopping;
   deadline_ = deadline;
   MonoNs began = monoNow();
   vsup::log().info("[shutdown] {}: shutdown requested (deadline {})", name_,
                    deadline == kNoDeadline ? std::string("none")
                                            : fmt::format("{:.1f}s", double(deadline - began) / 1e9));
   // 1. Hooks first, while this node's children still serve them; bounded so the children keep
-  //    a share of the deadline (a fifth of it, at most a second: a long drain keeps nearly all
-  //    of its time). 2. Then the children, in reverse order.
+  //    a share of the deadline (DeadlineBudget::forHooks). 2. Then the children, in reverse
+  //    order.
   kj::Promise<void> hooks = runHooks(0);
   if (deadline != kNoDeadline) {
-    MonoNs hookDeadline = deadline - std::min<int64_t>((deadline - began) / 5, 1000 * kNsPerMs);
+    MonoNs hookDeadline = DeadlineBudget::forHooks(deadline, began);
     hooks = hooks.exclusiveJoin(ipc::uvSleep(loop_, msUntil(hookDeadline)).then([this]() {
       vsup::log().warn("[shutdown] {}: shutdown hooks abandoned at their deadline", name_);
       clean_ = false;

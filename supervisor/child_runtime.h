@@ -1,4 +1,4 @@
-// ChildRuntime: what a vsup-aware child process runs (DESIGN.md 2.4, 2.6).
+// ChildRuntime: what a vsup-aware child process runs.
 //
 // It connects to its parent over the socket inherited as $VSUP_CONTROL_FD, serves `Node`
 // there, and when the parent asks it to shut down: runs the registered shutdown hooks in order
@@ -64,6 +64,10 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   ~ChildRuntime() override;
 
   const std::string& name() const { return name_; }
+  // The start configuration the parent sent with Node.start (its ChildSpec::startConfig): opaque
+  // bytes, empty when it sent none. Set before the onStart() callback is called, and valid from
+  // then on (a later Node.start, which a parent never sends, would replace it).
+  const std::string& startConfig() const { return startConfig_; }
 
   // Called when the parent asks this node to start: resolve when ready. Default: ready at once.
   void onStart(StartFn fn) { start_ = std::move(fn); }
@@ -89,7 +93,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   int run();
 
  private:
-  kj::Promise<void> start(SupervisorSpec spec) override;
+  kj::Promise<void> start(SupervisorSpec spec, std::string config) override;
   kj::Promise<NodeStatus> status() override;
   kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) override;
   kj::Promise<capnp::Capability::Client> service() override;
@@ -109,7 +113,8 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   std::vector<std::pair<std::string, HookFn>> hooks_;
   std::optional<capnp::Capability::Client> service_;
   std::function<kj::Promise<void>(MonoNs)> quiesce_;
-  std::string state_ = "starting";
+  std::string startConfig_;
+  NodeState state_ = NodeState::Starting;
   Deferral deferral_;
   DeferralReporter reporter_;
   MonoNs deadline_ = kNoDeadline;

@@ -1,4 +1,4 @@
-// The root's control socket: serves `Node` to `vsup tree` (DESIGN.md section 4).
+// The root's control socket: serves `Node` to `vsup tree` (README, "`vsup tree` and the control socket").
 //
 // Lives at $XDG_RUNTIME_DIR/vsup/<name>-<pid>.sock, else /tmp/vsup-<uid>/<name>-<pid>.sock; the
 // directory is 0700 and must be ours, the socket 0600, and every peer's uid is checked with

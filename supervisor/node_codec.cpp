@@ -4,6 +4,25 @@ namespace vsup::supervisor {
 
 namespace schema = ipc::schema;
 
+// The casts below rely on the schema's enums having the C++ enums' order.
+static_assert(int(schema::NodeStatus::Type::WORKER) == int(NodeType::Worker));
+static_assert(int(schema::NodeStatus::Type::SUPERVISOR) == int(NodeType::Supervisor));
+static_assert(int(schema::NodeStatus::State::STARTING) == int(NodeState::Starting));
+static_assert(int(schema::NodeStatus::State::RUNNING) == int(NodeState::Running));
+static_assert(int(schema::NodeStatus::State::STOPPING) == int(NodeState::Stopping));
+static_assert(int(schema::NodeStatus::State::STOPPED) == int(NodeState::Stopped));
+static_assert(int(schema::NodeStatus::State::RESTARTING) == int(NodeState::Restarting));
+static_assert(int(schema::NodeStatus::State::UNRESPONSIVE) == int(NodeState::Unresponsive));
+static_assert(int(schema::NodeStatus::State::FAILED) == int(NodeState::Failed));
+
+capnp::Data::Reader asData(const std::string& bytes) {
+  return {reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()};
+}
+
+std::string fromData(capnp::Data::Reader data) {
+  return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
+}
+
 void encode(const SupervisorSpec& spec, schema::SupervisorSpec::Builder out) {
   out.setName(spec.name);
   out.setStrategy(static_cast<schema::SupervisorSpec::Strategy>(spec.strategy));
@@ -34,6 +53,9 @@ void encode(const SupervisorSpec& spec, schema::SupervisorSpec::Builder out) {
     b.setStartTimeoutMs(c.startTimeoutMs);
     b.setVsupAware(c.vsupAware);
     if (c.supervisor) encode(*c.supervisor, b.initSupervisor());
+    if (!c.startConfig.empty()) {
+      b.setStartConfig(asData(c.startConfig));
+    }
   }
 }
 
@@ -64,6 +86,7 @@ SupervisorSpec decode(schema::SupervisorSpec::Reader in) {
     child.startTimeoutMs = c.getStartTimeoutMs();
     child.vsupAware = c.getVsupAware();
     if (c.hasSupervisor()) child.supervisor = decode(c.getSupervisor());
+    if (c.hasStartConfig()) child.startConfig = fromData(c.getStartConfig());
     spec.children.push_back(std::move(child));
   }
   return spec;
@@ -79,8 +102,8 @@ Deferral decode(schema::Deferral::Reader in) { return {in.getReason(), in.getPro
 void encode(const NodeStatus& s, schema::NodeStatus::Builder out) {
   out.setName(s.name);
   out.setPid(s.pid);
-  out.setType(s.type);
-  out.setState(s.state);
+  out.setType(static_cast<schema::NodeStatus::Type>(s.type));
+  out.setState(static_cast<schema::NodeStatus::State>(s.state));
   out.setUptimeMs(s.uptimeMs);
   out.setRestarts(s.restarts);
   encode(s.deferral, out.initDeferral());
@@ -93,8 +116,9 @@ NodeStatus decode(schema::NodeStatus::Reader in) {
   NodeStatus s;
   s.name = in.getName();
   s.pid = in.getPid();
-  s.type = in.getType();
-  s.state = in.getState();
+  // A value outside the enums (a newer peer's) is kept as it is: nameOf() names it "?".
+  s.type = static_cast<NodeType>(in.getType());
+  s.state = static_cast<NodeState>(in.getState());
   s.uptimeMs = in.getUptimeMs();
   s.restarts = in.getRestarts();
   if (in.hasDeferral()) s.deferral = decode(in.getDeferral());

@@ -18,8 +18,10 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
 
  protected:
   kj::Promise<void> start(StartContext context) override {
-    SupervisorSpec spec = decode(context.getParams().getSpec());
-    return handler_.start(std::move(spec));
+    auto params = context.getParams();
+    SupervisorSpec spec = decode(params.getSpec());
+    std::string config = params.hasConfig() ? fromData(params.getConfig()) : std::string();
+    return handler_.start(std::move(spec), std::move(config));
   }
 
   kj::Promise<void> status(StatusContext context) override {

@@ -23,8 +23,9 @@ using DeferralReporter = std::function<void(const std::string& node, const Defer
 class NodeHandler {
  public:
   virtual ~NodeHandler() noexcept(false) = default;
-  // Become ready (see Node.start in ipc/node.capnp).
-  virtual kj::Promise<void> start(SupervisorSpec spec) = 0;
+  // Become ready (see Node.start in ipc/node.capnp). `config`: the start configuration the
+  // parent sent (opaque bytes, empty when none).
+  virtual kj::Promise<void> start(SupervisorSpec spec, std::string config) = 0;
   virtual kj::Promise<NodeStatus> status() = 0;
   // Ordered shutdown before `deadline`; idempotent. Resolves to true when nothing was killed.
   virtual kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) = 0;

@@ -1,4 +1,4 @@
-// One child process, done right (DESIGN.md section 2, "Library mode"):
+// One child process, done right (README, "Processes done right"):
 //   * spawned with clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD): no fork() page-table copy of a
 //     big host, and a pidfd from the first instant, so a recycled pid can never be signalled;
 //   * in the child, before exec: its own process group, every signal disposition back to

@@ -1,6 +1,6 @@
 // Child and supervisor specifications: the same value types for the TOML topology format, the
 // embedding API and the control protocol (which carries a sub-supervisor's spec to it).
-// Semantics follow Erlang/OTP's supervisor, for OS processes (DESIGN.md section 3).
+// Semantics follow Erlang/OTP's supervisor, for OS processes.
 #pragma once
 
 #include <cstdint>
@@ -55,6 +55,11 @@ struct ChildSpec {
   bool vsupAware = false;
   // For type == Supervisor: its own strategy and children (its `name` is this child's name).
   std::optional<SupervisorSpec> supervisor;
+  // For a vsup-aware child: bytes its supervisor hands it in Node.start, on every (re)start
+  // (ChildRuntime::startConfig()). vsup never looks inside: a program that takes a typed
+  // configuration (a Cap'n Proto message, say) rather than argv puts it here. Empty: none.
+  // Not settable from topology files; travels with a sub-supervisor's spec to its children.
+  std::string startConfig;
   // Embedding API only (not in topology files, not sent to sub-supervisors): fds of the
   // embedding process the child inherits, numbered from 3 (from 4 for a vsup-aware child, whose
   // control socket is 3) in this order. The embedder keeps them open (and CLOEXEC) for as long

@@ -1,5 +1,7 @@
 // The status of one node and its subtree: what `vsup tree` prints and Supervisor::status()
 // returns. Plain values; the control protocol carries them (supervisor/node_codec.h).
+//
+// Self-contained (an installed public header): the standard library and <sys/types.h> only.
 #pragma once
 
 #include <sys/types.h>
@@ -10,6 +12,45 @@
 
 namespace vsup::supervisor {
 
+// What a node is: a worker (a program that does the work, vsup-aware or not) or a supervisor
+// (the root, or a sub-supervisor that `vsup __node` runs).
+enum class NodeType { Worker, Supervisor };
+
+// Where a node is in its life, as its parent (or, for a vsup-aware node, the node itself) sees it.
+enum class NodeState {
+  Starting,      // spawned, not ready yet (a supervisor: starting its children)
+  Running,       // ready
+  Stopping,      // asked to stop (or, for a supervisor, stopping its children)
+  Stopped,       // not running, and not about to be restarted
+  Restarting,    // exited; its supervisor will start it again
+  Unresponsive,  // running, but its status request failed or took more than a second
+  Failed,        // the node gave up on its own (reported by the node itself)
+};
+
+// The words `vsup tree` prints and its `--json` carries: "worker" | "supervisor", and
+// "starting" | "running" | "stopping" | "stopped" | "restarting" | "unresponsive" | "failed".
+// "?" for a value outside the enum (a newer peer's).
+inline const char* nameOf(NodeType type) {
+  switch (type) {
+    case NodeType::Worker: return "worker";
+    case NodeType::Supervisor: return "supervisor";
+  }
+  return "?";
+}
+
+inline const char* nameOf(NodeState state) {
+  switch (state) {
+    case NodeState::Starting: return "starting";
+    case NodeState::Running: return "running";
+    case NodeState::Stopping: return "stopping";
+    case NodeState::Stopped: return "stopped";
+    case NodeState::Restarting: return "restarting";
+    case NodeState::Unresponsive: return "unresponsive";
+    case NodeState::Failed: return "failed";
+  }
+  return "?";
+}
+
 struct Deferral {
   std::string reason;  // empty: not deferring
   std::string progress;
@@ -19,12 +60,12 @@ struct Deferral {
 struct NodeStatus {
   std::string name;
   pid_t pid = 0;  // 0 when not running
-  std::string type;   // "supervisor" | "worker"
-  std::string state;  // "starting" | "running" | "stopping" | "stopped" | "restarting" | "unresponsive"
+  NodeType type = NodeType::Worker;
+  NodeState state = NodeState::Stopped;
   int64_t uptimeMs = 0;
   uint32_t restarts = 0;
   Deferral deferral;
-  int64_t inFlight = -1;
+  int64_t inFlight = -1;  // requests in flight (an API server); -1: not applicable
   std::vector<NodeStatus> children;
 };
 

@@ -15,6 +15,7 @@
 #include "ipc/rpc_link.h"
 #include "ipc/uv_handle.h"
 #include "ipc/uv_kj.h"
+#include "supervisor/deadline_budget.h"
 #include "supervisor/node_codec.h"
 #include "supervisor/notify.h"
 #include "supervisor/orphan_guard.h"
@@ -69,14 +70,9 @@ std::string millis(int64_t ns) {
   return buf;
 }
 
-// The deadline a node gives its child: its own, less a margin for its own cleanup after the
-// child is gone (DESIGN.md 2.5). A tenth of the time left, between 20 and 250 ms.
-MonoNs withMargin(MonoNs deadline) {
-  if (deadline == kNoDeadline) return deadline;
-  int64_t left = deadline - monoNow();
-  int64_t margin = std::clamp<int64_t>(left / 10, 20 * kNsPerMs, 250 * kNsPerMs);
-  return deadline - margin;
-}
+// The deadline a node gives its child: its own, less what it keeps for its own cleanup after
+// the child is gone (DeadlineBudget has the rule).
+MonoNs withMargin(MonoNs deadline) { return DeadlineBudget::forChildren(deadline, monoNow()); }
 
 kj::Exception toKj(const std::string& message) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
@@ -340,6 +336,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     } else {
       request.initSpec().setName(c.spec.name);
     }
+    if (!c.spec.startConfig.empty()) request.setConfig(asData(c.spec.startConfig));
     ready = request.send().ignoreResult();
   } else if (c.spec.ready == Readiness::Notify) {
     auto paf = kj::newPromiseAndFulfiller<void>();
@@ -936,28 +933,28 @@ void Supervisor::onNotify(pid_t sender, const NotifyMessage& m) {
 // --------------------------------------------------------------------------------------------
 // Status
 
-const char* Supervisor::phaseName() const {
+NodeState Supervisor::phaseState() const {
   switch (phase_) {
     case Phase::Idle:
-    case Phase::Starting: return "starting";
-    case Phase::Running: return "running";
-    case Phase::ShuttingDown: return "stopping";
-    case Phase::Terminated: return "stopped";
+    case Phase::Starting: return NodeState::Starting;
+    case Phase::Running: return NodeState::Running;
+    case Phase::ShuttingDown: return NodeState::Stopping;
+    case Phase::Terminated: return NodeState::Stopped;
   }
-  return "?";
+  return NodeState::Stopped;
 }
 
 NodeStatus Supervisor::localStatus(const Child& c) const {
   NodeStatus s;
   s.name = c.spec.name;
   s.pid = c.proc ? c.proc->pid() : 0;
-  s.type = c.spec.type == ChildType::Supervisor ? "supervisor" : "worker";
+  s.type = c.spec.type == ChildType::Supervisor ? NodeType::Supervisor : NodeType::Worker;
   switch (c.state) {
-    case Child::State::Stopped: s.state = "stopped"; break;
-    case Child::State::Starting: s.state = "starting"; break;
-    case Child::State::Running: s.state = "running"; break;
-    case Child::State::Stopping: s.state = "stopping"; break;
-    case Child::State::Restarting: s.state = "restarting"; break;
+    case Child::State::Stopped: s.state = NodeState::Stopped; break;
+    case Child::State::Starting: s.state = NodeState::Starting; break;
+    case Child::State::Running: s.state = NodeState::Running; break;
+    case Child::State::Stopping: s.state = NodeState::Stopping; break;
+    case Child::State::Restarting: s.state = NodeState::Restarting; break;
   }
   s.uptimeMs = c.proc ? (monoNow() - c.startedAt) / kNsPerMs : 0;
   s.restarts = c.restarts;
@@ -969,8 +966,8 @@ kj::Promise<NodeStatus> Supervisor::status() {
   NodeStatus self;
   self.name = spec_.name;
   self.pid = ::getpid();
-  self.type = "supervisor";
-  self.state = phaseName();
+  self.type = NodeType::Supervisor;
+  self.state = phaseState();
   self.uptimeMs = startedAt_ ? (monoNow() - startedAt_) / kNsPerMs : 0;
   kj::Vector<kj::Promise<NodeStatus>> parts;
   for (auto& cp : children_) {
@@ -986,7 +983,9 @@ kj::Promise<NodeStatus> Supervisor::status() {
           // The parent knows best how often it restarted the child, and that it is stopping it.
           s.name = local.name;
           s.restarts = local.restarts;
-          if (local.state == "stopping" || local.state == "starting") s.state = local.state;
+          if (local.state == NodeState::Stopping || local.state == NodeState::Starting) {
+            s.state = local.state;
+          }
           if (!s.deferral.active()) s.deferral = local.deferral;
           return s;
         },
@@ -994,12 +993,12 @@ kj::Promise<NodeStatus> Supervisor::status() {
           vsup::log().debug("[supervisor] status of {} failed: {}", local.name,
                             e.getDescription().cStr());
           NodeStatus s = local;
-          s.state = "unresponsive";
+          s.state = NodeState::Unresponsive;
           return s;
         });
     auto timeout = ipc::uvSleep(loop_, kStatusTimeoutMs).then([local]() {
       NodeStatus s = local;
-      s.state = "unresponsive";
+      s.state = NodeState::Unresponsive;
       return s;
     });
     parts.add(remote.exclusiveJoin(kj::mv(timeout)));

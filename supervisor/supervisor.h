@@ -1,4 +1,4 @@
-// Supervisor: OTP supervision of OS processes on one libuv loop (DESIGN.md sections 2-3).
+// Supervisor: OTP supervision of OS processes on one libuv loop.
 //
 // Lifecycle:  start() ──► running ──► shutdown(deadline) ──► terminated
 //                 │            │                               ▲
@@ -149,7 +149,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   MonoNs childCap() const;
   NodeStatus localStatus(const Child& c) const;
   std::vector<std::string> childEnvironment(const Child& c) const;
-  const char* phaseName() const;
+  NodeState phaseState() const;
 
   uv_loop_t* loop_;
   SupervisorSpec spec_;

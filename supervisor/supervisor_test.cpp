@@ -4,15 +4,19 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 
+#include <capnp/message.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 #include <sstream>
@@ -22,6 +26,7 @@
 #include "base/check.h"
 #include "base/log.h"
 #include "ipc/uv_kj.h"
+#include "supervisor/node_codec.h"
 #include "supervisor/public/supervisor.h"
 
 namespace vsup::supervisor {
@@ -120,6 +125,30 @@ std::string probe() {
   return p;
 }
 
+// The vsup-aware test child (tests/integration/aware_probe.cpp), built beside this test.
+std::string awareProbe() {
+  const char* p = std::getenv("VSUP_TEST_AWARE_PROBE");
+  REQUIRE_MESSAGE(p != nullptr, "VSUP_TEST_AWARE_PROBE is not set: run this test through meson test");
+  return p;
+}
+
+std::string readFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// A fresh path for one test's scratch file, removed by the destructor.
+struct TempPath {
+  std::string path;
+  TempPath(const std::string& what) {
+    const char* tmp = std::getenv("TMPDIR");
+    path = std::string(tmp != nullptr && *tmp == '/' ? tmp : "/tmp") + "/vsup-test-" + what + "-" +
+           std::to_string(::getpid());
+    ::unlink(path.c_str());
+  }
+  ~TempPath() { ::unlink(path.c_str()); }
+};
+
 // start() is expected to fail: its error message ("" if it started after all).
 std::string startError(Supervisor& sup, TestLoop& t) {
   try {
@@ -151,6 +180,14 @@ namespace doctest {
 template <>
 struct StringMaker<vsup::supervisor::Outcome> {
   static String convert(vsup::supervisor::Outcome o) { return vsup::supervisor::nameOf(o); }
+};
+template <>
+struct StringMaker<vsup::supervisor::NodeState> {
+  static String convert(vsup::supervisor::NodeState s) { return vsup::supervisor::nameOf(s); }
+};
+template <>
+struct StringMaker<vsup::supervisor::NodeType> {
+  static String convert(vsup::supervisor::NodeType t) { return vsup::supervisor::nameOf(t); }
 };
 }  // namespace doctest
 
@@ -186,7 +223,7 @@ TEST_CASE("a supervisor started and shut down leaves the host's signal table, fd
     sup.start().wait(t.ws());
     auto status = sup.status().wait(t.ws());
     REQUIRE(status.children.size() == 2);
-    CHECK(status.children[0].state == "running");
+    CHECK(status.children[0].state == NodeState::Running);
     CHECK(status.children[1].pid > 0);
     sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
     CHECK(sup.outcome() == Outcome::Clean);
@@ -415,15 +452,107 @@ TEST_CASE("vsup::Supervisor adds a child and stops one without restarting it") {
   auto status = sup.status();
   REQUIRE(status.children.size() == 2);
   pid_t a = status.children[0].pid;
-  CHECK(status.children[1].state == "running");
+  CHECK(status.children[1].state == NodeState::Running);
   sup.stopChild("a");
   status = sup.status();
-  CHECK(status.children[0].state == "stopped");
+  CHECK(status.children[0].state == NodeState::Stopped);
   CHECK(status.children[0].pid == 0);
   CHECK(pidGone(a));
   CHECK_THROWS_AS(sup.addChild(worker("b", {"sleep", "1"})), vsup::Error);  // duplicate name
   CHECK_THROWS_AS(sup.stopChild("nope"), vsup::Error);
   CHECK(sup.shutdown(std::chrono::seconds(5)));
+  CHECK(noChildren());
+}
+
+TEST_CASE("node states and types are named with the words `vsup tree` prints") {
+  CHECK(std::string(nameOf(NodeType::Worker)) == "worker");
+  CHECK(std::string(nameOf(NodeType::Supervisor)) == "supervisor");
+  const std::pair<NodeState, const char*> names[] = {
+      {NodeState::Starting, "starting"}, {NodeState::Running, "running"},
+      {NodeState::Stopping, "stopping"}, {NodeState::Stopped, "stopped"},
+      {NodeState::Restarting, "restarting"}, {NodeState::Unresponsive, "unresponsive"},
+      {NodeState::Failed, "failed"}};
+  for (auto [state, name] : names) CHECK(std::string(nameOf(state)) == name);
+  CHECK(std::string(nameOf(static_cast<NodeState>(99))) == "?");
+}
+
+TEST_CASE("node_codec carries states, types and start configurations unchanged") {
+  NodeStatus root{"root", 1, NodeType::Supervisor, NodeState::Stopping, 5, 0, {}, -1, {}};
+  for (NodeState st : {NodeState::Starting, NodeState::Running, NodeState::Stopping,
+                       NodeState::Stopped, NodeState::Restarting, NodeState::Unresponsive,
+                       NodeState::Failed}) {
+    root.children.push_back({"c", 2, NodeType::Worker, st, 0, 0, {}, -1, {}});
+  }
+  capnp::MallocMessageBuilder m;
+  encode(root, m.initRoot<ipc::schema::NodeStatus>());
+  NodeStatus back = decode(m.getRoot<ipc::schema::NodeStatus>().asReader());
+  CHECK(back.type == NodeType::Supervisor);
+  CHECK(back.state == NodeState::Stopping);
+  REQUIRE(back.children.size() == root.children.size());
+  for (size_t i = 0; i < root.children.size(); ++i) {
+    CHECK(back.children[i].type == NodeType::Worker);
+    CHECK(back.children[i].state == root.children[i].state);
+  }
+
+  // A sub-supervisor's spec carries its children's start configurations.
+  SupervisorSpec spec;
+  ChildSpec leaf = worker("leaf", {"x"});
+  leaf.vsupAware = true;
+  leaf.startConfig = std::string("a\0b", 3) + std::string(70000, '\xff');
+  spec.children.push_back(leaf);
+  spec.children.push_back(worker("plain", {"y"}));
+  capnp::MallocMessageBuilder m2;
+  encode(spec, m2.initRoot<ipc::schema::SupervisorSpec>());
+  SupervisorSpec specBack = decode(m2.getRoot<ipc::schema::SupervisorSpec>().asReader());
+  REQUIRE(specBack.children.size() == 2);
+  CHECK(specBack.children[0].startConfig == leaf.startConfig);
+  CHECK(specBack.children[1].startConfig.empty());
+}
+
+TEST_CASE("a vsup-aware child receives its start configuration byte for byte, on every start") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  TempPath out("start-config");
+  TempPath bareOut("start-config-none");
+  // A NUL byte, every byte value, and more than 64 KiB (more than one capnp segment's default).
+  std::string config("\0config\0", 8);
+  for (int i = 0; i < 256; ++i) config.push_back(char(i));
+  for (size_t i = 0; config.size() < 200 * 1024; ++i) config.push_back(char((i * 131) ^ (i >> 8)));
+  SupervisorSpec spec;
+  spec.name = "cfg";
+  spec.intensity = 5;
+  ChildSpec aware = worker("aware", {awareProbe(), "--start-config-out", out.path});
+  aware.vsupAware = true;
+  aware.startConfig = config;
+  spec.children.push_back(aware);
+  ChildSpec bare = worker("bare", {awareProbe(), "--start-config-out", bareOut.path});
+  bare.vsupAware = true;
+  spec.children.push_back(bare);
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  std::string got = readFile(out.path);
+  CHECK(got.size() == config.size());
+  CHECK(got == config);
+  struct stat st{};
+  CHECK(::stat(bareOut.path.c_str(), &st) == 0);  // written, and empty: it was sent none
+  CHECK(st.st_size == 0);
+
+  // A restarted child gets the same bytes again.
+  auto status = sup.status().wait(t.ws());
+  REQUIRE(status.children.size() == 2);
+  CHECK(status.children[0].state == NodeState::Running);
+  pid_t first = status.children[0].pid;
+  REQUIRE(first > 0);
+  ::unlink(out.path.c_str());
+  ::kill(first, SIGKILL);
+  for (int i = 0; i < 500; ++i) {
+    ipc::uvSleep(t.loop(), 10).wait(t.ws());
+    auto s = sup.status().wait(t.ws());
+    if (s.children[0].state == NodeState::Running && s.children[0].pid != first) break;
+  }
+  CHECK(readFile(out.path) == config);
+  sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
+  CHECK(sup.outcome() == Outcome::Clean);
   CHECK(noChildren());
 }
 

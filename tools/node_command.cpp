@@ -1,7 +1,7 @@
 // `vsup __node`: a sub-supervisor (a child of type "supervisor"). Its parent passes the control
-// socket on fd 3, sends the spec with Node.start, and stops it with Node.shutdown — never with a
-// signal (DESIGN.md 2.1); if its parent disappears it tears its subtree down by itself
-// (ChildRuntime).
+// socket on fd 3, sends the spec with Node.start (and no start configuration: a sub-supervisor has
+// none, and ignores any), and stops it with Node.shutdown — never with a signal, which only the
+// root handles; if its parent disappears it tears its subtree down by itself (ChildRuntime).
 #include <memory>
 
 #include <kj/debug.h>
@@ -44,8 +44,9 @@ class SubSupervisor final : public workers::NodeState {
   kj::Promise<NodeStatus> status() {
     if (sup_) return sup_->status();
     NodeStatus s;
-    s.type = "supervisor";
-    s.state = "starting";
+    s.type = NodeType::Supervisor;
+    // Qualified: inside this class, NodeState names its base, workers::NodeState.
+    s.state = supervisor::NodeState::Starting;
     return s;
   }
 

@@ -1,9 +1,9 @@
 // `vsup run --topology FILE`: the root supervisor process.
 //
-// The root owns SIGTERM/SIGINT (DESIGN.md 2.1). They are blocked and read from a signalfd on
-// the loop, so no handler runs at all and the children, whose masks are reset at spawn, are
-// unaffected. First signal: ordered shutdown. Second: the rest of it must finish within 1 s.
-// Third: SIGKILL every child process group now.
+// The root owns SIGTERM/SIGINT (no other node of a tree handles signals). They are blocked and
+// read from a signalfd on the loop, so no handler runs at all and the children, whose masks are
+// reset at spawn, are unaffected. First signal: ordered shutdown. Second: the rest of it must
+// finish within 1 s. Third: SIGKILL every child process group now.
 #include <limits.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -36,7 +36,7 @@ constexpr int64_t kHurryMs = 500;
 class RootNode final : public NodeHandler {
  public:
   explicit RootNode(Supervisor& sup) : sup_(sup) {}
-  kj::Promise<void> start(SupervisorSpec) override {
+  kj::Promise<void> start(SupervisorSpec, std::string) override {
     return KJ_EXCEPTION(FAILED, "the root is already started");
   }
   kj::Promise<NodeStatus> status() override { return sup_.status(); }

@@ -54,8 +54,8 @@ nlohmann::json toJson(const NodeStatus& s) {
   nlohmann::json j;
   j["name"] = s.name;
   j["pid"] = s.pid;
-  j["type"] = s.type;
-  j["state"] = s.state;
+  j["type"] = nameOf(s.type);
+  j["state"] = nameOf(s.state);
   j["uptime_s"] = double(s.uptimeMs) / 1000.0;
   j["restarts"] = s.restarts;
   j["deferral"] = s.deferral.active()
@@ -77,7 +77,7 @@ void printText(const NodeStatus& s, const std::string& prefix, const std::string
   for (unsigned char ch : label) width += (ch & 0xC0) != 0x80;
   label.append(width < 28 ? 28 - width : 1, ' ');
   std::snprintf(line, sizeof line, "%s %-10s %-12s pid %-8s up %8.1fs  restarts %u",
-                label.c_str(), s.type.c_str(), s.state.c_str(), pid.c_str(),
+                label.c_str(), nameOf(s.type), nameOf(s.state), pid.c_str(),
                 double(s.uptimeMs) / 1000.0, s.restarts);
   out += line;
   if (s.inFlight >= 0) out += "  in-flight " + std::to_string(s.inFlight);

@@ -1,5 +1,5 @@
 // vsup::Supervisor — supervise a tree of OS processes from inside your program
-// (installed as <vsup/supervisor.h>; DESIGN.md section 2, "Library mode").
+// (installed as <vsup/supervisor.h>; README, "Embedding": the teardown guarantees).
 //
 // Guarantees: creating and destroying a Supervisor leaves the host process as it was — no
 // signal handler, disposition or mask changed, same fds, no child processes, no zombies, no

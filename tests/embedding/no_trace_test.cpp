@@ -1,6 +1,6 @@
 // The embedding API as a host program uses it: vsup::LLM and vsup::Supervisor created and
 // destroyed many times, made to fail in every way we can provoke, and after each, the host is
-// checked to be exactly as it was (DESIGN.md section 2, "Library (embedded) mode").
+// checked to be exactly as it was (README, "Embedding": teardown guarantees).
 //
 // The test process makes itself a child subreaper before its baseline: a descendant of vsup's
 // that is orphaned (its parent died) is reparented to us instead of to pid 1, so the "no child
@@ -573,18 +573,18 @@ TEST_CASE("fifty supervisors started, changed and shut down leave the host as it
     REQUIRE(st.children.size() == 3);
     const sv::NodeStatus* a = childNamed(st, "a");
     REQUIRE(a != nullptr);
-    CHECK(a->state == "running");
+    CHECK(a->state == sv::NodeState::Running);
     CHECK(a->pid > 0);
     pid_t aPid = a->pid;
     const sv::NodeStatus* nested = childNamed(st, "nested");
     REQUIRE(nested != nullptr);
-    CHECK(nested->type == "supervisor");
-    CHECK(nested->state == "running");
+    CHECK(nested->type == sv::NodeType::Supervisor);
+    CHECK(nested->state == sv::NodeState::Running);
     CHECK_MESSAGE(nested->restarts == 0, "the nested supervisor restarted " << nested->restarts
                                                                            << " times");
     const sv::NodeStatus* leaf = childNamed(*nested, "leaf");
     REQUIRE_MESSAGE(leaf != nullptr, "status() does not show the nested supervisor's child");
-    CHECK(leaf->state == "running");
+    CHECK(leaf->state == sv::NodeState::Running);
     CHECK(leaf->pid > 0);
 
     sup.stopChild("a");
@@ -598,7 +598,7 @@ TEST_CASE("fifty supervisors started, changed and shut down leave the host as it
     sv::NodeStatus added = sup.status();
     c = childNamed(added, "c");
     REQUIRE(c != nullptr);
-    CHECK(c->state == "running");
+    CHECK(c->state == sv::NodeState::Running);
     CHECK_THROWS_AS(sup.addChild(sleeper("c")), vsup::Error);  // a duplicate name
 
     CHECK_FALSE(sup.terminated());
@@ -713,7 +713,7 @@ TEST_CASE("a host that ignores SIGCHLD gets a clear vsup::Error naming SIGCHLD, 
   }
   MESSAGE("vsup::Supervisor with SIGCHLD ignored: ", supError ? "throws: " + *supError : "works");
 
-  // The lead's intent (DESIGN.md section 2): refuse at construction.
+  // The documented contract (README, "Embedding"): refuse at construction.
   CHECK_MESSAGE(llmError.has_value(), "vsup::LLM was expected to refuse an ignored SIGCHLD");
   CHECK_MESSAGE(supError.has_value(), "vsup::Supervisor was expected to refuse an ignored SIGCHLD");
 

@@ -24,8 +24,7 @@ inline size_t footprint(const supervisor::Deferral& d) {
 }
 
 inline size_t footprint(const supervisor::NodeStatus& s) {
-  size_t n = sizeof s + footprint(s.name) + footprint(s.type) + footprint(s.state) +
-             footprint(s.deferral);
+  size_t n = sizeof s + footprint(s.name) + footprint(s.deferral);
   for (const supervisor::NodeStatus& c : s.children) n += footprint(c);
   return n;
 }
@@ -36,6 +35,7 @@ inline size_t footprint(const supervisor::SupervisorSpec& spec) {
     n += sizeof c + footprint(c.name);
     for (const std::string& arg : c.command) n += footprint(arg);
     for (const auto& [key, value] : c.env) n += footprint(key) + footprint(value);
+    n += footprint(c.startConfig) - sizeof c.startConfig;  // its sizeof is in sizeof c
     if (c.supervisor) n += footprint(*c.supervisor);
   }
   return n;

@@ -57,11 +57,11 @@ constexpr uint64_t kWatchdogMs = 5000;
 // to start() is validated first, so the decoded value is exercised as a sub-supervisor would.
 class FuzzRoot final : public NodeHandler {
  public:
-  kj::Promise<void> start(SupervisorSpec spec) override {
+  kj::Promise<void> start(SupervisorSpec spec, std::string config) override {
     if (vsup::fuzz::tracing()) {
       std::fprintf(stderr, "start('%s', %zu children)\n", spec.name.c_str(), spec.children.size());
     }
-    const size_t bytes = vsup::fuzz::footprint(spec);
+    const size_t bytes = vsup::fuzz::footprint(spec) + vsup::fuzz::footprint(config);
     FUZZ_CHECK(bytes <= vsup::fuzz::kMaxDecodedBytes,
                "Node.start decoded a spec of " + std::to_string(bytes >> 20) + " MiB");
     try {
@@ -72,8 +72,10 @@ class FuzzRoot final : public NodeHandler {
     return KJ_EXCEPTION(FAILED, "the root is already started");
   }
   kj::Promise<NodeStatus> status() override {
-    NodeStatus root{"root", ::getpid(), "supervisor", "running", 1234, 0, {}, -1, {}};
-    NodeStatus db{"db", 4242, "worker", "stopping", 99, 3, {"draining", "2 in flight"}, 2, {}};
+    NodeStatus root{"root", ::getpid(), NodeType::Supervisor, NodeState::Running, 1234, 0, {},
+                    -1, {}};
+    NodeStatus db{"db", 4242, NodeType::Worker, NodeState::Stopping, 99, 3,
+                  {"draining", "2 in flight"}, 2, {}};
     root.children.push_back(db);
     return root;
   }

@@ -74,6 +74,7 @@ SupervisorSpec sampleSpec() {
   leaf.command = {"sleep", "1000"};
   leaf.shutdown = ShutdownPolicy::brutalKill();
   leaf.vsupAware = true;
+  leaf.startConfig = std::string("cfg\0\x01\xff", 6);
   inner.children.push_back(leaf);
   sub.supervisor = inner;
   normalize(sub);
@@ -82,10 +83,12 @@ SupervisorSpec sampleSpec() {
 }
 
 NodeStatus sampleStatus() {
-  NodeStatus root{"root", 100, "supervisor", "running", 5000, 0, {}, -1, {}};
-  NodeStatus api{"api", 101, "worker", "stopping", 4000, 2, {"draining", "3 in flight"}, 3, {}};
-  NodeStatus sub{"sub", 102, "supervisor", "running", 3000, 0, {}, -1, {}};
-  sub.children.push_back({"leaf", 0, "worker", "restarting", 0, 7, {}, -1, {}});
+  constexpr NodeType kSup = NodeType::Supervisor;
+  constexpr NodeType kWorker = NodeType::Worker;
+  NodeStatus root{"root", 100, kSup, NodeState::Running, 5000, 0, {}, -1, {}};
+  NodeStatus api{"api", 101, kWorker, NodeState::Stopping, 4000, 2, {"draining", "3 in flight"}, 3, {}};
+  NodeStatus sub{"sub", 102, kSup, NodeState::Running, 3000, 0, {}, -1, {}};
+  sub.children.push_back({"leaf", 0, kWorker, NodeState::Restarting, 0, 7, {}, -1, {}});
   root.children = {api, sub};
   return root;
 }
@@ -157,6 +160,8 @@ void controlSeeds(const std::string& dir) {
   auto start = [](schema::Node::Client& n, Pending& p) {
     auto request = n.startRequest();
     encode(sampleSpec(), request.initSpec());
+    const std::string config("engine\0config", 13);
+    request.setConfig(asData(config));
     p.add(request.send().ignoreResult());
   };
   auto startInvalid = [](schema::Node::Client& n, Pending& p) {

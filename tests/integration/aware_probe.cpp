@@ -9,10 +9,13 @@
 //   --fail-start        refuse to start (start() throws)
 //   --defer-ms MS       on shutdown, defer for MS, reporting progress every 100 ms
 //   --defer-reason TXT  the deferral reason (default "kv: 3 transfers pending")
+//   --start-config-out FILE  on each start request, write the start configuration it carried
+//                       (ChildRuntime::startConfig()), byte for byte, to FILE (truncated first)
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -37,9 +40,24 @@ struct Options {
   bool failStart = false;
   long deferMs = 0;
   std::string deferReason = "kv: 3 transfers pending";
+  std::string startConfigOut;
 };
 
 Options options;
+
+// Writes all of `bytes` to `path`; false on any error (the caller then refuses to start).
+bool writeAll(const std::string& path, const std::string& bytes) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_TRUNC | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += size_t(n);
+  }
+  return ::close(fd) == 0 && done == bytes.size();
+}
 
 void event(const std::string& what) {
   if (options.log.empty()) return;
@@ -79,6 +97,7 @@ int main(int argc, char** argv) {
     else if (a == "--fail-start") options.failStart = true;
     else if (a == "--defer-ms") options.deferMs = std::stol(value());
     else if (a == "--defer-reason") options.deferReason = value();
+    else if (a == "--start-config-out") options.startConfigOut = value();
     else {
       std::fprintf(stderr, "aware-probe: unknown flag %s\n", a.c_str());
       return 2;
@@ -101,6 +120,10 @@ int main(int argc, char** argv) {
     ChildRuntime runtime(&loop);
     runtime.onStart([&](const SupervisorSpec&) -> kj::Promise<void> {
       if (options.failStart) return KJ_EXCEPTION(FAILED, "aware-probe refused to start");
+      if (!options.startConfigOut.empty() &&
+          !writeAll(options.startConfigOut, runtime.startConfig())) {
+        return KJ_EXCEPTION(FAILED, "aware-probe cannot write", options.startConfigOut.c_str());
+      }
       return ipc::uvSleep(&loop, uint64_t(options.readyAfterMs)).then([]() { event("ready"); });
     });
     runtime.addShutdownHook("probe", [&](ShutdownContext& ctx) -> kj::Promise<void> {
