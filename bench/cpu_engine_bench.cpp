@@ -53,6 +53,8 @@
 #include <thread>
 #include <vector>
 
+#include "base/check.h"
+#include "base/fd.h"
 #include "engine/blas.h"
 #include "engine/collective.h"
 #include "engine/llama_config.h"
@@ -160,7 +162,7 @@ class BandwidthProbe {
     return double(buffer_.size() * sizeof(float)) * passes / s;
   }
 
-  // Copy bandwidth in bytes copied/s (for comparison with notes/machine-floors.md): the first
+  // Copy bandwidth in bytes copied/s (for comparison with other measurements of the machine): the first
   // half of the buffer onto the second.
   double copy(int threads) {
     size_t half = buffer_.size() / 2;
@@ -267,12 +269,14 @@ struct Row {
 int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const Sizes& sizes) {
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int threads = int(std::max(1u, cores / tp));
-  // LlamaShard leaves this to its owner (CpuEngine sets it the same way): without it each rank
+  // LlamaShard leaves this to its owner (the CPU backend's runner sets it the same way): without it each rank
   // would run nproc BLAS threads.
   blas::setThreads(threads);
 
+  vsup::OwnFd region(fd);  // inherited from the parent
   std::unique_ptr<Collective> collective =
-      tp == 1 ? makeSingleRankCollective() : joinSharedCollective(fd, rank, tp, 60000);
+      tp == 1 ? makeSingleRankCollective() : joinSharedCollective(region.get(), rank, tp, 60000);
+  region.reset();  // mapped: the descriptor is no longer needed
   auto barrier = [&] {
     float one = 1;
     collective->allReduceSum(&one, 1);
@@ -488,10 +492,9 @@ std::string loadAverage() {
 // Runs `tp` rank processes of this program and waits for them. Returns false if one failed.
 bool runRanks(uint32_t tp, const std::vector<std::string>& forwarded) {
   // Above 3, so that dup2 onto 3 in the child really copies it (and clears close-on-exec).
-  int created = createSharedCollective(tp);
-  int shared = ::fcntl(created, F_DUPFD_CLOEXEC, 10);
-  ::close(created);
-  if (shared < 0) throw std::runtime_error("fcntl(F_DUPFD_CLOEXEC) failed");
+  vsup::OwnFd created(createSharedCollective(tp));
+  vsup::OwnFd shared(VSUP_SYSCALL(::fcntl(created.get(), F_DUPFD_CLOEXEC, 10)));
+  created.reset();
   std::vector<pid_t> pids;
   for (uint32_t r = 0; r < tp; ++r) {
     std::vector<std::string> args = forwarded;
@@ -502,17 +505,14 @@ bool runRanks(uint32_t tp, const std::vector<std::string>& forwarded) {
     cargs.push_back(nullptr);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, shared, 3);
+    posix_spawn_file_actions_adddup2(&actions, shared.get(), 3);
     pid_t pid = 0;
     int rc = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, cargs.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
-    if (rc != 0) {
-      ::close(shared);
-      throw std::runtime_error("posix_spawn failed: " + std::string(strerror(rc)));
-    }
+    if (rc != 0) throw std::runtime_error("posix_spawn failed: " + std::string(strerror(rc)));
     pids.push_back(pid);
   }
-  ::close(shared);
+  shared.reset();  // the ranks have their copies
   bool ok = true;
   for (pid_t pid : pids) {
     int status = 0;

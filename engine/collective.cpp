@@ -11,8 +11,12 @@
 #include <chrono>
 #include <cstring>
 #include <string>
-#include <system_error>
 #include <thread>
+#include <utility>
+
+#include "base/check.h"
+#include "base/error.h"
+#include "base/fd.h"
 
 namespace vsup::engine {
 namespace {
@@ -54,7 +58,7 @@ class Shared final : public Collective {
   Shared(void* base, size_t bytes, uint32_t rank, uint32_t ranks, int64_t timeoutMs,
          size_t slotFloats)
       : base_(base), bytes_(bytes), rank_(rank), ranks_(ranks), timeoutMs_(timeoutMs),
-        slotFloats_(slotFloats), peerPidfds_(ranks, -1) {
+        slotFloats_(slotFloats), peerPidfds_(ranks) {
     header_ = static_cast<Header*>(base);
     header_->magic.store(kMagic, std::memory_order_relaxed);
     header_->pids[rank].store(int32_t(::getpid()), std::memory_order_release);
@@ -63,12 +67,7 @@ class Shared final : public Collective {
     spin_ = std::thread::hardware_concurrency() >= ranks ? 4000 : 0;
   }
 
-  ~Shared() override {
-    for (int fd : peerPidfds_) {
-      if (fd >= 0) ::close(fd);
-    }
-    ::munmap(base_, bytes_);
-  }
+  ~Shared() override { ::munmap(base_, bytes_); }
 
   uint32_t rank() const override { return rank_; }
   uint32_t size() const override { return ranks_; }
@@ -168,18 +167,18 @@ class Shared final : public Collective {
       if (r == rank_) continue;
       int32_t pid = header_->pids[r].load(std::memory_order_acquire);
       if (pid <= 0) continue;  // not joined yet
-      if (peerPidfds_[r] < 0) {
-        int fd = int(::syscall(SYS_pidfd_open, pid, 0));
-        if (fd < 0) {
+      if (!peerPidfds_[r]) {
+        OwnFd fd(int(::syscall(SYS_pidfd_open, pid, 0)));
+        if (!fd) {
           if (errno == ESRCH && header_->generation.load(std::memory_order_acquire) == gen) {
             fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
                  ") died during a collective");
           }
           continue;
         }
-        peerPidfds_[r] = fd;
+        peerPidfds_[r] = std::move(fd);
       }
-      struct pollfd p {peerPidfds_[r], POLLIN, 0};
+      struct pollfd p {peerPidfds_[r].get(), POLLIN, 0};
       if (::poll(&p, 1, 0) == 1 && header_->generation.load(std::memory_order_acquire) == gen) {
         fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
              ") died during a collective");
@@ -199,7 +198,7 @@ class Shared final : public Collective {
   bool broken_ = false;
   std::string brokenWhy_;
   std::atomic<bool> cancelled_{false};
-  std::vector<int> peerPidfds_;
+  std::vector<OwnFd> peerPidfds_;
 };
 
 }  // namespace
@@ -214,14 +213,9 @@ int createSharedCollective(uint32_t ranks, size_t slotFloats) {
   if (ranks == 0 || ranks > kMaxRanks) {
     throw std::invalid_argument("tensor-parallel size must be 1.." + std::to_string(kMaxRanks));
   }
-  int fd = int(::syscall(SYS_memfd_create, "vsup-tp", MFD_CLOEXEC));
-  if (fd < 0) throw std::system_error(errno, std::generic_category(), "memfd_create(vsup-tp)");
-  if (::ftruncate(fd, off_t(sharedCollectiveBytes(ranks, slotFloats))) != 0) {
-    int e = errno;
-    ::close(fd);
-    throw std::system_error(e, std::generic_category(), "ftruncate(vsup-tp memfd)");
-  }
-  return fd;
+  OwnFd fd(int(VSUP_SYSCALL(::syscall(SYS_memfd_create, "vsup-tp", MFD_CLOEXEC))));
+  VSUP_SYSCALL(::ftruncate(fd.get(), off_t(sharedCollectiveBytes(ranks, slotFloats))));
+  return fd.release();
 }
 
 std::unique_ptr<Collective> joinSharedCollective(int fd, uint32_t rank, uint32_t ranks,
@@ -236,7 +230,10 @@ std::unique_ptr<Collective> joinSharedCollective(int fd, uint32_t rank, uint32_t
                              std::to_string(size) + " bytes, expected " + std::to_string(bytes));
   }
   void* base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (base == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap(vsup-tp)");
+  if (base == MAP_FAILED) {
+    int err = errno;
+    throw SysError(std::string("mmap(vsup-tp) failed: ") + std::strerror(err), err);
+  }
   return std::make_unique<Shared>(base, bytes, rank, ranks, timeoutMs, slotFloats);
 }
 

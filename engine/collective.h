@@ -48,7 +48,7 @@ size_t sharedCollectiveBytes(uint32_t ranks, size_t slotFloats);
 constexpr size_t kDefaultSlotFloats = 256 * 1024;  // 1 MiB per rank and round
 
 // Creates the region (memfd "vsup-tp", close-on-exec; zero-filled, which is its initial state).
-// Returns the fd, owned by the caller. Throws std::system_error.
+// Returns the fd, owned by the caller (wrap it in an OwnFd). Throws vsup::SysError.
 int createSharedCollective(uint32_t ranks, size_t slotFloats = kDefaultSlotFloats);
 
 // Joins the region as `rank`. Borrows `fd` only during the call (the mapping stays).

@@ -14,7 +14,7 @@ namespace vsup::engine {
 namespace {
 
 // y[T, out] = x[T, in] · w[out, in]ᵀ, x rows `ldx` floats apart. One token: gemv, which reads the
-// weights once at memory bandwidth (sgemm at tiny M is slower: notes/machine-floors.md).
+// weights once at memory bandwidth (sgemm at tiny M is slower, as measured).
 void matmul(float* y, const float* x, int64_t T, int64_t ldx, const float* w, int64_t out,
             int64_t in) {
   if (T == 1) {
@@ -117,7 +117,7 @@ LlamaShard::LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp,
                               "mmap of the KV cache (" + std::to_string(kvBytes_) + " bytes)");
     }
     // Touch it now, with huge pages where the kernel allows: first-touch faults would otherwise
-    // land in the first requests' steps (notes/machine-floors.md).
+    // land in the first requests' steps.
     ::madvise(p, kvBytes_, MADV_HUGEPAGE);
     std::memset(p, 0, kvBytes_);
     kv_ = static_cast<float*>(p);

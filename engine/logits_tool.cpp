@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "base/check.h"
+#include "base/fd.h"
 #include "engine/collective.h"
 #include "engine/llama_config.h"
 #include "engine/llama_model.h"
@@ -52,8 +54,10 @@ std::vector<int32_t> parseIds(const std::string& list, const char* flag) {
 int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd,
             const std::vector<int32_t>& prompt, const std::vector<int32_t>& decode,
             int32_t blockSize) {
+  vsup::OwnFd region(fd);  // inherited from the parent; the mapping outlives it
   std::unique_ptr<Collective> collective =
-      tp == 1 ? makeSingleRankCollective() : joinSharedCollective(fd, rank, tp, 30000);
+      tp == 1 ? makeSingleRankCollective() : joinSharedCollective(region.get(), rank, tp, 30000);
+  region.reset();
   auto weights = model.dummyWeights ? makeDummyWeights(0) : openSafetensors(model.directory);
   int32_t positions = int32_t(prompt.size() + decode.size());
   int32_t blocks = (positions + blockSize - 1) / blockSize;
@@ -117,10 +121,9 @@ int main(int argc, char** argv) {
     }
     model.config.checkTensorParallel(tp);
     // Above 3, so that dup2 onto 3 in the child really copies it (and clears close-on-exec).
-    int created = createSharedCollective(tp);
-    int shared = ::fcntl(created, F_DUPFD_CLOEXEC, 10);
-    ::close(created);
-    if (shared < 0) throw std::runtime_error("fcntl(F_DUPFD_CLOEXEC) failed");
+    vsup::OwnFd created(createSharedCollective(tp));
+    vsup::OwnFd shared(VSUP_SYSCALL(::fcntl(created.get(), F_DUPFD_CLOEXEC, 10)));
+    created.reset();
     std::vector<pid_t> pids;
     for (uint32_t r = 0; r < tp; ++r) {
       std::vector<std::string> args(argv, argv + argc);
@@ -130,14 +133,14 @@ int main(int argc, char** argv) {
       cargs.push_back(nullptr);
       posix_spawn_file_actions_t actions;
       posix_spawn_file_actions_init(&actions);
-      posix_spawn_file_actions_adddup2(&actions, shared, 3);  // dup2 clears close-on-exec
+      posix_spawn_file_actions_adddup2(&actions, shared.get(), 3);  // dup2 clears close-on-exec
       pid_t pid = 0;
       int rc = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, cargs.data(), environ);
       posix_spawn_file_actions_destroy(&actions);
       if (rc != 0) throw std::runtime_error("posix_spawn failed: " + std::string(strerror(rc)));
       pids.push_back(pid);
     }
-    ::close(shared);
+    shared.reset();  // the ranks have their copies
     int result = 0;
     for (pid_t pid : pids) {
       int status = 0;

@@ -1,25 +1,30 @@
-// The simulated engine: deterministic text from a real step loop.
-//
-// Token `position` of a request is a pure function of (prompt hash, seed, position), so every
-// rank computes the same token and the output is reproducible run after run. The cost of a
-// step is SimOptions::tokenMs, paid by every rank (the worker process waits it out).
+#include "engine/sim_engine.h"
+
 #include <algorithm>
 #include <array>
-#include <deque>
-#include <map>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <stdexcept>
-
-#include "engine/engine.h"
-#include "engine/text_stream.h"
+#include <string>
+#include <string_view>
 
 namespace vsup::engine {
 namespace {
 
-constexpr std::array<const char*, 32> kWords = {
+constexpr std::array<const char*, kSimVocabSize> kWords = {
     " the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " and",
     " then", " runs", " far", " away", " from", " home", " while", " birds", " sing", " in",
     " tall", " green", " trees", " under", " bright", " blue", " skies", ",", ".", " it",
     " was", " good"};
+
+// Bytes of KV per token slot: one hash.
+constexpr int64_t kSlotBytes = sizeof(uint64_t);
+// The most token slots a rank keeps, whatever --kv-cache-memory says: the sim needs no more to
+// serve any test or demo, and a large budget should not cost real memory.
+constexpr int64_t kMaxSlots = int64_t(1) << 20;
+// The hash "before" position 0.
+constexpr uint64_t kStartHash = 0x243f6a8885a308d3ULL;
 
 uint64_t mix(uint64_t x) {  // splitmix64
   x += 0x9e3779b97f4a7c15ULL;
@@ -28,168 +33,195 @@ uint64_t mix(uint64_t x) {  // splitmix64
   return x ^ (x >> 31);
 }
 
-struct Sequence {
-  GenerateRequest request;
-  uint64_t promptHash = 0;
-  uint64_t seed = 0;
-  int64_t promptTokens = 0;
-  int64_t generated = 0;
-  StopTextStream text{{}};
-};
-
-class SimScheduler final : public Scheduler {
- public:
-  explicit SimScheduler(SimOptions options) : options_(options) {}
-
-  void admit(GenerateRequest request) override {
-    if (byId_.count(request.id) != 0) {
-      throw std::invalid_argument("duplicate request id " + request.id);
-    }
-    Sequence s;
-    s.promptHash = simPromptHash(request.prompt);
-    s.seed = request.sampling.seed.value_or(0);
-    s.promptTokens = simPromptTokens(request.prompt);
-    s.text = StopTextStream(request.sampling.stop);
-    std::string id = request.id;
-    s.request = std::move(request);
-    byId_[id] = std::move(s);
-    waiting_.push_back(id);
-  }
-
-  bool abort(const std::string& id, TokenDelta* final) override {
-    auto it = byId_.find(id);
-    if (it == byId_.end()) return false;
-    if (final != nullptr) {
-      final->requestId = id;
-      final->promptTokens = it->second.promptTokens;
-      final->completionTokens = it->second.generated;
-      final->finish = FinishReason::Abort;
-    }
-    byId_.erase(it);
-    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
-    running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
-    return true;
-  }
-
-  StepInput nextStep() override {
-    // Continuous batching: admit waiting requests at the step boundary, up to the batch limit.
-    while (!waiting_.empty() && running_.size() < options_.maxNumSeqs) {
-      running_.push_back(waiting_.front());
-      waiting_.pop_front();
-    }
-    StepInput in;
-    in.step = ++step_;
-    for (const std::string& id : running_) {
-      const Sequence& s = byId_.at(id);
-      SeqStep q;
-      q.id = id;
-      q.promptHash = s.promptHash;
-      q.position = uint32_t(s.generated);
-      q.seed = s.seed;
-      q.temperature = s.request.sampling.temperature;
-      in.seqs.push_back(std::move(q));
-    }
-    current_ = in;
-    return in;
-  }
-
-  std::vector<TokenDelta> complete(const std::vector<StepOutput>& ranks) override {
-    checkRankOutputs(current_, ranks);
-    std::vector<TokenDelta> out;
-    for (size_t i = 0; i < current_.seqs.size(); ++i) {
-      auto it = byId_.find(current_.seqs[i].id);
-      if (it == byId_.end()) continue;  // aborted while the step ran
-      Sequence& s = it->second;
-      s.generated++;
-      TokenDelta d;
-      d.requestId = s.request.id;
-      d.promptTokens = s.promptTokens;
-      d.completionTokens = s.generated;
-      if (s.text.append(simDetokenize(ranks[0].tokens[i]))) {
-        d.finish = FinishReason::Stop;
-      } else if (s.generated >= s.request.sampling.maxTokens) {
-        d.finish = FinishReason::Length;
-      }
-      d.text = s.text.take(d.finish != FinishReason::None);
-      out.push_back(std::move(d));
-      if (out.back().finish != FinishReason::None) {
-        running_.erase(std::remove(running_.begin(), running_.end(), s.request.id),
-                       running_.end());
-        byId_.erase(it);
-      }
-    }
-    return out;
-  }
-
-  size_t inFlight() const override { return byId_.size(); }
-
- private:
-  SimOptions options_;
-  uint64_t step_ = 0;
-  std::map<std::string, Sequence> byId_;
-  std::deque<std::string> waiting_;
-  std::vector<std::string> running_;
-  StepInput current_;
-};
-
-class SimWorker final : public WorkerEngine {
- public:
-  SimWorker(SimOptions options, uint32_t rank) : options_(options), rank_(rank) {}
-
-  StepOutput execute(const StepInput& input) override {
-    StepOutput out;
-    out.step = input.step;
-    out.rank = rank_;
-    for (const SeqStep& s : input.seqs) {
-      uint64_t seed = s.temperature == 0 ? 0 : s.seed;  // greedy: the seed plays no part
-      uint64_t h = mix(s.promptHash ^ mix(seed) ^ mix(s.position + 1));
-      out.tokens.push_back(int32_t(h % kWords.size()));
-    }
-    return out;
-  }
-
-  uint64_t simulatedCostMs(const StepInput& input) const override {
-    return input.seqs.empty() ? 0 : options_.tokenMs;
-  }
-
- private:
-  SimOptions options_;
-  uint32_t rank_;
-};
-
-}  // namespace
-
-std::string simDetokenize(int32_t token) {
-  if (token < 0 || size_t(token) >= kWords.size()) return "?";
-  return kWords[size_t(token)];
-}
-
-uint64_t simPromptHash(const std::string& prompt) {
-  uint64_t h = 1469598103934665603ULL;  // FNV-1a
-  for (unsigned char c : prompt) {
+uint64_t fnv1a(std::string_view s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) {
     h ^= c;
     h *= 1099511628211ULL;
   }
   return h;
 }
 
-int64_t simPromptTokens(const std::string& prompt) {
-  int64_t words = 0;
-  bool inWord = false;
-  for (unsigned char c : prompt) {
-    bool space = c == ' ' || c == '\n' || c == '\t' || c == '\r';
-    if (!space && !inWord) ++words;
-    inWord = !space;
+bool isSpace(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+
+class SimTokenizer final : public Tokenizer {
+ public:
+  std::vector<int32_t> encode(std::string_view text, bool /*addSpecial: none*/) const override {
+    std::vector<int32_t> ids;
+    size_t i = 0;
+    while (i < text.size()) {
+      while (i < text.size() && isSpace(text[i])) ++i;
+      size_t start = i;
+      while (i < text.size() && !isSpace(text[i])) ++i;
+      if (i > start) ids.push_back(int32_t(fnv1a(text.substr(start, i - start)) % kSimVocabSize));
+    }
+    if (ids.empty()) ids.push_back(0);  // every request has a prompt token to prefill
+    return ids;
   }
-  return std::max<int64_t>(words, 1);
+  std::string tokenBytes(int32_t id) const override {
+    if (id < 0 || size_t(id) >= kWords.size()) return {};
+    return kWords[size_t(id)];
+  }
+  bool isSpecial(int32_t) const override { return false; }
+  std::optional<int32_t> tokenId(std::string_view content) const override {
+    for (size_t t = 0; t < kWords.size(); ++t) {
+      if (content == kWords[t]) return int32_t(t);
+    }
+    return std::nullopt;
+  }
+  size_t vocabSize() const override { return kSimVocabSize; }
+};
+
+class SimRunner final : public ModelRunner {
+ public:
+  SimRunner(int32_t numBlocks, int32_t blockSize, uint64_t tokenMs, uint32_t rank)
+      : numBlocks_(numBlocks), blockSize_(blockSize), tokenMs_(tokenMs), rank_(rank),
+        cache_(size_t(std::max(numBlocks, 0)) * size_t(std::max(blockSize, 0)), 0) {
+    if (numBlocks <= 0 || blockSize <= 0) {
+      throw std::invalid_argument("sim KV cache of " + std::to_string(numBlocks) + " blocks of " +
+                                  std::to_string(blockSize) + " tokens");
+    }
+  }
+
+  StepOutput execute(const StepInput& input) override {
+    throwIfCancelled();
+    StepOutput out;
+    out.step = input.step;
+    out.rank = rank_;
+    for (const SeqStep& q : input.seqs) {
+      int64_t first = q.startPos;
+      int64_t end = first + int64_t(q.tokens.size());
+      uint64_t h = first == 0 ? kStartHash : cache_[slot(q, first - 1)];
+      for (int64_t p = first; p < end; ++p) {
+        h = mix(h ^ mix(uint64_t(q.tokens[size_t(p - first)]) + 1));
+        cache_[slot(q, p)] = h;
+      }
+      if (!q.sample) {
+        out.tokens.push_back(-1);
+        continue;
+      }
+      uint64_t seed = q.temperature == 0 ? 0 : q.seed;  // greedy: the seed plays no part
+      out.tokens.push_back(int32_t(mix(h ^ mix(seed) ^ mix(uint64_t(end))) % kSimVocabSize));
+    }
+    if (!input.seqs.empty() && tokenMs_ > 0) {
+      // The step's simulated compute time, spent here as a real engine's would be, so that
+      // engine-core's step timing and a rank's teardown see what they would see with a model.
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait_for(lock, std::chrono::milliseconds(tokenMs_), [this] { return cancelled_; });
+    }
+    throwIfCancelled();
+    return out;
+  }
+
+  void cancel() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      cancelled_ = true;
+    }
+    wake_.notify_all();
+  }
+
+ private:
+  void throwIfCancelled() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cancelled_) throw std::runtime_error("rank " + std::to_string(rank_) + " was cancelled");
+  }
+
+  size_t slot(const SeqStep& q, int64_t position) const {
+    size_t index = size_t(position / blockSize_);
+    if (position < 0 || index >= q.blockTable.size()) {
+      throw std::runtime_error("sequence " + q.id + ": position " + std::to_string(position) +
+                               " is beyond its block table of " +
+                               std::to_string(q.blockTable.size()) + " blocks");
+    }
+    int32_t block = q.blockTable[index];
+    if (block < 0 || block >= numBlocks_) {
+      throw std::runtime_error("sequence " + q.id + ": block " + std::to_string(block) +
+                               " outside the cache of " + std::to_string(numBlocks_));
+    }
+    return size_t(block) * size_t(blockSize_) + size_t(position % blockSize_);
+  }
+
+  int32_t numBlocks_;
+  int32_t blockSize_;
+  uint64_t tokenMs_;
+  uint32_t rank_;
+  std::vector<uint64_t> cache_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool cancelled_ = false;
+};
+
+int32_t simBlocks(const CommonConfig& c) {
+  int64_t slots = std::min(c.kvCacheBytes / kSlotBytes, kMaxSlots);
+  return int32_t(slots / c.blockSize);
 }
 
-std::unique_ptr<Scheduler> makeSimScheduler(SimOptions options) {
-  return std::make_unique<SimScheduler>(options);
+class SimBackend final : public Backend {
+ public:
+  const char* name() const override { return "sim"; }
+
+  EnginePlan plan(const EngineConfig& config) const override {
+    validate(config);
+    const CommonConfig& c = config.common;
+    EnginePlan plan;
+    plan.scheduler.maxNumSeqs = c.maxNumSeqs;
+    plan.scheduler.maxNumBatchedTokens = c.maxNumBatchedTokens;
+    plan.scheduler.maxModelLen = c.maxModelLen;  // 0: bounded by the cache alone
+    plan.scheduler.numBlocks = simBlocks(c);
+    plan.scheduler.blockSize = c.blockSize;
+    plan.scheduler.vocabSize = int32_t(kSimVocabSize);
+    plan.scheduler.kvHoldMs = kvHoldMs(c.kv);
+    // As the sim always was: no context length unless one is asked for, and an unseeded request
+    // draws as seed 0, so the same prompt always gives the same text.
+    plan.scheduler.unboundedContext = c.maxModelLen == 0;
+    plan.scheduler.defaultSeed = 0;
+    if (plan.scheduler.numBlocks <= 0) {
+      throw std::invalid_argument("--kv-cache-memory " + std::to_string(c.kvCacheBytes) +
+                                  " bytes holds no KV block of " + std::to_string(c.blockSize) +
+                                  " tokens (the sim engine keeps " +
+                                  std::to_string(kSlotBytes) + " bytes per token)");
+    }
+    int64_t capacity = int64_t(plan.scheduler.numBlocks) * c.blockSize;
+    std::string context = c.maxModelLen > 0
+                              ? std::to_string(std::min(c.maxModelLen, capacity)) + " tokens"
+                              : "unbounded (a request ends with \"length\" when the cache is full)";
+    plan.chatFormat = "plain";
+    plan.summary = "model " + c.model + " (simulated), context " + context + ", KV cache " + std::to_string(plan.scheduler.numBlocks) +
+                   " blocks of " + std::to_string(c.blockSize) + " tokens per rank";
+    plan.sharedCollective = false;
+    return plan;
+  }
+
+  std::shared_ptr<const Tokenizer> tokenizer(const EngineConfig&) const override {
+    return makeSimTokenizer();
+  }
+
+  std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
+                                          int /*collectiveFd: ranks never communicate*/)
+      const override {
+    validate(config);
+    const auto* sim = std::get_if<SimConfig>(&config.backend);
+    if (sim == nullptr) throw std::invalid_argument("the sim backend needs a sim configuration");
+    return makeSimRunner(simBlocks(config.common), config.common.blockSize, sim->tokenMs, rank);
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<const Tokenizer> makeSimTokenizer() {
+  static const std::shared_ptr<const Tokenizer> tokenizer = std::make_shared<SimTokenizer>();
+  return tokenizer;
 }
 
-std::unique_ptr<WorkerEngine> makeSimWorker(SimOptions options, uint32_t rank) {
-  return std::make_unique<SimWorker>(options, rank);
+std::unique_ptr<ModelRunner> makeSimRunner(int32_t numBlocks, int32_t blockSize,
+                                           uint64_t tokenMs, uint32_t rank) {
+  return std::make_unique<SimRunner>(numBlocks, blockSize, tokenMs, rank);
+}
+
+const Backend& simBackend() {
+  static const SimBackend backend;
+  return backend;
 }
 
 }  // namespace vsup::engine

@@ -1,5 +1,7 @@
 #include "engine/tokenizer.h"
 
+#include "engine/utf8.h"
+
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
@@ -22,145 +24,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
-
-// ---------------------------------------------------------------------------------------------
-// UTF-8
-
-enum class Utf8Kind { Valid, Invalid, Incomplete };
-
-struct Utf8Step {
-  size_t length;  // Valid: the character's length; Invalid: the maximal ill-formed subpart (the
-                  // bytes one U+FFFD replaces); Incomplete: the bytes left, a valid prefix.
-  Utf8Kind kind;
-};
-
-// Classifies the bytes at s[i] (i < s.size()) per Unicode's well-formed UTF-8 table, which
-// excludes overlongs, surrogates and code points above U+10FFFF.
-Utf8Step utf8Step(std::string_view s, size_t i) {
-  const auto b = static_cast<unsigned char>(s[i]);
-  if (b < 0x80) return {1, Utf8Kind::Valid};
-  size_t continuations = 0;
-  unsigned char lo = 0x80;
-  unsigned char hi = 0xBF;
-  if (b >= 0xC2 && b <= 0xDF) {
-    continuations = 1;
-  } else if (b == 0xE0) {
-    continuations = 2;
-    lo = 0xA0;
-  } else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) {
-    continuations = 2;
-  } else if (b == 0xED) {
-    continuations = 2;
-    hi = 0x9F;
-  } else if (b == 0xF0) {
-    continuations = 3;
-    lo = 0x90;
-  } else if (b >= 0xF1 && b <= 0xF3) {
-    continuations = 3;
-  } else if (b == 0xF4) {
-    continuations = 3;
-    hi = 0x8F;
-  } else {
-    return {1, Utf8Kind::Invalid};
-  }
-  for (size_t k = 1; k <= continuations; ++k) {
-    if (i + k >= s.size()) return {k, Utf8Kind::Incomplete};
-    const auto c = static_cast<unsigned char>(s[i + k]);
-    if (c < lo || c > hi) return {k, Utf8Kind::Invalid};
-    lo = 0x80;
-    hi = 0xBF;
-  }
-  return {continuations + 1, Utf8Kind::Valid};
-}
-
-bool isValidUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    // ASCII fast path: most text is mostly ASCII.
-    if (static_cast<unsigned char>(s[i]) < 0x80) {
-      ++i;
-      continue;
-    }
-    const Utf8Step step = utf8Step(s, i);
-    if (step.kind != Utf8Kind::Valid) return false;
-    i += step.length;
-  }
-  return true;
-}
-
-// The code point of the valid character of `length` bytes at s[i].
-char32_t decodeChar(std::string_view s, size_t i, size_t length) {
-  const auto b = [&](size_t k) {
-    return static_cast<char32_t>(static_cast<unsigned char>(s[i + k]));
-  };
-  switch (length) {
-    case 1:
-      return b(0);
-    case 2:
-      return ((b(0) & 0x1F) << 6) | (b(1) & 0x3F);
-    case 3:
-      return ((b(0) & 0x0F) << 12) | ((b(1) & 0x3F) << 6) | (b(2) & 0x3F);
-    default:
-      return ((b(0) & 0x07) << 18) | ((b(1) & 0x3F) << 12) | ((b(2) & 0x3F) << 6) | (b(3) & 0x3F);
-  }
-}
-
-void appendUtf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
-// The Unicode White_Space property, which is what HF's `\s` (Rust regex) means for the
-// lstrip/rstrip of added tokens.
-bool isWhiteSpace(char32_t c) {
-  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
-}
-
-// Start of the character that ends at s[end - 1], for valid UTF-8; for invalid bytes, end - 1.
-size_t previousCharStart(std::string_view s, size_t end) {
-  size_t start = end - 1;
-  while (start > 0 && end - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) {
-    --start;
-  }
-  const Utf8Step step = utf8Step(s, start);
-  return step.kind == Utf8Kind::Valid && start + step.length == end ? start : end - 1;
-}
-
-// Removes from `pending` the longest prefix that can be output now, returning it as valid UTF-8.
-// Ill-formed bytes become U+FFFD; a trailing incomplete character stays unless `final`.
-std::string takeValidPrefix(std::string& pending, bool final) {
-  std::string out;
-  size_t i = 0;
-  while (i < pending.size()) {
-    const Utf8Step step = utf8Step(pending, i);
-    if (step.kind == Utf8Kind::Valid) {
-      out.append(pending, i, step.length);
-    } else if (step.kind == Utf8Kind::Invalid || final) {
-      out += kReplacementChar;
-    } else {
-      break;  // an incomplete character: the next token may complete it
-    }
-    i += step.length;
-  }
-  pending.erase(0, i);
-  return out;
-}
+using namespace utf8;  // shared with the byte tokenizer and the incremental decoder
 
 // ---------------------------------------------------------------------------------------------
 // GPT-2's bytes_to_unicode: byte-level BPE works on a string of printable characters, one per
@@ -318,53 +182,6 @@ class Regex {
   PcreCode tolerant_;
 };
 
-// ---------------------------------------------------------------------------------------------
-// The byte tokenizer
-
-constexpr std::array<std::string_view, 4> kByteSpecials = {"<|endoftext|>", "<|im_start|>",
-                                                           "<|im_end|>", "<|pad|>"};
-
-class ByteTokenizer final : public Tokenizer {
- public:
-  std::vector<int32_t> encode(std::string_view text, bool /*addSpecial: no BOS*/) const override {
-    std::vector<int32_t> ids;
-    ids.reserve(text.size());
-    size_t i = 0;
-    while (i < text.size()) {
-      if (text[i] == '<') {
-        bool matched = false;
-        for (size_t k = 0; k < kByteSpecials.size(); ++k) {
-          if (text.substr(i).starts_with(kByteSpecials[k])) {
-            ids.push_back(kByteEndOfText + static_cast<int32_t>(k));
-            i += kByteSpecials[k].size();
-            matched = true;
-            break;
-          }
-        }
-        if (matched) continue;
-      }
-      ids.push_back(static_cast<unsigned char>(text[i]));
-      ++i;
-    }
-    return ids;
-  }
-  std::string tokenBytes(int32_t id) const override {
-    if (id >= 0 && id < 256) return std::string(1, static_cast<char>(id));
-    if (isSpecial(id)) return std::string(kByteSpecials[static_cast<size_t>(id - kByteEndOfText)]);
-    return {};
-  }
-  bool isSpecial(int32_t id) const override {
-    return id >= kByteEndOfText && id < static_cast<int32_t>(kByteVocabSize);
-  }
-  std::optional<int32_t> tokenId(std::string_view content) const override {
-    if (content.size() == 1) return static_cast<unsigned char>(content[0]);
-    for (size_t k = 0; k < kByteSpecials.size(); ++k) {
-      if (content == kByteSpecials[k]) return kByteEndOfText + static_cast<int32_t>(k);
-    }
-    return std::nullopt;
-  }
-  size_t vocabSize() const override { return kByteVocabSize; }
-};
 
 // ---------------------------------------------------------------------------------------------
 // tokenizer.json
@@ -1279,8 +1096,6 @@ class HfTokenizer final : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> makeByteTokenizer() { return std::make_unique<ByteTokenizer>(); }
-
 std::unique_ptr<Tokenizer> loadHfTokenizer(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
@@ -1299,13 +1114,5 @@ std::unique_ptr<Tokenizer> loadHfTokenizer(const std::string& path) {
     throw std::runtime_error(path + ": " + e.what());
   }
 }
-
-std::string IncrementalDecoder::push(int32_t id) {
-  if (tokenizer_.isSpecial(id)) return {};
-  pending_ += tokenizer_.tokenBytes(id);
-  return takeValidPrefix(pending_, /*final=*/false);
-}
-
-std::string IncrementalDecoder::flush() { return takeValidPrefix(pending_, /*final=*/true); }
 
 }  // namespace vsup::engine

@@ -18,6 +18,15 @@ const char* nameOf(FinishReason reason) {
   return "";
 }
 
+const char* nameOf(RejectCode code) {
+  switch (code) {
+    case RejectCode::None: return "";
+    case RejectCode::ContextLengthExceeded: return "context_length_exceeded";
+    case RejectCode::EmptyPrompt: return "empty_prompt";
+  }
+  return "";
+}
+
 void checkRankOutputs(const StepInput& step, const std::vector<StepOutput>& ranks) {
   if (ranks.empty()) throw std::runtime_error("step completed with no rank outputs");
   for (const StepOutput& r : ranks) {

@@ -18,6 +18,9 @@
 #include <stdexcept>
 #include <utility>
 
+#include "base/check.h"
+#include "base/fd.h"
+
 namespace vsup::engine {
 namespace {
 
@@ -110,29 +113,23 @@ class DummyWeights final : public WeightSource {
 // ---------------------------------------------------------------------------------------------
 // Safetensors
 
-// One read-only private mapping of a whole file; unmapping is its only cleanup (STYLE.md
-// habit 5). The file descriptor is closed as soon as the mapping exists: the mapping keeps the
-// file alive, so a model with many shards holds no descriptors.
+// One read-only private mapping of a whole file; unmapping is its only cleanup. The file
+// descriptor is closed as soon as the mapping exists: the mapping keeps the file alive, so a
+// model with many shards holds no descriptors.
 class MappedFile {
  public:
   explicit MappedFile(std::string path) : path_(std::move(path)) {
-    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(path_ + ": cannot open: " + std::strerror(errno));
+    // A file that cannot be opened is the user's model directory at fault, said as such; any
+    // later failure on an open descriptor is a system error.
+    OwnFd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) fail(path_ + ": cannot open: " + std::strerror(errno));
     struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      int err = errno;
-      ::close(fd);
-      fail(path_ + ": fstat failed: " + std::strerror(err));
-    }
+    VSUP_SYSCALL(::fstat(fd.get(), &st));
     size_ = static_cast<size_t>(st.st_size);
     if (size_ > 0) {  // mmap of length 0 is EINVAL; an empty file is reported by the parser
-      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      int err = errno;
-      ::close(fd);
-      if (p == MAP_FAILED) fail(path_ + ": mmap failed: " + std::strerror(err));
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+      if (p == MAP_FAILED) fail(path_ + ": mmap failed: " + std::strerror(errno));
       data_ = static_cast<const unsigned char*>(p);
-    } else {
-      ::close(fd);
     }
   }
   MappedFile(const MappedFile&) = delete;

@@ -1,4 +1,4 @@
-// KV connector (DESIGN.md 2.4): moves a finished request's KV blocks to a peer instance. Two
+// KV connector: moves a finished request's KV blocks to a peer instance. Two
 // roles, as in vLLM: the scheduler side (engine-core) decides which finished requests transfer;
 // the worker side (each rank) runs the transfers. On shutdown a rank defers until its pending
 // transfers are done, or gives up at a bounded deadline and says how many it abandoned.
@@ -35,6 +35,9 @@ class KvConnectorWorker {
   // When the next pending transfer completes (kNoDeadline: none pending).
   virtual MonoNs nextCompletion() const = 0;
   virtual size_t completed() const = 0;
+  // The requests whose transfers were retired (by pending()) since the last call: engine-core
+  // releases a request's held blocks once every rank has reported it.
+  virtual std::vector<std::string> takeFinished() = 0;
 };
 
 std::unique_ptr<KvConnectorScheduler> makeSimScheduler();

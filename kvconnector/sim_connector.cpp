@@ -2,6 +2,7 @@
 // completes a fixed time later. Enough to exercise the shutdown deferral end to end.
 #include <algorithm>
 #include <map>
+#include <utility>
 
 #include "kvconnector/kv_connector.h"
 
@@ -25,6 +26,7 @@ class SimWorker final : public KvConnectorWorker {
 
   size_t pending(MonoNs now) override {
     while (!pending_.empty() && pending_.begin()->first <= now) {
+      finished_.push_back(pending_.begin()->second);
       pending_.erase(pending_.begin());
       ++completed_;
     }
@@ -37,10 +39,13 @@ class SimWorker final : public KvConnectorWorker {
 
   size_t completed() const override { return completed_; }
 
+  std::vector<std::string> takeFinished() override { return std::exchange(finished_, {}); }
+
  private:
   int64_t transferNs_;
   std::multimap<MonoNs, std::string> pending_;
   size_t completed_ = 0;
+  std::vector<std::string> finished_;
 };
 
 }  // namespace

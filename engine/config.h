@@ -1,0 +1,70 @@
+// The engine's configuration as one typed value: a part every backend shares and a part for
+// the chosen backend only. It is validated once, where the user's flags are parsed (`vsup run`,
+// vsup::LLM), and then carried to engine-core and to every rank as a Cap'n Proto struct in
+// Node.start (workers/engine_codec.h), never as argv: a rank sees only its own backend's part.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+
+namespace vsup::engine {
+
+// The built-in preset `vsup run` serves with no --model.
+inline constexpr const char* kDefaultModelName = "vsup-tiny-25m";
+
+struct CpuConfig {
+  std::string loadFormat = "auto";  // auto, dummy, safetensors
+  uint64_t weightSeed = 0;          // dummy weights
+};
+
+struct SimConfig {
+  uint64_t tokenMs = 20;  // the simulated cost of one step
+};
+
+struct CudaConfig {};
+
+// The KV connector (KV transfer to a peer instance).
+struct KvConfig {
+  std::string connector = "none";  // none, sim
+  uint64_t simTransferMs = 200;    // sim: how long each transfer takes
+  double shutdownTimeoutS = 10;    // how long a rank may defer its shutdown for transfers
+};
+
+struct CommonConfig {
+  std::string model = kDefaultModelName;  // a preset, a model directory, or (sim) any name
+  uint32_t tensorParallelSize = 1;
+  uint32_t maxNumSeqs = 256;
+  uint32_t maxNumBatchedTokens = 2048;
+  int64_t maxModelLen = 0;                    // 0: the model's own
+  int64_t kvCacheBytes = int64_t(256) << 20;  // per rank
+  int32_t blockSize = 16;
+  int64_t collectiveTimeoutMs = 10000;
+  uint64_t stepTimeoutMs = 30000;  // engine-core fails the engine when a step takes longer
+  KvConfig kv;
+};
+
+struct EngineConfig {
+  CommonConfig common;
+  std::variant<CpuConfig, SimConfig, CudaConfig> backend = CpuConfig{};
+};
+
+// "256MiB", "1GiB", "512MB", "1.5GB", "1048576" → bytes (--kv-cache-memory). nullopt when
+// malformed.
+std::optional<int64_t> parseByteSize(const std::string& text);
+
+// "cpu", "sim" or "cuda": the name of `config.backend`'s alternative (the --engine value).
+const char* engineName(const EngineConfig& config);
+
+// How long a finished request's KV blocks stay held for the KV connector
+// (core::SchedulerConfig::kvHoldMs): 0 without a connector; else long enough for a transfer to
+// finish even while its rank defers shutdown for it, after which the blocks are reused anyway.
+int64_t kvHoldMs(const KvConfig& kv);
+
+// Checks the ranges and the relations between fields that need no model (e.g.
+// --max-num-batched-tokens >= --max-num-seqs). Throws std::invalid_argument with a message
+// naming the flag, the value and what is accepted.
+void validate(const EngineConfig& config);
+
+}  // namespace vsup::engine

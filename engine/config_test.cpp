@@ -1,0 +1,118 @@
+#include "engine/config.h"
+
+#include <doctest/doctest.h>
+
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+#include "engine/registry.h"
+
+namespace vsup::engine {
+namespace {
+
+std::string messageOf(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "(no std::invalid_argument)";
+}
+
+}  // namespace
+
+TEST_CASE("engineName names the backend part of the configuration") {
+  EngineConfig c;
+  CHECK(std::string(engineName(c)) == "cpu");
+  c.backend = SimConfig{};
+  CHECK(std::string(engineName(c)) == "sim");
+  c.backend = CudaConfig{};
+  CHECK(std::string(engineName(c)) == "cuda");
+}
+
+TEST_CASE("validate accepts the defaults and refuses each value out of range, naming the flag") {
+  CHECK_NOTHROW(validate(EngineConfig{}));
+  struct Case {
+    std::function<void(EngineConfig&)> change;
+    std::string message;
+  };
+  Case cases[] = {
+      {[](EngineConfig& c) { c.common.tensorParallelSize = 0; },
+       "--tensor-parallel-size must be 1..64, got 0"},
+      {[](EngineConfig& c) { c.common.tensorParallelSize = 65; },
+       "--tensor-parallel-size must be 1..64, got 65"},
+      {[](EngineConfig& c) { c.common.maxNumSeqs = 0; }, "--max-num-seqs must be 1..65536, got 0"},
+      {[](EngineConfig& c) { c.common.maxNumBatchedTokens = (1u << 20) + 1; },
+       "--max-num-batched-tokens must be 1..1048576, got 1048577"},
+      {[](EngineConfig& c) { c.common.maxModelLen = -1; },
+       "--max-model-len must be 0..16777216, got -1"},
+      {[](EngineConfig& c) { c.common.blockSize = 0; }, "--block-size must be 1..1024, got 0"},
+      {[](EngineConfig& c) { c.common.blockSize = 1025; }, "--block-size must be 1..1024, got 1025"},
+      {[](EngineConfig& c) { c.common.kvCacheBytes = 0; },
+       "--kv-cache-memory must be more than 0 bytes, got 0"},
+      {[](EngineConfig& c) { c.common.collectiveTimeoutMs = 99; },
+       "--collective-timeout-ms must be 100..3600000, got 99"},
+      {[](EngineConfig& c) { c.common.kv.connector = "nixl"; },
+       "--kv-connector must be none or sim, got 'nixl'"},
+      {[](EngineConfig& c) { c.backend = SimConfig{600001}; },
+       "--sim-token-ms must be 0..600000, got 600001"},
+  };
+  for (const Case& k : cases) {
+    CAPTURE(k.message);
+    EngineConfig c;
+    k.change(c);
+    CHECK(messageOf([&] { validate(c); }) == k.message);
+  }
+}
+
+TEST_CASE("validate refuses a token budget below max_num_seqs") {
+  EngineConfig c;
+  c.common.maxNumSeqs = 16;
+  c.common.maxNumBatchedTokens = 8;
+  std::string msg = messageOf([&] { validate(c); });
+  CHECK(msg.find("--max-num-batched-tokens (8)") != std::string::npos);
+  CHECK(msg.find("--max-num-seqs (16)") != std::string::npos);
+}
+
+TEST_CASE("the KV hold lease is 0 without a connector and at least a second with one") {
+  KvConfig kv;
+  CHECK(kvHoldMs(kv) == 0);
+  kv.connector = "sim";
+  kv.shutdownTimeoutS = 10;
+  kv.simTransferMs = 200;
+  CHECK(kvHoldMs(kv) == 10200);
+  kv.shutdownTimeoutS = 0;
+  kv.simTransferMs = 0;
+  CHECK(kvHoldMs(kv) == 1000);
+}
+
+TEST_CASE("the registry knows cpu, sim and cuda, and this build has cpu and sim") {
+  std::string names;
+  for (const EngineInfo& e : knownEngines()) {
+    names += std::string(e.name) + (e.built ? "+ " : "- ");
+  }
+  CHECK(names == "cpu+ sim+ cuda- ");
+  CHECK_NOTHROW(requireEngineBuilt("cpu"));
+  CHECK_NOTHROW(requireEngineBuilt("sim"));
+}
+
+TEST_CASE("an unknown engine name is refused with the accepted ones") {
+  std::string msg = messageOf([] { requireEngineBuilt("xyz"); });
+  CHECK(msg.rfind("--engine 'xyz': ", 0) == 0);
+  CHECK(msg.find("cpu, sim") != std::string::npos);
+}
+
+TEST_CASE("the cuda engine is refused with how to get it") {
+  std::string msg = messageOf([] { requireEngineBuilt("cuda"); });
+  CHECK(msg.rfind("--engine 'cuda': ", 0) == 0);
+#ifdef VSUP_HAVE_NVCC
+  CHECK(msg.find("not available in this build of vsup yet") != std::string::npos);
+#else
+  CHECK(msg.find("nvcc was not found") != std::string::npos);
+  CHECK(msg.find("/usr/local/cuda") != std::string::npos);
+  CHECK(msg.find("meson setup") != std::string::npos);
+#endif
+}
+
+}  // namespace vsup::engine

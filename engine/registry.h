@@ -1,0 +1,66 @@
+// The engine registry: the one place that knows which backends exist (--engine), which of them
+// this build has, and how each one plans, tokenizes and makes its per-rank model runner.
+// Nothing outside this file compares engine names.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "engine/config.h"
+#include "engine/core/model_runner.h"
+#include "engine/core/scheduler.h"
+#include "engine/tokenizer.h"
+
+namespace vsup::engine {
+
+// Every engine vsup knows, built or not. Light: in libvsup too (vsup::LLM checks names with it).
+struct EngineInfo {
+  const char* name;     // the --engine value
+  bool built;           // this build has it
+  const char* summary;  // one line for --help
+};
+const std::vector<EngineInfo>& knownEngines();
+// Throws std::invalid_argument unless `name` is an engine this build has: an unknown name lists
+// the accepted ones; a known one that was not built says how to get it.
+void requireEngineBuilt(const std::string& name);
+
+// The backend part of an EngineConfig for --engine `name`, taking the flags of that backend
+// only (a CPU engine's config never carries sim settings). Throws as requireEngineBuilt().
+std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::string& name,
+                                                               const CpuConfig& cpu,
+                                                               const SimConfig& sim);
+
+// What engine-core needs to run an engine, derived from (and so validating) its config.
+struct EnginePlan {
+  core::SchedulerConfig scheduler;
+  std::string chatFormat = "plain";  // plain, chatml, llama3
+  std::string chatFormatNote;        // why, when the model's own template was not usable
+  std::string summary;               // the log line engine-core writes once started
+  bool sharedCollective = false;     // ranks all-reduce through a region engine-core creates
+};
+
+// One backend. Methods are const and thread-safe; plan() and makeRunner() may read files.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  // Throws std::invalid_argument / std::runtime_error with a message for the user (no such
+  // model, a TP size that does not divide the heads, a KV budget below one sequence).
+  virtual EnginePlan plan(const EngineConfig& config) const = 0;
+  virtual std::shared_ptr<const Tokenizer> tokenizer(const EngineConfig& config) const = 0;
+  // This rank's runner: loads its shard (weights, KV cache). `collectiveFd` is the region of
+  // EnginePlan::sharedCollective (-1 otherwise), borrowed for the call: the runner maps it and
+  // keeps only the mapping, so the caller closes the fd once makeRunner returns (or throws).
+  // Runs on the rank's compute thread.
+  virtual std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
+                                                  int collectiveFd) const = 0;
+};
+
+// The backend of `config` (engineName(config)). Throws as requireEngineBuilt(). Heavy: linked
+// only into the vsup executable (the CPU backend brings OpenBLAS, which a host process must
+// not load).
+const Backend& backendFor(const EngineConfig& config);
+
+}  // namespace vsup::engine
