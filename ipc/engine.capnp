@@ -1,7 +1,7 @@
 # The serving tree's data plane: API servers ↔ engine-core (one socketpair per API server,
 # made by the root at spawn), and engine-core ↔ each tensor-parallel worker (through the
 # worker's Node.service). Tokens flow once per step per API server, never once per token per
-# request (DESIGN.md, notes/machine-floors.md).
+# request: one RPC per token per request would cost more than the step itself.
 @0xd445dcdf53664d95;
 
 using Cxx = import "/capnp/c++.capnp";
@@ -20,6 +20,9 @@ struct GenerateRequest {
 }
 
 enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
+
+# Why the engine refused a request (engine::RejectCode).
+enum RejectCode { none @0; contextLengthExceeded @1; emptyPrompt @2; }
 
 struct TokenDelta {
   requestId @0 :Text;
@@ -44,30 +47,34 @@ interface Engine {
   # Before the first submit. Returns what the API server needs about the model: its context
   # length (0: unbounded) and how chat prompts are written ("plain", "chatml", "llama3").
   attach @0 (sink :TokenSink) -> (maxModelLen :Int64, chatFormat :Text);
-  # Throws when engine-core is stopping or failed. `rejected` is set (and nothing queued) for a
-  # request the engine can never serve as asked: the API server answers 400 with it.
-  submit @1 (request :GenerateRequest) -> (rejected :Text);
+  # Throws when engine-core is stopping or failed. `rejectCode` is set (and nothing queued) for
+  # a request the engine can never serve as asked, `rejected` its message: the API server
+  # answers 400 with both.
+  submit @1 (request :GenerateRequest) -> (rejected :Text, rejectCode :RejectCode);
   abort @2 (id :Text) -> ();                    # the final delta (finish = abort) follows via the sink
 }
 
 struct SeqStep {
   id @0 :Text;
-  promptHash @1 :UInt64;
-  position @2 :UInt32;
-  seed @3 :UInt64;
-  temperature @4 :Float64;
-  topP @5 :Float64;
-  topK @6 :Int32;
-  tokens @7 :List(Int32);     # real engines: this step's tokens at positions startPos..
-  startPos @8 :UInt32;
-  blockTable @9 :List(Int32);
-  sample @10 :Bool;           # sample the next token after these
+  seed @1 :UInt64;
+  temperature @2 :Float64;
+  topP @3 :Float64;
+  topK @4 :Int32;
+  tokens @5 :List(Int32);     # this step's tokens at positions startPos..
+  startPos @6 :UInt32;
+  blockTable @7 :List(Int32);
+  sample @8 :Bool;            # sample the next token after these
+}
+
+struct KvTransfer {
+  requestId @0 :Text;
+  blocks @1 :List(Int32);
 }
 
 struct StepInput {
   step @0 :UInt64;
   seqs @1 :List(SeqStep);
-  kvTransfers @2 :List(Text);
+  kvTransfers @2 :List(KvTransfer);
   kvGiveUpAtNs @3 :Int64;   # 0: not shutting down
 }
 
@@ -75,6 +82,36 @@ struct StepOutput {
   step @0 :UInt64;
   rank @1 :UInt32;
   tokens @2 :List(Int32);
+  kvDone @3 :List(Text);    # transfers this rank finished since its last answer
+}
+
+# engine::EngineConfig: what engine-core and every rank get in Node.start (its `config`), never
+# as argv. A rank's copy carries only its own backend's part.
+struct EngineConfig {
+  model @0 :Text;
+  tensorParallelSize @1 :UInt32;
+  maxNumSeqs @2 :UInt32;
+  maxNumBatchedTokens @3 :UInt32;
+  maxModelLen @4 :Int64;
+  kvCacheBytes @5 :Int64;
+  blockSize @6 :Int32;
+  collectiveTimeoutMs @7 :Int64;
+  stepTimeoutMs @8 :UInt64;
+  kvConnector @9 :Text;
+  kvSimTransferMs @10 :UInt64;
+  kvShutdownTimeoutS @11 :Float64;
+  backend :union {
+    cpu @12 :CpuConfig;
+    sim @13 :SimConfig;
+    cuda @14 :Void;
+  }
+  struct CpuConfig {
+    loadFormat @0 :Text;
+    weightSeed @1 :UInt64;
+  }
+  struct SimConfig {
+    tokenMs @0 :UInt64;
+  }
 }
 
 # A tensor-parallel rank (its Node.service). Every rank takes part in every step.

@@ -28,18 +28,13 @@ int runTree(const supervisor::SupervisorSpec& spec, const std::string& controlSo
             const RootHooks& hooks);
 
 struct ServeOptions {
-  workers::EngineFlags engine;  // --engine, --model and the engine's sizes
-  uint32_t tensorParallelSize = 1;
+  workers::EngineFlags engine;  // --engine, --model, TP, batching, KV cache and connector
   uint32_t apiServerCount = 1;
   std::string host = "127.0.0.1";
   uint16_t port = 8000;
   double shutdownTimeout = 30;
-  uint32_t maxNumSeqs = 256;
   std::string apiKey;
   uint64_t maxRequestBytes = 16 * 1024 * 1024;
-  std::string kvConnector = "none";
-  uint64_t simKvTransferMs = 200;
-  double kvShutdownTimeout = 10;
   std::string controlSocket;
 };
 // `vsup run` without --topology: the serving tree.

@@ -45,9 +45,6 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   // Serving flags, named like `vllm serve`'s. Each excludes --topology.
   std::vector<CLI::Option*> serving = {
-      runCmd->add_option("--tensor-parallel-size", serve.tensorParallelSize,
-                         "worker processes (ranks) per engine")
-          ->check(CLI::Range(1u, 64u))->capture_default_str(),
       runCmd->add_option("--api-server-count", serve.apiServerCount,
                          "HTTP front-end processes sharing the port")
           ->check(CLI::Range(1u, 64u))->capture_default_str(),
@@ -56,22 +53,12 @@ int main(int argc, char** argv) {
       runCmd->add_option("--shutdown-timeout", serve.shutdownTimeout,
                          "seconds in-flight requests get to finish after SIGTERM (0: abort at once)")
           ->check(CLI::Range(0.0, 86400.0))->capture_default_str(),
-      runCmd->add_option("--max-num-seqs", serve.maxNumSeqs, "requests batched per step")
-          ->check(CLI::Range(1u, 65536u))->capture_default_str(),
       runCmd->add_option("--api-key", serve.apiKey,
                          "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)"),
       runCmd->add_option("--max-request-bytes", serve.maxRequestBytes, "largest request body")
           ->check(CLI::Range(uint64_t(1024), uint64_t(1) << 34))->capture_default_str(),
-      runCmd->add_option("--kv-connector", serve.kvConnector, "none or sim")
-          ->check(CLI::IsMember({"none", "sim"}))->capture_default_str(),
-      runCmd->add_option("--sim-kv-transfer-ms", serve.simKvTransferMs,
-                         "sim KV connector: each finished request's transfer takes this long")
-          ->check(CLI::Range(uint64_t(0), uint64_t(3600000)))->capture_default_str(),
-      runCmd->add_option("--kv-shutdown-timeout", serve.kvShutdownTimeout,
-                         "seconds a rank may defer its shutdown for pending KV transfers")
-          ->check(CLI::Range(0.0, 3600.0))->capture_default_str(),
   };
-  for (auto* opt : workers::addEngineFlags(*runCmd, serve.engine, true)) serving.push_back(opt);
+  for (auto* opt : workers::addEngineFlags(*runCmd, serve.engine)) serving.push_back(opt);
   for (auto* opt : serving) opt->excludes(topology);
 
   tools::TreeOptions tree;

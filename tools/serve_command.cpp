@@ -1,4 +1,4 @@
-// `vsup run`: the serving tree (DESIGN.md section 1):
+// `vsup run`: the serving tree (docs/architecture.md, "The process tree"):
 //
 //   root (this process)            owns SIGTERM/SIGINT, never serves traffic
 //   ├── engine-core                scheduler + step loop; supervises the ranks (intensity 0)
@@ -17,36 +17,28 @@
 
 #include "base/check.h"
 #include "base/fd.h"
+#include "engine/registry.h"
+#include "supervisor/deadline_budget.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
+#include "workers/engine_codec.h"
 #include "workers/engine_flags.h"
 
 namespace vsup::tools {
 
 using namespace vsup::supervisor;
 
-namespace {
-
-// How long engine-core gets to stop at a step boundary and stop its ranks, after the drain.
-constexpr int64_t kTeardownMs = 10000;
-
-}  // namespace
-
 int serve(const ServeOptions& o) {
-  // Bad engine flags (no such model, sizes that cannot work) are usage errors, found before any
-  // process starts.
-  if (o.engine.engine == "cpu") {
-    try {
-      workers::EngineFlags flags = o.engine;
-      workers::resolveEngineFlags(flags);
-      flags.cpu.tensorParallelSize = o.tensorParallelSize;
-      flags.cpu.maxNumSeqs = o.maxNumSeqs;
-      engine::planCpuEngine(flags.cpu);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "vsup run: %s\n", e.what());
-      return kExitUsage;
-    }
+  // Bad engine flags (an engine this build lacks, no such model, sizes that cannot work) are
+  // usage errors, found before any process starts.
+  engine::EngineConfig config;
+  try {
+    config = workers::toEngineConfig(o.engine);
+    (void)engine::backendFor(config).plan(config);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vsup run: %s\n", e.what());
+    return kExitUsage;
   }
   std::string exe = selfExecutable();
   // One socketpair per API server: [0] stays with engine-core, [1] goes to the API server.
@@ -59,28 +51,27 @@ int serve(const ServeOptions& o) {
     apiEnds.emplace_back(sv[1]);
   }
   int64_t drainMs = int64_t(std::llround(o.shutdownTimeout * 1000));
+  int64_t kvMs = config.common.kv.connector == "none"
+                     ? 0
+                     : int64_t(std::llround(config.common.kv.shutdownTimeoutS * 1000));
+  ServingBudget budget = DeadlineBudget::serving(drainMs, kvMs);
 
   SupervisorSpec spec;
   spec.name = "root";
   spec.strategy = Strategy::OneForOne;
-  spec.intensity = 0;  // no partial restart of a serving tree (DESIGN.md 2.7)
+  spec.intensity = 0;  // no partial restart of a serving tree (README, "What vsup is")
 
   ChildSpec core;
   core.name = "engine-core";
   core.vsupAware = true;
-  core.command = {exe, "__engine-core", "--tp", std::to_string(o.tensorParallelSize),
-                  "--max-num-seqs", std::to_string(o.maxNumSeqs),
-                  "--kv-connector", o.kvConnector,
-                  "--sim-kv-transfer-ms", std::to_string(o.simKvTransferMs),
-                  "--kv-shutdown-timeout", std::to_string(o.kvShutdownTimeout)};
+  core.command = {exe, "__engine-core"};
+  core.startConfig = workers::encodeEngineConfig(config);  // delivered in Node.start
   for (uint32_t i = 0; i < o.apiServerCount; ++i) {
     core.inheritFds.push_back(engineEnds[i].get());
     core.command.push_back("--api-fd");
     core.command.push_back(std::to_string(4 + i));  // after the control socket (fd 3)
   }
-  for (auto& a : workers::engineFlagsArgv(o.engine)) core.command.push_back(a);
-  int64_t kvMs = o.kvConnector == "none" ? 0 : int64_t(std::llround(o.kvShutdownTimeout * 1000));
-  core.shutdown = ShutdownPolicy::timeout(kTeardownMs + kvMs);
+  core.shutdown = ShutdownPolicy::timeout(budget.engineCoreStopMs);
   core.startTimeoutMs = 120000;
   spec.children.push_back(core);
 
@@ -89,12 +80,11 @@ int serve(const ServeOptions& o) {
     api.name = "api-server-" + std::to_string(i);
     api.vsupAware = true;
     api.command = {exe, "__api-server", "--index", std::to_string(i), "--host", o.host,
-                   "--port", std::to_string(o.port), "--model", o.engine.cpu.model,
+                   "--port", std::to_string(o.port), "--model", config.common.model,
                    "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4"};
     api.inheritFds = {apiEnds[i].get()};
     if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);
-    // The drain, plus time to tell the aborted clients and close.
-    api.shutdown = ShutdownPolicy::timeout(drainMs + 3000);
+    api.shutdown = ShutdownPolicy::timeout(budget.apiServerStopMs);
     api.startTimeoutMs = 30000;
     spec.children.push_back(api);
   }
@@ -107,7 +97,7 @@ int serve(const ServeOptions& o) {
     apiEnds.clear();
   };
   hooks.drainMs = drainMs;
-  hooks.totalMs = drainMs + 3000 + kTeardownMs + kvMs + 2000;
+  hooks.totalMs = budget.totalMs;
   return runTree(spec, o.controlSocket, hooks);
 }
 

@@ -1,5 +1,13 @@
 #include "workers/engine_codec.h"
 
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/array.h>
+
+#include <cstring>
+
+#include "base/error.h"
+
 namespace vsup::workers {
 
 namespace schema = ipc::schema;
@@ -56,8 +64,6 @@ void encode(const engine::StepInput& in, schema::StepInput::Builder out) {
   for (unsigned i = 0; i < in.seqs.size(); ++i) {
     const auto& s = in.seqs[i];
     seqs[i].setId(s.id);
-    seqs[i].setPromptHash(s.promptHash);
-    seqs[i].setPosition(s.position);
     seqs[i].setSeed(s.seed);
     seqs[i].setTemperature(s.temperature);
     seqs[i].setTopP(s.topP);
@@ -70,7 +76,13 @@ void encode(const engine::StepInput& in, schema::StepInput::Builder out) {
     seqs[i].setSample(s.sample);
   }
   auto kv = out.initKvTransfers(unsigned(in.kvTransfers.size()));
-  for (unsigned i = 0; i < in.kvTransfers.size(); ++i) kv.set(i, in.kvTransfers[i]);
+  for (unsigned i = 0; i < in.kvTransfers.size(); ++i) {
+    kv[i].setRequestId(in.kvTransfers[i].requestId);
+    auto blocks = kv[i].initBlocks(unsigned(in.kvTransfers[i].blocks.size()));
+    for (unsigned b = 0; b < in.kvTransfers[i].blocks.size(); ++b) {
+      blocks.set(b, in.kvTransfers[i].blocks[b]);
+    }
+  }
   out.setKvGiveUpAtNs(in.kvGiveUpAtNs);
 }
 
@@ -80,8 +92,6 @@ engine::StepInput decode(schema::StepInput::Reader in) {
   for (auto q : in.getSeqs()) {
     engine::SeqStep step;
     step.id = q.getId();
-    step.promptHash = q.getPromptHash();
-    step.position = q.getPosition();
     step.seed = q.getSeed();
     step.temperature = q.getTemperature();
     step.topP = q.getTopP();
@@ -92,7 +102,12 @@ engine::StepInput decode(schema::StepInput::Reader in) {
     step.sample = q.getSample();
     s.seqs.push_back(std::move(step));
   }
-  for (auto id : in.getKvTransfers()) s.kvTransfers.emplace_back(id);
+  for (auto t : in.getKvTransfers()) {
+    engine::KvTransfer transfer;
+    transfer.requestId = t.getRequestId();
+    for (auto b : t.getBlocks()) transfer.blocks.push_back(b);
+    s.kvTransfers.push_back(std::move(transfer));
+  }
   s.kvGiveUpAtNs = in.getKvGiveUpAtNs();
   return s;
 }
@@ -102,6 +117,8 @@ void encode(const engine::StepOutput& in, schema::StepOutput::Builder out) {
   out.setRank(in.rank);
   auto tokens = out.initTokens(unsigned(in.tokens.size()));
   for (unsigned i = 0; i < in.tokens.size(); ++i) tokens.set(i, in.tokens[i]);
+  auto done = out.initKvDone(unsigned(in.kvDone.size()));
+  for (unsigned i = 0; i < in.kvDone.size(); ++i) done.set(i, in.kvDone[i]);
 }
 
 engine::StepOutput decode(schema::StepOutput::Reader in) {
@@ -109,7 +126,106 @@ engine::StepOutput decode(schema::StepOutput::Reader in) {
   o.step = in.getStep();
   o.rank = in.getRank();
   for (auto t : in.getTokens()) o.tokens.push_back(t);
+  for (auto id : in.getKvDone()) o.kvDone.emplace_back(id);
   return o;
+}
+
+schema::RejectCode encode(engine::RejectCode code) {
+  switch (code) {
+    case engine::RejectCode::None: return schema::RejectCode::NONE;
+    case engine::RejectCode::ContextLengthExceeded: return schema::RejectCode::CONTEXT_LENGTH_EXCEEDED;
+    case engine::RejectCode::EmptyPrompt: return schema::RejectCode::EMPTY_PROMPT;
+  }
+  return schema::RejectCode::NONE;
+}
+
+engine::RejectCode decode(schema::RejectCode code) {
+  switch (code) {
+    case schema::RejectCode::NONE: return engine::RejectCode::None;
+    case schema::RejectCode::CONTEXT_LENGTH_EXCEEDED: return engine::RejectCode::ContextLengthExceeded;
+    case schema::RejectCode::EMPTY_PROMPT: return engine::RejectCode::EmptyPrompt;
+  }
+  // A code from a newer peer: still a rejection, with its message.
+  return engine::RejectCode::EmptyPrompt;
+}
+
+std::string encodeEngineConfig(const engine::EngineConfig& config) {
+  capnp::MallocMessageBuilder message;
+  auto out = message.initRoot<schema::EngineConfig>();
+  const engine::CommonConfig& c = config.common;
+  out.setModel(c.model);
+  out.setTensorParallelSize(c.tensorParallelSize);
+  out.setMaxNumSeqs(c.maxNumSeqs);
+  out.setMaxNumBatchedTokens(c.maxNumBatchedTokens);
+  out.setMaxModelLen(c.maxModelLen);
+  out.setKvCacheBytes(c.kvCacheBytes);
+  out.setBlockSize(c.blockSize);
+  out.setCollectiveTimeoutMs(c.collectiveTimeoutMs);
+  out.setStepTimeoutMs(c.stepTimeoutMs);
+  out.setKvConnector(c.kv.connector);
+  out.setKvSimTransferMs(c.kv.simTransferMs);
+  out.setKvShutdownTimeoutS(c.kv.shutdownTimeoutS);
+  auto backend = out.initBackend();
+  if (auto* cpu = std::get_if<engine::CpuConfig>(&config.backend)) {
+    auto b = backend.initCpu();
+    b.setLoadFormat(cpu->loadFormat);
+    b.setWeightSeed(cpu->weightSeed);
+  } else if (auto* sim = std::get_if<engine::SimConfig>(&config.backend)) {
+    backend.initSim().setTokenMs(sim->tokenMs);
+  } else {
+    backend.setCuda();
+  }
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+  kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
+  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+}
+
+engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
+  if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0) {
+    throw Error("engine configuration: " + std::to_string(bytes.size()) +
+                " bytes is not a Cap'n Proto message (started without one?)");
+  }
+  // Copied into words: the string's storage need not be word-aligned.
+  kj::Array<capnp::word> words = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
+  std::memcpy(words.begin(), bytes.data(), bytes.size());
+  engine::EngineConfig config;
+  try {
+    capnp::FlatArrayMessageReader message(words);
+    auto in = message.getRoot<schema::EngineConfig>();
+    engine::CommonConfig& c = config.common;
+    c.model = in.getModel();
+    c.tensorParallelSize = in.getTensorParallelSize();
+    c.maxNumSeqs = in.getMaxNumSeqs();
+    c.maxNumBatchedTokens = in.getMaxNumBatchedTokens();
+    c.maxModelLen = in.getMaxModelLen();
+    c.kvCacheBytes = in.getKvCacheBytes();
+    c.blockSize = in.getBlockSize();
+    c.collectiveTimeoutMs = in.getCollectiveTimeoutMs();
+    c.stepTimeoutMs = in.getStepTimeoutMs();
+    c.kv.connector = in.getKvConnector();
+    c.kv.simTransferMs = in.getKvSimTransferMs();
+    c.kv.shutdownTimeoutS = in.getKvShutdownTimeoutS();
+    auto backend = in.getBackend();
+    switch (backend.which()) {
+      case schema::EngineConfig::Backend::CPU: {
+        engine::CpuConfig cpu;
+        cpu.loadFormat = backend.getCpu().getLoadFormat();
+        cpu.weightSeed = backend.getCpu().getWeightSeed();
+        config.backend = cpu;
+        break;
+      }
+      case schema::EngineConfig::Backend::SIM:
+        config.backend = engine::SimConfig{backend.getSim().getTokenMs()};
+        break;
+      case schema::EngineConfig::Backend::CUDA:
+        config.backend = engine::CudaConfig{};
+        break;
+    }
+  } catch (const kj::Exception& e) {
+    throw Error(std::string("engine configuration: not a valid message: ") +
+                e.getDescription().cStr());
+  }
+  return config;
 }
 
 }  // namespace vsup::workers

@@ -2,6 +2,9 @@
 // plain values. The only place in workers/ that touches those structs' fields.
 #pragma once
 
+#include <string>
+
+#include "engine/config.h"
 #include "engine/engine.h"
 #include "ipc/engine.capnp.h"
 
@@ -15,5 +18,12 @@ void encode(const engine::StepInput& in, ipc::schema::StepInput::Builder out);
 engine::StepInput decode(ipc::schema::StepInput::Reader in);
 void encode(const engine::StepOutput& in, ipc::schema::StepOutput::Builder out);
 engine::StepOutput decode(ipc::schema::StepOutput::Reader in);
+ipc::schema::RejectCode encode(engine::RejectCode code);
+engine::RejectCode decode(ipc::schema::RejectCode code);
+
+// An EngineConfig as the bytes of one Cap'n Proto message (ChildSpec::startConfig, delivered
+// in Node.start) and back. decodeEngineConfig throws vsup::Error on bytes that are not one.
+std::string encodeEngineConfig(const engine::EngineConfig& config);
+engine::EngineConfig decodeEngineConfig(const std::string& bytes);
 
 }  // namespace vsup::workers

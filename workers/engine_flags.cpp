@@ -3,89 +3,80 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "engine/registry.h"
+
 namespace vsup::workers {
 
-std::optional<int64_t> parseByteSize(const std::string& text) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-  if (!(value > 0) || !std::isfinite(value)) return std::nullopt;
-  std::string unit = text.substr(used);
-  double scale = 0;
-  if (unit.empty() || unit == "B") scale = 1;
-  else if (unit == "KiB") scale = 1024.0;
-  else if (unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  else if (unit == "KB") scale = 1e3;
-  else if (unit == "MB") scale = 1e6;
-  else if (unit == "GB") scale = 1e9;
-  else return std::nullopt;
-  double bytes = value * scale;
-  if (bytes > 1e15) return std::nullopt;
-  return int64_t(bytes);
-}
-
-std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f, bool forUsers) {
+std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
   std::vector<CLI::Option*> added;
   auto opt = [&](CLI::Option* o) {
-    if (forUsers) o->capture_default_str();
+    o->capture_default_str();
     added.push_back(o);
     return o;
   };
-  opt(app.add_option("--engine", f.engine,
-                     "cpu (a real Llama-architecture model on OpenBLAS) or sim (simulated tokens)"))
-      ->check(CLI::IsMember({"cpu", "sim"}));
-  opt(app.add_option("--model", f.cpu.model,
+  std::vector<std::string> names;
+  std::string help;
+  for (const auto& e : engine::knownEngines()) {
+    names.push_back(e.name);
+    help += std::string(help.empty() ? "" : "; ") + e.name + ": " + e.summary +
+            (e.built ? "" : " (not in this build)");
+  }
+  // Any known name parses; one this build lacks is refused by toEngineConfig, saying how to
+  // get it.
+  opt(app.add_option("--engine", f.engine, help))->check(CLI::IsMember(names));
+  opt(app.add_option("--model", f.common.model,
                      "a built-in preset (vsup-tiny-25m, vsup-tiny-4m) or a Hugging Face model "
                      "directory (config.json, tokenizer.json, *.safetensors); also the served "
                      "model name"));
+  opt(app.add_option("--tensor-parallel-size", f.common.tensorParallelSize,
+                     "worker processes (ranks) per engine"))
+      ->check(CLI::Range(1u, 64u));
+  opt(app.add_option("--max-num-seqs", f.common.maxNumSeqs, "requests batched per step"))
+      ->check(CLI::Range(1u, 65536u));
   opt(app.add_option("--load-format", f.cpu.loadFormat,
                      "auto (safetensors for a directory, dummy for a preset), dummy (seeded "
                      "weights) or safetensors"))
       ->check(CLI::IsMember({"auto", "dummy", "safetensors"}));
   opt(app.add_option("--seed", f.cpu.weightSeed, "seed of the dummy weights"));
-  opt(app.add_option("--max-num-batched-tokens", f.cpu.maxNumBatchedTokens,
+  opt(app.add_option("--max-num-batched-tokens", f.common.maxNumBatchedTokens,
                      "tokens computed per step at most (longer prompts are prefilled in chunks)"))
       ->check(CLI::Range(1u, 1u << 20));
-  opt(app.add_option("--max-model-len", f.cpu.maxModelLen,
+  opt(app.add_option("--max-model-len", f.common.maxModelLen,
                      "context length (prompt + completion); 0: the model's own"))
       ->check(CLI::Range(int64_t(0), int64_t(1) << 24));
   opt(app.add_option("--kv-cache-memory", f.kvCacheMemory,
                      "KV cache per worker, e.g. 256MiB, 2GiB"));
-  opt(app.add_option("--block-size", f.cpu.blockSize, "tokens per KV cache block"))
+  opt(app.add_option("--block-size", f.common.blockSize, "tokens per KV cache block"))
       ->check(CLI::Range(1, 1024));
-  opt(app.add_option("--collective-timeout-ms", f.cpu.collectiveTimeoutMs,
+  opt(app.add_option("--collective-timeout-ms", f.common.collectiveTimeoutMs,
                      "a rank gives up waiting for its peers in an all-reduce after this long"))
       ->check(CLI::Range(int64_t(100), int64_t(3600000)));
-  opt(app.add_option("--sim-token-ms", f.simTokenMs, "sim engine: milliseconds per step"))
+  opt(app.add_option("--sim-token-ms", f.sim.tokenMs, "sim engine: milliseconds per step"))
       ->check(CLI::Range(uint64_t(0), uint64_t(600000)));
+  opt(app.add_option("--kv-connector", f.common.kv.connector, "none or sim"))
+      ->check(CLI::IsMember({"none", "sim"}));
+  opt(app.add_option("--sim-kv-transfer-ms", f.common.kv.simTransferMs,
+                     "sim KV connector: each finished request's transfer takes this long"))
+      ->check(CLI::Range(uint64_t(0), uint64_t(3600000)));
+  opt(app.add_option("--kv-shutdown-timeout", f.common.kv.shutdownTimeoutS,
+                     "seconds a rank may defer its shutdown for pending KV transfers"))
+      ->check(CLI::Range(0.0, 3600.0));
   return added;
 }
 
-std::vector<std::string> engineFlagsArgv(const EngineFlags& f) {
-  return {"--engine", f.engine,
-          "--model", f.cpu.model,
-          "--load-format", f.cpu.loadFormat,
-          "--seed", std::to_string(f.cpu.weightSeed),
-          "--max-num-batched-tokens", std::to_string(f.cpu.maxNumBatchedTokens),
-          "--max-model-len", std::to_string(f.cpu.maxModelLen),
-          "--kv-cache-memory", f.kvCacheMemory,
-          "--block-size", std::to_string(f.cpu.blockSize),
-          "--collective-timeout-ms", std::to_string(f.cpu.collectiveTimeoutMs),
-          "--sim-token-ms", std::to_string(f.simTokenMs)};
-}
-
-void resolveEngineFlags(EngineFlags& f) {
-  auto bytes = parseByteSize(f.kvCacheMemory);
+engine::EngineConfig toEngineConfig(const EngineFlags& f) {
+  engine::requireEngineBuilt(f.engine);
+  auto bytes = engine::parseByteSize(f.kvCacheMemory);
   if (!bytes) {
     throw std::invalid_argument("--kv-cache-memory \"" + f.kvCacheMemory +
                                 "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
   }
-  f.cpu.kvCacheBytes = *bytes;
+  engine::EngineConfig config;
+  config.common = f.common;
+  config.common.kvCacheBytes = *bytes;
+  config.backend = engine::backendConfigFor(f.engine, f.cpu, f.sim);
+  engine::validate(config);
+  return config;
 }
 
 }  // namespace vsup::workers

@@ -1,5 +1,6 @@
-// The engine's flags, shared by `vsup run` (which takes them from the user), engine-core and
-// every worker (which get them passed down), so the three can never disagree on what they mean.
+// The engine's flags of `vsup run` (named like `vllm serve`'s), and their one conversion into a
+// validated engine::EngineConfig. engine-core and the ranks never parse these: they get the
+// EngineConfig in Node.start.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -7,27 +8,28 @@
 #include <string>
 #include <vector>
 
-#include "engine/cpu_engine.h"
+#include "engine/config.h"
 
 namespace vsup::workers {
 
+// What the user typed, before it becomes an EngineConfig.
 struct EngineFlags {
-  std::string engine = "cpu";  // cpu or sim
-  uint64_t simTokenMs = 20;    // sim: the cost of one step
-  engine::CpuOptions cpu;      // cpu (tensorParallelSize is set by the caller)
+  std::string engine = "cpu";  // --engine
   std::string kvCacheMemory = "256MiB";
+  engine::CommonConfig common;
+  engine::CpuConfig cpu;
+  engine::SimConfig sim;
 };
 
-// Adds --engine, --model, --load-format, --seed, --max-num-batched-tokens, --max-model-len,
-// --kv-cache-memory, --block-size, --collective-timeout-ms, --sim-token-ms. With forUsers,
-// each has its help text and default shown.
-std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& flags, bool forUsers);
-// The same flags as argv, to pass to engine-core and the workers.
-std::vector<std::string> engineFlagsArgv(const EngineFlags& flags);
-// Fills flags.cpu.kvCacheBytes from flags.kvCacheMemory. Throws std::invalid_argument.
-void resolveEngineFlags(EngineFlags& flags);
+// Adds --engine, --model, --tensor-parallel-size, --max-num-seqs, --load-format, --seed,
+// --max-num-batched-tokens, --max-model-len, --kv-cache-memory, --block-size,
+// --collective-timeout-ms, --sim-token-ms, --kv-connector, --sim-kv-transfer-ms and
+// --kv-shutdown-timeout, each with its help text and default. Returns them.
+std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& flags);
 
-// "256MiB", "1GiB", "512MB", "1.5GB", "1048576" → bytes. nullopt when malformed.
-std::optional<int64_t> parseByteSize(const std::string& text);
+// The flags as one EngineConfig: the chosen backend's part only, sizes parsed, ranges and
+// relations checked (engine::validate) and the engine known and built. Throws
+// std::invalid_argument with a message naming the flag.
+engine::EngineConfig toEngineConfig(const EngineFlags& flags);
 
 }  // namespace vsup::workers

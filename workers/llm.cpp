@@ -1,5 +1,5 @@
 // vsup::LLM (workers/public/llm.h): engine-core and its ranks as child processes of a private
-// supervisor, driven over the same Engine protocol an API server uses.
+// supervisor, driven through the same EngineClient an API server uses.
 //
 // Everything KJ/capnp lives on the LoopThread; public calls marshal onto it with run().
 #include "workers/public/llm.h"
@@ -15,19 +15,44 @@
 #include <kj/debug.h>
 
 #include "base/check.h"
-#include "ipc/engine.capnp.h"
 #include "base/log.h"
-#include "ipc/rpc_link.h"
+#include "engine/config.h"
+#include "engine/registry.h"
+#include "supervisor/deadline_budget.h"
 #include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"
 #include "supervisor/supervisor.h"
+#include "workers/engine_client.h"
 #include "workers/engine_codec.h"
 
 namespace vsup {
 
 namespace {
 
-namespace schema = ipc::schema;
+// The LLMConfig as the engine's one typed configuration, validated here (before any process
+// starts), the same way `vsup run` validates its flags. Throws vsup::Error naming the field.
+engine::EngineConfig toEngineConfig(const LLMConfig& c) {
+  try {
+    engine::EngineConfig config;
+    config.common.tensorParallelSize = c.tensorParallelSize;
+    if (!c.model.empty()) config.common.model = c.model;
+    if (!c.kvCacheMemory.empty()) {
+      std::optional<int64_t> bytes = engine::parseByteSize(c.kvCacheMemory);
+      if (!bytes) {
+        throw std::invalid_argument("kvCacheMemory \"" + c.kvCacheMemory +
+                                    "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
+      }
+      config.common.kvCacheBytes = *bytes;
+    }
+    engine::SimConfig sim;
+    sim.tokenMs = c.simTokenMs;
+    config.backend = engine::backendConfigFor(c.engine, engine::CpuConfig{}, sim);
+    engine::validate(config);
+    return config;
+  } catch (const std::invalid_argument& e) {
+    throw Error(std::string("vsup::LLM: ") + e.what());
+  }
+}
 
 kj::Exception failure(const std::string& message) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
@@ -39,11 +64,10 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
  public:
   explicit Impl(LLMConfig config) : config_(std::move(config)) {
     supervisor::requireSigchldNotIgnored("vsup::LLM");
-    VSUP_REQUIRE(config_.engine == "sim" || config_.engine == "cpu",
-                 "vsup::LLM: unknown engine '" + config_.engine + "' (accepted: cpu, sim)");
     VSUP_REQUIRE(config_.tensorParallelSize >= 1 && config_.tensorParallelSize <= 64,
                  "vsup::LLM: tensorParallelSize must be between 1 and 64, got " +
                      std::to_string(config_.tensorParallelSize));
+    engineConfig_ = toEngineConfig(config_);
     VSUP_REQUIRE(config_.startTimeout.count() > 0, "vsup::LLM: startTimeout must be positive");
     setLogLevel(config_.logLevel);
     exe_ = supervisor::resolveVsupExecutable(config_.vsupExecutable);
@@ -93,24 +117,6 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     kj::Own<kj::PromiseFulfiller<Completion>> done;
   };
 
-  class Sink final : public schema::TokenSink::Server {
-   public:
-    explicit Sink(Impl& impl) : impl_(impl) {}
-
-   protected:
-    kj::Promise<void> deltas(DeltasContext context) override {
-      for (auto d : context.getParams().getDeltas()) impl_.onDelta(workers::decode(d));
-      return kj::READY_NOW;
-    }
-    kj::Promise<void> engineFailed(EngineFailedContext context) override {
-      impl_.fail(std::string("the engine failed: ") + context.getParams().getReason().cStr());
-      return kj::READY_NOW;
-    }
-
-   private:
-    Impl& impl_;
-  };
-
   void taskFailed(kj::Exception&& e) override {
     if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
     vsup::log().warn("[llm] {}", e.getDescription().cStr());
@@ -129,16 +135,12 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     supervisor::ChildSpec core;
     core.name = "engine-core";
     core.vsupAware = true;
-    core.command = {exe_, "__engine-core", "--tp", std::to_string(config_.tensorParallelSize),
-                    "--engine", config_.engine, "--sim-token-ms", std::to_string(config_.simTokenMs),
-                    "--api-fd", "4"};
-    if (!config_.model.empty()) core.command.insert(core.command.end(), {"--model", config_.model});
-    if (!config_.kvCacheMemory.empty()) {
-      core.command.insert(core.command.end(), {"--kv-cache-memory", config_.kvCacheMemory});
-    }
+    core.command = {exe_, "__engine-core", "--api-fd", "4"};
+    core.startConfig = workers::encodeEngineConfig(engineConfig_);  // delivered in Node.start
     core.inheritFds = {engineEnd.get()};
     core.startTimeoutMs = config_.startTimeout.count();
-    core.shutdown = supervisor::ShutdownPolicy::timeout(10000);
+    core.shutdown =
+        supervisor::ShutdownPolicy::timeout(supervisor::DeadlineBudget::embeddedEngineStopMs());
     spec.children.push_back(std::move(core));
     supervisor::SupervisorOptions options;
     options.selfExe = exe_;
@@ -154,14 +156,21 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     return sup_->start().then(
         [this, engineEnd = kj::mv(engineEnd)]() mutable -> kj::Promise<void> {
           engineEnd.reset();  // only engine-core may hold it now: its death must reach us as EOF
-          link_ = ipc::RpcLink::connect(loop_->loop(), std::move(myEnd_), ipc::dataReaderOptions());
-          engine_ = link_->bootstrap<schema::Engine>();
-          tasks_->add(link_->onDisconnect().then([this]() {
+          workers::EngineClient::Callbacks callbacks;
+          callbacks.onDeltas = [this](const std::vector<engine::TokenDelta>& deltas) {
+            for (const auto& d : deltas) onDelta(d);
+          };
+          callbacks.onEngineFailed = [this](const std::string& reason) {
+            fail("the engine failed: " + reason);
+          };
+          callbacks.onDisconnect = [this]() {
             if (!stopping_) fail("lost the connection to engine-core");
-          }));
-          auto attach = engine_->attachRequest();
-          attach.setSink(kj::heap<Sink>(*this));
-          return attach.send().ignoreResult().then([this]() { started_ = true; });
+          };
+          engine_ = std::make_unique<workers::EngineClient>(loop_->loop(), "[llm]",
+                                                            std::move(callbacks));
+          return engine_->connect(std::move(myEnd_)).ignoreResult().then([this]() {
+            started_ = true;
+          });
         },
         [this](kj::Exception&& e) -> kj::Promise<void> {
           return failure(std::string("vsup::LLM: the engine did not start: ") +
@@ -184,17 +193,15 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
     Pending& p = pending_[request.id];
     p.onText = onText;
     p.done = kj::mv(paf.fulfiller);
-    auto call = engine_->submitRequest();
-    workers::encode(request, call.initRequest());
     std::string id = request.id;
-    tasks_->add(call.send()
-                    .then([this, id](capnp::Response<schema::Engine::SubmitResults>&& r) {
-                      if (r.getRejected().size() == 0) return;
+    tasks_->add(engine_->submit(request)
+                    .then([this, id](std::optional<engine::Rejection> rejection) {
+                      if (!rejection) return;
                       auto it = pending_.find(id);
                       if (it == pending_.end()) return;
                       // A bad request, not a broken engine: this call fails, the LLM goes on.
-                      it->second.done->reject(failure(std::string("vsup::LLM: request rejected: ") +
-                                                      r.getRejected().cStr()));
+                      it->second.done->reject(
+                          failure("vsup::LLM: request rejected: " + rejection->message));
                       pending_.erase(it);
                     })
                     .catch_([this, id](kj::Exception&& e) {
@@ -255,7 +262,6 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
         watchdog_ = kj::READY_NOW;
         tasks_ = nullptr;
         engine_.reset();
-        link_.reset();
         sup_.reset();  // backstop: kills and reaps anything still running
         myEnd_.reset();
       });
@@ -265,12 +271,12 @@ class LLM::Impl : public kj::TaskSet::ErrorHandler {
   }
 
   LLMConfig config_;
+  engine::EngineConfig engineConfig_;  // validated from config_ in the constructor
   std::string exe_;
   std::unique_ptr<supervisor::LoopThread> loop_;
   // Everything below lives on loop_'s thread.
   std::unique_ptr<supervisor::Supervisor> sup_;
-  std::unique_ptr<ipc::RpcLink> link_;
-  std::optional<schema::Engine::Client> engine_;
+  std::unique_ptr<workers::EngineClient> engine_;
   OwnFd myEnd_;
   std::map<std::string, Pending> pending_;
   uint64_t nextId_ = 0;

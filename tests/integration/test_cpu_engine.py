@@ -513,6 +513,46 @@ def test_a_missing_model_is_a_usage_error_naming_the_path_and_listing_the_preset
     assert took < 5, f"a usage error took {took:.1f}s"
 
 
+def test_an_engine_this_build_lacks_is_a_usage_error_saying_how_to_get_it(trees):
+    code, err, took = trees.run_to_exit("--engine", "cuda")
+    assert code == 2, err
+    assert "--engine 'cuda'" in err and ("nvcc" in err or "not available in this build" in err), err
+    assert "accepted" in err and "cpu" in err and "sim" in err, err
+    assert took < 5, f"a usage error took {took:.1f}s"
+
+
+def test_an_unknown_engine_is_a_usage_error_listing_the_engines(trees):
+    code, err, _ = trees.run_to_exit("--engine", "tpu")
+    assert code == 2, err
+    assert "tpu" in err and "cpu" in err and "sim" in err, err
+
+
+def test_a_rank_gets_its_engine_configuration_over_the_control_channel_not_argv(trees):
+    s = trees.serve(*TINY, "--tensor-parallel-size", "2", "--max-num-batched-tokens", "512")
+    ranks = [pid for pid in s.pids if "__worker" in cmdline(pid)]
+    cores = [pid for pid in s.pids if "__engine-core" in cmdline(pid)]
+    assert len(ranks) == 2 and len(cores) == 1, [cmdline(p) for p in s.pids]
+    for pid in ranks + cores:
+        argv = cmdline(pid)
+        for setting in ("--model", "--sim-token-ms", "--sim-kv-transfer-ms", "--kv-cache-memory",
+                        "--max-num-batched-tokens", "--engine", "--tp"):
+            assert setting not in argv, f"pid {pid}: {argv}"
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [e for e in env if e.startswith(b"VSUP_SIM")], env
+    # The configuration did arrive: engine-core planned the model it names, and it serves.
+    doc = post_ok(s, "/v1/completions", completion("vsup-tiny-4m", "hi", 4))
+    assert doc["usage"]["completion_tokens"] >= 1
+    assert "model vsup-tiny-4m" in s.stderr(), s.stderr()
+    assert trees.stop(s) == 0, s.stderr()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_tensor_parallel_size_that_does_not_divide_the_heads_is_a_usage_error(trees):
     code, err, took = trees.run_to_exit(*TINY, "--tensor-parallel-size", "3")
     assert code == 2, err

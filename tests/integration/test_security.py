@@ -363,10 +363,10 @@ def test_the_api_key_is_in_no_command_line_log_or_tree_and_gates_v1(default_serv
 def test_the_api_key_is_compared_by_a_constant_time_function():
     # A code check, not a timing measurement: the comparison must go through constantTimeEquals,
     # whose loop runs over every byte and folds differences with OR, never returning early.
-    src = (REPO / "workers" / "api_server_main.cpp").read_text()
+    src = (REPO / "workers" / "api_server" / "api_server.cpp").read_text()
     m = re.search(r"bool constantTimeEquals\(std::string_view a, std::string_view b\) \{(.*?)\n\}",
                   src, re.S)
-    assert m, "constantTimeEquals is gone from workers/api_server_main.cpp"
+    assert m, "constantTimeEquals is gone from workers/api_server/api_server.cpp"
     body = m.group(1)
     assert "|=" in body and "return diff == 0;" in body, body
     assert "return" not in body.replace("return diff == 0;", ""), "it returns early"

@@ -2,15 +2,16 @@
 // engine::SamplingParams and prompts, and responses, SSE chunks, model lists and errors rendered
 // as the JSON the official OpenAI clients expect.
 //
-// This is the only place where OpenAI JSON exists (STYLE.md habit 11): the HTTP front end hands
-// bodies in and gets plain values out; nothing past it sees JSON. Bad client input is an
-// expected outcome, so it comes back as a value (ApiError), never as an exception.
+// This is the only place where OpenAI JSON exists, so the wire format can change in one file:
+// the HTTP front end hands bodies in and gets plain values out; nothing past it sees JSON. Bad
+// client input is an expected outcome, so it comes back as a value (ApiError), never as an
+// exception.
 //
 // Every function here is pure and thread-safe: parse bodies on a worker thread if they are big
-// (habit 9). Rendered text is always valid UTF-8 JSON: bytes in generated text that are not
-// valid UTF-8 (e.g. a token that ends inside a multi-byte character) are replaced with U+FFFD
-// rather than failing, so the engine should hold back incomplete characters between deltas if it
-// wants them to arrive intact.
+// (the API server's loop thread must not stall on one). Rendered text is always valid UTF-8
+// JSON: bytes in generated text that are not valid UTF-8 (e.g. a token that ends inside a
+// multi-byte character) are replaced with U+FFFD rather than failing, so the engine should hold
+// back incomplete characters between deltas if it wants them to arrive intact.
 #pragma once
 
 #include <cstdint>

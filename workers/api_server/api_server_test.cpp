@@ -1,0 +1,666 @@
+// Tests for workers/api_server/api_server.h: a real ApiServer on 127.0.0.1 (port 0) in front of
+// the in-process fake engine (fake_engine.h), both on one uv loop on the test's main thread.
+//
+// The HTTP client is plain blocking sockets with 5 s timeouts on a std::thread, so a test that
+// goes wrong fails instead of hanging. The client reaches the loop thread only through
+// LoopBridge::call (a uv_async_t); it waits for what the engine saw through the fake's Log
+// (a condition variable), never by sleeping.
+#include "workers/api_server/api_server.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <doctest/doctest.h>
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/fd.h"
+#include "ipc/test_util.h"
+#include "ipc/uv_handle.h"
+#include "ipc/uv_kj.h"
+#include "workers/api_server/fake_engine.h"
+
+namespace {
+
+using nlohmann::json;
+using vsup::OwnFd;
+using vsup::UvHandle;
+using vsup::engine::FinishReason;
+using vsup::engine::GenerateRequest;
+using vsup::engine::Rejection;
+using vsup::engine::RejectCode;
+using vsup::testing::FakeEngine;
+using vsup::testing::TestLoop;
+using vsup::workers::ApiServer;
+using vsup::workers::ApiServerOptions;
+using vsup::workers::ApiState;
+
+constexpr auto kWait = std::chrono::seconds(5);
+
+// Lets the client thread run code on the loop thread, and runs the loop until the client is done.
+class LoopBridge {
+ public:
+  explicit LoopBridge(uv_loop_t* loop) : loop_(loop) {
+    async_ = UvHandle<uv_async_t>::make([&](uv_async_t* a) {
+      uv_async_init(loop, a, [](uv_async_t* h) {
+        if (h->data != nullptr) static_cast<LoopBridge*>(h->data)->drainQueue();
+      });
+    });
+    async_->data = this;
+  }
+
+  // Client thread: runs `fn` on the loop thread; returns once it ran (rethrows what it threw).
+  void call(std::function<void()> fn) {
+    auto task = std::make_shared<std::packaged_task<void()>>(std::move(fn));
+    auto done = task->get_future();
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back([task] { (*task)(); });
+    }
+    uv_async_send(async_.get());
+    REQUIRE(done.wait_for(kWait) == std::future_status::ready);
+    done.get();
+  }
+
+  // Main (loop) thread: runs `client` on a new thread and the loop until it returns.
+  void runClient(const std::function<void()>& client) {
+    std::atomic<bool> finished{false};
+    std::exception_ptr failure;
+    std::thread thread([&] {
+      try {
+        client();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      finished = true;
+      uv_async_send(async_.get());
+    });
+    while (!finished) uv_run(loop_, UV_RUN_ONCE);
+    thread.join();
+    drainQueue();
+    if (failure) std::rethrow_exception(failure);
+  }
+
+ private:
+  void drainQueue() {
+    std::deque<std::function<void()>> tasks;
+    {
+      std::lock_guard lock(mu_);
+      tasks.swap(queue_);
+    }
+    for (auto& task : tasks) task();
+  }
+
+  uv_loop_t* loop_;
+  UvHandle<uv_async_t> async_;
+  std::mutex mu_;
+  std::deque<std::function<void()>> queue_;
+};
+
+// Set on the loop thread, awaited on the client thread.
+class Flag {
+ public:
+  void set() {
+    std::lock_guard lock(mu_);
+    set_ = true;
+    cv_.notify_all();
+  }
+  bool isSet() {
+    std::lock_guard lock(mu_);
+    return set_;
+  }
+  bool wait() {  // false after 5 s
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, kWait, [&] { return set_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool set_ = false;
+};
+
+// --- The client side: blocking sockets with timeouts.
+
+OwnFd connectTo(uint16_t port) {
+  OwnFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(fd);
+  timeval tv{5, 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return OwnFd();
+  return fd;
+}
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+struct Reply {
+  int status = 0;
+  std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased
+  std::string body;
+  std::string header(std::string_view name) const {
+    for (const auto& [k, v] : headers) {
+      if (k == name) return v;
+    }
+    return "";
+  }
+  json error() const { return json::parse(body).at("error"); }
+};
+
+class Client {
+ public:
+  explicit Client(uint16_t port) : fd_(connectTo(port)) { REQUIRE(fd_); }
+
+  void send(std::string_view data) {
+    while (!data.empty()) {
+      ssize_t n = ::send(fd_.get(), data.data(), data.size(), MSG_NOSIGNAL);
+      REQUIRE_MESSAGE(n > 0, "send: ", std::strerror(errno));
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+  }
+
+  Reply readHead() {
+    auto status = line();
+    REQUIRE_MESSAGE(status.has_value(), "the connection ended before a response");
+    REQUIRE_MESSAGE(status->rfind("HTTP/1.1 ", 0) == 0, *status);
+    Reply reply;
+    reply.status = std::stoi(status->substr(9, 3));
+    for (;;) {
+      auto h = line();
+      REQUIRE(h.has_value());
+      if (h->empty()) break;
+      size_t colon = h->find(':');
+      REQUIRE(colon != std::string::npos);
+      size_t v = h->find_first_not_of(' ', colon + 1);
+      reply.headers.emplace_back(lower(h->substr(0, colon)),
+                                 v == std::string::npos ? "" : h->substr(v));
+    }
+    return reply;
+  }
+
+  // One chunk's data of a chunked body; "" for the final chunk.
+  std::string readChunk() {
+    auto size = line();
+    REQUIRE(size.has_value());
+    size_t n = std::stoul(*size, nullptr, 16);
+    std::string data = take(n + 2);
+    REQUIRE(data.substr(n) == "\r\n");
+    data.resize(n);
+    return data;
+  }
+
+  Reply read() {
+    Reply reply = readHead();
+    if (!reply.header("content-length").empty()) {
+      reply.body = take(std::stoul(reply.header("content-length")));
+    } else if (reply.header("transfer-encoding") == "chunked") {
+      for (std::string chunk = readChunk(); !chunk.empty(); chunk = readChunk()) reply.body += chunk;
+    }
+    return reply;
+  }
+
+  // True if the server closes the connection (EOF or reset) within the timeout.
+  bool closedByPeer() {
+    buf_.clear();
+    char scratch[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd_.get(), scratch, sizeof scratch, 0);
+      if (n > 0) continue;
+      if (n == 0) return true;
+      return errno == ECONNRESET;
+    }
+  }
+
+  void close() { fd_.reset(); }
+
+ private:
+  bool fill() {
+    char chunk[16 * 1024];
+    ssize_t n = ::recv(fd_.get(), chunk, sizeof chunk, 0);
+    if (n <= 0) return false;
+    buf_.append(chunk, static_cast<size_t>(n));
+    return true;
+  }
+  std::optional<std::string> line() {
+    for (;;) {
+      size_t end = buf_.find("\r\n");
+      if (end != std::string::npos) {
+        std::string l = buf_.substr(0, end);
+        buf_.erase(0, end + 2);
+        return l;
+      }
+      if (!fill()) return std::nullopt;
+    }
+  }
+  std::string take(size_t n) {
+    while (buf_.size() < n) REQUIRE_MESSAGE(fill(), "connection ended inside a body");
+    std::string out = buf_.substr(0, n);
+    buf_.erase(0, n);
+    return out;
+  }
+
+  OwnFd fd_;
+  std::string buf_;
+};
+
+std::string get(std::string_view path) {
+  return "GET " + std::string(path) + " HTTP/1.1\r\nHost: t\r\n\r\n";
+}
+
+std::string post(std::string_view path, const json& body) {
+  std::string b = body.dump();
+  return "POST " + std::string(path) + " HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+         "Content-Length: " + std::to_string(b.size()) + "\r\n\r\n" + b;
+}
+
+json completion(bool stream, int maxTokens = 8) {
+  return {{"model", "vsup-sim"}, {"prompt", "hi"}, {"max_tokens", maxTokens}, {"stream", stream}};
+}
+
+// The SSE events of a stream body: each "data: X\n\n" as X.
+std::vector<std::string> events(const std::string& body) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  for (size_t end; (end = body.find("\n\n", at)) != std::string::npos; at = end + 2) {
+    std::string e = body.substr(at, end - at);
+    REQUIRE_MESSAGE(e.rfind("data: ", 0) == 0, e);
+    out.push_back(e.substr(6));
+  }
+  CHECK(at == body.size());
+  return out;
+}
+
+std::string joinedText(const std::vector<std::string>& evs) {
+  std::string text;
+  for (const auto& e : evs) {
+    if (e == "[DONE]") continue;
+    json j = json::parse(e);
+    if (j.contains("choices") && !j["choices"].empty()) text += j["choices"][0]["text"];
+  }
+  return text;
+}
+
+// One test's world, destroyed in reverse order: the loop last.
+struct Harness {
+  TestLoop loop;
+  vsup::ipc::KjOnUv kj{loop.get()};
+  FakeEngine fake{loop.get()};
+  std::unique_ptr<ApiServer> api;
+  LoopBridge bridge{loop.get()};
+
+  explicit Harness(std::function<void(FakeEngine&)> setup = nullptr) {
+    if (setup) setup(fake);
+    ApiServerOptions o;
+    o.name = "api-test";
+    o.port = 0;
+    api = std::make_unique<ApiServer>(loop.get(), o);
+    CHECK(api->state() == ApiState::Starting);
+    api->start(fake.listen()).wait(kj.waitScope());
+    REQUIRE(api->state() == ApiState::Ready);
+    REQUIRE(api->port() != 0);
+  }
+  ~Harness() {
+    api.reset();
+    fake.disconnect();
+  }
+  uint16_t port() const { return api->port(); }
+  void run(const std::function<void()>& client) { bridge.runClient(client); }
+  ApiState state() {
+    ApiState s{};
+    bridge.call([&] { s = api->state(); });
+    return s;
+  }
+  // Client thread: until the engine has seen `n` submits (false after 5 s).
+  bool submitted(size_t n) {
+    return fake.log.waitUntil([&](const FakeEngine::Log& l) { return l.submitsLocked().size() >= n; });
+  }
+  std::string submit(size_t i) { return fake.log.submits().at(i); }
+  bool aborted(const std::string& id) {
+    return fake.log.waitUntil([&](const FakeEngine::Log& l) {
+      for (const auto& a : l.abortsLocked()) {
+        if (a == id) return true;
+      }
+      return false;
+    });
+  }
+};
+
+void holdRequests(FakeEngine& f) { f.script = {}; }
+
+}  // namespace
+
+TEST_SUITE("unit") {
+
+TEST_CASE("api server: a streaming completion carries the engine's deltas and ends with [DONE]") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(true)));
+    Reply r = c.read();
+    CHECK(r.status == 200);
+    CHECK(r.header("content-type") == "text/event-stream");
+    auto evs = events(r.body);
+    REQUIRE(evs.size() == 4);  // one chunk per engine step, then [DONE]
+    CHECK(evs.back() == "[DONE]");
+    CHECK(joinedText(evs) == "Hello!");
+    json last = json::parse(evs[2]);
+    CHECK(last["choices"][0]["finish_reason"] == "stop");
+    CHECK(json::parse(evs[0])["choices"][0]["finish_reason"].is_null());
+    CHECK(h.fake.log.submits().size() == 1);
+  });
+}
+
+TEST_CASE("api server: a non-streaming completion returns the joined text and the usage") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(false)));
+    Reply r = c.read();
+    REQUIRE(r.status == 200);
+    CHECK(r.header("content-type") == "application/json");
+    json j = json::parse(r.body);
+    CHECK(j["object"] == "text_completion");
+    CHECK(j["choices"][0]["text"] == "Hello!");
+    CHECK(j["choices"][0]["finish_reason"] == "stop");
+    CHECK(j["usage"]["prompt_tokens"] == 3);
+    CHECK(j["usage"]["completion_tokens"] == 3);
+    CHECK(j["usage"]["total_tokens"] == 6);
+    // The connection stays usable: /health says ready.
+    c.send(get("/health"));
+    Reply health = c.read();
+    CHECK(health.status == 200);
+    CHECK(health.body == R"({"status":"ready"})");
+  });
+}
+
+TEST_CASE("api server: a context-length rejection is a 400 context_length_exceeded by its code, "
+          "streaming or not") {
+  Harness h([](FakeEngine& f) {
+    f.reject = [](const GenerateRequest&) -> std::optional<Rejection> {
+      // The message is the engine's; the mapping must not depend on its wording.
+      return Rejection{RejectCode::ContextLengthExceeded, "prompt (50) + max_tokens (20) > 64"};
+    };
+  });
+  h.run([&] {
+    Client c(h.port());
+    for (bool stream : {false, true}) {
+      CAPTURE(stream);
+      c.send(post("/v1/completions", completion(stream, 20)));
+      Reply r = c.read();
+      CHECK(r.status == 400);
+      CHECK(r.header("content-type") == "application/json");  // not an SSE 200
+      json e = r.error();
+      CHECK(e["code"] == "context_length_exceeded");
+      CHECK(e["param"] == "max_tokens");
+      CHECK(e["type"] == "invalid_request_error");
+      CHECK(e["message"] == "prompt (50) + max_tokens (20) > 64");
+    }
+    c.send(get("/health"));
+    CHECK(c.read().status == 200);  // a bad request does not make the server unhealthy
+  });
+}
+
+TEST_CASE("api server: a prompt list is one engine request per choice; a rejected choice makes "
+          "the whole request a 400 and aborts its siblings") {
+  Harness h([](FakeEngine& f) {
+    f.script = {};
+    f.reject = [](const GenerateRequest& r) -> std::optional<Rejection> {
+      if (r.prompt != "too long") return std::nullopt;
+      return Rejection{RejectCode::ContextLengthExceeded, "too long"};
+    };
+  });
+  h.run([&] {
+    Client c(h.port());
+    json body = completion(false);
+    body["prompt"] = {"a", "too long"};
+    c.send(post("/v1/completions", body));
+    Reply r = c.read();
+    CHECK(r.status == 400);
+    CHECK(r.error()["code"] == "context_length_exceeded");
+    auto submits = h.fake.log.submits();
+    REQUIRE(submits.size() == 2);
+    CHECK(h.aborted(submits[0]));  // the accepted sibling
+  });
+}
+
+TEST_CASE("api server: another rejection code is a 400 with that code") {
+  Harness h([](FakeEngine& f) {
+    f.reject = [](const GenerateRequest&) -> std::optional<Rejection> {
+      return Rejection{RejectCode::EmptyPrompt, "the prompt encodes to no tokens"};
+    };
+  });
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(true)));
+    Reply r = c.read();
+    CHECK(r.status == 400);
+    json e = r.error();
+    CHECK(e["code"] == "empty_prompt");
+    CHECK(e["param"].is_null());
+    CHECK(e["message"] == "the prompt encodes to no tokens");
+  });
+}
+
+TEST_CASE("api server: a refused submit (engine stopping) is a 500 naming the refusal") {
+  Harness h([](FakeEngine& f) { f.refuse = true; });
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(false)));
+    Reply r = c.read();
+    CHECK(r.status == 500);
+    std::string message = r.error()["message"];
+    CHECK(message.find("engine refused the request") != std::string::npos);
+  });
+}
+
+TEST_CASE("api server: quiesce closes the listener, a request arriving then gets 503 + close, "
+          "the state is draining, and an in-flight request still completes") {
+  Harness h(holdRequests);
+  h.run([&] {
+    Client busy(h.port());
+    busy.send(post("/v1/completions", completion(false)));
+    REQUIRE(h.submitted(1));
+    std::string id = h.submit(0);
+    Client late(h.port());  // kept alive, with a new request half sent when the drain starts
+    late.send(get("/health"));
+    CHECK(late.read().status == 200);
+    late.send("GET /health HTTP/1.1\r\nHost: t\r\n");
+    h.bridge.call([] {});  // two loop round trips: the server has read those bytes
+    h.bridge.call([] {});
+    h.bridge.call([&] {
+      CHECK(h.api->inFlight() == 1);
+      auto done = h.api->quiesce(vsup::kNoDeadline);
+      CHECK(h.api->state() == ApiState::Draining);
+      CHECK(std::string(vsup::workers::nameOf(h.api->state())) == "draining");
+    });
+    Reply refused = late.read();
+    CHECK(refused.status == 503);
+    CHECK(refused.header("connection") == "close");
+    CHECK(refused.error()["message"] == "server is shutting down");
+    CHECK(late.closedByPeer());
+    CHECK_FALSE(connectTo(h.port()));  // new connects are refused
+
+    h.bridge.call([&] {
+      h.fake.send(id, "done");
+      h.fake.send(id, "", FinishReason::Length);
+    });
+    Reply r = busy.read();
+    CHECK(r.status == 200);
+    CHECK(r.header("connection") == "close");
+    json j = json::parse(r.body);
+    CHECK(j["choices"][0]["text"] == "done");
+    CHECK(j["choices"][0]["finish_reason"] == "length");
+    CHECK(busy.closedByPeer());
+    CHECK(h.fake.log.aborts().empty());
+  });
+}
+
+TEST_CASE("api server: drain waits for the in-flight response, deferring with the count") {
+  Harness h(holdRequests);
+  std::mutex mu;
+  std::vector<std::string> deferrals;
+  Flag drained;
+  kj::Promise<void> drain = nullptr;
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(false)));
+    REQUIRE(h.submitted(1));
+    h.bridge.call([&] {
+      drain = h.api->drain(vsup::kNoDeadline, [&](const std::string& reason) {
+                     std::lock_guard lock(mu);
+                     deferrals.push_back(reason);
+                   })
+                  .then([&] { drained.set(); })
+                  .eagerlyEvaluate(nullptr);
+      CHECK(h.api->state() == ApiState::Stopping);
+    });
+    CHECK_FALSE(drained.isSet());
+    h.bridge.call([&] { h.fake.send(h.submit(0), "x", FinishReason::Stop); });
+    CHECK(c.read().status == 200);
+    CHECK(c.closedByPeer());  // the drain closed the connection once the response was out
+    CHECK(drained.wait());
+  });
+  std::lock_guard lock(mu);
+  CHECK(deferrals == std::vector<std::string>{"draining 1 request(s)"});
+}
+
+TEST_CASE("api server: at the drain deadline an in-flight stream is aborted: a final chunk with "
+          "finish_reason abort, then [DONE]") {
+  Harness h(holdRequests);
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(true)));
+    REQUIRE(h.submitted(1));
+    std::string id = h.submit(0);
+    h.bridge.call([&] { h.fake.send(id, "Hel"); });
+    Reply head = c.readHead();
+    REQUIRE(head.status == 200);
+    std::string body = c.readChunk();
+    CHECK(joinedText(events(body)) == "Hel");
+    h.bridge.call([&] { auto done = h.api->quiesce(vsup::deadlineAfterMs(100)); });
+    for (std::string chunk = c.readChunk(); !chunk.empty(); chunk = c.readChunk()) body += chunk;
+    auto evs = events(body);
+    REQUIRE(evs.size() == 3);
+    CHECK(json::parse(evs[1])["choices"][0]["finish_reason"] == "abort");
+    CHECK(evs[2] == "[DONE]");
+    CHECK(h.aborted(id));
+  });
+}
+
+TEST_CASE("api server: drain answers the clients itself (abort) when the engine does not") {
+  Harness h([](FakeEngine& f) {
+    f.script = {};
+    f.answerAborts = false;
+  });
+  Flag drained;
+  kj::Promise<void> drain = nullptr;
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(false)));
+    REQUIRE(h.submitted(1));
+    h.bridge.call([&] { h.fake.send(h.submit(0), "par"); });
+    REQUIRE(h.fake.log.waitUntil([](const FakeEngine::Log& l) { return l.answeredLocked() >= 1; }));
+    vsup::MonoNs sent = vsup::monoNow();
+    h.bridge.call([&] {
+      drain = h.api->drain(vsup::deadlineAfterMs(300), nullptr)
+                  .then([&] { drained.set(); })
+                  .eagerlyEvaluate(nullptr);
+    });
+    Reply r = c.read();
+    CHECK(r.status == 200);
+    json j = json::parse(r.body);
+    CHECK(j["choices"][0]["text"] == "par");  // the text so far
+    CHECK(j["choices"][0]["finish_reason"] == "abort");
+    CHECK(vsup::testing::elapsedMs(sent) < 300);  // before the deadline itself
+    CHECK(drained.wait());
+  });
+}
+
+TEST_CASE("api server: engineFailed makes /health 503 failed, and new requests 503") {
+  Harness h;
+  h.run([&] {
+    h.bridge.call([&] { h.fake.engineFailed("rank 1 died"); });
+    REQUIRE(h.fake.log.waitUntil([](const FakeEngine::Log& l) { return l.answeredLocked() >= 1; }));
+    Client c(h.port());
+    c.send(get("/health"));
+    Reply health = c.read();
+    CHECK(health.status == 503);
+    CHECK(health.body == R"({"status":"failed"})");
+    c.send(post("/v1/completions", completion(false)));
+    Reply r = c.read();
+    CHECK(r.status == 503);
+    CHECK(r.error()["message"] == "server is failed");
+    c.send(get("/metrics"));
+    CHECK(c.read().body.find("vsup_ready{server=\"0\"} 0") != std::string::npos);
+  });
+}
+
+TEST_CASE("api server: when the engine connection is lost, in-flight requests end with an error") {
+  Harness h(holdRequests);
+  h.run([&] {
+    Client plain(h.port());
+    plain.send(post("/v1/completions", completion(false)));
+    Client stream(h.port());
+    stream.send(post("/v1/completions", completion(true)));
+    REQUIRE(h.submitted(2));
+    for (const auto& id : h.fake.log.submits()) h.bridge.call([&] { h.fake.send(id, "a"); });
+    Reply head = stream.readHead();
+    REQUIRE(head.status == 200);
+    std::string body = stream.readChunk();
+    h.bridge.call([&] { h.fake.disconnect(); });
+
+    Reply r = plain.read();
+    CHECK(r.status == 500);
+    CHECK(r.error()["message"] == "engine failure: the engine process is gone");
+    for (std::string chunk = stream.readChunk(); !chunk.empty(); chunk = stream.readChunk()) {
+      body += chunk;
+    }
+    auto evs = events(body);
+    REQUIRE(evs.size() == 3);
+    CHECK(json::parse(evs[1])["error"]["message"] == "engine failure: the engine process is gone");
+    CHECK(evs[2] == "[DONE]");
+    CHECK(h.state() == ApiState::Failed);
+    Client c(h.port());
+    c.send(get("/health"));
+    CHECK(c.read().status == 503);
+  });
+}
+
+TEST_CASE("api server: a client that disconnects has its engine request aborted") {
+  Harness h(holdRequests);
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(true)));
+    REQUIRE(h.submitted(1));
+    std::string id = h.submit(0);
+    h.bridge.call([&] { h.fake.send(id, "a"); });
+    CHECK(c.readHead().status == 200);
+    c.close();
+    CHECK(h.aborted(id));
+    h.bridge.call([&] { CHECK(h.api->inFlight() == 0); });
+  });
+}
+
+}  // TEST_SUITE

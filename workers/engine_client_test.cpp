@@ -1,0 +1,197 @@
+// Tests for workers/engine_client.h against the in-process fake engine (fake_engine.h). One
+// thread: each step waits on a KJ promise, which drives the uv loop (outside uv_run), bounded by
+// a timeout so a broken case fails instead of hanging.
+#include "workers/engine_client.h"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "ipc/test_util.h"
+#include "ipc/uv_kj.h"
+#include "workers/api_server/fake_engine.h"
+
+namespace {
+
+using vsup::OwnFd;
+using vsup::engine::FinishReason;
+using vsup::engine::GenerateRequest;
+using vsup::engine::Rejection;
+using vsup::engine::RejectCode;
+using vsup::engine::TokenDelta;
+using vsup::testing::FakeEngine;
+using vsup::testing::TestLoop;
+using vsup::workers::EngineClient;
+
+GenerateRequest request(const std::string& id) {
+  GenerateRequest r;
+  r.id = id;
+  r.prompt = "hello";
+  r.sampling.maxTokens = 8;
+  return r;
+}
+
+// The client's callbacks, recorded; `changed` wakes a wait() after each one.
+struct Recorder {
+  std::vector<std::vector<TokenDelta>> batches;
+  std::vector<std::string> failures;
+  int disconnects = 0;
+  kj::Own<kj::PromiseFulfiller<void>> changed;
+
+  EngineClient::Callbacks callbacks() {
+    EngineClient::Callbacks c;
+    c.onDeltas = [this](const std::vector<TokenDelta>& d) {
+      batches.push_back(d);
+      poke();
+    };
+    c.onEngineFailed = [this](const std::string& r) {
+      failures.push_back(r);
+      poke();
+    };
+    c.onDisconnect = [this] {
+      ++disconnects;
+      poke();
+    };
+    return c;
+  }
+  void poke() {
+    if (changed && changed->isWaiting()) changed->fulfill();
+  }
+  // Runs the loop until `pred` holds (false after 5 s).
+  template <typename Pred>
+  bool waitFor(uv_loop_t* loop, kj::WaitScope& ws, Pred pred) {
+    vsup::MonoNs until = vsup::deadlineAfterMs(5000);
+    while (!pred()) {
+      if (vsup::monoNow() >= until) return false;
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      changed = kj::mv(paf.fulfiller);
+      kj::mv(paf.promise).exclusiveJoin(vsup::ipc::uvSleep(loop, vsup::msUntil(until))).wait(ws);
+    }
+    return true;
+  }
+  std::string text(const std::string& id) const {
+    std::string out;
+    for (const auto& b : batches) {
+      for (const auto& d : b) {
+        if (d.requestId == id) out += d.text;
+      }
+    }
+    return out;
+  }
+  FinishReason finish(const std::string& id) const {
+    for (const auto& b : batches) {
+      for (const auto& d : b) {
+        if (d.requestId == id && d.finish != FinishReason::None) return d.finish;
+      }
+    }
+    return FinishReason::None;
+  }
+};
+
+struct Harness {
+  TestLoop loop;
+  vsup::ipc::KjOnUv kj{loop.get()};
+  FakeEngine fake{loop.get()};
+  Recorder rec;
+  std::unique_ptr<EngineClient> client;
+
+  Harness() { client = std::make_unique<EngineClient>(loop.get(), "[test]", rec.callbacks()); }
+  ~Harness() {
+    client.reset();
+    fake.disconnect();
+  }
+  kj::WaitScope& ws() { return kj.waitScope(); }
+  vsup::workers::EngineInfo connect() { return client->connect(fake.listen()).wait(ws()); }
+};
+
+}  // namespace
+
+TEST_SUITE("unit") {
+
+TEST_CASE("engine client: connect attaches and returns the model's context length and chat format") {
+  Harness h;
+  h.fake.maxModelLen = 64;
+  h.fake.chatFormat = "llama3";
+  auto info = h.connect();
+  CHECK(info.maxModelLen == 64);
+  CHECK(info.chatFormat == "llama3");
+}
+
+TEST_CASE("engine client: an accepted submit resolves to no rejection; its deltas arrive per batch") {
+  Harness h;
+  h.connect();
+  CHECK_FALSE(h.client->submit(request("a")).wait(h.ws()).has_value());
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(),
+                        [&] { return h.rec.finish("a") != FinishReason::None; }));
+  CHECK(h.rec.text("a") == "Hello!");
+  CHECK(h.rec.finish("a") == FinishReason::Stop);
+  CHECK(h.rec.batches.size() == 3);  // one call per engine step
+  CHECK(h.rec.batches.back().back().completionTokens == 3);
+}
+
+TEST_CASE("engine client: a rejection is a value with its code and message") {
+  Harness h;
+  h.fake.reject = [](const GenerateRequest&) -> std::optional<Rejection> {
+    return Rejection{RejectCode::ContextLengthExceeded, "too long: 70 > 64"};
+  };
+  h.connect();
+  auto r = h.client->submit(request("a")).wait(h.ws());
+  REQUIRE(r.has_value());
+  CHECK(r->code == RejectCode::ContextLengthExceeded);
+  CHECK(r->message == "too long: 70 > 64");
+}
+
+TEST_CASE("engine client: a refused submit rejects the promise; so does one before connect") {
+  Harness h;
+  CHECK_THROWS_WITH_AS(h.client->submit(request("early")).wait(h.ws()),
+                       doctest::Contains("not connected"), kj::Exception);
+  h.connect();
+  h.fake.refuse = true;
+  CHECK_THROWS_WITH_AS(h.client->submit(request("a")).wait(h.ws()),
+                       doctest::Contains("engine-core is stopping"), kj::Exception);
+}
+
+TEST_CASE("engine client: abort reaches the engine, and its final delta comes back") {
+  Harness h;
+  h.fake.script = {};  // held until aborted
+  h.connect();
+  h.client->abort("nobody");  // unknown ids are the engine's to ignore
+  CHECK_FALSE(h.client->submit(request("a")).wait(h.ws()).has_value());
+  h.client->abort("a");
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(),
+                        [&] { return h.rec.finish("a") == FinishReason::Abort; }));
+  auto aborts = h.fake.log.aborts();
+  CHECK(aborts == std::vector<std::string>{"nobody", "a"});
+}
+
+TEST_CASE("engine client: engineFailed and a lost connection reach the callbacks; later submits "
+          "reject") {
+  Harness h;
+  h.connect();
+  h.fake.engineFailed("rank 1 died");
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(), [&] { return !h.rec.failures.empty(); }));
+  CHECK(h.rec.failures == std::vector<std::string>{"rank 1 died"});
+  CHECK(h.rec.disconnects == 0);
+  h.fake.disconnect();
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(), [&] { return h.rec.disconnects > 0; }));
+  CHECK(h.rec.disconnects == 1);
+  CHECK_THROWS_AS(h.client->submit(request("late")).wait(h.ws()), kj::Exception);
+}
+
+TEST_CASE("engine client: destroying it calls no callback and leaves nothing open") {
+  int before = vsup::testing::openFdCount();
+  {
+    Harness h;
+    h.connect();
+    CHECK_FALSE(h.client->submit(request("a")).wait(h.ws()).has_value());
+    h.client.reset();
+    // The engine's side sees the connection go; a few loop turns deliver that.
+    h.fake.script = {};
+    for (int i = 0; i < 5; ++i) vsup::ipc::uvSleep(h.loop.get(), 1).wait(h.ws());
+    CHECK(h.rec.disconnects == 0);
+  }
+  CHECK(vsup::testing::openFdCount() == before);
+}
+
+}  // TEST_SUITE

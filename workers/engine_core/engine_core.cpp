@@ -1,0 +1,392 @@
+#include "workers/engine_core/engine_core.h"
+
+#include <algorithm>
+
+#include <kj/debug.h>
+
+#include "base/log.h"
+#include "engine/collective.h"
+#include "ipc/engine.capnp.h"
+#include "supervisor/deadline_budget.h"
+#include "supervisor/fault_injection.h"
+#include "supervisor/process.h"
+#include "workers/engine_codec.h"
+
+namespace vsup::workers {
+
+namespace schema = ipc::schema;
+
+namespace {
+
+kj::Exception failed(const std::string& why) {
+  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
+}
+
+}  // namespace
+
+// One API server's (or vsup::LLM's) connection: it serves Engine and is that session's sink.
+class EngineSession final : public schema::Engine::Server, public DeltaSink {
+ public:
+  EngineSession(EngineCore& core, kj::TaskSet& tasks) : core_(core), tasks_(tasks) {}
+  size_t index = 0;
+
+  void deltas(const std::vector<engine::TokenDelta>& list) override {
+    if (!sink_) return;
+    auto request = sink_->deltasRequest();
+    auto out = request.initDeltas(unsigned(list.size()));
+    for (unsigned i = 0; i < list.size(); ++i) encode(list[i], out[i]);
+    tasks_.add(request.send().ignoreResult());
+  }
+
+  void engineFailed(const std::string& reason) override {
+    if (!sink_) return;
+    auto request = sink_->engineFailedRequest();
+    request.setReason(reason);
+    tasks_.add(request.send().ignoreResult());
+  }
+
+ protected:
+  kj::Promise<void> attach(AttachContext context) override {
+    sink_ = context.getParams().getSink();
+    context.getResults().setMaxModelLen(core_.maxModelLen());
+    context.getResults().setChatFormat(core_.chatFormat());
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> submit(SubmitContext context) override {
+    return core_.submit(index, decode(context.getParams().getRequest()))
+        .then([context](std::optional<engine::Rejection> rejected) mutable {
+          if (!rejected) return;
+          context.getResults().setRejected(rejected->message);
+          context.getResults().setRejectCode(encode(rejected->code));
+        });
+  }
+
+  kj::Promise<void> abort(AbortContext context) override {
+    core_.abort(context.getParams().getId());
+    return kj::READY_NOW;
+  }
+
+ private:
+  EngineCore& core_;
+  kj::TaskSet& tasks_;
+  std::optional<schema::TokenSink::Client> sink_;
+};
+
+EngineCore::EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime,
+                       engine::EngineConfig config, std::vector<int> apiFds)
+    : loop_(loop), runtime_(runtime), config_(std::move(config)), apiFds_(std::move(apiFds)),
+      tasks_(*this) {
+  if (config_.common.kv.connector == "sim") kv_ = kv::makeSimScheduler();
+}
+
+EngineCore::~EngineCore() {
+  loopPromise_ = kj::READY_NOW;
+  executor_.reset();
+  links_.clear();
+  tokenizing_.reset();  // joins the thread; a job in flight only encodes a prompt
+}
+
+void EngineCore::taskFailed(kj::Exception&& e) {
+  if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
+  vsup::log().warn("[engine] {}: {}", runtime_.name(), e.getDescription().cStr());
+}
+
+int64_t EngineCore::maxModelLen() const { return scheduler_ ? scheduler_->maxModelLen() : 0; }
+
+kj::Promise<void> EngineCore::start() {
+  const engine::Backend* backend = nullptr;
+  try {
+    backend = &engine::backendFor(config_);
+    plan_ = backend->plan(config_);
+    tokenizer_ = backend->tokenizer(config_);
+    scheduler_ = std::make_unique<engine::core::Scheduler>(plan_.scheduler, tokenizer_);
+    if (plan_.sharedCollective) {
+      collectiveRegion_ = OwnFd(engine::createSharedCollective(config_.common.tensorParallelSize));
+    }
+  } catch (const std::exception& e) {
+    return failed(e.what());
+  }
+  if (!plan_.chatFormatNote.empty()) {
+    vsup::log().warn("[engine] {}: {}", runtime_.name(), plan_.chatFormatNote);
+  }
+  if (!plan_.summary.empty()) vsup::log().info("[engine] {}: {}", runtime_.name(), plan_.summary);
+  tokenizing_ = std::make_unique<ComputeThread>();
+
+  uint32_t tp = config_.common.tensorParallelSize;
+  int64_t kvMs = kv_ ? int64_t(config_.common.kv.shutdownTimeoutS * 1000) : 0;
+  supervisor::SupervisorSpec spec;
+  spec.name = runtime_.name();
+  spec.intensity = 0;  // no partial restart: a dead rank fails the engine
+  std::string exe = supervisor::selfExecutable();
+  std::string rankConfig = encodeEngineConfig(config_);
+  for (uint32_t r = 0; r < tp; ++r) {
+    supervisor::ChildSpec c;
+    c.name = "worker-tp" + std::to_string(r);
+    c.vsupAware = true;
+    c.command = {exe, "__worker", "--rank", std::to_string(r)};
+    c.startConfig = rankConfig;
+    if (collectiveRegion_) {
+      c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
+      c.command.insert(c.command.end(), {"--collective-fd", "4"});
+    }
+    c.startTimeoutMs = 600000;  // loading a model's weights
+    c.shutdown = supervisor::ShutdownPolicy::timeout(
+        supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
+    spec.children.push_back(std::move(c));
+  }
+  supervisor::SupervisorOptions supOptions;
+  supOptions.selfExe = exe;
+  supOptions.collectOutput = true;
+  supOptions.onDeferral = [this](const std::string& node, const supervisor::Deferral& d) {
+    runtime_.reportDeferral(node, d);
+  };
+  ranks_ = std::make_unique<supervisor::Supervisor>(loop_, spec, supOptions);
+  watchdog_ = ranks_->terminated()
+                  .then([this](supervisor::Outcome o) {
+                    // While starting, a rank's failure is the start's failure: Node.start
+                    // reports it (naming the rank) and the parent then stops this process.
+                    // Exiting here would race that report.
+                    if (stopping_ || !running_) return;
+                    fail("a tensor-parallel worker died (" + std::string(supervisor::nameOf(o)) +
+                         ": " + ranks_->failure() + ")");
+                  })
+                  .eagerlyEvaluate(nullptr);
+  return ranks_->start().then([this, tp]() {
+    collectiveRegion_ = OwnFd();  // every rank has it mapped
+    auto clients = std::make_shared<std::vector<std::unique_ptr<RankClient>>>(tp);
+    kj::Vector<kj::Promise<void>> caps;
+    for (uint32_t r = 0; r < tp; ++r) {
+      caps.add(ranks_->service("worker-tp" + std::to_string(r))
+                   .then([clients, r](capnp::Capability::Client cap) {
+                     (*clients)[r] = makeRpcRank(cap.castAs<schema::Worker>());
+                   }));
+    }
+    return kj::joinPromises(caps.releaseAsArray()).then([this, clients, tp]() {
+      StepExecutor::Options o;
+      o.stepTimeoutMs = config_.common.stepTimeoutMs;
+      o.stragglerMs = config_.common.collectiveTimeoutMs;
+      executor_ = std::make_unique<StepExecutor>(loop_, std::move(*clients), o);
+      for (int fd : apiFds_) {
+        auto session = kj::heap<EngineSession>(*this, tasks_);
+        session->index = router_.addSession(session.get());
+        sessions_.push_back(session.get());
+        size_t index = session->index;
+        links_.push_back(
+            ipc::RpcLink::serve(loop_, OwnFd(fd), kj::mv(session), ipc::dataReaderOptions()));
+        tasks_.add(links_.back()->onDisconnect().then([this, index]() { sessionLost(index); }));
+      }
+      apiFds_.clear();  // owned by the links now
+      vsup::log().info("[engine] {}: {} rank(s) ready, serving {} API server(s)", runtime_.name(),
+                       tp, sessions_.size());
+      running_ = true;
+      loopPromise_ = loop().eagerlyEvaluate([this](kj::Exception&& e) {
+        fail(std::string("step loop failed: ") + e.getDescription().cStr());
+      });
+    });
+  });
+}
+
+kj::Promise<supervisor::NodeStatus> EngineCore::status() {
+  if (!ranks_) {
+    supervisor::NodeStatus s;
+    s.type = supervisor::NodeType::Supervisor;
+    s.state = supervisor::NodeState::Starting;
+    return s;
+  }
+  return ranks_->status().then([this](supervisor::NodeStatus s) {
+    s.inFlight = int64_t(scheduler_->inFlight() + beingTokenized_.size());
+    if (!failure_.empty()) s.state = supervisor::NodeState::Failed;
+    return s;
+  });
+}
+
+kj::Promise<void> EngineCore::stopAtStepBoundary() {
+  stopping_ = true;
+  // One KV deadline for every rank, from now: ranks are stopped one after another, and each
+  // must not start a clock of its own (N ranks would then wait N times the bound).
+  if (kv_) {
+    kvGiveUpAt_ = deadlineAfterMs(int64_t(config_.common.kv.shutdownTimeoutS * 1000));
+    finalKvStep_ = true;
+  }
+  size_t aborted = endAll(engine::FinishReason::Abort, "engine-core is shutting down");
+  if (aborted > 0) {
+    vsup::log().info("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
+                     aborted);
+  }
+  bool stepRunning = executor_ && executor_->running();
+  if (!stepRunning && !kvWorkLeft()) return kj::READY_NOW;
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  boundary_ = kj::mv(paf.fulfiller);
+  wake();  // an idle loop with KV announcements left runs one transfer-only step
+  return paf.promise.then([this]() {
+    vsup::log().info("[shutdown] {}: step loop stopped at step boundary {}", runtime_.name(),
+                     lastStep_);
+  });
+}
+
+kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
+  if (!ranks_) return true;
+  return ranks_->shutdown(deadline).then([this]() {
+    if (ranks_->outcome() == supervisor::Outcome::ChildFailed) runtime_.reportChildFailure();
+    return ranks_->escalations() == 0;
+  });
+}
+
+kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
+                                                                 engine::GenerateRequest request) {
+  auto refuse = [this]() {
+    return failed(failure_.empty() ? "engine-core is shutting down"
+                                   : "engine failed: " + failure_);
+  };
+  if (stopping_ || !failure_.empty()) return refuse();
+  if (router_.owned(request.id) || beingTokenized_.count(request.id) != 0) {
+    return failed("duplicate request id " + request.id);
+  }
+  std::string id = request.id;
+  beingTokenized_.insert(id);
+  router_.own(id, session);
+  std::shared_ptr<const engine::Tokenizer> tokenizer = tokenizer_;
+  auto prompt = std::make_shared<std::string>(request.prompt);
+  return tokenizing_
+      ->run<std::vector<int32_t>>([tokenizer, prompt]() { return tokenizer->encode(*prompt); })
+      .then([this, id, request = std::move(request)](
+                std::vector<int32_t> tokens) mutable -> std::optional<engine::Rejection> {
+        // Aborted (or the engine stopped or failed) while it was being tokenized: the abort
+        // already sent its final delta.
+        if (beingTokenized_.erase(id) == 0) return std::nullopt;
+        if (stopping_ || !failure_.empty()) {
+          engine::TokenDelta final;
+          final.requestId = id;
+          final.finish = stopping_ ? engine::FinishReason::Abort : engine::FinishReason::Error;
+          final.error = failure_.empty() ? "engine-core is shutting down" : failure_;
+          router_.route({final});
+          return std::nullopt;
+        }
+        engine::core::TokenizedRequest t;
+        t.request = std::move(request);
+        t.promptTokens = std::move(tokens);
+        std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
+        if (rejected) {
+          router_.forget(id);  // not queued: nothing will be routed for it
+          return rejected;
+        }
+        wake();
+        return std::nullopt;
+      });
+}
+
+void EngineCore::abort(const std::string& id) {
+  engine::TokenDelta final;
+  final.requestId = id;
+  final.finish = engine::FinishReason::Abort;
+  if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) router_.route({final});
+}
+
+void EngineCore::sessionLost(size_t index) {
+  // The API server is gone: nobody can receive these requests' tokens any more.
+  for (const auto& id : router_.sessionLost(index)) {
+    if (beingTokenized_.erase(id) == 0) scheduler_->abort(id, nullptr);
+  }
+  if (index < sessions_.size()) sessions_[index] = nullptr;
+}
+
+void EngineCore::wake() {
+  if (workAvailable_) {
+    auto f = kj::mv(workAvailable_);
+    f->fulfill();
+  }
+}
+
+kj::Promise<void> EngineCore::loop() {
+  if (!failure_.empty() || (stopping_ && !kvWorkLeft())) {
+    if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
+    return kj::READY_NOW;
+  }
+  for (const auto& id : scheduler_->expireHolds(monoNow())) kvOutstanding_.erase(id);
+  if (scheduler_->inFlight() == 0 && !kvWorkLeft()) {
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    workAvailable_ = kj::mv(paf.fulfiller);
+    return paf.promise.then([this]() { return loop(); });
+  }
+  // Stopping: only the last transfer announcements go out, no new tokens.
+  engine::StepInput input;
+  if (stopping_) {
+    input.step = lastStep_ + 1;
+    input.kvGiveUpAtNs = kvGiveUpAt_;
+    finalKvStep_ = false;
+  } else {
+    input = scheduler_->nextStep();
+  }
+  supervisor::crashIfInjected(runtime_.name(), "step" + std::to_string(input.step));
+  input.kvTransfers = std::move(kvPending_);
+  kvPending_.clear();
+  lastStep_ = input.step;
+  bool generates = !input.seqs.empty();
+  return executor_->run(input).then(
+      [this, generates](std::vector<engine::StepOutput> outputs) {
+        // Transfers every rank has finished sending release their blocks.
+        for (const auto& out : outputs) {
+          for (const auto& id : out.kvDone) {
+            auto it = kvOutstanding_.find(id);
+            if (it == kvOutstanding_.end()) continue;
+            if (--it->second == 0) {
+              scheduler_->releaseHold(id);
+              kvOutstanding_.erase(it);
+            }
+          }
+        }
+        if (generates) applyStep(std::move(outputs));
+        return loop();
+      });
+}
+
+void EngineCore::applyStep(std::vector<engine::StepOutput> outputs) {
+  engine::core::StepResult result = scheduler_->complete(outputs);
+  if (!result.held.empty()) {
+    std::vector<std::string> finished;
+    for (const auto& h : result.held) finished.push_back(h.requestId);
+    std::vector<std::string> chosen = kv_ ? kv_->toTransfer(finished) : std::vector<std::string>{};
+    std::set<std::string> send(chosen.begin(), chosen.end());
+    for (auto& h : result.held) {
+      if (send.count(h.requestId) == 0) {
+        scheduler_->releaseHold(h.requestId);
+        continue;
+      }
+      kvOutstanding_[h.requestId] = executor_->rankCount();
+      kvPending_.push_back(std::move(h));
+    }
+  }
+  router_.route(result.deltas);
+}
+
+size_t EngineCore::endAll(engine::FinishReason finish, const std::string& error) {
+  std::vector<engine::TokenDelta> finals;
+  for (const auto& id : router_.requests()) {
+    engine::TokenDelta final;
+    final.requestId = id;
+    bool known = beingTokenized_.erase(id) != 0;
+    if (!known && scheduler_) known = scheduler_->abort(id, &final);
+    if (!known) continue;
+    final.finish = finish;
+    final.error = error;
+    finals.push_back(std::move(final));
+  }
+  router_.route(finals);
+  return finals.size();
+}
+
+void EngineCore::fail(const std::string& why) {
+  if (!failure_.empty()) return;
+  failure_ = why;
+  vsup::log().error("[engine] {}: engine failed: {}", runtime_.name(), why);
+  endAll(engine::FinishReason::Error, "engine failure: " + why);
+  router_.engineFailed(why);
+  if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
+  // Stop the remaining ranks, then exit with an error status.
+  tasks_.add(stopRanks(deadlineAfterMs(2000)).then([this](bool) {
+    runtime_.exit(supervisor::kExitError);
+  }));
+}
+
+}  // namespace vsup::workers

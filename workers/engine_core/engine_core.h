@@ -1,0 +1,106 @@
+// engine-core: the serving tree's engine process (docs/architecture.md, "engine-core").
+//
+// A child supervisor of the tensor-parallel ranks (intensity 0: a rank that dies fails the
+// engine, no partial restart) and the owner of the backend-agnostic core::Scheduler. Its step
+// loop: between steps it admits new requests (continuous batching), then the StepExecutor runs
+// the step on every rank, then the RequestRouter sends each API server the deltas of its
+// requests in one call. Prompts are tokenized on a thread of their own, so a long prompt never
+// stalls the steps of other requests.
+//
+// Shutdown (its hook, before its ranks are stopped): refuse new requests, abort whatever is
+// still running (the API servers have drained by then: normally nothing), announce the last KV
+// transfers, and stop the loop at a step boundary, so no rank is ever left inside a step.
+//
+// Runs on the process's loop thread.
+#pragma once
+
+#include <uv.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <kj/async.h>
+
+#include "base/fd.h"
+#include "engine/config.h"
+#include "engine/core/scheduler.h"
+#include "engine/registry.h"
+#include "ipc/rpc_link.h"
+#include "kvconnector/kv_connector.h"
+#include "supervisor/child_runtime.h"
+#include "supervisor/supervisor.h"
+#include "workers/compute_thread.h"
+#include "workers/engine_core/request_router.h"
+#include "workers/engine_core/step_executor.h"
+
+namespace vsup::workers {
+
+class EngineSession;
+
+class EngineCore final : private kj::TaskSet::ErrorHandler {
+ public:
+  // `apiFds`: one connected socket per API server (or vsup::LLM), served the Engine interface.
+  EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime, engine::EngineConfig config,
+             std::vector<int> apiFds);
+  ~EngineCore();
+
+  // Node.start: plan the engine, start the ranks, then serve the API servers and run.
+  kj::Promise<void> start();
+  kj::Promise<supervisor::NodeStatus> status();
+  // The shutdown hook: intake off, abort leftovers, stop at a step boundary.
+  kj::Promise<void> stopAtStepBoundary();
+  kj::Promise<bool> stopRanks(MonoNs deadline);
+
+  // For the sessions.
+  kj::Promise<std::optional<engine::Rejection>> submit(size_t session,
+                                                       engine::GenerateRequest request);
+  void abort(const std::string& id);
+  void sessionLost(size_t index);
+  int64_t maxModelLen() const;
+  const std::string& chatFormat() const { return plan_.chatFormat; }
+
+ private:
+  void taskFailed(kj::Exception&& e) override;
+  void wake();
+  kj::Promise<void> loop();
+  void applyStep(std::vector<engine::StepOutput> outputs);
+  size_t endAll(engine::FinishReason finish, const std::string& error);
+  void fail(const std::string& why);
+  bool kvWorkLeft() const { return !kvPending_.empty() || finalKvStep_; }
+
+  uv_loop_t* loop_;
+  supervisor::ChildRuntime& runtime_;
+  engine::EngineConfig config_;
+  std::vector<int> apiFds_;
+  engine::EnginePlan plan_;
+  std::shared_ptr<const engine::Tokenizer> tokenizer_;
+  std::unique_ptr<engine::core::Scheduler> scheduler_;
+  std::unique_ptr<ComputeThread> tokenizing_;  // prompts are encoded here, off the loop
+  std::set<std::string> beingTokenized_;       // submitted, not yet admitted
+  OwnFd collectiveRegion_;                     // until every rank has mapped it
+  std::unique_ptr<supervisor::Supervisor> ranks_;
+  std::unique_ptr<StepExecutor> executor_;
+  RequestRouter router_;
+  std::vector<EngineSession*> sessions_;  // owned by their RPC links; null once disconnected
+  std::vector<std::unique_ptr<ipc::RpcLink>> links_;
+  std::unique_ptr<kv::KvConnectorScheduler> kv_;
+  std::vector<engine::KvTransfer> kvPending_;  // announced to the ranks with the next step
+  std::map<std::string, size_t> kvOutstanding_;  // held request → ranks yet to finish sending
+  MonoNs kvGiveUpAt_ = 0;                         // set when shutting down with a KV connector
+  bool finalKvStep_ = false;  // the step that tells every rank kvGiveUpAt_ is due
+  bool stopping_ = false;
+  bool running_ = false;  // started: the step loop runs
+  uint64_t lastStep_ = 0;
+  std::string failure_;
+  kj::Own<kj::PromiseFulfiller<void>> workAvailable_;
+  kj::Own<kj::PromiseFulfiller<void>> boundary_;
+  kj::Promise<void> loopPromise_ = kj::READY_NOW;
+  kj::Promise<void> watchdog_ = kj::READY_NOW;
+  kj::TaskSet tasks_;
+};
+
+}  // namespace vsup::workers
