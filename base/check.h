@@ -1,4 +1,5 @@
-// Error channels shared by every layer (STYLE.md habit 6 and 7).
+// Error channels shared by every layer: a bug aborts, bad input throws, a syscall failure throws
+// naming the call and errno. Expected outcomes are values, not exceptions.
 //
 //   VSUP_ASSERT(cond, values...)   a bug in vsup: log the values and abort.
 //   VSUP_REQUIRE(cond, values...)  bad input or a broken caller contract: throw vsup::Error.

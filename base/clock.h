@@ -1,5 +1,5 @@
 // Time as vsup uses it: CLOCK_MONOTONIC nanoseconds, which is one clock for every process on the
-// host, so an absolute deadline can cross a process boundary unchanged (DESIGN.md 2.5).
+// host, so an absolute deadline can cross a process boundary unchanged (docs/architecture.md, "Deadlines").
 #pragma once
 
 #include <time.h>

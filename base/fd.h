@@ -1,4 +1,4 @@
-// OwnFd: the one owner of a file descriptor (STYLE.md habit 5). Closing is its only cleanup.
+// OwnFd: the one owner of a file descriptor. Closing is its only cleanup.
 #pragma once
 
 #include <unistd.h>

@@ -1,6 +1,6 @@
 // UvHandle<T>: owns one heap-allocated libuv handle. libuv forbids freeing a handle before its
 // close callback has run, so the destructor calls uv_close() and the memory is freed in the
-// close callback (STYLE.md habit 5). The loop must run at least once more after the last
+// close callback. The loop must run at least once more after the last
 // UvHandle on it is destroyed, to deliver those callbacks.
 #pragma once
 

@@ -1,6 +1,6 @@
 // KJ (Cap'n Proto's event loop) running on a libuv loop, on one thread.
 //
-// Contract (see shared/notes/capnp-on-libuv.md):
+// Contract (docs/architecture.md, "Threads"):
 //   * One KjOnUv per thread, created and destroyed on the thread that runs the uv loop. Every
 //     capnp/KJ object of that thread lives and dies on it.
 //   * Inside uv_run() KJ work is pumped by a uv_idle_t armed only while KJ has queued events, so

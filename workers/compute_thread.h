@@ -1,6 +1,6 @@
 // One thread for a rank's heavy work (weight loading, the model's forward pass), so that the
 // process's loop thread stays free to answer its parent (status, shutdown, liveness) while a
-// step computes (STYLE.md habit 9). Results come back as promises on the loop thread.
+// step computes. Results come back as promises on the loop thread.
 //
 // Threading: construct, call run() and destroy on the loop thread. The destructor waits for the
 // running job (if any) to return: make it return first (e.g. WorkerEngine::cancel()).

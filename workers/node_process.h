@@ -1,5 +1,5 @@
 // The body every vsup-aware process of the serving tree shares: it ignores SIGINT, SIGTERM and
-// SIGHUP (only its parent stops it, over RPC; DESIGN.md 2.1), sets up the uv loop, KJ on it
+// SIGHUP (only its parent stops it, over RPC; docs/architecture.md, "One SIGTERM, through the tree"), sets up the uv loop, KJ on it
 // and the ChildRuntime, lets `setup` register the node's behaviour, runs until the parent says
 // stop, and tears down in reverse order: the node's state, the runtime, KJ, the loop.
 #pragma once

@@ -1,4 +1,4 @@
-"""`vsup run` shutdown beyond the first signal (DESIGN.md section 2, "Online serving").
+"""`vsup run` shutdown beyond the first signal (README, "How shutdown works").
 
 The second and third signals, the KV connector's shutdown deferral (and its bound), the
 Prometheus metrics, and several API servers sharing one port. Each test starts its own serving
@@ -197,7 +197,7 @@ def test_the_kv_deferral_is_bounded_by_kv_shutdown_timeout_and_says_what_was_aba
 
 
 def test_the_kv_bound_holds_for_the_whole_tree_not_once_per_rank(serving):
-    # The ranks stop at the same step boundary (DESIGN.md 2.4), so their transfers are pending
+    # The ranks stop at the same step boundary (README, "How shutdown works"), so their transfers are pending
     # at the same moment and --kv-shutdown-timeout bounds the wait once, not once per rank.
     # Known failure: engine-core stops its ranks one after another and each rank starts its own
     # 1 s KV clock when its turn comes, so eight ranks take ~8 s; with a larger bound the sum

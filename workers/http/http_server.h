@@ -1,6 +1,6 @@
 // vsup::http: the HTTP/1.1 server of the API-server process.
 //
-// One Server listens on one TCP address and runs entirely on one libuv loop (STYLE.md habit 9):
+// One Server listens on one TCP address and runs entirely on one libuv loop:
 // every method here, every Response method and every callback (handler, onClientGone, onIdle)
 // runs on that loop's thread. There are no locks, no signal handlers and no global state; writes
 // use send(MSG_NOSIGNAL), so a vanished client never raises SIGPIPE in the host process.
@@ -12,7 +12,7 @@
 // errors are answered by the server itself with an OpenAI-shaped JSON error and
 // `Connection: close`; the handler never sees a malformed request.
 //
-// Quiescence (DESIGN.md 2.2-2.3): stopAccepting() closes the listening socket; setDraining()
+// Quiescence (README, "How shutdown works"): stopAccepting() closes the listening socket; setDraining()
 // answers every request not yet handed to the handler with 503 + `Connection: close`, closes idle
 // keep-alive connections and closes busy ones once their response is complete; inFlight() and
 // onIdle() let the app wait for the drain without polling.
@@ -116,7 +116,7 @@ class Server {
   void listen();
   uint16_t port() const;  // the bound port (0 before listen())
 
-  // Quiescence (DESIGN.md 2.2); idempotent, may be called in any order.
+  // Quiescence (README, "How shutdown works"); idempotent, may be called in any order.
   // Closes the listening socket now: new connects are refused.
   void stopAccepting();
   // Every request not yet handed to the handler (new ones, and ones still being received) gets
