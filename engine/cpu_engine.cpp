@@ -137,7 +137,7 @@ class CpuBackend final : public Backend {
     plan.scheduler.eosTokenIds = c.eosTokenIds;
     plan.scheduler.vocabSize = int32_t(c.vocabSize);
     plan.scheduler.kvHoldMs = kvHoldMs(o.kv);
-    plan.chatFormat = nameOf(cpu.model.chatFormat);
+    plan.chatFormat = cpu.model.chatFormat;
     plan.chatFormatNote = cpu.model.chatFormatNote;
     plan.summary = "model " + cpu.model.name + " (" + std::to_string(c.parameterCount()) +
                    " parameters, weights " + (cpu.model.dummyWeights ? "dummy" : "safetensors") +

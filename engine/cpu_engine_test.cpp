@@ -55,7 +55,7 @@ TEST_CASE("the cpu plan sizes the cache in whole blocks of the per-rank budget")
   CHECK(plan.scheduler.vocabSize == int32_t(kByteVocabSize));
   CHECK(plan.scheduler.eosTokenIds == resolveModel(kModel, "auto").config.eosTokenIds);
   CHECK(plan.scheduler.kvHoldMs == 0);
-  CHECK(plan.chatFormat == "chatml");  // the presets speak ChatML
+  CHECK(plan.chatFormat == ChatFormat::ChatMl);  // the presets speak ChatML
   CHECK_FALSE(plan.sharedCollective);
   CHECK(plan.summary.find("model vsup-tiny-4m (") != std::string::npos);
   CHECK(plan.summary.find("parameters, weights dummy), context 64 tokens, KV cache 20 blocks of "

@@ -153,22 +153,6 @@ void LlamaConfig::checkTensorParallel(uint32_t tp) const {
   check("MLP width (intermediate_size)", intermediateSize);
 }
 
-const char* nameOf(ChatFormat format) {
-  switch (format) {
-    case ChatFormat::Plain: return "plain";
-    case ChatFormat::ChatMl: return "chatml";
-    case ChatFormat::Llama3: return "llama3";
-  }
-  return "plain";
-}
-
-std::optional<ChatFormat> chatFormatFromName(const std::string& name) {
-  if (name == "plain") return ChatFormat::Plain;
-  if (name == "chatml") return ChatFormat::ChatMl;
-  if (name == "llama3") return ChatFormat::Llama3;
-  return std::nullopt;
-}
-
 std::vector<std::string> presetNames() { return {"vsup-tiny-25m", "vsup-tiny-4m"}; }
 
 LlamaConfig parseLlamaConfig(const std::string& path) {

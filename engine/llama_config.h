@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/prompt.h"
+
 namespace vsup::engine {
 
 struct LlamaConfig {
@@ -32,12 +34,6 @@ struct LlamaConfig {
   int64_t kvHeadsPerRank(uint32_t tp) const { return std::max<int64_t>(1, numKvHeads / tp); }
   void checkTensorParallel(uint32_t tp) const;
 };
-
-// How /v1/chat/completions messages become one prompt: the model's own format where vsup knows
-// it (ChatML, Llama 3), else a plain "role: content" format.
-enum class ChatFormat { Plain, ChatMl, Llama3 };
-const char* nameOf(ChatFormat format);  // "plain", "chatml", "llama3"
-std::optional<ChatFormat> chatFormatFromName(const std::string& name);
 
 struct ModelSource {
   std::string name;       // the preset's name or the directory, as given to --model

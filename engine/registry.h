@@ -11,6 +11,7 @@
 #include "engine/config.h"
 #include "engine/core/model_runner.h"
 #include "engine/core/scheduler.h"
+#include "engine/prompt.h"
 #include "engine/tokenizer.h"
 
 namespace vsup::engine {
@@ -35,10 +36,10 @@ std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::strin
 // What engine-core needs to run an engine, derived from (and so validating) its config.
 struct EnginePlan {
   core::SchedulerConfig scheduler;
-  std::string chatFormat = "plain";  // plain, chatml, llama3
-  std::string chatFormatNote;        // why, when the model's own template was not usable
-  std::string summary;               // the log line engine-core writes once started
-  bool sharedCollective = false;     // ranks all-reduce through a region engine-core creates
+  ChatFormat chatFormat = ChatFormat::Plain;  // the format engine-core renders chats in
+  std::string chatFormatNote;     // why, when the model's own template was not usable
+  std::string summary;            // the log line engine-core writes once started
+  bool sharedCollective = false;  // ranks all-reduce through a region engine-core creates
 };
 
 // One backend. Methods are const and thread-safe; plan() and makeRunner() may read files.

@@ -186,7 +186,7 @@ class SimBackend final : public Backend {
     std::string context = c.maxModelLen > 0
                               ? std::to_string(std::min(c.maxModelLen, capacity)) + " tokens"
                               : "unbounded (a request ends with \"length\" when the cache is full)";
-    plan.chatFormat = "plain";
+    plan.chatFormat = ChatFormat::Plain;
     plan.summary = "model " + c.model + " (simulated), context " + context + ", KV cache " + std::to_string(plan.scheduler.numBlocks) +
                    " blocks of " + std::to_string(c.blockSize) + " tokens per rank";
     plan.sharedCollective = false;

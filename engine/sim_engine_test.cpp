@@ -332,7 +332,7 @@ TEST_CASE("the sim plan sizes its cache at 8 bytes a token, at most 2^20 tokens 
   CHECK(p.scheduler.vocabSize == 32);
   CHECK(p.scheduler.eosTokenIds.empty());
   CHECK(p.scheduler.kvHoldMs == 0);
-  CHECK(p.chatFormat == "plain");
+  CHECK(p.chatFormat == ChatFormat::Plain);
   CHECK_FALSE(p.sharedCollective);
   CHECK(p.summary.find("model anything") != std::string::npos);
   c.common.kvCacheBytes = 1024;  // 128 tokens

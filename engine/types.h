@@ -19,9 +19,18 @@ struct SamplingParams {
   std::vector<std::string> stop;   // up to 4 stop strings, each non-empty
 };
 
+// One chat message, already validated.
+struct ChatMessage {
+  std::string role;     // "system", "user" or "assistant"
+  std::string content;  // text
+  bool operator==(const ChatMessage&) const = default;
+};
+
 struct GenerateRequest {
   std::string id;          // unique per request (the API server makes it: "cmpl-...")
-  std::string prompt;      // already rendered (a chat is turned into one prompt at the edge)
+  std::string prompt;      // a completion's text, encoded as it is
+  std::vector<ChatMessage> messages;  // a chat: rendered by engine-core in the model's format;
+                                      // prompt is then empty
   SamplingParams sampling;
 };
 

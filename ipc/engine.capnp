@@ -7,6 +7,8 @@
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("vsup::ipc::schema");
 
+# A chat carries its messages and an empty prompt: engine-core renders them in the model's
+# format, next to the tokenizer that reads them.
 struct GenerateRequest {
   id @0 :Text;
   prompt @1 :Text;
@@ -17,6 +19,12 @@ struct GenerateRequest {
   seed @6 :UInt64;
   stop @7 :List(Text);
   topK @8 :Int32;
+  messages @9 :List(ChatMessage);
+}
+
+struct ChatMessage {
+  role @0 :Text;
+  content @1 :Text;
 }
 
 enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
@@ -45,7 +53,8 @@ interface TokenSink {
 # Served by engine-core on each API server's connection.
 interface Engine {
   # Before the first submit. Returns what the API server needs about the model: its context
-  # length (0: unbounded) and how chat prompts are written ("plain", "chatml", "llama3").
+  # length (0: unbounded), and, for information only, the chat format engine-core renders
+  # chats in ("plain", "chatml", "llama3").
   attach @0 (sink :TokenSink) -> (maxModelLen :Int64, chatFormat :Text);
   # Throws when engine-core is stopping or failed. `rejectCode` is set (and nothing queued) for
   # a request the engine can never serve as asked, `rejected` its message: the API server

@@ -23,6 +23,11 @@ void encode(const engine::GenerateRequest& in, schema::GenerateRequest::Builder 
   out.setTopK(in.sampling.topK);
   auto stop = out.initStop(unsigned(in.sampling.stop.size()));
   for (unsigned i = 0; i < in.sampling.stop.size(); ++i) stop.set(i, in.sampling.stop[i]);
+  auto messages = out.initMessages(unsigned(in.messages.size()));
+  for (unsigned i = 0; i < in.messages.size(); ++i) {
+    messages[i].setRole(in.messages[i].role);
+    messages[i].setContent(in.messages[i].content);
+  }
 }
 
 engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
@@ -35,6 +40,7 @@ engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
   if (in.getHasSeed()) r.sampling.seed = in.getSeed();
   r.sampling.topK = in.getTopK();
   for (auto s : in.getStop()) r.sampling.stop.emplace_back(s);
+  for (auto m : in.getMessages()) r.messages.push_back({m.getRole(), m.getContent()});
   return r;
 }
 

@@ -13,7 +13,8 @@
 //                       1, 2, 5, 16 or 100 bytes with a loop turn between
 // So a seed starting with '0' is sent whole to the default server ('0' = 48). The client half-
 // closes after the last byte (which the server takes as the client leaving) and reads all the
-// server sends. `X-Chat-Format: chatml|llama3` picks the chat format of a completion request.
+// server sends. `X-Chat-Format: chatml|llama3` picks the format a chat's messages are rendered in
+// (engine::renderChat, as engine-core would) to stand in for its generated text.
 //
 // Properties checked: nothing crashes or trips a sanitizer; the handler only ever sees a
 // well-formed request (token header names, lower-cased, trimmed values without CR/LF, path =
@@ -42,6 +43,7 @@
 
 #include "base/check.h"
 #include "base/fd.h"
+#include "engine/prompt.h"
 #include "ipc/uv_handle.h"
 #include "tests/fuzz/fuzz_check.h"
 #include "tests/fuzz/fuzz_log.h"
@@ -153,27 +155,32 @@ class App {
   void complete(const Request& r, Response& w, bool chat) {
     api::Limits limits;
     limits.servedModel = "vsup-sim";
-    if (std::string format = r.header("x-chat-format"); !format.empty()) {
-      limits.chatFormat = format;
-    }
     auto parsed = api::parseCompletionRequest(r.body, chat, limits);
     if (auto* error = std::get_if<api::ApiError>(&parsed)) {
       return json(w, error->status, api::renderError(*error));
     }
     const auto& call = std::get<api::CompletionCall>(parsed);
+    FUZZ_CHECK(!chat || (call.prompts.size() == 1 && !call.messages.empty()));
     const std::string id = chat ? "chatcmpl-fuzz" : "cmpl-fuzz";
     constexpr int64_t kCreated = 1700000000;
-    // The prompts stand in for generated text: arbitrary client bytes in every rendered body.
+    // The prompts (a chat: its messages rendered) stand in for generated text: arbitrary client
+    // bytes in every rendered body.
+    std::vector<std::string> texts = call.prompts;
+    if (chat) {
+      const auto format = vsup::engine::chatFormatFromName(r.header("x-chat-format"));
+      texts[0] = vsup::engine::renderChat(call.messages,
+                                          format.value_or(vsup::engine::ChatFormat::Plain));
+    }
     if (!call.stream) {
       api::CompletionResult result{chat, id, kCreated, call.model, {}, {3, 5}};
-      for (size_t i = 0; i < call.prompts.size(); ++i) {
-        result.choices.push_back({int(i), call.prompts[i], vsup::engine::FinishReason::Length});
+      for (size_t i = 0; i < texts.size(); ++i) {
+        result.choices.push_back({int(i), texts[i], vsup::engine::FinishReason::Length});
       }
       return json(w, 200, api::renderCompletion(result));
     }
     w.startStream(200, {{"Content-Type", "text/event-stream"}, {"Cache-Control", "no-cache"}});
-    for (size_t i = 0; i < call.prompts.size(); ++i) {
-      api::Choice delta{int(i), call.prompts[i], vsup::engine::FinishReason::None};
+    for (size_t i = 0; i < texts.size(); ++i) {
+      api::Choice delta{int(i), texts[i], vsup::engine::FinishReason::None};
       w.write(api::sseEvent(api::renderStreamChunk(chat, id, kCreated, call.model, delta, true)));
       delta = {int(i), "", vsup::engine::FinishReason::Stop};
       w.write(api::sseEvent(api::renderStreamChunk(chat, id, kCreated, call.model, delta, false)));

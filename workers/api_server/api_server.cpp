@@ -156,8 +156,7 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
 };
 
 kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
-  return engine_.connect(std::move(engine)).then([this](EngineInfo info) {
-    limits_.chatFormat = info.chatFormat;
+  return engine_.connect(std::move(engine)).then([this](EngineInfo) {
     http::ServerOptions o;
     o.host = options_.host;
     o.port = options_.port;
@@ -314,6 +313,7 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
     engine::GenerateRequest g;
     g.id = id + "-" + std::to_string(i);
     g.prompt = p->call.prompts[i];
+    g.messages = std::move(p->call.messages);  // a chat's only choice; nothing reads them after
     g.sampling = p->call.sampling;
     p->engineIds.push_back(g.id);
     choiceOf_[g.id] = {id, i};

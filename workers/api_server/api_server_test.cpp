@@ -387,11 +387,39 @@ TEST_CASE("api server: a non-streaming completion returns the joined text and th
     CHECK(j["usage"]["prompt_tokens"] == 3);
     CHECK(j["usage"]["completion_tokens"] == 3);
     CHECK(j["usage"]["total_tokens"] == 6);
+    REQUIRE(h.fake.log.requests().size() == 1);
+    CHECK(h.fake.log.requests()[0].prompt == "hi");
+    CHECK(h.fake.log.requests()[0].messages.empty());
     // The connection stays usable: /health says ready.
     c.send(get("/health"));
     Reply health = c.read();
     CHECK(health.status == 200);
     CHECK(health.body == R"({"status":"ready"})");
+  });
+}
+
+TEST_CASE("api server: a chat is one engine request carrying its messages, with no prompt") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    json body = {{"model", "vsup-sim"},
+                 {"messages",
+                  {{{"role", "developer"}, {"content", "Be brief."}},
+                   {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "hi"}}}}}}},
+                 {"max_tokens", 8}};
+    c.send(post("/v1/chat/completions", body));
+    Reply r = c.read();
+    REQUIRE(r.status == 200);
+    json j = json::parse(r.body);
+    CHECK(j["object"] == "chat.completion");
+    CHECK(j["choices"][0]["message"]["content"] == "Hello!");
+    auto requests = h.fake.log.requests();
+    REQUIRE(requests.size() == 1);
+    // The API server does not render: engine-core does, in the model's format.
+    CHECK(requests[0].prompt.empty());
+    CHECK(requests[0].messages == std::vector<vsup::engine::ChatMessage>{
+                                      {"system", "Be brief."}, {"user", "hi"}});
+    CHECK(requests[0].sampling.maxTokens == 8);
   });
 }
 

@@ -42,6 +42,10 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
       std::lock_guard lock(mu_);
       return submits_;
     }
+    std::vector<engine::GenerateRequest> requests() const {  // as decoded, in submit order
+      std::lock_guard lock(mu_);
+      return requests_;
+    }
     std::vector<std::string> aborts() const {
       std::lock_guard lock(mu_);
       return aborts_;
@@ -71,6 +75,7 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     mutable std::mutex mu_;
     mutable std::condition_variable cv_;
     std::vector<std::string> submits_;
+    std::vector<engine::GenerateRequest> requests_;
     std::vector<std::string> aborts_;
     int answered_ = 0;
   };
@@ -154,7 +159,10 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     }
     kj::Promise<void> submit(SubmitContext context) override {
       engine::GenerateRequest r = workers::decode(context.getParams().getRequest());
-      fake_.log.update([&] { fake_.log.submits_.push_back(r.id); });
+      fake_.log.update([&] {
+        fake_.log.submits_.push_back(r.id);
+        fake_.log.requests_.push_back(r);
+      });
       if (fake_.refuse) return KJ_EXCEPTION(FAILED, "engine-core is stopping");
       if (fake_.reject) {
         if (auto rejection = fake_.reject(r)) {

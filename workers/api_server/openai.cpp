@@ -184,15 +184,14 @@ std::optional<ApiError> parsePrompt(const json& root, CompletionCall& call) {
   return std::nullopt;
 }
 
-std::optional<ApiError> parseMessages(const json& root, const Limits& limits,
-                                      CompletionCall& call) {
+std::optional<ApiError> parseMessages(const json& root, CompletionCall& call) {
   const json* messages = member(root, "messages");
   if (messages == nullptr) return missing("messages");
   if (!messages->is_array() || messages->empty()) {
     return mustBe("messages", "a non-empty array of messages", *messages,
                   messages->is_array() ? "invalid_value" : "invalid_type");
   }
-  std::vector<ChatMessage> parsed;
+  std::vector<engine::ChatMessage> parsed;
   parsed.reserve(messages->size());
   for (size_t i = 0; i < messages->size(); ++i) {
     const json& message = (*messages)[i];
@@ -200,7 +199,7 @@ std::optional<ApiError> parseMessages(const json& root, const Limits& limits,
     if (!message.is_object()) {
       return mustBe(path, "an object with 'role' and 'content'", message, "invalid_type");
     }
-    ChatMessage out;
+    engine::ChatMessage out;
     const json* role = member(message, "role");
     if (role == nullptr) return missing(path + ".role");
     const std::string roleName = role->is_string() ? role->get<std::string>() : std::string();
@@ -244,7 +243,8 @@ std::optional<ApiError> parseMessages(const json& root, const Limits& limits,
     }
     parsed.push_back(std::move(out));
   }
-  call.prompts.push_back(renderChatPrompt(parsed, limits.chatFormat));
+  call.messages = std::move(parsed);
+  call.prompts.emplace_back();
   return std::nullopt;
 }
 
@@ -468,40 +468,12 @@ std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view b
   call.model = model->get<std::string>();
   if (call.model != limits.servedModel) return modelNotFound(call.model);
 
-  std::optional<ApiError> error = chat ? parseMessages(root, limits, call) : parsePrompt(root, call);
+  std::optional<ApiError> error = chat ? parseMessages(root, call) : parsePrompt(root, call);
   if (!error) error = parseMaxTokens(root, chat, limits, call);
   if (!error) error = parseSampling(root, call);
   if (!error) error = parseOptions(root, call);
   if (error) return *std::move(error);
   return call;
-}
-
-std::string renderChatPrompt(const std::vector<ChatMessage>& messages,
-                             std::string_view format) {
-  std::string out;
-  if (format == "chatml") {
-    for (const ChatMessage& message : messages) {
-      out += "<|im_start|>" + message.role + "\n" + message.content + "<|im_end|>\n";
-    }
-    return out + "<|im_start|>assistant\n";
-  }
-  if (format == "llama3") {
-    out = "<|begin_of_text|>";
-    for (const ChatMessage& message : messages) {
-      out += "<|start_header_id|>" + message.role + "<|end_header_id|>\n\n" + message.content +
-             "<|eot_id|>";
-    }
-    return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
-  }
-  for (const ChatMessage& message : messages) {
-    out += "<|";
-    out += message.role;
-    out += "|>\n";
-    out += message.content;
-    out += '\n';
-  }
-  out += "<|assistant|>\n";
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // The OpenAI wire format: request bodies of /v1/completions and /v1/chat/completions parsed into
-// engine::SamplingParams and prompts, and responses, SSE chunks, model lists and errors rendered
-// as the JSON the official OpenAI clients expect.
+// engine::SamplingParams and prompts or chat messages, and responses, SSE chunks, model lists
+// and errors rendered as the JSON the official OpenAI clients expect. Chat messages stay
+// messages here: engine-core renders them in the model's format (engine/prompt.h), beside the
+// tokenizer that must read that format.
 //
 // This is the only place where OpenAI JSON exists, so the wire format can change in one file:
 // the HTTP front end hands bodies in and gets plain values out; nothing past it sees JSON. Bad
@@ -65,7 +67,6 @@ struct Limits {
   std::string servedModel;        // the only accepted value of "model"
   int64_t maxTokensLimit = 4096;  // the largest accepted max_tokens
   int64_t defaultMaxTokens = 16;  // used when max_tokens is absent or null
-  std::string chatFormat = "plain";  // how renderChatPrompt() writes chats (the engine says)
 };
 
 // A parsed, validated completion or chat completion request.
@@ -73,8 +74,11 @@ struct CompletionCall {
   bool chat = false;
   std::string model;
   // Completions: the prompt string, or each string of a prompt list (choice index = position).
-  // Chat: exactly one prompt, the messages rendered by renderChatPrompt().
+  // Chat: exactly one empty prompt, so there is one choice; the text is in `messages`.
   std::vector<std::string> prompts;
+  // Chat: the validated messages (at least one), for engine-core to render in the model's
+  // format (engine/prompt.h). Completions: empty.
+  std::vector<engine::ChatMessage> messages;
   engine::SamplingParams sampling;  // every field within the ranges documented in engine/types.h
   bool stream = false;
   bool includeUsage = false;  // stream_options.include_usage; only ever true with stream
@@ -116,23 +120,6 @@ inline constexpr int kMaxJsonDepth = 32;
 [[nodiscard]] std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view body,
                                                                             bool chat,
                                                                             const Limits& limits);
-
-// One chat message, already validated.
-struct ChatMessage {
-  std::string role;     // "system", "user" or "assistant"
-  std::string content;  // text
-};
-
-// Chat messages as one prompt, in the model's format (the engine tells which at attach):
-//   "chatml": "<|im_start|>role\ncontent<|im_end|>\n"... then "<|im_start|>assistant\n"
-//   "llama3": "<|begin_of_text|>" + "<|start_header_id|>role<|end_header_id|>\n\ncontent
-//             <|eot_id|>"... then "<|start_header_id|>assistant<|end_header_id|>\n\n"
-//   anything else ("plain"): "<|role|>\n" + content + "\n"... then "<|assistant|>\n", e.g.
-//   [{system,"Be brief."},{user,"hi"}] renders as "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
-// Content is not escaped: a message that itself contains a turn marker reads like one to the
-// model (as with the Jinja templates these stand for).
-std::string renderChatPrompt(const std::vector<ChatMessage>& messages,
-                             std::string_view format = "plain");
 
 // ---------------------------------------------------------------------------------------------
 // Responses

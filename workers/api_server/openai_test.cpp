@@ -163,7 +163,7 @@ TEST_CASE("stream without stream_options does not include usage") {
           .includeUsage);
 }
 
-TEST_CASE("chat messages are rendered into one prompt with the built-in template") {
+TEST_CASE("chat messages are kept in order for the engine, with one empty prompt slot") {
   const CompletionCall call = parseOk(
       R"({"model":"m","messages":[{"role":"system","content":"Be brief."},
           {"role":"user","content":"hi"},{"role":"assistant","content":"hello"},
@@ -171,9 +171,12 @@ TEST_CASE("chat messages are rendered into one prompt with the built-in template
       true);
   CHECK(call.chat);
   REQUIRE(call.prompts.size() == 1);
-  CHECK(call.prompts[0] ==
-        "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nagain\n"
-        "<|assistant|>\n");
+  CHECK(call.prompts[0].empty());
+  CHECK(call.messages == std::vector<engine::ChatMessage>{{"system", "Be brief."},
+                                                          {"user", "hi"},
+                                                          {"assistant", "hello"},
+                                                          {"user", "again"}});
+  CHECK(parseOk(completionBody()).messages.empty());
 }
 
 TEST_CASE("chat content given as text parts is joined with newlines") {
@@ -181,7 +184,7 @@ TEST_CASE("chat content given as text parts is joined with newlines") {
       R"({"model":"m","messages":[{"role":"user","content":[
           {"type":"text","text":"first"},{"type":"text","text":"second"}]}]})",
       true);
-  CHECK(call.prompts[0] == "<|user|>\nfirst\nsecond\n<|assistant|>\n");
+  CHECK(call.messages == std::vector<engine::ChatMessage>{{"user", "first\nsecond"}});
 }
 
 TEST_CASE("the developer role is taken as system and a message name is ignored") {
@@ -189,7 +192,8 @@ TEST_CASE("the developer role is taken as system and a message name is ignored")
       R"({"model":"m","messages":[{"role":"developer","content":"rules"},
           {"role":"user","name":"bob","content":"hi"}]})",
       true);
-  CHECK(call.prompts[0] == "<|system|>\nrules\n<|user|>\nhi\n<|assistant|>\n");
+  CHECK(call.messages ==
+        std::vector<engine::ChatMessage>{{"system", "rules"}, {"user", "hi"}});
 }
 
 TEST_CASE("chat takes max_tokens and max_completion_tokens, and the latter wins") {
@@ -457,7 +461,7 @@ TEST_CASE("the bodies the official openai npm client sends are accepted") {
     // client.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], model: 'm' })
     const CompletionCall call =
         parseOk(R"({"messages":[{"role":"user","content":"hi"}],"model":"m"})", true);
-    CHECK(call.prompts[0] == "<|user|>\nhi\n<|assistant|>\n");
+    CHECK(call.messages == std::vector<engine::ChatMessage>{{"user", "hi"}});
     CHECK(call.sampling.maxTokens == 16);
   }
   SUBCASE("chat.completions.create with stream and stream_options") {
@@ -481,18 +485,9 @@ TEST_CASE("the bodies the official openai npm client sends are accepted") {
     const CompletionCall call = parseOk(
         R"({"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"model":"m","max_tokens":5,"top_p":1,"user":"u-1","stream":false})",
         true);
-    CHECK(call.prompts[0] == "<|user|>\nhi\n<|assistant|>\n");
+    CHECK(call.messages == std::vector<engine::ChatMessage>{{"user", "hi"}});
     CHECK_FALSE(call.stream);
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Chat template
-
-TEST_CASE("the chat template marks each role and cues the assistant") {
-  CHECK(renderChatPrompt({}) == "<|assistant|>\n");
-  CHECK(renderChatPrompt({{"system", "Be brief."}, {"user", "hi"}}) ==
-        "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n");
 }
 
 // ---------------------------------------------------------------------------------------------

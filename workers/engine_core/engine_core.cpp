@@ -6,6 +6,7 @@
 
 #include "base/log.h"
 #include "engine/collective.h"
+#include "engine/prompt.h"
 #include "ipc/engine.capnp.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/fault_injection.h"
@@ -49,7 +50,7 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
   kj::Promise<void> attach(AttachContext context) override {
     sink_ = context.getParams().getSink();
     context.getResults().setMaxModelLen(core_.maxModelLen());
-    context.getResults().setChatFormat(core_.chatFormat());
+    context.getResults().setChatFormat(engine::nameOf(core_.chatFormat()));
     return kj::READY_NOW;
   }
 
@@ -247,11 +248,16 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
   beingTokenized_.insert(id);
   router_.own(id, session);
   std::shared_ptr<const engine::Tokenizer> tokenizer = tokenizer_;
-  auto prompt = std::make_shared<std::string>(request.prompt);
+  // The request travels through the job and back, so its prompt and messages are never copied.
   return tokenizing_
-      ->run<std::vector<int32_t>>([tokenizer, prompt]() { return tokenizer->encode(*prompt); })
-      .then([this, id, request = std::move(request)](
-                std::vector<int32_t> tokens) mutable -> std::optional<engine::Rejection> {
+      ->run<engine::core::TokenizedRequest>(
+          [tokenizer, format = plan_.chatFormat, request = std::move(request)]() mutable {
+            engine::core::TokenizedRequest t;
+            t.promptTokens = engine::tokenizePrompt(request, *tokenizer, format);
+            t.request = std::move(request);
+            return t;
+          })
+      .then([this, id](engine::core::TokenizedRequest t) -> std::optional<engine::Rejection> {
         // Aborted (or the engine stopped or failed) while it was being tokenized: the abort
         // already sent its final delta.
         if (beingTokenized_.erase(id) == 0) return std::nullopt;
@@ -263,9 +269,6 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
           router_.route({final});
           return std::nullopt;
         }
-        engine::core::TokenizedRequest t;
-        t.request = std::move(request);
-        t.promptTokens = std::move(tokens);
         std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
         if (rejected) {
           router_.forget(id);  // not queued: nothing will be routed for it

@@ -4,8 +4,8 @@
 // engine, no partial restart) and the owner of the backend-agnostic core::Scheduler. Its step
 // loop: between steps it admits new requests (continuous batching), then the StepExecutor runs
 // the step on every rank, then the RequestRouter sends each API server the deltas of its
-// requests in one call. Prompts are tokenized on a thread of their own, so a long prompt never
-// stalls the steps of other requests.
+// requests in one call. Prompts are tokenized (a chat rendered first, engine/prompt.h) on a thread
+// of their own, so a long prompt never stalls the steps of other requests.
 //
 // Shutdown (its hook, before its ranks are stopped): refuse new requests, abort whatever is
 // still running (the API servers have drained by then: normally nothing), announce the last KV
@@ -61,7 +61,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   void abort(const std::string& id);
   void sessionLost(size_t index);
   int64_t maxModelLen() const;
-  const std::string& chatFormat() const { return plan_.chatFormat; }
+  engine::ChatFormat chatFormat() const { return plan_.chatFormat; }
 
  private:
   void taskFailed(kj::Exception&& e) override;
