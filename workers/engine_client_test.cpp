@@ -14,7 +14,6 @@
 
 namespace {
 
-using vsup::OwnFd;
 using vsup::engine::FinishReason;
 using vsup::engine::GenerateRequest;
 using vsup::engine::Rejection;

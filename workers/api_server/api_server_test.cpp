@@ -7,110 +7,40 @@
 // (a condition variable), never by sleeping.
 #include "workers/api_server/api_server.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
-#include <atomic>
-#include <cerrno>
-#include <chrono>
 #include <condition_variable>
-#include <cstring>
-#include <deque>
 #include <doctest/doctest.h>
-#include <exception>
 #include <functional>
-#include <future>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
-#include <thread>
+#include <string_view>
 #include <vector>
 
-#include "base/fd.h"
 #include "ipc/test_util.h"
-#include "ipc/uv_handle.h"
 #include "ipc/uv_kj.h"
 #include "workers/api_server/fake_engine.h"
+#include "workers/http/http_test_util.h"
 
 namespace {
 
 using nlohmann::json;
-using vsup::OwnFd;
-using vsup::UvHandle;
 using vsup::engine::FinishReason;
 using vsup::engine::GenerateRequest;
 using vsup::engine::Rejection;
 using vsup::engine::RejectCode;
+using vsup::testing::Client;
+using vsup::testing::connectTo;
 using vsup::testing::FakeEngine;
+using vsup::testing::get;
+using vsup::testing::kWait;
+using vsup::testing::LoopBridge;
+using vsup::testing::Reply;
 using vsup::testing::TestLoop;
 using vsup::workers::ApiServer;
 using vsup::workers::ApiServerOptions;
 using vsup::workers::ApiState;
-
-constexpr auto kWait = std::chrono::seconds(5);
-
-// Lets the client thread run code on the loop thread, and runs the loop until the client is done.
-class LoopBridge {
- public:
-  explicit LoopBridge(uv_loop_t* loop) : loop_(loop) {
-    async_ = UvHandle<uv_async_t>::make([&](uv_async_t* a) {
-      uv_async_init(loop, a, [](uv_async_t* h) {
-        if (h->data != nullptr) static_cast<LoopBridge*>(h->data)->drainQueue();
-      });
-    });
-    async_->data = this;
-  }
-
-  // Client thread: runs `fn` on the loop thread; returns once it ran (rethrows what it threw).
-  void call(std::function<void()> fn) {
-    auto task = std::make_shared<std::packaged_task<void()>>(std::move(fn));
-    auto done = task->get_future();
-    {
-      std::lock_guard lock(mu_);
-      queue_.push_back([task] { (*task)(); });
-    }
-    uv_async_send(async_.get());
-    REQUIRE(done.wait_for(kWait) == std::future_status::ready);
-    done.get();
-  }
-
-  // Main (loop) thread: runs `client` on a new thread and the loop until it returns.
-  void runClient(const std::function<void()>& client) {
-    std::atomic<bool> finished{false};
-    std::exception_ptr failure;
-    std::thread thread([&] {
-      try {
-        client();
-      } catch (...) {
-        failure = std::current_exception();
-      }
-      finished = true;
-      uv_async_send(async_.get());
-    });
-    while (!finished) uv_run(loop_, UV_RUN_ONCE);
-    thread.join();
-    drainQueue();
-    if (failure) std::rethrow_exception(failure);
-  }
-
- private:
-  void drainQueue() {
-    std::deque<std::function<void()>> tasks;
-    {
-      std::lock_guard lock(mu_);
-      tasks.swap(queue_);
-    }
-    for (auto& task : tasks) task();
-  }
-
-  uv_loop_t* loop_;
-  UvHandle<uv_async_t> async_;
-  std::mutex mu_;
-  std::deque<std::function<void()>> queue_;
-};
 
 // Set on the loop thread, awaited on the client thread.
 class Flag {
@@ -135,144 +65,11 @@ class Flag {
   bool set_ = false;
 };
 
-// --- The client side: blocking sockets with timeouts.
-
-OwnFd connectTo(uint16_t port) {
-  OwnFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  REQUIRE(fd);
-  timeval tv{5, 0};
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return OwnFd();
-  return fd;
-}
-
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-struct Reply {
-  int status = 0;
-  std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased
-  std::string body;
-  std::string header(std::string_view name) const {
-    for (const auto& [k, v] : headers) {
-      if (k == name) return v;
-    }
-    return "";
-  }
-  json error() const { return json::parse(body).at("error"); }
-};
-
-class Client {
- public:
-  explicit Client(uint16_t port) : fd_(connectTo(port)) { REQUIRE(fd_); }
-
-  void send(std::string_view data) {
-    while (!data.empty()) {
-      ssize_t n = ::send(fd_.get(), data.data(), data.size(), MSG_NOSIGNAL);
-      REQUIRE_MESSAGE(n > 0, "send: ", std::strerror(errno));
-      data.remove_prefix(static_cast<size_t>(n));
-    }
-  }
-
-  Reply readHead() {
-    auto status = line();
-    REQUIRE_MESSAGE(status.has_value(), "the connection ended before a response");
-    REQUIRE_MESSAGE(status->rfind("HTTP/1.1 ", 0) == 0, *status);
-    Reply reply;
-    reply.status = std::stoi(status->substr(9, 3));
-    for (;;) {
-      auto h = line();
-      REQUIRE(h.has_value());
-      if (h->empty()) break;
-      size_t colon = h->find(':');
-      REQUIRE(colon != std::string::npos);
-      size_t v = h->find_first_not_of(' ', colon + 1);
-      reply.headers.emplace_back(lower(h->substr(0, colon)),
-                                 v == std::string::npos ? "" : h->substr(v));
-    }
-    return reply;
-  }
-
-  // One chunk's data of a chunked body; "" for the final chunk.
-  std::string readChunk() {
-    auto size = line();
-    REQUIRE(size.has_value());
-    size_t n = std::stoul(*size, nullptr, 16);
-    std::string data = take(n + 2);
-    REQUIRE(data.substr(n) == "\r\n");
-    data.resize(n);
-    return data;
-  }
-
-  Reply read() {
-    Reply reply = readHead();
-    if (!reply.header("content-length").empty()) {
-      reply.body = take(std::stoul(reply.header("content-length")));
-    } else if (reply.header("transfer-encoding") == "chunked") {
-      for (std::string chunk = readChunk(); !chunk.empty(); chunk = readChunk()) reply.body += chunk;
-    }
-    return reply;
-  }
-
-  // True if the server closes the connection (EOF or reset) within the timeout.
-  bool closedByPeer() {
-    buf_.clear();
-    char scratch[4096];
-    for (;;) {
-      ssize_t n = ::recv(fd_.get(), scratch, sizeof scratch, 0);
-      if (n > 0) continue;
-      if (n == 0) return true;
-      return errno == ECONNRESET;
-    }
-  }
-
-  void close() { fd_.reset(); }
-
- private:
-  bool fill() {
-    char chunk[16 * 1024];
-    ssize_t n = ::recv(fd_.get(), chunk, sizeof chunk, 0);
-    if (n <= 0) return false;
-    buf_.append(chunk, static_cast<size_t>(n));
-    return true;
-  }
-  std::optional<std::string> line() {
-    for (;;) {
-      size_t end = buf_.find("\r\n");
-      if (end != std::string::npos) {
-        std::string l = buf_.substr(0, end);
-        buf_.erase(0, end + 2);
-        return l;
-      }
-      if (!fill()) return std::nullopt;
-    }
-  }
-  std::string take(size_t n) {
-    while (buf_.size() < n) REQUIRE_MESSAGE(fill(), "connection ended inside a body");
-    std::string out = buf_.substr(0, n);
-    buf_.erase(0, n);
-    return out;
-  }
-
-  OwnFd fd_;
-  std::string buf_;
-};
-
-std::string get(std::string_view path) {
-  return "GET " + std::string(path) + " HTTP/1.1\r\nHost: t\r\n\r\n";
-}
+// The error object of an OpenAI-style error body.
+json errorOf(const Reply& reply) { return json::parse(reply.body).at("error"); }
 
 std::string post(std::string_view path, const json& body) {
-  std::string b = body.dump();
-  return "POST " + std::string(path) + " HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-         "Content-Length: " + std::to_string(b.size()) + "\r\n\r\n" + b;
+  return vsup::testing::post(path, body.dump(), "Content-Type: application/json\r\n");
 }
 
 json completion(bool stream, int maxTokens = 8) {
@@ -358,7 +155,7 @@ TEST_CASE("api server: a streaming completion carries the engine's deltas and en
   h.run([&] {
     Client c(h.port());
     c.send(post("/v1/completions", completion(true)));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 200);
     CHECK(r.header("content-type") == "text/event-stream");
     auto evs = events(r.body);
@@ -377,7 +174,7 @@ TEST_CASE("api server: a non-streaming completion returns the joined text and th
   h.run([&] {
     Client c(h.port());
     c.send(post("/v1/completions", completion(false)));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     REQUIRE(r.status == 200);
     CHECK(r.header("content-type") == "application/json");
     json j = json::parse(r.body);
@@ -392,7 +189,7 @@ TEST_CASE("api server: a non-streaming completion returns the joined text and th
     CHECK(h.fake.log.requests()[0].messages.empty());
     // The connection stays usable: /health says ready.
     c.send(get("/health"));
-    Reply health = c.read();
+    Reply health = c.requireRead();
     CHECK(health.status == 200);
     CHECK(health.body == R"({"status":"ready"})");
   });
@@ -408,7 +205,7 @@ TEST_CASE("api server: a chat is one engine request carrying its messages, with 
                    {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "hi"}}}}}}},
                  {"max_tokens", 8}};
     c.send(post("/v1/chat/completions", body));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     REQUIRE(r.status == 200);
     json j = json::parse(r.body);
     CHECK(j["object"] == "chat.completion");
@@ -436,17 +233,17 @@ TEST_CASE("api server: a context-length rejection is a 400 context_length_exceed
     for (bool stream : {false, true}) {
       CAPTURE(stream);
       c.send(post("/v1/completions", completion(stream, 20)));
-      Reply r = c.read();
+      Reply r = c.requireRead();
       CHECK(r.status == 400);
       CHECK(r.header("content-type") == "application/json");  // not an SSE 200
-      json e = r.error();
+      json e = errorOf(r);
       CHECK(e["code"] == "context_length_exceeded");
       CHECK(e["param"] == "max_tokens");
       CHECK(e["type"] == "invalid_request_error");
       CHECK(e["message"] == "prompt (50) + max_tokens (20) > 64");
     }
     c.send(get("/health"));
-    CHECK(c.read().status == 200);  // a bad request does not make the server unhealthy
+    CHECK(c.requireRead().status == 200);  // a bad request does not make the server unhealthy
   });
 }
 
@@ -464,9 +261,9 @@ TEST_CASE("api server: a prompt list is one engine request per choice; a rejecte
     json body = completion(false);
     body["prompt"] = {"a", "too long"};
     c.send(post("/v1/completions", body));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 400);
-    CHECK(r.error()["code"] == "context_length_exceeded");
+    CHECK(errorOf(r)["code"] == "context_length_exceeded");
     auto submits = h.fake.log.submits();
     REQUIRE(submits.size() == 2);
     CHECK(h.aborted(submits[0]));  // the accepted sibling
@@ -482,9 +279,9 @@ TEST_CASE("api server: another rejection code is a 400 with that code") {
   h.run([&] {
     Client c(h.port());
     c.send(post("/v1/completions", completion(true)));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 400);
-    json e = r.error();
+    json e = errorOf(r);
     CHECK(e["code"] == "empty_prompt");
     CHECK(e["param"].is_null());
     CHECK(e["message"] == "the prompt encodes to no tokens");
@@ -496,9 +293,9 @@ TEST_CASE("api server: a refused submit (engine stopping) is a 500 naming the re
   h.run([&] {
     Client c(h.port());
     c.send(post("/v1/completions", completion(false)));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 500);
-    std::string message = r.error()["message"];
+    std::string message = errorOf(r)["message"];
     CHECK(message.find("engine refused the request") != std::string::npos);
   });
 }
@@ -513,7 +310,7 @@ TEST_CASE("api server: quiesce closes the listener, a request arriving then gets
     std::string id = h.submit(0);
     Client late(h.port());  // kept alive, with a new request half sent when the drain starts
     late.send(get("/health"));
-    CHECK(late.read().status == 200);
+    CHECK(late.requireRead().status == 200);
     late.send("GET /health HTTP/1.1\r\nHost: t\r\n");
     h.bridge.call([] {});  // two loop round trips: the server has read those bytes
     h.bridge.call([] {});
@@ -523,10 +320,10 @@ TEST_CASE("api server: quiesce closes the listener, a request arriving then gets
       CHECK(h.api->state() == ApiState::Draining);
       CHECK(std::string(vsup::workers::nameOf(h.api->state())) == "draining");
     });
-    Reply refused = late.read();
+    Reply refused = late.requireRead();
     CHECK(refused.status == 503);
     CHECK(refused.header("connection") == "close");
-    CHECK(refused.error()["message"] == "server is shutting down");
+    CHECK(errorOf(refused)["message"] == "server is shutting down");
     CHECK(late.closedByPeer());
     CHECK_FALSE(connectTo(h.port()));  // new connects are refused
 
@@ -534,7 +331,7 @@ TEST_CASE("api server: quiesce closes the listener, a request arriving then gets
       h.fake.send(id, "done");
       h.fake.send(id, "", FinishReason::Length);
     });
-    Reply r = busy.read();
+    Reply r = busy.requireRead();
     CHECK(r.status == 200);
     CHECK(r.header("connection") == "close");
     json j = json::parse(r.body);
@@ -566,7 +363,7 @@ TEST_CASE("api server: drain waits for the in-flight response, deferring with th
     });
     CHECK_FALSE(drained.isSet());
     h.bridge.call([&] { h.fake.send(h.submit(0), "x", FinishReason::Stop); });
-    CHECK(c.read().status == 200);
+    CHECK(c.requireRead().status == 200);
     CHECK(c.closedByPeer());  // the drain closed the connection once the response was out
     CHECK(drained.wait());
   });
@@ -583,7 +380,7 @@ TEST_CASE("api server: at the drain deadline an in-flight stream is aborted: a f
     REQUIRE(h.submitted(1));
     std::string id = h.submit(0);
     h.bridge.call([&] { h.fake.send(id, "Hel"); });
-    Reply head = c.readHead();
+    Reply head = c.requireHead();
     REQUIRE(head.status == 200);
     std::string body = c.readChunk();
     CHECK(joinedText(events(body)) == "Hel");
@@ -616,7 +413,7 @@ TEST_CASE("api server: drain answers the clients itself (abort) when the engine 
                   .then([&] { drained.set(); })
                   .eagerlyEvaluate(nullptr);
     });
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 200);
     json j = json::parse(r.body);
     CHECK(j["choices"][0]["text"] == "par");  // the text so far
@@ -633,15 +430,15 @@ TEST_CASE("api server: engineFailed makes /health 503 failed, and new requests 5
     REQUIRE(h.fake.log.waitUntil([](const FakeEngine::Log& l) { return l.answeredLocked() >= 1; }));
     Client c(h.port());
     c.send(get("/health"));
-    Reply health = c.read();
+    Reply health = c.requireRead();
     CHECK(health.status == 503);
     CHECK(health.body == R"({"status":"failed"})");
     c.send(post("/v1/completions", completion(false)));
-    Reply r = c.read();
+    Reply r = c.requireRead();
     CHECK(r.status == 503);
-    CHECK(r.error()["message"] == "server is failed");
+    CHECK(errorOf(r)["message"] == "server is failed");
     c.send(get("/metrics"));
-    CHECK(c.read().body.find("vsup_ready{server=\"0\"} 0") != std::string::npos);
+    CHECK(c.requireRead().body.find("vsup_ready{server=\"0\"} 0") != std::string::npos);
   });
 }
 
@@ -654,14 +451,14 @@ TEST_CASE("api server: when the engine connection is lost, in-flight requests en
     stream.send(post("/v1/completions", completion(true)));
     REQUIRE(h.submitted(2));
     for (const auto& id : h.fake.log.submits()) h.bridge.call([&] { h.fake.send(id, "a"); });
-    Reply head = stream.readHead();
+    Reply head = stream.requireHead();
     REQUIRE(head.status == 200);
     std::string body = stream.readChunk();
     h.bridge.call([&] { h.fake.disconnect(); });
 
-    Reply r = plain.read();
+    Reply r = plain.requireRead();
     CHECK(r.status == 500);
-    CHECK(r.error()["message"] == "engine failure: the engine process is gone");
+    CHECK(errorOf(r)["message"] == "engine failure: the engine process is gone");
     for (std::string chunk = stream.readChunk(); !chunk.empty(); chunk = stream.readChunk()) {
       body += chunk;
     }
@@ -672,7 +469,7 @@ TEST_CASE("api server: when the engine connection is lost, in-flight requests en
     CHECK(h.state() == ApiState::Failed);
     Client c(h.port());
     c.send(get("/health"));
-    CHECK(c.read().status == 503);
+    CHECK(c.requireRead().status == 503);
   });
 }
 
@@ -684,7 +481,7 @@ TEST_CASE("api server: a client that disconnects has its engine request aborted"
     REQUIRE(h.submitted(1));
     std::string id = h.submit(0);
     h.bridge.call([&] { h.fake.send(id, "a"); });
-    CHECK(c.readHead().status == 200);
+    CHECK(c.requireHead().status == 200);
     c.close();
     CHECK(h.aborted(id));
     h.bridge.call([&] { CHECK(h.api->inFlight() == 0); });
