@@ -1,5 +1,7 @@
 #include "engine/sim_engine.h"
 
+#include <memory>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -76,7 +78,9 @@ class SimRunner final : public ModelRunner {
  public:
   SimRunner(int32_t numBlocks, int32_t blockSize, uint64_t tokenMs, uint32_t rank)
       : numBlocks_(numBlocks), blockSize_(blockSize), tokenMs_(tokenMs), rank_(rank),
-        cache_(size_t(std::max(numBlocks, 0)) * size_t(std::max(blockSize, 0)), 0) {
+        // Not value-initialised: a slot is always written (through its block table) before
+        // it is read, and an untouched page costs nothing, so a rank starts at once.
+        cache_(new uint64_t[size_t(std::max(numBlocks, 0)) * size_t(std::max(blockSize, 0))]) {
     if (numBlocks <= 0 || blockSize <= 0) {
       throw std::invalid_argument("sim KV cache of " + std::to_string(numBlocks) + " blocks of " +
                                   std::to_string(blockSize) + " tokens");
@@ -146,7 +150,7 @@ class SimRunner final : public ModelRunner {
   int32_t blockSize_;
   uint64_t tokenMs_;
   uint32_t rank_;
-  std::vector<uint64_t> cache_;
+  std::unique_ptr<uint64_t[]> cache_;  // one hash per token slot
   std::mutex mutex_;
   std::condition_variable wake_;
   bool cancelled_ = false;

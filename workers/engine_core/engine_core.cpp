@@ -245,8 +245,22 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
     return failed("duplicate request id " + request.id);
   }
   std::string id = request.id;
-  beingTokenized_.insert(id);
   router_.own(id, session);
+  // A short prompt is tokenized here and now (kInlineTokenizeBytes says why); a long one, or a
+  // long chat, goes to the thread, so that it never stalls the steps of running requests.
+  size_t bytes = request.prompt.size();
+  for (const auto& m : request.messages) bytes += m.role.size() + m.content.size();
+  if (bytes <= kInlineTokenizeBytes) {
+    engine::core::TokenizedRequest t;
+    t.promptTokens = engine::tokenizePrompt(request, *tokenizer_, plan_.chatFormat);
+    t.request = std::move(request);
+    // Admitted on the next turn of this loop (no thread involved): returning the value as a
+    // ready promise trips a GCC 12 -Wmaybe-uninitialized false positive inside KJ.
+    return kj::Promise<void>(kj::READY_NOW).then([this, t = std::move(t)]() mutable {
+      return admitTokenized(std::move(t));
+    });
+  }
+  beingTokenized_.insert(id);
   std::shared_ptr<const engine::Tokenizer> tokenizer = tokenizer_;
   // The request travels through the job and back, so its prompt and messages are never copied.
   return tokenizing_
@@ -269,14 +283,19 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
           router_.route({final});
           return std::nullopt;
         }
-        std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
-        if (rejected) {
-          router_.forget(id);  // not queued: nothing will be routed for it
-          return rejected;
-        }
-        wake();
-        return std::nullopt;
+        return admitTokenized(std::move(t));
       });
+}
+
+std::optional<engine::Rejection> EngineCore::admitTokenized(engine::core::TokenizedRequest t) {
+  std::string id = t.request.id;
+  std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
+  if (rejected) {
+    router_.forget(id);  // not queued: nothing will be routed for it
+    return rejected;
+  }
+  wake();
+  return std::nullopt;
 }
 
 void EngineCore::abort(const std::string& id) {

@@ -43,6 +43,12 @@ class EngineSession;
 
 class EngineCore final : private kj::TaskSet::ErrorHandler {
  public:
+  // Prompts up to this many bytes of text are tokenized on the loop: encoding a few hundred
+  // bytes costs less than the hand-off to the tokenizing thread and back (which the serving
+  // benchmark showed as about 10% of a short request's CPU), and is far too short to delay a
+  // step. Anything longer goes to the thread.
+  static constexpr size_t kInlineTokenizeBytes = 512;
+
   // `apiFds`: one connected socket per API server (or vsup::LLM), served the Engine interface.
   EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime, engine::EngineConfig config,
              std::vector<int> apiFds);
@@ -65,6 +71,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
 
  private:
   void taskFailed(kj::Exception&& e) override;
+  std::optional<engine::Rejection> admitTokenized(engine::core::TokenizedRequest t);
   void wake();
   kj::Promise<void> loop();
   void applyStep(std::vector<engine::StepOutput> outputs);
