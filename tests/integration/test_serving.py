@@ -253,6 +253,29 @@ def test_completions_chat_models_and_streaming_have_the_openai_shape(serving):
     assert s.text() == doc["choices"][0]["text"][: len(s.text())]
 
 
+def test_long_prompts_tokenized_off_the_loop_and_short_ones_on_it_give_the_same_kind_of_answer(
+        serving):
+    # engine-core tokenizes a prompt of up to 512 bytes on its loop and a longer one on its
+    # tokenizing thread: both paths (and a chat rendered there) must admit the request with its
+    # true token count, while requests on the other path come and go.
+    serving.start("--sim-token-ms", "1")
+    long_prompt = " ".join(f"w{i}" for i in range(3000))  # ~15 KB, 3000 sim tokens
+    slow = PlainClient(serving, completion(8, long_prompt))
+    slow.start()
+    r, data = serving.post("/v1/completions", completion(2, "a short one"))
+    assert r.status == 200, data
+    assert json.loads(data)["usage"]["prompt_tokens"] == 3
+    slow.join(30)
+    assert slow.error is None and slow.status == 200, (slow.error, slow.json)
+    assert slow.json["usage"] == {"prompt_tokens": 3000, "completion_tokens": 8,
+                                  "total_tokens": 3008}, slow.json
+    chat_long = {"model": "vsup-sim", "max_tokens": 2,
+                 "messages": [{"role": "user", "content": long_prompt}]}
+    r, data = serving.post("/v1/chat/completions", chat_long)
+    assert r.status == 200, data
+    assert json.loads(data)["usage"]["prompt_tokens"] >= 3000
+
+
 def test_sigterm_drains_every_in_flight_request_refuses_new_connects_and_exits_0(serving):
     serving.start("--sim-token-ms", "40", "--shutdown-timeout", "30")
     clients = [StreamClient(serving, completion(25)) for _ in range(4)]
