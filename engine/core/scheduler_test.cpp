@@ -520,7 +520,9 @@ TEST_CASE("a busy mix of requests under block and token pressure keeps every inv
   }
   ranks.runToEnd(byPosition());
   CHECK(ranks.stats().preemptions > 0);
-  for (const auto& [id, n] : maxTokens) {
+  for (const auto& entry : maxTokens) {
+    const std::string& id = entry.first;  // not a structured binding: CAPTURE takes it by lambda
+    const auto n = entry.second;
     CAPTURE(id);
     CHECK(ranks.outcome(id).finish == FinishReason::Length);
     CHECK(int64_t(ranks.outcome(id).text.size()) == n);
