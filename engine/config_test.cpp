@@ -116,3 +116,42 @@ TEST_CASE("the cuda engine is refused with how to get it") {
 }
 
 }  // namespace vsup::engine
+
+namespace vsup::engine {
+namespace {
+
+TEST_CASE("makeEngineConfig keeps only the chosen backend's part and parses the KV cache size") {
+  CommonConfig common;
+  common.tensorParallelSize = 2;
+  SimConfig sim;
+  sim.tokenMs = 7;
+  EngineConfig c = makeEngineConfig("sim", common, "64MiB", "--kv-cache-memory", CpuConfig{}, sim);
+  REQUIRE(std::holds_alternative<SimConfig>(c.backend));
+  CHECK(std::get<SimConfig>(c.backend).tokenMs == 7);
+  CHECK(c.common.kvCacheBytes == int64_t(64) << 20);
+  CHECK(c.common.tensorParallelSize == 2);
+  CpuConfig cpu;
+  cpu.weightSeed = 9;
+  EngineConfig d = makeEngineConfig("cpu", common, "", "kvCacheMemory", cpu, sim);
+  REQUIRE(std::holds_alternative<CpuConfig>(d.backend));
+  CHECK(std::get<CpuConfig>(d.backend).weightSeed == 9);
+  CHECK(d.common.kvCacheBytes == CommonConfig{}.kvCacheBytes);  // empty: the default kept
+}
+
+TEST_CASE("makeEngineConfig refuses a malformed size naming the caller's field, and a bad engine") {
+  CHECK_THROWS_WITH_AS(
+      makeEngineConfig("cpu", CommonConfig{}, "lots", "kvCacheMemory", CpuConfig{}, SimConfig{}),
+      "kvCacheMemory \"lots\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)",
+      std::invalid_argument);
+  CHECK_THROWS_WITH_AS(
+      makeEngineConfig("tpu", CommonConfig{}, "", "--kv-cache-memory", CpuConfig{}, SimConfig{}),
+      doctest::Contains("--engine 'tpu'"), std::invalid_argument);
+  CommonConfig bad;
+  bad.blockSize = 0;
+  CHECK_THROWS_WITH_AS(
+      makeEngineConfig("sim", bad, "", "--kv-cache-memory", CpuConfig{}, SimConfig{}),
+      doctest::Contains("--block-size"), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace vsup::engine

@@ -1,5 +1,6 @@
 // The light half of the registry (in libvsup): which engines exist and which this build has.
 // backendFor() lives in backends.cpp, with the heavy backends it returns.
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -50,6 +51,25 @@ std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::strin
   if (name == "sim") return sim;
   if (name == "cuda") return CudaConfig{};
   return cpu;
+}
+
+EngineConfig makeEngineConfig(const std::string& engine, CommonConfig common,
+                              const std::string& kvCacheMemory, const char* sizeField,
+                              const CpuConfig& cpu, const SimConfig& sim) {
+  requireEngineBuilt(engine);
+  if (!kvCacheMemory.empty()) {
+    std::optional<int64_t> bytes = parseByteSize(kvCacheMemory);
+    if (!bytes) {
+      throw std::invalid_argument(std::string(sizeField) + " \"" + kvCacheMemory +
+                                  "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
+    }
+    common.kvCacheBytes = *bytes;
+  }
+  EngineConfig config;
+  config.common = std::move(common);
+  config.backend = backendConfigFor(engine, cpu, sim);
+  validate(config);
+  return config;
 }
 
 }  // namespace vsup::engine

@@ -33,6 +33,14 @@ std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::strin
                                                                const CpuConfig& cpu,
                                                                const SimConfig& sim);
 
+// The one way user input becomes an EngineConfig (`vsup run`'s flags, vsup::LLM's LLMConfig):
+// the engine must be known and built, `kvCacheMemory` is parsed as a size (empty: keep
+// common.kvCacheBytes; `sizeField` names it in the error), only the chosen backend's settings
+// are kept, and the result is validated. Throws std::invalid_argument naming the field.
+EngineConfig makeEngineConfig(const std::string& engine, CommonConfig common,
+                              const std::string& kvCacheMemory, const char* sizeField,
+                              const CpuConfig& cpu, const SimConfig& sim);
+
 // What engine-core needs to run an engine, derived from (and so validating) its config.
 struct EnginePlan {
   core::SchedulerConfig scheduler;

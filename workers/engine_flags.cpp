@@ -65,18 +65,8 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
 }
 
 engine::EngineConfig toEngineConfig(const EngineFlags& f) {
-  engine::requireEngineBuilt(f.engine);
-  auto bytes = engine::parseByteSize(f.kvCacheMemory);
-  if (!bytes) {
-    throw std::invalid_argument("--kv-cache-memory \"" + f.kvCacheMemory +
-                                "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
-  }
-  engine::EngineConfig config;
-  config.common = f.common;
-  config.common.kvCacheBytes = *bytes;
-  config.backend = engine::backendConfigFor(f.engine, f.cpu, f.sim);
-  engine::validate(config);
-  return config;
+  return engine::makeEngineConfig(f.engine, f.common, f.kvCacheMemory, "--kv-cache-memory",
+                                  f.cpu, f.sim);
 }
 
 }  // namespace vsup::workers

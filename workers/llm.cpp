@@ -33,22 +33,13 @@ namespace {
 // starts), the same way `vsup run` validates its flags. Throws vsup::Error naming the field.
 engine::EngineConfig toEngineConfig(const LLMConfig& c) {
   try {
-    engine::EngineConfig config;
-    config.common.tensorParallelSize = c.tensorParallelSize;
-    if (!c.model.empty()) config.common.model = c.model;
-    if (!c.kvCacheMemory.empty()) {
-      std::optional<int64_t> bytes = engine::parseByteSize(c.kvCacheMemory);
-      if (!bytes) {
-        throw std::invalid_argument("kvCacheMemory \"" + c.kvCacheMemory +
-                                    "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
-      }
-      config.common.kvCacheBytes = *bytes;
-    }
+    engine::CommonConfig common;
+    common.tensorParallelSize = c.tensorParallelSize;
+    if (!c.model.empty()) common.model = c.model;
     engine::SimConfig sim;
     sim.tokenMs = c.simTokenMs;
-    config.backend = engine::backendConfigFor(c.engine, engine::CpuConfig{}, sim);
-    engine::validate(config);
-    return config;
+    return engine::makeEngineConfig(c.engine, common, c.kvCacheMemory, "kvCacheMemory",
+                                    engine::CpuConfig{}, sim);
   } catch (const std::invalid_argument& e) {
     throw Error(std::string("vsup::LLM: ") + e.what());
   }
