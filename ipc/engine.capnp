@@ -50,6 +50,35 @@ interface TokenSink {
   engineFailed @1 (reason :Text) -> ();
 }
 
+# engine::Histogram: `counts` has one more entry than `bounds` (the +Inf bucket), per bucket.
+struct Histogram {
+  bounds @0 :List(Float64);
+  counts @1 :List(UInt64);
+  sum @2 :Float64;
+  count @3 :UInt64;
+}
+
+# engine::EngineStats (engine/stats.h): what /metrics reports about the engine. Every API
+# server asks engine-core on each scrape, so every one serves the same numbers.
+struct EngineStats {
+  running @0 :UInt32;
+  waiting @1 :UInt32;
+  totalBlocks @2 :Int32;
+  freeBlocks @3 :Int32;
+  blockSize @4 :Int32;
+  promptTokens @5 :UInt64;
+  generationTokens @6 :UInt64;
+  preemptions @7 :UInt64;
+  finishedStop @8 :UInt64;
+  finishedLength @9 :UInt64;
+  finishedAbort @10 :UInt64;
+  finishedError @11 :UInt64;
+  timeToFirstToken @12 :Histogram;
+  interTokenLatency @13 :Histogram;
+  e2eLatency @14 :Histogram;
+  queueTime @15 :Histogram;
+}
+
 # Served by engine-core on each API server's connection.
 interface Engine {
   # Before the first submit. Returns what the API server needs about the model: its context
@@ -61,6 +90,8 @@ interface Engine {
   # answers 400 with both.
   submit @1 (request :GenerateRequest) -> (rejected :Text, rejectCode :RejectCode);
   abort @2 (id :Text) -> ();                    # the final delta (finish = abort) follows via the sink
+  # The serving figures of the whole engine (all API servers' requests), for /metrics.
+  stats @3 () -> (stats :EngineStats);
 }
 
 struct SeqStep {

@@ -64,6 +64,8 @@ struct NodeStatus {
   deferral @6 :Deferral;
   inFlight @7 :Int64;         # -1: not applicable
   children @8 :List(NodeStatus);
+  requestsTotal @9 :Int64;    # requests accepted since start (an API server); -1: not applicable
+  outOfRotation @10 :Bool;    # leaveRotation() was called: /health says "draining"
 
   # In the order of supervisor::NodeType and supervisor::NodeState (supervisor/status.h).
   enum Type { worker @0; supervisor @1; }
@@ -103,4 +105,10 @@ interface Node {
   # Stop intake now (an API server closes its listener), keep serving what is in flight until
   # `drainDeadlineNs`. The ordered shutdown follows with shutdown(). Idempotent.
   quiesce @5 (drainDeadlineNs :Int64) -> ();
+
+  # Leave the load balancers' rotation but keep serving (`vsup drain`, a Kubernetes preStop): an
+  # API server turns /health to 503 "draining" and goes on answering every request; a
+  # supervisor forwards the call to every running vsup-aware child. Idempotent; there is no way
+  # back (the shutdown follows).
+  leaveRotation @6 () -> ();
 }

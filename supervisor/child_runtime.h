@@ -82,6 +82,8 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   void setService(capnp::Capability::Client service);
   // Called on Node.quiesce: stop intake now, drain until the deadline.
   void onQuiesce(std::function<kj::Promise<void>(MonoNs drainDeadline)> fn) { quiesce_ = std::move(fn); }
+  // Called on Node.leaveRotation: leave the load balancers' rotation, keep serving.
+  void onLeaveRotation(std::function<kj::Promise<void>()> fn) { leaveRotation_ = std::move(fn); }
   // Forward a descendant's deferral to the parent.
   void reportDeferral(const std::string& node, const Deferral& deferral);
 
@@ -98,6 +100,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) override;
   kj::Promise<capnp::Capability::Client> service() override;
   kj::Promise<void> quiesce(MonoNs drainDeadline) override;
+  kj::Promise<void> leaveRotation() override;
   kj::Promise<void> runHooks(size_t index);
   void taskFailed(kj::Exception&& e) override;
   void onParentLost();
@@ -113,6 +116,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   std::vector<std::pair<std::string, HookFn>> hooks_;
   std::optional<capnp::Capability::Client> service_;
   std::function<kj::Promise<void>(MonoNs)> quiesce_;
+  std::function<kj::Promise<void>()> leaveRotation_;
   std::string startConfig_;
   NodeState state_ = NodeState::Starting;
   Deferral deferral_;

@@ -33,6 +33,8 @@ class NodeHandler {
   virtual kj::Promise<capnp::Capability::Client> service();
   // Stop intake, drain until `drainDeadline`. Default: nothing to stop.
   virtual kj::Promise<void> quiesce(MonoNs drainDeadline);
+  // Leave the load balancers' rotation, keep serving (see Node.leaveRotation). Default: nothing.
+  virtual kj::Promise<void> leaveRotation();
 };
 
 // The handler must outlive the returned capability's connection.

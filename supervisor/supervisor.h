@@ -115,6 +115,9 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   // Node.quiesce on every running vsup-aware child at once (stop intake everywhere before the
   // ordered, one-at-a-time shutdown). Resolves when all answered.
   kj::Promise<void> quiesceChildren(MonoNs drainDeadline);
+  // Node.leaveRotation on every running vsup-aware child at once (`vsup drain`). Resolves when
+  // all answered (bounded wait; a child that does not answer is skipped with a warning).
+  kj::Promise<void> leaveRotationChildren();
 
   const SupervisorSpec& spec() const { return spec_; }
   size_t escalations() const { return escalations_; }

@@ -44,6 +44,11 @@ class RootNode final : public NodeHandler {
     vsup::log().info("[shutdown] {}: shutdown requested over the control socket", sup_.spec().name);
     return sup_.shutdown(deadline).then([this]() { return sup_.escalations() == 0; });
   }
+  kj::Promise<void> leaveRotation() override {
+    vsup::log().info("[shutdown] {}: leaving the load balancers' rotation (vsup drain)",
+                     sup_.spec().name);
+    return sup_.leaveRotationChildren();
+  }
 
  private:
   Supervisor& sup_;

@@ -21,6 +21,7 @@
 #include <kj/async.h>
 
 #include "base/fd.h"
+#include "engine/stats.h"
 #include "engine/types.h"
 
 namespace vsup::ipc {
@@ -69,6 +70,10 @@ class EngineClient final {
   // Asks the engine to end request `id`; its final delta (finish = abort) follows through
   // onDeltas. Fire-and-forget: a no-op before connect() or once the connection is gone.
   void abort(const std::string& id);
+
+  // The engine's serving figures (Engine.stats). Rejects before connect() or once the
+  // connection is gone.
+  kj::Promise<engine::EngineStats> stats();
 
  private:
   struct Impl;

@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <kj/async.h>
 
@@ -43,7 +44,12 @@ struct ApiServerOptions {
   uint32_t index = 0;               // the `server` label of /metrics; part of response ids
   std::string host = "127.0.0.1";
   uint16_t port = 8000;  // 0: a free port, see port()
-  std::string model = "vsup-sim";   // the one model served (requests must name it)
+  std::string model = "vsup-sim";   // the model as `vsup run` was given it (a preset or a
+                                    // directory): /v1/models' `root`
+  // The names requests may use for it (--served-model-name); the first is the public name
+  // (/v1/models' id, the `model_name` label of /metrics). Empty: {model}.
+  std::vector<std::string> servedModelNames;
+  bool logRequests = false;         // one log line per request (id, sizes, outcome; no prompt)
   std::string apiKey;               // empty: no authentication
   uint64_t maxRequestBytes = 16 * 1024 * 1024;
   int64_t maxTokens = 4096;         // the largest max_tokens a request may ask for
@@ -75,7 +81,14 @@ class ApiServer final {
   // it resolves before `deadline` even if the engine is stuck.
   kj::Promise<void> drain(MonoNs deadline, std::function<void(const std::string& reason)> defer);
 
+  // Leave the load balancers' rotation (Node.leaveRotation, `vsup drain`): /health turns 503
+  // "draining" now, while every request, new ones included, is still served as before.
+  // Idempotent; quiesce() follows with the real drain.
+  void leaveRotation();
+  bool outOfRotation() const;
+
   int64_t inFlight() const;  // completion requests being answered
+  uint64_t requestsTotal() const;  // completion requests accepted since start
   ApiState state() const;
   uint16_t port() const;     // the bound port while listening or draining; 0 before start()
                              // and once drain() has closed everything
