@@ -48,7 +48,7 @@ RULES = {
     "engine_core": {
         "folder": "engine/core",
         "may_include_of_engine": ["engine/engine.h", "engine/types.h", "engine/text_stream.h",
-                                  "engine/tokenizer.h", "engine/config.h"],
+                                  "engine/tokenizer.h", "engine/config.h", "engine/stats.h"],
     },
     # System includes forbidden in these layers (no Cap'n Proto, no libuv): prefixes of the
     # <...> name, or whole names.

@@ -2,6 +2,7 @@
 
 #include <kj/debug.h>
 
+#include "base/error.h"
 #include "base/log.h"
 #include "ipc/engine.capnp.h"
 #include "ipc/rpc_link.h"
@@ -126,6 +127,20 @@ void EngineClient::abort(const std::string& id) {
   auto call = impl_->engine->abortRequest();
   call.setId(id);
   impl_->tasks->add(call.send().ignoreResult());
+}
+
+kj::Promise<engine::EngineStats> EngineClient::stats() {
+  if (!impl_->engine) {
+    return KJ_EXCEPTION(FAILED, "EngineClient: not connected to the engine");
+  }
+  return impl_->engine->statsRequest().send().then(
+      [](capnp::Response<schema::Engine::StatsResults>&& r) -> engine::EngineStats {
+        try {
+          return decode(r.getStats());
+        } catch (const Error& e) {
+          KJ_FAIL_REQUIRE("the engine's stats are malformed", e.what());
+        }
+      });
 }
 
 }  // namespace vsup::workers

@@ -3,18 +3,23 @@
 // a timeout so a broken case fails instead of hanging.
 #include "workers/engine_client.h"
 
+#include <capnp/message.h>
 #include <doctest/doctest.h>
 
 #include <string>
 #include <vector>
 
+#include "base/error.h"
 #include "ipc/test_util.h"
 #include "ipc/uv_kj.h"
 #include "workers/api_server/fake_engine.h"
+#include "workers/engine_codec.h"
 
 namespace {
 
+using vsup::engine::EngineStats;
 using vsup::engine::FinishReason;
+using vsup::engine::Histogram;
 using vsup::engine::GenerateRequest;
 using vsup::engine::Rejection;
 using vsup::engine::RejectCode;
@@ -87,6 +92,56 @@ struct Recorder {
     return FinishReason::None;
   }
 };
+
+void checkSame(const Histogram& a, const Histogram& b) {
+  CHECK(a.bounds == b.bounds);
+  CHECK(a.counts == b.counts);
+  CHECK(a.sum == b.sum);
+  CHECK(a.count == b.count);
+}
+
+void checkSame(const EngineStats& a, const EngineStats& b) {
+  CHECK(a.running == b.running);
+  CHECK(a.waiting == b.waiting);
+  CHECK(a.totalBlocks == b.totalBlocks);
+  CHECK(a.freeBlocks == b.freeBlocks);
+  CHECK(a.blockSize == b.blockSize);
+  CHECK(a.promptTokens == b.promptTokens);
+  CHECK(a.generationTokens == b.generationTokens);
+  CHECK(a.preemptions == b.preemptions);
+  CHECK(a.finishedStop == b.finishedStop);
+  CHECK(a.finishedLength == b.finishedLength);
+  CHECK(a.finishedAbort == b.finishedAbort);
+  CHECK(a.finishedError == b.finishedError);
+  checkSame(a.timeToFirstToken, b.timeToFirstToken);
+  checkSame(a.interTokenLatency, b.interTokenLatency);
+  checkSame(a.e2eLatency, b.e2eLatency);
+  checkSame(a.queueTime, b.queueTime);
+}
+
+// Every field set, and different from every other one.
+EngineStats sampleStats() {
+  EngineStats s;
+  s.running = 3;
+  s.waiting = 4;
+  s.totalBlocks = 500;
+  s.freeBlocks = 120;
+  s.blockSize = 16;
+  s.promptTokens = 5000000000ull;  // past 32 bits
+  s.generationTokens = 77;
+  s.preemptions = 2;
+  s.finishedStop = 11;
+  s.finishedLength = 12;
+  s.finishedAbort = 13;
+  s.finishedError = 14;
+  s.timeToFirstToken.observe(0.003);
+  s.timeToFirstToken.observe(9000.0);  // +Inf bucket
+  s.interTokenLatency.observe(0.02);
+  s.e2eLatency.observe(1.5);
+  s.queueTime.observe(0.25);
+  s.queueTime.observe(0.3);
+  return s;
+}
 
 struct Harness {
   TestLoop loop;
@@ -191,6 +246,79 @@ TEST_CASE("engine client: destroying it calls no callback and leaves nothing ope
     CHECK(h.rec.disconnects == 0);
   }
   CHECK(vsup::testing::openFdCount() == before);
+}
+
+TEST_CASE("engine codec: EngineStats round-trips every field and histogram bucket") {
+  EngineStats in = sampleStats();
+  capnp::MallocMessageBuilder message;
+  vsup::workers::encode(in, message.initRoot<vsup::ipc::schema::EngineStats>());
+  EngineStats out =
+      vsup::workers::decode(message.getRoot<vsup::ipc::schema::EngineStats>().asReader());
+  checkSame(out, in);
+  CHECK(out.timeToFirstToken.counts.back() == 1);
+  CHECK(out.queueTime.counts[0] == 2);  // 0.25 and 0.3 (le 0.3)
+}
+
+TEST_CASE("engine codec: unset histograms decode to vLLM's empty ones; malformed ones are "
+          "refused with what was wrong") {
+  {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<vsup::ipc::schema::EngineStats>().setRunning(1);
+    EngineStats out =
+        vsup::workers::decode(message.getRoot<vsup::ipc::schema::EngineStats>().asReader());
+    CHECK(out.running == 1);
+    checkSame(out.e2eLatency, Histogram(vsup::engine::requestLatencyBuckets()));
+  }
+  {
+    capnp::MallocMessageBuilder message;
+    auto h = message.initRoot<vsup::ipc::schema::Histogram>();
+    h.initBounds(2);
+    h.initCounts(2);
+    CHECK_THROWS_WITH_AS(vsup::workers::decode(h.asReader()),
+                         "engine stats: a histogram with 2 bucket counts for 2 bounds "
+                         "(expected one count per bound, plus +Inf)",
+                         vsup::Error);
+  }
+  {
+    capnp::MallocMessageBuilder message;
+    auto h = message.initRoot<vsup::ipc::schema::Histogram>();
+    auto bounds = h.initBounds(2);
+    bounds.set(0, 2.0);
+    bounds.set(1, 1.0);
+    h.initCounts(3);
+    CHECK_THROWS_WITH_AS(vsup::workers::decode(h.asReader()),
+                         doctest::Contains("bounds not strictly ascending"), vsup::Error);
+  }
+}
+
+TEST_CASE("engine client: stats() returns what the engine answered, every field, over the RPC") {
+  Harness h;
+  h.connect();
+  h.fake.stats = sampleStats();
+  EngineStats got = h.client->stats().wait(h.ws());
+  checkSame(got, sampleStats());
+  CHECK(h.fake.log.statsCalls() == 1);
+  // Asked again, it answers the engine's figures of that moment.
+  h.fake.stats.finishedStop = 99;
+  h.fake.stats.timeToFirstToken.observe(0.5);
+  got = h.client->stats().wait(h.ws());
+  CHECK(got.finishedStop == 99);
+  CHECK(got.timeToFirstToken.count == 3);
+  CHECK(h.fake.log.statsCalls() == 2);
+}
+
+TEST_CASE("engine client: stats() rejects before connect, when the engine fails it, and once the "
+          "connection is gone") {
+  Harness h;
+  CHECK_THROWS_WITH_AS(h.client->stats().wait(h.ws()), doctest::Contains("not connected"),
+                       kj::Exception);
+  h.connect();
+  h.fake.statsFail = true;
+  CHECK_THROWS_WITH_AS(h.client->stats().wait(h.ws()),
+                       doctest::Contains("the engine cannot report its stats"), kj::Exception);
+  h.fake.disconnect();
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(), [&] { return h.rec.disconnects > 0; }));
+  CHECK_THROWS_AS(h.client->stats().wait(h.ws()), kj::Exception);
 }
 
 }  // TEST_SUITE

@@ -5,6 +5,7 @@
 #include <kj/array.h>
 
 #include <cstring>
+#include <string>
 
 #include "base/error.h"
 
@@ -134,6 +135,80 @@ engine::StepOutput decode(schema::StepOutput::Reader in) {
   for (auto t : in.getTokens()) o.tokens.push_back(t);
   for (auto id : in.getKvDone()) o.kvDone.emplace_back(id);
   return o;
+}
+
+void encode(const engine::Histogram& in, schema::Histogram::Builder out) {
+  auto bounds = out.initBounds(unsigned(in.bounds.size()));
+  for (unsigned i = 0; i < in.bounds.size(); ++i) bounds.set(i, in.bounds[i]);
+  auto counts = out.initCounts(unsigned(in.counts.size()));
+  for (unsigned i = 0; i < in.counts.size(); ++i) counts.set(i, in.counts[i]);
+  out.setSum(in.sum);
+  out.setCount(in.count);
+}
+
+engine::Histogram decode(schema::Histogram::Reader in) {
+  engine::Histogram h;
+  auto bounds = in.getBounds();
+  auto counts = in.getCounts();
+  if (counts.size() != bounds.size() + 1) {
+    throw Error("engine stats: a histogram with " + std::to_string(counts.size()) +
+                " bucket counts for " + std::to_string(bounds.size()) +
+                " bounds (expected one count per bound, plus +Inf)");
+  }
+  h.bounds.reserve(bounds.size());
+  for (double b : bounds) {
+    if (!h.bounds.empty() && !(h.bounds.back() < b)) {
+      throw Error("engine stats: histogram bounds not strictly ascending (" +
+                  std::to_string(h.bounds.back()) + " then " + std::to_string(b) + ")");
+    }
+    h.bounds.push_back(b);
+  }
+  h.counts.reserve(counts.size());
+  for (uint64_t c : counts) h.counts.push_back(c);
+  h.sum = in.getSum();
+  h.count = in.getCount();
+  return h;
+}
+
+void encode(const engine::EngineStats& in, schema::EngineStats::Builder out) {
+  out.setRunning(in.running);
+  out.setWaiting(in.waiting);
+  out.setTotalBlocks(in.totalBlocks);
+  out.setFreeBlocks(in.freeBlocks);
+  out.setBlockSize(in.blockSize);
+  out.setPromptTokens(in.promptTokens);
+  out.setGenerationTokens(in.generationTokens);
+  out.setPreemptions(in.preemptions);
+  out.setFinishedStop(in.finishedStop);
+  out.setFinishedLength(in.finishedLength);
+  out.setFinishedAbort(in.finishedAbort);
+  out.setFinishedError(in.finishedError);
+  encode(in.timeToFirstToken, out.initTimeToFirstToken());
+  encode(in.interTokenLatency, out.initInterTokenLatency());
+  encode(in.e2eLatency, out.initE2eLatency());
+  encode(in.queueTime, out.initQueueTime());
+}
+
+engine::EngineStats decode(schema::EngineStats::Reader in) {
+  engine::EngineStats s;
+  s.running = in.getRunning();
+  s.waiting = in.getWaiting();
+  s.totalBlocks = in.getTotalBlocks();
+  s.freeBlocks = in.getFreeBlocks();
+  s.blockSize = in.getBlockSize();
+  s.promptTokens = in.getPromptTokens();
+  s.generationTokens = in.getGenerationTokens();
+  s.preemptions = in.getPreemptions();
+  s.finishedStop = in.getFinishedStop();
+  s.finishedLength = in.getFinishedLength();
+  s.finishedAbort = in.getFinishedAbort();
+  s.finishedError = in.getFinishedError();
+  // A histogram the peer left unset keeps its empty default (vLLM's buckets, nothing counted).
+  if (in.hasTimeToFirstToken()) s.timeToFirstToken = decode(in.getTimeToFirstToken());
+  if (in.hasInterTokenLatency()) s.interTokenLatency = decode(in.getInterTokenLatency());
+  if (in.hasE2eLatency()) s.e2eLatency = decode(in.getE2eLatency());
+  if (in.hasQueueTime()) s.queueTime = decode(in.getQueueTime());
+  return s;
 }
 
 schema::RejectCode encode(engine::RejectCode code) {

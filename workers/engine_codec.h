@@ -6,6 +6,7 @@
 
 #include "engine/config.h"
 #include "engine/engine.h"
+#include "engine/stats.h"
 #include "ipc/engine.capnp.h"
 
 namespace vsup::workers {
@@ -18,6 +19,12 @@ void encode(const engine::StepInput& in, ipc::schema::StepInput::Builder out);
 engine::StepInput decode(ipc::schema::StepInput::Reader in);
 void encode(const engine::StepOutput& in, ipc::schema::StepOutput::Builder out);
 engine::StepOutput decode(ipc::schema::StepOutput::Reader in);
+void encode(const engine::Histogram& in, ipc::schema::Histogram::Builder out);
+// Throws vsup::Error for a histogram that breaks engine::Histogram's rules (counts not one more
+// than bounds, bounds not strictly ascending).
+engine::Histogram decode(ipc::schema::Histogram::Reader in);
+void encode(const engine::EngineStats& in, ipc::schema::EngineStats::Builder out);
+engine::EngineStats decode(ipc::schema::EngineStats::Reader in);  // throws as decode(Histogram)
 ipc::schema::RejectCode encode(engine::RejectCode code);
 engine::RejectCode decode(ipc::schema::RejectCode code);
 

@@ -68,6 +68,11 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
     return kj::READY_NOW;
   }
 
+  kj::Promise<void> stats(StatsContext context) override {
+    encode(core_.stats(), context.getResults().initStats());
+    return kj::READY_NOW;
+  }
+
  private:
   EngineCore& core_;
   kj::TaskSet& tasks_;
@@ -94,6 +99,12 @@ void EngineCore::taskFailed(kj::Exception&& e) {
 }
 
 int64_t EngineCore::maxModelLen() const { return scheduler_ ? scheduler_->maxModelLen() : 0; }
+
+engine::EngineStats EngineCore::stats() const {
+  if (!scheduler_) return serving_.snapshot({}, 0, beingTokenized_.size());
+  return serving_.snapshot(scheduler_->stats(), scheduler_->blocks().blockSize(),
+                           beingTokenized_.size());
+}
 
 kj::Promise<void> EngineCore::start() {
   const engine::Backend* backend = nullptr;
@@ -246,6 +257,7 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
   }
   std::string id = request.id;
   router_.own(id, session);
+  serving_.arrived(id, monoNow());
   // A short prompt is tokenized here and now (kInlineTokenizeBytes says why); a long one, or a
   // long chat, goes to the thread, so that it never stalls the steps of running requests.
   size_t bytes = request.prompt.size();
@@ -280,7 +292,7 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
           final.requestId = id;
           final.finish = stopping_ ? engine::FinishReason::Abort : engine::FinishReason::Error;
           final.error = failure_.empty() ? "engine-core is shutting down" : failure_;
-          router_.route({final});
+          route({final});
           return std::nullopt;
         }
         return admitTokenized(std::move(t));
@@ -292,6 +304,7 @@ std::optional<engine::Rejection> EngineCore::admitTokenized(engine::core::Tokeni
   std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
   if (rejected) {
     router_.forget(id);  // not queued: nothing will be routed for it
+    serving_.forget(id);
     return rejected;
   }
   wake();
@@ -302,14 +315,24 @@ void EngineCore::abort(const std::string& id) {
   engine::TokenDelta final;
   final.requestId = id;
   final.finish = engine::FinishReason::Abort;
-  if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) router_.route({final});
+  if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) route({final});
 }
 
 void EngineCore::sessionLost(size_t index) {
-  // The API server is gone: nobody can receive these requests' tokens any more.
+  // The API server is gone: nobody can receive these requests' tokens any more. They count as
+  // aborted (their final deltas are recorded, with no owner left to route them to).
+  std::vector<engine::TokenDelta> finals;
   for (const auto& id : router_.sessionLost(index)) {
-    if (beingTokenized_.erase(id) == 0) scheduler_->abort(id, nullptr);
+    engine::TokenDelta final;
+    final.requestId = id;
+    final.finish = engine::FinishReason::Abort;
+    // (One tokenized inline whose admission is still to come is neither: it is served and
+    // recorded as usual, its deltas dropped by the router.)
+    if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) {
+      finals.push_back(std::move(final));
+    }
   }
+  serving_.delivered(finals, monoNow());
   if (index < sessions_.size()) sessions_[index] = nullptr;
 }
 
@@ -345,6 +368,7 @@ kj::Promise<void> EngineCore::loop() {
   kvPending_.clear();
   lastStep_ = input.step;
   bool generates = !input.seqs.empty();
+  if (generates) serving_.scheduled(input, monoNow());
   return executor_->run(input).then(
       [this, generates](std::vector<engine::StepOutput> outputs) {
         // Transfers every rank has finished sending release their blocks.
@@ -379,7 +403,13 @@ void EngineCore::applyStep(std::vector<engine::StepOutput> outputs) {
       kvPending_.push_back(std::move(h));
     }
   }
-  router_.route(result.deltas);
+  route(result.deltas);
+}
+
+void EngineCore::route(const std::vector<engine::TokenDelta>& deltas) {
+  if (deltas.empty()) return;
+  serving_.delivered(deltas, monoNow());
+  router_.route(deltas);
 }
 
 size_t EngineCore::endAll(engine::FinishReason finish, const std::string& error) {
@@ -394,7 +424,7 @@ size_t EngineCore::endAll(engine::FinishReason finish, const std::string& error)
     final.error = error;
     finals.push_back(std::move(final));
   }
-  router_.route(finals);
+  route(finals);
   return finals.size();
 }
 

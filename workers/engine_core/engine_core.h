@@ -5,7 +5,9 @@
 // loop: between steps it admits new requests (continuous batching), then the StepExecutor runs
 // the step on every rank, then the RequestRouter sends each API server the deltas of its
 // requests in one call. Prompts are tokenized (a chat rendered first, engine/prompt.h) on a thread
-// of their own, so a long prompt never stalls the steps of other requests.
+// of their own, so a long prompt never stalls the steps of other requests. It records the
+// serving figures (core::ServingStats: each request's arrival, first step and deltas) that
+// Engine.stats answers every session with, for the whole engine.
 //
 // Shutdown (its hook, before its ranks are stopped): refuse new requests, abort whatever is
 // still running (the API servers have drained by then: normally nothing), announce the last KV
@@ -28,7 +30,9 @@
 #include "base/fd.h"
 #include "engine/config.h"
 #include "engine/core/scheduler.h"
+#include "engine/core/serving_stats.h"
 #include "engine/registry.h"
+#include "engine/stats.h"
 #include "ipc/rpc_link.h"
 #include "kvconnector/kv_connector.h"
 #include "supervisor/child_runtime.h"
@@ -68,6 +72,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   void sessionLost(size_t index);
   int64_t maxModelLen() const;
   engine::ChatFormat chatFormat() const { return plan_.chatFormat; }
+  // Engine.stats: the serving figures of every session's requests, with the scheduler's gauges.
+  engine::EngineStats stats() const;
 
  private:
   void taskFailed(kj::Exception&& e) override;
@@ -75,6 +81,8 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   void wake();
   kj::Promise<void> loop();
   void applyStep(std::vector<engine::StepOutput> outputs);
+  // Every delta engine-core sends goes through here: recorded, then routed to its owner.
+  void route(const std::vector<engine::TokenDelta>& deltas);
   size_t endAll(engine::FinishReason finish, const std::string& error);
   void fail(const std::string& why);
   bool kvWorkLeft() const { return !kvPending_.empty() || finalKvStep_; }
@@ -92,6 +100,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::unique_ptr<supervisor::Supervisor> ranks_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;
+  engine::core::ServingStats serving_;  // what Engine.stats reports
   std::vector<EngineSession*> sessions_;  // owned by their RPC links; null once disconnected
   std::vector<std::unique_ptr<ipc::RpcLink>> links_;
   std::unique_ptr<kv::KvConnectorScheduler> kv_;
