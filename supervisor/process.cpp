@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <new>
+#include <unordered_map>
 #include <linux/close_range.h>
 
 #include "base/check.h"
@@ -108,7 +109,52 @@ std::vector<char*> cStrings(const std::vector<std::string>& strings) {
   return out;
 }
 
+// SpawnedChildren's state. A count per pid, not a set: a pid freed by one thread's reap may be
+// taken by another thread's spawn before the first has removed it.
+struct Registry {
+  std::shared_mutex gate;
+  std::mutex mutex;  // guards pids (spawns and reaps add and remove concurrently, all shared)
+  std::unordered_map<pid_t, unsigned> pids;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry;  // never destroyed: children may be reaped during exit
+  return *r;
+}
+
 }  // namespace
+
+std::shared_mutex& SpawnedChildren::gate() { return registry().gate; }
+
+SpawnedChildren::Freeze SpawnedChildren::freeze() { return Freeze(registry().gate); }
+
+bool SpawnedChildren::contains(pid_t pid) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  return r.pids.count(pid) > 0;
+}
+
+size_t SpawnedChildren::count() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  size_t n = 0;
+  for (const auto& [pid, k] : r.pids) n += k;
+  return n;
+}
+
+void SpawnedChildren::add(pid_t pid) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  ++r.pids[pid];
+}
+
+void SpawnedChildren::remove(pid_t pid) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  auto it = r.pids.find(pid);
+  if (it == r.pids.end()) return;
+  if (--it->second == 0) r.pids.erase(it);
+}
 
 std::string selfExecutable() {
   char buf[4096];
@@ -208,14 +254,30 @@ Process Process::spawn(const SpawnRequest& request) {
   ChildArgs* shared = &args;
   constexpr int kShareMemory = CLONE_VM;
 #endif
+  // The gate is held from before clone until the pid is registered: a reaper of strangers
+  // (OrphanReaper; see SpawnedChildren) cannot run between the child's birth, or its exit
+  // right after exec, and its registration.
   int pidfd = -1;
   pid_t pid;
+  int cloneErrno;
+  bool registered = false;
   {
-    BlockAllSignals blocked;
-    pid = ::clone(childMain, static_cast<char*>(stack) + kChildStackSize,
-                  kShareMemory | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, shared, &pidfd);
+    std::shared_lock<std::shared_mutex> gate(SpawnedChildren::gate());
+    {
+      BlockAllSignals blocked;
+      pid = ::clone(childMain, static_cast<char*>(stack) + kChildStackSize,
+                    kShareMemory | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, shared, &pidfd);
+      cloneErrno = errno;
+    }
+    if (pid > 0) {
+      try {
+        SpawnedChildren::add(pid);
+        registered = true;
+      } catch (const std::bad_alloc&) {
+        // Handled below, outside the gate (the reap takes it again).
+      }
+    }
   }
-  int cloneErrno = errno;
   if (shared != &args) args = *shared;
   ::munmap(stack, kChildStackSize);
   if (pid < 0) {
@@ -226,6 +288,10 @@ Process Process::spawn(const SpawnRequest& request) {
   Process p;
   p.pid_ = pid;
   p.pidfd_.reset(pidfd);
+  if (!registered) {
+    p.killAndReap();
+    throw std::bad_alloc();
+  }
   if (args.failedStep != nullptr) {
     // The child never reached exec; it has exited (CLONE_VFORK). Reap it and report.
     p.killAndReap();
@@ -259,6 +325,29 @@ void Process::killGroup() {
   }
 }
 
+int Process::reapExited(siginfo_t* info) {
+  std::memset(info, 0, sizeof *info);
+  std::shared_lock<std::shared_mutex> gate(SpawnedChildren::gate());
+  int rc;
+  do {
+    rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), info, WEXITED | WNOHANG | __WALL);
+  } while (rc < 0 && errno == EINTR);
+  int saved = errno;
+  // Reaped (the pid is free now) or lost to someone else: either way no longer ours.
+  SpawnedChildren::remove(pid_);
+  errno = saved;
+  return rc;
+}
+
+namespace {
+
+ExitStatus statusOf(const siginfo_t& info) {
+  if (info.si_code == CLD_EXITED) return ExitStatus{ExitStatus::Kind::Exited, info.si_status};
+  return ExitStatus{ExitStatus::Kind::Signaled, info.si_status};
+}
+
+}  // namespace
+
 std::optional<ExitStatus> Process::tryReap() {
   VSUP_ASSERT(running());
   siginfo_t info;
@@ -271,19 +360,20 @@ std::optional<ExitStatus> Process::tryReap() {
     // Someone else reaped it: the host's waitpid(-1) or SIGCHLD = SIG_IGN. Its pgid may
     // already be reused, so do not signal the group.
     reaped_ = true;
+    SpawnedChildren::remove(pid_);
     pidfd_.reset();
     return ExitStatus{ExitStatus::Kind::Lost, 0};
   }
   if (rc < 0) detail::throwSysError("waitid(P_PIDFD, WNOWAIT)", __FILE__, __LINE__);
   if (info.si_pid == 0) return std::nullopt;  // still running
   killGroup();
-  std::memset(&info, 0, sizeof info);
-  rc = VSUP_SYSCALL(::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | __WALL));
-  (void)rc;
+  // A zombie now: this waitid does not wait.
+  rc = reapExited(&info);
+  if (rc < 0 && errno != ECHILD) detail::throwSysError("waitid(P_PIDFD)", __FILE__, __LINE__);
   reaped_ = true;
   pidfd_.reset();
-  if (info.si_code == CLD_EXITED) return ExitStatus{ExitStatus::Kind::Exited, info.si_status};
-  return ExitStatus{ExitStatus::Kind::Signaled, info.si_status};
+  if (rc < 0 || info.si_pid == 0) return ExitStatus{ExitStatus::Kind::Lost, 0};
+  return statusOf(info);
 }
 
 ExitStatus Process::killAndReap() {
@@ -294,20 +384,25 @@ ExitStatus Process::killAndReap() {
   std::memset(&info, 0, sizeof info);
   int rc;
   for (;;) {
-    // The pidfd may be O_NONBLOCK (libuv's uv_poll_init sets it), so waitid can say EAGAIN
-    // while the SIGKILLed child is still on its way out: wait for the pidfd to turn readable.
-    rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | __WALL);
+    // Wait without reaping (WNOWAIT) until it has exited; the reap itself is reapExited's. The
+    // pidfd may be O_NONBLOCK (libuv's uv_poll_init sets it), so waitid can say EAGAIN while
+    // the SIGKILLed child is still on its way out: wait for the pidfd to turn readable.
+    rc = ::waitid(P_PIDFD, id_t(pidfd_.get()), &info, WEXITED | WNOWAIT | __WALL);
     if (rc == 0 || (errno != EINTR && errno != EAGAIN)) break;
     if (errno == EAGAIN) {
       pollfd p{pidfd_.get(), POLLIN, 0};
       ::poll(&p, 1, -1);
     }
   }
+  if (rc == 0) {
+    rc = reapExited(&info);
+  } else {
+    SpawnedChildren::remove(pid_);  // lost: no longer ours either
+  }
   reaped_ = true;
   pidfd_.reset();
-  if (rc < 0) return ExitStatus{ExitStatus::Kind::Lost, 0};
-  if (info.si_code == CLD_EXITED) return ExitStatus{ExitStatus::Kind::Exited, info.si_status};
-  return ExitStatus{ExitStatus::Kind::Signaled, info.si_status};
+  if (rc < 0 || info.si_pid == 0) return ExitStatus{ExitStatus::Kind::Lost, 0};
+  return statusOf(info);
 }
 
 }  // namespace vsup::supervisor

@@ -8,11 +8,19 @@
 //     waitpid(-1), no uv_spawn anywhere.
 // Spawn only from the thread that runs the loop and outlives its children: PDEATHSIG fires when
 // the *thread* that created the child exits.
+//
+// Every child spawn() makes is in SpawnedChildren (below) from before anything could reap it
+// until its Process has reaped it, so that a container's PID 1 (OrphanReaper) can reap the
+// orphans reparented to it without ever stealing the exit status of one of ours.
 #pragma once
 
+#include <signal.h>
 #include <sys/types.h>
 
+#include <cstddef>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -77,9 +85,44 @@ class Process {
   ExitStatus killAndReap();
 
  private:
+  // The final waitid() of an exited child (a zombie by then: it does not block), under the
+  // registry's gate, and its removal from SpawnedChildren. -1 with errno when waitid failed.
+  int reapExited(siginfo_t* info);
   pid_t pid_ = 0;
   OwnFd pidfd_;
   bool reaped_ = false;
+};
+
+// The process-wide registry of the children Process::spawn made and their Process has not reaped
+// yet (any thread, any Supervisor or library instance of this process). A reaper of strangers
+// (OrphanReaper, only when this process is a PID namespace's init) tells them from ours with it.
+//
+// The race it closes: a child may exit the instant after exec, before spawn() returns, and a
+// reaper running then in another thread would see an unregistered zombie and reap it, so its
+// Process would only get ECHILD (ExitStatus::Kind::Lost). So spawn() holds the registry's gate
+// (shared) from before clone() until the pid is registered, and a Process holds it (shared) from
+// its final waitid() until the pid is removed; a reaper holds it exclusively (freeze()) while it
+// decides and reaps. While frozen, no thread is inside either window, so "a child of this
+// process that is not registered" means a stranger. Spawns and reaps never wait for each other,
+// only for a reaper's pass, which never blocks (waitid with WNOHANG).
+//
+// Thread-safe; cheap (an uncontended shared lock and a hash-map update per spawn and per reap).
+class SpawnedChildren {
+ public:
+  using Freeze = std::unique_lock<std::shared_mutex>;
+  // Holds every spawn() and every final reap of a Process in this process still until the
+  // returned lock is released. Not re-entrant: never spawn or reap a Process while holding it.
+  static Freeze freeze();
+  // Whether `pid` is a child spawn() made and its Process has not reaped. Exact only while
+  // frozen; a hint otherwise.
+  static bool contains(pid_t pid);
+  static size_t count();
+
+ private:
+  friend class Process;
+  static std::shared_mutex& gate();
+  static void add(pid_t pid);
+  static void remove(pid_t pid);
 };
 
 // The absolute path of the running executable (/proc/self/exe), e.g. to re-execute vsup for

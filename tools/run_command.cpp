@@ -4,6 +4,13 @@
 // read from a signalfd on the loop, so no handler runs at all and the children, whose masks are
 // reset at spawn, are unaffected. First signal: ordered shutdown. Second: the rest of it must
 // finish within 1 s. Third: SIGKILL every child process group now.
+//
+// As a container's PID 1 (and only there: OrphanReaper::wanted) the root also reaps every
+// orphan the kernel reparents to it: SIGCHLD joins the signalfd's set, and each one runs an
+// OrphanReaper pass, plus one last pass before the root exits. Its own children are never
+// touched by a pass; their Processes reap them through their pidfds, so the exit status is the
+// same as anywhere else. (PID 1 gets no signal it has not blocked or handled: blocked and read
+// from the signalfd, SIGTERM works there as everywhere.)
 #include <limits.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -11,6 +18,7 @@
 
 #include <cstdio>
 #include <memory>
+#include <optional>
 
 #include <kj/debug.h>
 
@@ -18,6 +26,7 @@
 #include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"
+#include "supervisor/orphan_reaper.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
 #include "supervisor/topology.h"
@@ -54,13 +63,16 @@ class RootNode final : public NodeHandler {
   Supervisor& sup_;
 };
 
+// SIGTERM and SIGINT, and SIGCHLD when `childSignals` (PID 1 only), from a signalfd.
 class SignalWatch {
  public:
-  SignalWatch(uv_loop_t* loop, std::function<void(int)> onSignal) : onSignal_(std::move(onSignal)) {
+  SignalWatch(uv_loop_t* loop, bool childSignals, std::function<void(int)> onSignal)
+      : onSignal_(std::move(onSignal)) {
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    if (childSignals) sigaddset(&set, SIGCHLD);
     VSUP_SYSCALL(::sigprocmask(SIG_BLOCK, &set, nullptr));
     fd_.reset(VSUP_SYSCALL(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)));
     poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) { uv_poll_init(loop, h, fd_.get()); });
@@ -97,6 +109,13 @@ int runTopology(const RunOptions& options) {
 
 int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const RootHooks& hooks) {
   setLogProcessName(spec.name);
+  // Made before the first child exists (and before the signalfd, which then gets SIGCHLD too).
+  std::optional<OrphanReaper> reaper;
+  if (OrphanReaper::wanted(::getpid())) {
+    reaper.emplace(spec.name);
+    vsup::log().info("[supervisor] {}: running as PID 1: reaping every orphaned process",
+                     spec.name);
+  }
   uv_loop_t loop;
   uv_loop_init(&loop);
   int exitCode = kExitError;
@@ -112,7 +131,11 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
     } logErrors;
     tasks = kj::heap<kj::TaskSet>(logErrors);
     // Blocked before the first child exists (children reset their masks at spawn anyway).
-    SignalWatch watch(&loop, [&](int sig) {
+    SignalWatch watch(&loop, reaper.has_value(), [&](int sig) {
+      if (sig == SIGCHLD) {
+        reaper->reapOnce();
+        return;
+      }
       ++signals;
       const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
       if (supPtr == nullptr) return;
@@ -179,6 +202,12 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
   // Let every closed handle's callback run, then the loop is empty.
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
+  if (reaper) {
+    // Every child of ours is reaped by now; what exited since the last SIGCHLD was read is not.
+    reaper->reapOnce();
+    vsup::log().info("[supervisor] {}: reaped {} orphaned process{} as PID 1", spec.name,
+                     reaper->reaped(), reaper->reaped() == 1 ? "" : "es");
+  }
   return exitCode;
 }
 
