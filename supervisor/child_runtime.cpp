@@ -100,6 +100,11 @@ kj::Promise<void> ChildRuntime::quiesce(MonoNs drainDeadline) {
   return quiesce_(drainDeadline);
 }
 
+kj::Promise<void> ChildRuntime::leaveRotation() {
+  if (!leaveRotation_) return kj::READY_NOW;
+  return leaveRotation_();
+}
+
 void ChildRuntime::reportDeferral(const std::string& node, const Deferral& deferral) {
   if (reporter_) reporter_(node, deferral);
 }

@@ -108,6 +108,8 @@ void encode(const NodeStatus& s, schema::NodeStatus::Builder out) {
   out.setRestarts(s.restarts);
   encode(s.deferral, out.initDeferral());
   out.setInFlight(s.inFlight);
+  out.setRequestsTotal(s.requestsTotal);
+  out.setOutOfRotation(s.outOfRotation);
   auto children = out.initChildren(unsigned(s.children.size()));
   for (unsigned i = 0; i < s.children.size(); ++i) encode(s.children[i], children[i]);
 }
@@ -123,6 +125,8 @@ NodeStatus decode(schema::NodeStatus::Reader in) {
   s.restarts = in.getRestarts();
   if (in.hasDeferral()) s.deferral = decode(in.getDeferral());
   s.inFlight = in.getInFlight();
+  s.requestsTotal = in.getRequestsTotal();
+  s.outOfRotation = in.getOutOfRotation();
   for (auto c : in.getChildren()) s.children.push_back(decode(c));
   return s;
 }

@@ -61,6 +61,8 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
     return handler_.quiesce(context.getParams().getDrainDeadlineNs());
   }
 
+  kj::Promise<void> leaveRotation(LeaveRotationContext) override { return handler_.leaveRotation(); }
+
  private:
   void taskFailed(kj::Exception&& e) override {
     // The parent may be gone while we report: that is its business, not an error of ours.
@@ -80,6 +82,8 @@ kj::Promise<capnp::Capability::Client> NodeHandler::service() {
 }
 
 kj::Promise<void> NodeHandler::quiesce(MonoNs) { return kj::READY_NOW; }
+
+kj::Promise<void> NodeHandler::leaveRotation() { return kj::READY_NOW; }
 
 schema::Node::Client makeNodeServer(NodeHandler& handler) { return kj::heap<NodeServer>(handler); }
 

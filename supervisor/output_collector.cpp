@@ -5,6 +5,8 @@
 #include <cctype>
 #include <cerrno>
 
+#include "base/log.h"
+
 namespace vsup::supervisor {
 namespace {
 
@@ -41,9 +43,14 @@ std::string outputPrefix(const std::string& name, pid_t pid) {
   return "(" + name + " pid=" + std::to_string(pid) + ") ";
 }
 
-OutputCollector::OutputCollector(uv_loop_t* loop, OwnFd readEnd, int outFd, std::string prefix,
-                                 std::function<void()> onEof)
-    : fd_(std::move(readEnd)), outFd_(outFd), prefix_(std::move(prefix)), onEof_(std::move(onEof)) {
+OutputCollector::OutputCollector(uv_loop_t* loop, OwnFd readEnd, int outFd, std::string name,
+                                 pid_t pid, std::function<void()> onEof)
+    : fd_(std::move(readEnd)),
+      outFd_(outFd),
+      name_(std::move(name)),
+      pid_(pid),
+      prefix_(outputPrefix(name_, pid_)),
+      onEof_(std::move(onEof)) {
   poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) { uv_poll_init(loop, h, fd_.get()); });
   poll_->data = this;
   uv_poll_start(poll_.get(), UV_READABLE | UV_DISCONNECT, &OutputCollector::onReadable);
@@ -113,7 +120,13 @@ void OutputCollector::flush() {
 void OutputCollector::emit(std::string_view line) {
   // One write per line: lines from several collectors never interleave.
   std::string out;
-  if (hasVsupPrefix(line)) {
+  if (vsup::logFormat() == LogFormat::Json) {
+    if (isJsonObjectLine(line)) {
+      out.assign(line);
+    } else {
+      out = jsonLogLine("info", name_, pid_, line, outFd_ == 2 ? "stderr" : "stdout");
+    }
+  } else if (hasVsupPrefix(line)) {
     out.assign(line);
   } else {
     out = prefix_;

@@ -231,7 +231,7 @@ std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
   auto overridden = [&](const std::string& kv) {
     std::string key = kv.substr(0, kv.find('='));
     if (key == "NOTIFY_SOCKET" || key == "VSUP_CONTROL_FD" || key == "VSUP_NODE_NAME" ||
-        key == "VSUP_LOG_LEVEL") {
+        key == "VSUP_LOG_LEVEL" || key == kLogFormatEnv) {
       return true;
     }
     for (const auto& [k, v] : c.spec.env) {
@@ -246,6 +246,9 @@ std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
   for (const auto& [k, v] : c.spec.env) env.push_back(k + "=" + v);
   env.push_back("NOTIFY_SOCKET=" + notify_->address());
   env.push_back("VSUP_NODE_NAME=" + c.spec.name);
+  // Every child logs in this process's format (a vsup child's logger reads it at start-up), so
+  // the collected output of the whole tree is in one format.
+  env.push_back(std::string(kLogFormatEnv) + "=" + vsup::nameOf(vsup::logFormat()));
   if (c.spec.vsupAware) {
     env.push_back("VSUP_CONTROL_FD=3");
     // A vsup-aware child logs at the level its parent does.
@@ -311,14 +314,14 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     // Only the child holds the write ends now: EOF comes when it (and its group) is gone.
     outWrite.reset();
     errWrite.reset();
-    std::string prefix = outputPrefix(c.spec.name, c.proc->pid());
     for (auto [fd, target] : {std::pair{&outRead, 1}, std::pair{&errRead, 2}}) {
       collectors_.push_back(nullptr);
       auto it = std::prev(collectors_.end());
-      *it = std::make_unique<OutputCollector>(loop_, std::move(*fd), target, prefix, [this, it]() {
-        // Deferred: the collector is still on the stack of its own callback.
-        tasks_->add(kj::evalLater([this, it]() { collectors_.erase(it); }));
-      });
+      *it = std::make_unique<OutputCollector>(
+          loop_, std::move(*fd), target, c.spec.name, c.proc->pid(), [this, it]() {
+            // Deferred: the collector is still on the stack of its own callback.
+            tasks_->add(kj::evalLater([this, it]() { collectors_.erase(it); }));
+          });
     }
   }
   if (guard_) guard_->add(c.proc->pid());
@@ -876,6 +879,31 @@ kj::Promise<void> Supervisor::quiesceChildren(MonoNs drainDeadline) {
                          "it anyway", spec_.name, name);
       }));
     }
+    calls.add(kj::mv(call));
+  }
+  return kj::joinPromises(calls.releaseAsArray());
+}
+
+// How long a child may take to answer Node.leaveRotation.
+constexpr int64_t kLeaveRotationTimeoutMs = 1000;
+
+kj::Promise<void> Supervisor::leaveRotationChildren() {
+  kj::Vector<kj::Promise<void>> calls;
+  for (auto& c : children_) {
+    if (!c->node || !c->proc || c->state != Child::State::Running) continue;
+    std::string name = c->spec.name;
+    // A child that fails or does not answer (stopped, deadlocked) must not hold the others up:
+    // it is skipped with a warning, and the shutdown that follows stops it like any other.
+    kj::Promise<void> call =
+        c->node->leaveRotationRequest().send().ignoreResult().catch_(
+            [this, name](kj::Exception&& e) {
+              vsup::log().warn("[shutdown] {}: {} failed to leave the rotation: {}", spec_.name,
+                               name, e.getDescription().cStr());
+            });
+    call = call.exclusiveJoin(ipc::uvSleep(loop_, kLeaveRotationTimeoutMs).then([this, name]() {
+      vsup::log().warn("[shutdown] {}: {} did not answer the request to leave the rotation "
+                       "within {}ms: skipped", spec_.name, name, kLeaveRotationTimeoutMs);
+    }));
     calls.add(kj::mv(call));
   }
   return kj::joinPromises(calls.releaseAsArray());

@@ -11,6 +11,8 @@
 #include <doctest/doctest.h>
 
 #include <capnp/message.h>
+#include <fcntl.h>
+#include <nlohmann/json.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -27,6 +29,7 @@
 #include "base/log.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/node_codec.h"
+#include "supervisor/output_collector.h"
 #include "supervisor/public/supervisor.h"
 
 namespace vsup::supervisor {
@@ -477,12 +480,15 @@ TEST_CASE("node states and types are named with the words `vsup tree` prints") {
 }
 
 TEST_CASE("node_codec carries states, types and start configurations unchanged") {
-  NodeStatus root{"root", 1, NodeType::Supervisor, NodeState::Stopping, 5, 0, {}, -1, {}};
+  NodeStatus root{"root", 1, NodeType::Supervisor, NodeState::Stopping, 5, 0, {}, -1, -1, false, {}};
   for (NodeState st : {NodeState::Starting, NodeState::Running, NodeState::Stopping,
                        NodeState::Stopped, NodeState::Restarting, NodeState::Unresponsive,
                        NodeState::Failed}) {
-    root.children.push_back({"c", 2, NodeType::Worker, st, 0, 0, {}, -1, {}});
+    root.children.push_back({"c", 2, NodeType::Worker, st, 0, 0, {}, -1, -1, false, {}});
   }
+  // An API server's request counts and rotation flag.
+  root.children.push_back({"api", 3, NodeType::Worker, NodeState::Running, 0, 0, {}, 4, 1234,
+                           true, {}});
   capnp::MallocMessageBuilder m;
   encode(root, m.initRoot<ipc::schema::NodeStatus>());
   NodeStatus back = decode(m.getRoot<ipc::schema::NodeStatus>().asReader());
@@ -492,7 +498,14 @@ TEST_CASE("node_codec carries states, types and start configurations unchanged")
   for (size_t i = 0; i < root.children.size(); ++i) {
     CHECK(back.children[i].type == NodeType::Worker);
     CHECK(back.children[i].state == root.children[i].state);
+    CHECK(back.children[i].inFlight == root.children[i].inFlight);
+    CHECK(back.children[i].requestsTotal == root.children[i].requestsTotal);
+    CHECK(back.children[i].outOfRotation == root.children[i].outOfRotation);
   }
+  CHECK(back.requestsTotal == -1);
+  CHECK_FALSE(back.outOfRotation);
+  CHECK(back.children.back().requestsTotal == 1234);
+  CHECK(back.children.back().outOfRotation);
 
   // A sub-supervisor's spec carries its children's start configurations.
   SupervisorSpec spec;
@@ -553,6 +566,146 @@ TEST_CASE("a vsup-aware child receives its start configuration byte for byte, on
   CHECK(readFile(out.path) == config);
   sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
   CHECK(sup.outcome() == Outcome::Clean);
+  CHECK(noChildren());
+}
+
+TEST_CASE("every running vsup-aware child receives leaveRotation from its parent; a slow one is skipped") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "lb";
+  ChildSpec first = worker("first", {awareProbe(), "--rotation"});
+  first.vsupAware = true;
+  ChildSpec slow = worker("slow", {awareProbe(), "--rotation", "--leave-rotation-ms", "30000"});
+  slow.vsupAware = true;
+  ChildSpec plain = worker("plain", {"sleep", "30"});  // generic: not asked
+  ChildSpec second = worker("second", {awareProbe(), "--rotation"});
+  second.vsupAware = true;
+  spec.children = {first, slow, plain, second};
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+
+  auto before = sup.status().wait(t.ws());
+  REQUIRE(before.children.size() == 4);
+  for (const auto& c : before.children) CHECK_FALSE(c.outOfRotation);
+  CHECK(before.children[0].requestsTotal == 0);  // the probe reports its count...
+  CHECK(before.children[2].requestsTotal == -1);  // ...a generic child has none
+
+  MonoNs began = monoNow();
+  sup.leaveRotationChildren().wait(t.ws());
+  double tookS = double(monoNow() - began) / 1e9;
+  // Bounded: the slow child (30 s) does not hold the call up past about a second.
+  CHECK(tookS >= 0.9);
+  CHECK(tookS < 5.0);
+
+  auto after = sup.status().wait(t.ws());
+  REQUIRE(after.children.size() == 4);
+  CHECK(after.children[0].outOfRotation);
+  CHECK_FALSE(after.children[1].outOfRotation);  // still sleeping on it
+  CHECK_FALSE(after.children[2].outOfRotation);
+  CHECK(after.children[3].outOfRotation);
+  for (const auto& c : after.children) CHECK(c.state == NodeState::Running);
+
+  // Idempotent: a second call answers as well.
+  sup.leaveRotationChildren().wait(t.ws());
+  CHECK(sup.status().wait(t.ws()).children[0].outOfRotation);
+
+  sup.shutdown(deadlineAfterMs(10000)).wait(t.ws());
+  CHECK(sup.outcome() == Outcome::Clean);
+  CHECK(noChildren());
+}
+
+TEST_CASE("leaveRotation with no vsup-aware child resolves at once") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "plain";
+  spec.children = {worker("a", {"sleep", "30"})};
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  MonoNs began = monoNow();
+  sup.leaveRotationChildren().wait(t.ws());
+  CHECK(monoNow() - began < 500 * kNsPerMs);
+  sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
+  CHECK(noChildren());
+}
+
+// Feeds `input` through an OutputCollector (child "child", pid 4242) and returns what it wrote.
+std::string collect(TestLoop& t, const std::string& input) {
+  int in[2];
+  int out[2];
+  REQUIRE(::pipe2(in, O_CLOEXEC) == 0);
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  REQUIRE(::write(in[1], input.data(), input.size()) == ssize_t(input.size()));
+  ::close(in[1]);
+  bool eof = false;
+  {
+    OutputCollector collector(t.loop(), OwnFd(in[0]), out[1], "child", 4242, [&]() { eof = true; });
+    for (int i = 0; i < 500 && !eof; ++i) ipc::uvSleep(t.loop(), 10).wait(t.ws());
+  }
+  CHECK(eof);
+  ::close(out[1]);
+  std::string written;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) written.append(buf, size_t(n));
+  ::close(out[0]);
+  return written;
+}
+
+std::vector<std::string> lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+TEST_CASE("in the json log format every collected line is one JSON object; other lines are wrapped") {
+  TestLoop t;
+  const std::string already = R"({"time":"x","level":"info","process":"deeper","pid":7,"message":"m"})";
+  const std::string input = "plain words\n" + already + "\nbad \xff bytes\n{not json\nno newline";
+  vsup::setLogFormat("json");
+  std::string written = collect(t, input);
+  vsup::setLogFormat("text");
+  auto got = lines(written);
+  REQUIRE(got.size() == 5);
+  CHECK(got[1] == already);  // a vsup process's JSON line passes unchanged
+  const char* messages[] = {"plain words", nullptr, "bad \xef\xbf\xbd bytes", "{not json", "no newline"};
+  for (size_t i : {0, 2, 3, 4}) {
+    CAPTURE(got[i]);
+    auto j = nlohmann::json::parse(got[i]);  // throws (fails the test) when not JSON
+    REQUIRE(j.is_object());
+    CHECK(j["message"] == messages[i]);
+    CHECK(j["process"] == "child");
+    CHECK(j["pid"] == 4242);
+    CHECK(j["stream"] == "stdout");
+    CHECK(j["level"] == "info");
+    CHECK(j["time"].get<std::string>().size() == std::string("2026-01-02T12:00:01.234Z").size());
+  }
+
+  // The text format prefixes the same lines instead.
+  auto text = lines(collect(t, "plain words\n" + already + "\n"));
+  REQUIRE(text.size() == 2);
+  CHECK(text[0] == "(child pid=4242) plain words");
+  CHECK(text[1] == "(child pid=4242) " + already);
+}
+
+TEST_CASE("a supervisor hands its log format to every child") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  TempPath out("log-format");
+  SupervisorSpec spec;
+  spec.name = "fmt";
+  spec.children = {worker("env", {"/bin/sh", "-c", "printf %s \"$VSUP_LOG_FORMAT\" > " + out.path})};
+  spec.children[0].restart = Restart::Temporary;
+  vsup::setLogFormat("json");
+  {
+    Supervisor sup(t.loop(), spec);
+    sup.start().wait(t.ws());
+    for (int i = 0; i < 500 && readFile(out.path).empty(); ++i) ipc::uvSleep(t.loop(), 10).wait(t.ws());
+    sup.shutdown(deadlineAfterMs(5000)).wait(t.ws());
+  }
+  vsup::setLogFormat("text");
+  CHECK(readFile(out.path) == "json");
   CHECK(noChildren());
 }
 

@@ -3,8 +3,11 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
+#include "base/fd.h"
 #include "supervisor/spec.h"
 #include "workers/engine_flags.h"
 
@@ -35,6 +38,10 @@ struct ServeOptions {
   double shutdownTimeout = 30;
   std::string apiKey;
   uint64_t maxRequestBytes = 16 * 1024 * 1024;
+  // --served-model-name: the names requests may use, the first one public; empty: the model as
+  // given (--model or MODEL).
+  std::vector<std::string> servedModelNames;
+  bool logRequests = false;  // --enable-log-requests: one log line per request (never a prompt)
   std::string controlSocket;
 };
 // `vsup run` without --topology: the serving tree.
@@ -47,6 +54,34 @@ struct TreeOptions {
   double intervalSeconds = 1.0;
 };
 int tree(const TreeOptions& options);
+
+// One message of a command on stderr: "COMMAND: MESSAGE" in the text log format, one JSON
+// object ({"time", "level", "process": COMMAND, "pid", "message"}) in the json one.
+void printMessage(const char* command, const std::string& message, const char* level = "error");
+
+// How a client command (`vsup tree`, `vsup drain`) finds its tree: `given` (--socket) when not
+// empty, else the one live control socket in ControlSocket::defaultDirectory(). When there is
+// none, or more than one, it prints why to stderr (starting with `command`) and returns nullopt
+// with `rc` set to the exit status (1 none, 2 several: choose with --socket).
+std::optional<std::string> findTreeSocket(const std::string& given, const char* command, int& rc);
+// A socket connected to the Unix socket `path`; an empty OwnFd (errno set) when it cannot be.
+OwnFd connectToSocket(const std::string& path);
+
+// `vsup drain`: the preStop hook that watches traffic instead of sleeping. Takes every API
+// server of the tree out of the load balancers' rotation (Node.leaveRotation: /health turns
+// 503 "draining" while every request is still served), then polls the tree until no new request
+// arrived for `quietForSeconds` (and, with `wait`, nothing is in flight), or `timeoutSeconds`.
+struct DrainOptions {
+  std::string socket;  // empty: find the running tree
+  double quietForSeconds = 5;
+  double timeoutSeconds = 60;
+  bool wait = false;
+};
+// Exit status of `vsup drain` when --timeout passed before the tree went quiet (as timeout(1)).
+inline constexpr int kExitDrainTimeout = 124;
+// 0 when quiet (or the tree exited meanwhile), kExitDrainTimeout, 1 on an error, 2 on a usage
+// error (a bad number of seconds, --quiet-for longer than --timeout, several trees running).
+int drain(const DrainOptions& options);
 
 // `vsup __node`: a sub-supervisor, started by its parent with the control socket on fd 3.
 int nodeMain();

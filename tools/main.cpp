@@ -5,7 +5,10 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <vector>
+
+#include <kj/exception.h>
 
 #include "base/check.h"
 #include "base/log.h"
@@ -13,6 +16,28 @@
 #include "supervisor/supervisor.h"
 #include "tools/commands.h"
 #include "workers/processes.h"
+
+namespace {
+
+// In the json log format, KJ's own diagnostics (written straight to stderr by default) go
+// through the vsup logger too, so that every line of the process's stderr is JSON. Installed on
+// the main thread, where every loop of the vsup executable runs.
+class KjToVsupLog final : public kj::ExceptionCallback {
+ public:
+  void logMessage(kj::LogSeverity severity, const char* file, int line, int contextDepth,
+                  kj::String&& text) override {
+    (void)contextDepth;
+    auto level = severity == kj::LogSeverity::INFO    ? spdlog::level::info
+                 : severity == kj::LogSeverity::WARNING ? spdlog::level::warn
+                 : severity == kj::LogSeverity::DBG     ? spdlog::level::debug
+                                                        : spdlog::level::err;
+    std::string message(text.cStr());
+    while (!message.empty() && message.back() == '\n') message.pop_back();
+    vsup::log().log(level, "[kj] {}:{}: {}", file, line, message);
+  }
+};
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace vsup;
@@ -29,8 +54,18 @@ int main(int argc, char** argv) {
   CLI::App app{"vsup: OTP-style supervision trees for LLM inference serving"};
   app.require_subcommand(1);
   std::string logLevel = "info";
-  app.add_option("--log-level", logLevel, "trace, debug, info, warn, error or off")
+  // The format every process of the tree logs in (the children get it through the
+  // environment, base/log.h); the default keeps what $VSUP_LOG_FORMAT says, else text.
+  std::string logFormatName = nameOf(vsup::logFormat());
+  const char* logLevelHelp = "trace, debug, info, warn, error or off";
+  const char* logFormatHelp =
+      "text (one line per event: time, process, message) or json (one JSON object per line: "
+      "time, level, process, pid, message; every line of the tree's output, children's "
+      "included)";
+  auto logFormats = CLI::IsMember({"text", "json"});
+  app.add_option("--log-level", logLevel, logLevelHelp)
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  app.add_option("--log-format", logFormatName, logFormatHelp)->check(logFormats);
 
   tools::RunOptions run;
   tools::ServeOptions serve;
@@ -41,8 +76,9 @@ int main(int argc, char** argv) {
                        ->check(CLI::ExistingFile);
   runCmd->add_option("--control-socket", run.controlSocket,
                      "serve `vsup tree` here (default: $XDG_RUNTIME_DIR/vsup/<name>-<pid>.sock)");
-  runCmd->add_option("--log-level", logLevel, "trace, debug, info, warn, error or off")
+  runCmd->add_option("--log-level", logLevel, logLevelHelp)
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  runCmd->add_option("--log-format", logFormatName, logFormatHelp)->check(logFormats);
   // Serving flags, named like `vllm serve`'s. Each excludes --topology.
   std::vector<CLI::Option*> serving = {
       runCmd->add_option("--api-server-count", serve.apiServerCount,
@@ -51,13 +87,31 @@ int main(int argc, char** argv) {
       runCmd->add_option("--host", serve.host, "address to listen on")->capture_default_str(),
       runCmd->add_option("--port", serve.port, "TCP port")->capture_default_str(),
       runCmd->add_option("--shutdown-timeout", serve.shutdownTimeout,
-                         "seconds in-flight requests get to finish after SIGTERM (0: abort at once)")
+                         "seconds in-flight requests get to finish after SIGTERM or SIGINT (0: "
+                         "abort them at once, as vLLM's default); the whole tree then stops "
+                         "within this + 15 s (+ --kv-shutdown-timeout with a KV connector)")
           ->check(CLI::Range(0.0, 86400.0))->capture_default_str(),
       runCmd->add_option("--api-key", serve.apiKey,
                          "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)"),
       runCmd->add_option("--max-request-bytes", serve.maxRequestBytes, "largest request body")
           ->check(CLI::Range(uint64_t(1024), uint64_t(1) << 34))->capture_default_str(),
+      runCmd->add_option("--served-model-name", serve.servedModelNames,
+                         "the model names requests may use (\"model\" in a request body), the "
+                         "first one shown by /v1/models and in /metrics; default: the model as "
+                         "given (MODEL or --model). Takes one or more names: put MODEL before "
+                         "it")
+          ->expected(1, -1),
+      runCmd->add_flag("--enable-log-requests", serve.logRequests,
+                       "one log line per request from the API servers (request id, sizes, "
+                       "status, time; never the prompt or the completion)"),
   };
+  // vLLM's older spelling of the default, accepted so that scripts written for it run as they
+  // are; it only contradicts --enable-log-requests.
+  bool noRequestLog = false;
+  serving.push_back(runCmd->add_flag("--disable-log-requests", noRequestLog,
+                                     "no per-request log lines (the default; accepted as vLLM "
+                                     "accepts it)")
+                        ->excludes("--enable-log-requests"));
   for (auto* opt : workers::addEngineFlags(*runCmd, serve.engine)) serving.push_back(opt);
   for (auto* opt : serving) opt->excludes(topology);
 
@@ -69,15 +123,57 @@ int main(int argc, char** argv) {
   treeCmd->add_option("--interval", tree.intervalSeconds, "seconds between refreshes with --watch")
       ->check(CLI::Range(0.05, 3600.0));
 
+  tools::DrainOptions drain;
+  auto* drainCmd = app.add_subcommand(
+      "drain", "leave the load balancers' rotation, return once the traffic has stopped");
+  drainCmd->footer(
+      "A preStop hook that watches instead of sleeping: every API server of the running tree "
+      "turns /health to 503 (draining) and keeps serving every request; vsup drain returns "
+      "once no new request arrived for --quiet-for seconds (the load balancers have noticed). "
+      "Exit status: 0 quiet, or the tree exited meanwhile; 124 --timeout passed first; 1 an "
+      "error; 2 a usage error.");
+  drainCmd->add_option("--socket", drain.socket, "the root's control socket (default: find it)");
+  drainCmd->add_option("--quiet-for", drain.quietForSeconds,
+                       "return once no new request arrived for this many seconds: the load "
+                       "balancers have taken this server out (about their health-check period "
+                       "times their failure threshold, plus a margin)")
+      ->capture_default_str();
+  drainCmd->add_option("--timeout", drain.timeoutSeconds,
+                       "give up (exit 124) after this many seconds; keep it below the "
+                       "preStop budget (terminationGracePeriodSeconds less the shutdown)")
+      ->capture_default_str();
+  drainCmd->add_flag("--wait", drain.wait,
+                     "once quiet, also wait until no request is in flight");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // CLI11 prints help with exit 0, errors with its own code: ours is 2 for usage errors.
+    if (e.get_exit_code() != 0) {
+      // In the json format (asked for on the command line, which did not parse as a whole, or
+      // inherited), the usage error is one JSON line too.
+      bool json = vsup::logFormat() == LogFormat::Json;
+      for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "--log-format=json" || (a == "--log-format" && i + 1 < argc &&
+                                         std::string(argv[i + 1]) == "json")) {
+          json = true;
+        }
+      }
+      if (json) {
+        setLogFormat("json");
+        tools::printMessage("vsup", std::string(e.what()) + " (see vsup --help)");
+        return supervisor::kExitUsage;
+      }
+    }
     int rc = app.exit(e);
     return rc == 0 ? 0 : supervisor::kExitUsage;
   }
   try {
     setLogLevel(logLevel);
+    setLogFormat(logFormatName);
+    std::optional<KjToVsupLog> kjLog;
+    if (vsup::logFormat() == LogFormat::Json) kjLog.emplace();
     if (runCmd->parsed()) {
       if (!run.topology.empty()) return tools::runTopology(run);
       if (serve.apiKey.empty()) {
@@ -87,8 +183,9 @@ int main(int argc, char** argv) {
       return tools::serve(serve);
     }
     if (treeCmd->parsed()) return tools::tree(tree);
+    if (drainCmd->parsed()) return tools::drain(drain);
   } catch (const vsup::Error& e) {
-    std::fprintf(stderr, "vsup: %s\n", e.what());
+    tools::printMessage("vsup", e.what());
     return supervisor::kExitError;
   }
   return supervisor::kExitUsage;

@@ -2,6 +2,7 @@
 // socket on fd 3, sends the spec with Node.start (and no start configuration: a sub-supervisor has
 // none, and ignores any), and stops it with Node.shutdown — never with a signal, which only the
 // root handles; if its parent disappears it tears its subtree down by itself (ChildRuntime).
+// Node.leaveRotation is passed on to every running vsup-aware child.
 #include <memory>
 
 #include <kj/debug.h>
@@ -50,6 +51,13 @@ class SubSupervisor final : public workers::NodeState {
     return s;
   }
 
+  // Node.leaveRotation: passed on to every running vsup-aware child (an API server below a
+  // sub-supervisor leaves the rotation too).
+  kj::Promise<void> leaveRotation() {
+    if (!sup_) return kj::READY_NOW;
+    return sup_->leaveRotationChildren();
+  }
+
   kj::Promise<bool> stopChildren(MonoNs deadline) {
     if (!sup_) return true;
     return sup_->shutdown(deadline).then([this]() {
@@ -79,6 +87,7 @@ int nodeMain() {
     runtime.onStart([n](const SupervisorSpec& spec) { return n->start(spec); });
     runtime.onStatus([n]() { return n->status(); });
     runtime.onStopChildren([n](MonoNs deadline) { return n->stopChildren(deadline); });
+    runtime.onLeaveRotation([n]() { return n->leaveRotation(); });
     return std::unique_ptr<workers::NodeState>(std::move(node));
   });
 }

@@ -11,6 +11,7 @@
 // both at spawn (no path on disk).
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -37,8 +38,21 @@ int serve(const ServeOptions& o) {
     config = workers::toEngineConfig(o.engine);
     (void)engine::backendFor(config).plan(config);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "vsup run: %s\n", e.what());
+    printMessage("vsup run", e.what());
     return kExitUsage;
+  }
+  for (size_t i = 0; i < o.servedModelNames.size(); ++i) {
+    const std::string& name = o.servedModelNames[i];
+    std::string bad = name.empty() ? "an empty name"
+                      : std::find(o.servedModelNames.begin(), o.servedModelNames.begin() + i,
+                                  name) != o.servedModelNames.begin() + i
+                          ? "'" + name + "' twice"
+                          : "";
+    if (!bad.empty()) {
+      printMessage("vsup run", "--served-model-name: " + bad +
+                                   " (give each name a request may use once)");
+      return kExitUsage;
+    }
   }
   std::string exe = selfExecutable();
   // One socketpair per API server: [0] stays with engine-core, [1] goes to the API server.
@@ -82,6 +96,12 @@ int serve(const ServeOptions& o) {
     api.command = {exe, "__api-server", "--index", std::to_string(i), "--host", o.host,
                    "--port", std::to_string(o.port), "--model", config.common.model,
                    "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4"};
+    // The model as given is /v1/models' `root`; the served names (default: that same string)
+    // are what requests name.
+    for (const auto& name : o.servedModelNames) {
+      api.command.push_back("--served-model-name=" + name);  // one word: a name may start with '-'
+    }
+    if (o.logRequests) api.command.push_back("--log-requests");
     api.inheritFds = {apiEnds[i].get()};
     if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);
     api.shutdown = ShutdownPolicy::timeout(budget.apiServerStopMs);

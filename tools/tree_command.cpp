@@ -1,4 +1,5 @@
-// `vsup tree`: connects to a running root's control socket and prints its tree.
+// `vsup tree`: connects to a running root's control socket and prints its tree. Also how every
+// client command (`vsup tree`, `vsup drain`) finds and connects to that socket.
 #include <dirent.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -7,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <vector>
 
 #include "base/check.h"
@@ -22,9 +24,7 @@ namespace vsup::tools {
 
 using namespace vsup::supervisor;
 
-namespace {
-
-OwnFd connectTo(const std::string& path) {
+OwnFd connectToSocket(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof addr.sun_path) return {};
@@ -33,6 +33,8 @@ OwnFd connectTo(const std::string& path) {
   if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) return {};
   return fd;
 }
+
+namespace {
 
 std::vector<std::string> liveSockets() {
   std::vector<std::string> out;
@@ -43,7 +45,7 @@ std::vector<std::string> liveSockets() {
     std::string name = e->d_name;
     if (name.size() > 5 && name.substr(name.size() - 5) == ".sock") {
       std::string path = dir + "/" + name;
-      if (connectTo(path)) out.push_back(path);
+      if (connectToSocket(path)) out.push_back(path);
     }
   }
   ::closedir(d);
@@ -62,6 +64,10 @@ nlohmann::json toJson(const NodeStatus& s) {
                       ? nlohmann::json{{"reason", s.deferral.reason}, {"progress", s.deferral.progress}}
                       : nlohmann::json(nullptr);
   if (s.inFlight >= 0) j["in_flight"] = s.inFlight;
+  // Like in_flight, only for the nodes they apply to (an API server, a node that serves
+  // traffic): the others are never in a load balancer's rotation.
+  if (s.requestsTotal >= 0) j["requests_total"] = s.requestsTotal;
+  if (s.requestsTotal >= 0 || s.outOfRotation) j["out_of_rotation"] = s.outOfRotation;
   j["children"] = nlohmann::json::array();
   for (const auto& c : s.children) j["children"].push_back(toJson(c));
   return j;
@@ -81,6 +87,8 @@ void printText(const NodeStatus& s, const std::string& prefix, const std::string
                 double(s.uptimeMs) / 1000.0, s.restarts);
   out += line;
   if (s.inFlight >= 0) out += "  in-flight " + std::to_string(s.inFlight);
+  if (s.requestsTotal >= 0) out += "  requests " + std::to_string(s.requestsTotal);
+  if (s.outOfRotation) out += "  out of rotation";
   if (s.deferral.active()) {
     out += "  deferring: " + s.deferral.reason;
     if (!s.deferral.progress.empty()) out += " (" + s.deferral.progress + ")";
@@ -95,31 +103,39 @@ void printText(const NodeStatus& s, const std::string& prefix, const std::string
 
 }  // namespace
 
-int tree(const TreeOptions& options) {
-  std::string path = options.socket;
-  if (path.empty()) {
-    auto found = liveSockets();
-    if (found.empty()) {
-      std::fprintf(stderr, "vsup tree: no running vsup tree found in %s (use --socket PATH)\n",
-                   ControlSocket::defaultDirectory().c_str());
-      return kExitError;
-    }
-    if (found.size() > 1) {
-      std::fprintf(stderr, "vsup tree: %zu trees are running; choose one with --socket:\n",
-                   found.size());
-      for (const auto& p : found) std::fprintf(stderr, "  %s\n", p.c_str());
-      return kExitUsage;
-    }
-    path = found[0];
+std::optional<std::string> findTreeSocket(const std::string& given, const char* command,
+                                          int& rc) {
+  if (!given.empty()) return given;
+  auto found = liveSockets();
+  if (found.empty()) {
+    printMessage(command, "no running vsup tree found in " + ControlSocket::defaultDirectory() +
+                              " (use --socket PATH)");
+    rc = kExitError;
+    return std::nullopt;
   }
-  OwnFd fd = connectTo(path);
+  if (found.size() > 1) {
+    std::string message =
+        std::to_string(found.size()) + " trees are running; choose one with --socket:";
+    for (const auto& p : found) message += " " + p;
+    printMessage(command, message);
+    rc = kExitUsage;
+    return std::nullopt;
+  }
+  return found[0];
+}
+
+int tree(const TreeOptions& options) {
+  int rc = 0;
+  auto found = findTreeSocket(options.socket, "vsup tree", rc);
+  if (!found) return rc;
+  std::string path = *found;
+  OwnFd fd = connectToSocket(path);
   if (!fd) {
-    std::fprintf(stderr, "vsup tree: cannot connect to %s: %s\n", path.c_str(), std::strerror(errno));
+    printMessage("vsup tree", "cannot connect to " + path + ": " + std::strerror(errno));
     return kExitError;
   }
   uv_loop_t loop;
   uv_loop_init(&loop);
-  int rc = 0;
   {
     ipc::KjOnUv kj(&loop);
     auto link = ipc::RpcLink::connect(&loop, std::move(fd));
@@ -134,7 +150,7 @@ int tree(const TreeOptions& options) {
           std::printf("(the tree has exited)\n");
           break;
         }
-        std::fprintf(stderr, "vsup tree: %s: %s\n", path.c_str(), e.getDescription().cStr());
+        printMessage("vsup tree", path + ": " + e.getDescription().cStr());
         rc = kExitError;
         break;
       }

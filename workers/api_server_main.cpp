@@ -1,7 +1,14 @@
 // `vsup __api-server --index I --engine-fd FD [...]`: one OpenAI-compatible HTTP front end
 // (workers/api_server/api_server.h), wired into its node: Node.start attaches to engine-core
-// over the inherited socket and listens, Node.quiesce starts the drain, and the "drain" shutdown
-// hook waits for the last response before the process exits.
+// over the inherited socket and listens, Node.leaveRotation turns /health to 503 while it keeps
+// serving (`vsup drain`), Node.quiesce starts the drain, and the "drain" shutdown hook waits for
+// the last response before the process exits. Its status carries the requests in flight and
+// since start, and whether it left the rotation.
+//
+//   --model M                  the model as `vsup run` was given it (/v1/models' root)
+//   --served-model-name NAME   a name requests may use (repeatable; the first is public);
+//                              none: M
+//   --log-requests             one log line per request (never a prompt)
 #include <CLI/CLI.hpp>
 #include <cstdlib>
 #include <memory>
@@ -21,6 +28,8 @@ int apiServerMain(int argc, char** argv) {
   app.add_option("--host", options.host);
   app.add_option("--port", options.port);
   app.add_option("--model", options.model);
+  app.add_option("--served-model-name", options.servedModelNames);
+  app.add_flag("--log-requests", options.logRequests);
   app.add_option("--max-request-bytes", options.maxRequestBytes);
   app.add_option("--max-tokens", options.maxTokens);
   app.add_option("--engine-fd", engineFd)->required();
@@ -37,11 +46,17 @@ int apiServerMain(int argc, char** argv) {
       return a->start(OwnFd(engineFd));
     });
     runtime.onQuiesce([a](MonoNs deadline) { return a->quiesce(deadline); });
+    runtime.onLeaveRotation([a]() -> kj::Promise<void> {
+      a->leaveRotation();
+      return kj::READY_NOW;
+    });
     runtime.onStatus([a]() -> kj::Promise<supervisor::NodeStatus> {
       supervisor::NodeStatus s;
       s.type = supervisor::NodeType::Worker;
       s.state = supervisor::NodeState::Running;
       s.inFlight = a->inFlight();
+      s.requestsTotal = int64_t(a->requestsTotal());
+      s.outOfRotation = a->outOfRotation();
       return s;
     });
     runtime.addShutdownHook("drain", [a](supervisor::ShutdownContext& ctx) {

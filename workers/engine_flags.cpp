@@ -24,10 +24,14 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
   // Any known name parses; one this build lacks is refused by toEngineConfig, saying how to
   // get it.
   opt(app.add_option("--engine", f.engine, help))->check(CLI::IsMember(names));
-  opt(app.add_option("--model", f.common.model,
-                     "a built-in preset (vsup-tiny-25m, vsup-tiny-4m) or a Hugging Face model "
-                     "directory (config.json, tokenizer.json, *.safetensors); also the served "
-                     "model name"));
+  const char* modelHelp =
+      "a built-in preset (vsup-tiny-25m, vsup-tiny-4m) or a Hugging Face model directory "
+      "(config.json, tokenizer.json, *.safetensors); any name with --engine sim. Also the served "
+      "model name unless --served-model-name is given";
+  added.push_back(app.add_option("MODEL", f.modelArg,
+                                 std::string("the model, as `vllm serve MODEL`: the same as "
+                                             "--model (give one, or both alike)")));
+  added.push_back(app.add_option("--model", f.model, modelHelp)->default_str(f.common.model));
   opt(app.add_option("--tensor-parallel-size", f.common.tensorParallelSize,
                      "worker processes (ranks) per engine"))
       ->check(CLI::Range(1u, 64u));
@@ -65,8 +69,19 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
 }
 
 engine::EngineConfig toEngineConfig(const EngineFlags& f) {
-  return engine::makeEngineConfig(f.engine, f.common, f.kvCacheMemory, "--kv-cache-memory",
-                                  f.cpu, f.sim);
+  engine::CommonConfig common = f.common;
+  if (f.model && f.modelArg && *f.model != *f.modelArg) {
+    throw std::invalid_argument("MODEL '" + *f.modelArg + "' and --model '" + *f.model +
+                                "' name different models: give the model once (either one)");
+  }
+  if (f.modelArg) {
+    common.model = *f.modelArg;
+  } else if (f.model) {
+    common.model = *f.model;
+  }
+  if (common.model.empty()) throw std::invalid_argument("--model: the model name is empty");
+  return engine::makeEngineConfig(f.engine, common, f.kvCacheMemory, "--kv-cache-memory", f.cpu,
+                                  f.sim);
 }
 
 }  // namespace vsup::workers

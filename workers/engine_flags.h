@@ -15,13 +15,17 @@ namespace vsup::workers {
 // What the user typed, before it becomes an EngineConfig.
 struct EngineFlags {
   std::string engine = "cpu";  // --engine
+  // The model: --model NAME, or the positional MODEL (as `vllm serve MODEL`); both may be given
+  // only if they agree. Neither: common.model's default (engine::kDefaultModelName).
+  std::optional<std::string> model;
+  std::optional<std::string> modelArg;
   std::string kvCacheMemory = "256MiB";
   engine::CommonConfig common;
   engine::CpuConfig cpu;
   engine::SimConfig sim;
 };
 
-// Adds --engine, --model, --tensor-parallel-size, --max-num-seqs, --load-format, --seed,
+// Adds the positional MODEL and --engine, --model, --tensor-parallel-size, --max-num-seqs, --load-format, --seed,
 // --max-num-batched-tokens, --max-model-len, --kv-cache-memory, --block-size,
 // --collective-timeout-ms, --sim-token-ms, --kv-connector, --sim-kv-transfer-ms and
 // --kv-shutdown-timeout, each with its help text and default. Returns them.
@@ -29,7 +33,8 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& flags);
 
 // The flags as one EngineConfig: the chosen backend's part only, sizes parsed, ranges and
 // relations checked (engine::validate) and the engine known and built. Throws
-// std::invalid_argument with a message naming the flag.
+// std::invalid_argument with a message naming the flag (MODEL and --model naming two different
+// models: both).
 engine::EngineConfig toEngineConfig(const EngineFlags& flags);
 
 }  // namespace vsup::workers

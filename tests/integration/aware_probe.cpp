@@ -11,6 +11,11 @@
 //   --defer-reason TXT  the deferral reason (default "kv: 3 transfers pending")
 //   --start-config-out FILE  on each start request, write the start configuration it carried
 //                       (ChildRuntime::startConfig()), byte for byte, to FILE (truncated first)
+//   --rotation          act as an API server does toward its parent: the status carries
+//                       requestsTotal (0) and outOfRotation, and Node.leaveRotation logs
+//                       "leave_rotation" and sets outOfRotation
+//   --leave-rotation-ms MS  with --rotation: answer Node.leaveRotation only MS later (a child
+//                       slow to answer)
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
@@ -41,6 +46,8 @@ struct Options {
   long deferMs = 0;
   std::string deferReason = "kv: 3 transfers pending";
   std::string startConfigOut;
+  bool rotation = false;
+  long leaveRotationMs = 0;
 };
 
 Options options;
@@ -98,6 +105,8 @@ int main(int argc, char** argv) {
     else if (a == "--defer-ms") options.deferMs = std::stol(value());
     else if (a == "--defer-reason") options.deferReason = value();
     else if (a == "--start-config-out") options.startConfigOut = value();
+    else if (a == "--rotation") options.rotation = true;
+    else if (a == "--leave-rotation-ms") options.leaveRotationMs = std::stol(value());
     else {
       std::fprintf(stderr, "aware-probe: unknown flag %s\n", a.c_str());
       return 2;
@@ -117,6 +126,8 @@ int main(int argc, char** argv) {
   int code = 1;
   {
     ipc::KjOnUv kj(&loop);
+    bool ready = false;          // for --rotation's status
+    bool outOfRotation = false;
     ChildRuntime runtime(&loop);
     runtime.onStart([&](const SupervisorSpec&) -> kj::Promise<void> {
       if (options.failStart) return KJ_EXCEPTION(FAILED, "aware-probe refused to start");
@@ -124,8 +135,27 @@ int main(int argc, char** argv) {
           !writeAll(options.startConfigOut, runtime.startConfig())) {
         return KJ_EXCEPTION(FAILED, "aware-probe cannot write", options.startConfigOut.c_str());
       }
-      return ipc::uvSleep(&loop, uint64_t(options.readyAfterMs)).then([]() { event("ready"); });
+      return ipc::uvSleep(&loop, uint64_t(options.readyAfterMs)).then([&ready]() {
+        ready = true;
+        event("ready");
+      });
     });
+    if (options.rotation) {
+      runtime.onStatus([&]() -> kj::Promise<NodeStatus> {
+        NodeStatus st;
+        st.type = NodeType::Worker;
+        st.state = ready ? NodeState::Running : NodeState::Starting;
+        st.requestsTotal = 0;
+        st.outOfRotation = outOfRotation;
+        return st;
+      });
+      runtime.onLeaveRotation([&]() -> kj::Promise<void> {
+        return ipc::uvSleep(&loop, uint64_t(options.leaveRotationMs)).then([&]() {
+          outOfRotation = true;
+          event("leave_rotation");
+        });
+      });
+    }
     runtime.addShutdownHook("probe", [&](ShutdownContext& ctx) -> kj::Promise<void> {
       event("shutdown");
       if (options.deferMs <= 0) return kj::READY_NOW;
