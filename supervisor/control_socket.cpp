@@ -60,6 +60,10 @@ ControlSocket::ControlSocket(uv_loop_t* loop, std::string path, NodeHandler& han
   }
 
   fd_.reset(VSUP_SYSCALL(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)));
+  // On Linux, bind() creates the socket file with the socket's own inode mode (less the umask):
+  // set to 0600 first, the file never exists with a wider mode, not even for an instant (a
+  // chmod after bind left a window another user's connect, or a test, could see).
+  VSUP_SYSCALL(::fchmod(fd_.get(), 0600));
   if (::bind(fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) {
     VSUP_REQUIRE(errno == EADDRINUSE, path_ + ": cannot bind control socket: " + std::strerror(errno));
     // Something is there. A live tree answers a connect; a stale socket file does not.
@@ -72,7 +76,7 @@ ControlSocket::ControlSocket(uv_loop_t* loop, std::string path, NodeHandler& han
     ::unlink(path_.c_str());
     VSUP_SYSCALL(::bind(fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr));
   }
-  ::chmod(path_.c_str(), 0600);
+  ::chmod(path_.c_str(), 0600);  // where fchmod before bind is not honoured (not Linux)
   VSUP_SYSCALL(::listen(fd_.get(), 16));
   poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) { uv_poll_init(loop_, h, fd_.get()); });
   poll_->data = this;
