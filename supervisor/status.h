@@ -66,9 +66,10 @@ struct NodeStatus {
   uint32_t restarts = 0;
   Deferral deferral;
   int64_t inFlight = -1;  // requests in flight (an API server); -1: not applicable
+  std::vector<NodeStatus> children;
+  // After children, so existing aggregate initializers keep their meaning.
   int64_t requestsTotal = -1;  // requests accepted since start (an API server); -1: n/a
   bool outOfRotation = false;  // leaveRotation() was called (an API server: /health is 503)
-  std::vector<NodeStatus> children;
 };
 
 }  // namespace vsup::supervisor

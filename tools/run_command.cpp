@@ -101,7 +101,7 @@ int runTopology(const RunOptions& options) {
   try {
     spec = loadTopology(options.topology);
   } catch (const vsup::Error& e) {
-    std::fprintf(stderr, "vsup: %s\n", e.what());
+    printMessage("vsup", e.what());
     return kExitUsage;
   }
   return runTree(spec, options.controlSocket, RootHooks{});
@@ -172,7 +172,7 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
           &loop, controlSocket.empty() ? ControlSocket::defaultPath(spec.name) : controlSocket,
           rootNode);
     } catch (const vsup::Error& e) {
-      std::fprintf(stderr, "vsup: %s\n", e.what());
+      printMessage("vsup", e.what());
       return kExitError;
     }
     vsup::log().info("[supervisor] {}: control socket {}", spec.name, control->path());

@@ -1,9 +1,11 @@
 #include "workers/api_server/api_server.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <optional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -14,6 +16,7 @@
 #include "ipc/uv_kj.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/fault_injection.h"
+#include "workers/api_server/metrics.h"
 #include "workers/api_server/openai.h"
 #include "workers/engine_client.h"
 #include "workers/http/http_server.h"
@@ -34,6 +37,36 @@ const char* nameOf(ApiState state) {
 namespace {
 
 using engine::FinishReason;
+
+// Retry-After on the 503 an inference request gets once the server stops serving: a client
+// behind a load balancer that has taken this replica out retries elsewhere, so waiting longer
+// gains nothing; 1 s rather than 0 keeps a client that comes back here directly from spinning.
+constexpr const char* kRetryAfterSeconds = "1";
+// How long a scrape waits for the engine's figures before it serves the last ones it had.
+constexpr uint64_t kStatsTimeoutMs = 1000;
+// drain(): how long the final close may take to serve what has arrived and end every
+// connection with FIN (never more than the shutdown deadline leaves).
+constexpr uint64_t kCloseMs = 2000;
+// The longest X-Request-Id echoed; a longer one (or one with a byte outside printable ASCII)
+// is replaced by ours.
+constexpr size_t kMaxRequestIdBytes = 256;
+
+bool validRequestId(std::string_view id) {
+  if (id.empty() || id.size() > kMaxRequestIdBytes) return false;
+  for (char c : id) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+const char* joinedFinish(const std::vector<FinishReason>& finish, std::string& out) {
+  out.clear();
+  for (FinishReason f : finish) {
+    if (!out.empty()) out += ",";
+    out += f == FinishReason::None ? "none" : engine::nameOf(f);
+  }
+  return out.c_str();
+}
 
 // Compares in time independent of where the strings differ.
 bool constantTimeEquals(std::string_view a, std::string_view b) {
@@ -68,6 +101,8 @@ struct Pending {
   std::shared_ptr<http::Response> response;
   api::CompletionCall call;
   std::string id;
+  std::string requestId;      // X-Request-Id: the client's, else `id`; the id in log lines
+  MonoNs arrived = 0;
   int64_t created = 0;
   std::vector<std::string> engineIds;
   std::vector<std::string> text;
@@ -97,7 +132,10 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
         tasks_(*this) {
     std::random_device rd;
     idPrefix_ = std::to_string(options_.index) + "-" + std::to_string(rd() % 1000000);
-    limits_.servedModel = options_.model;
+    servedNames_ = options_.servedModelNames;
+    if (servedNames_.empty()) servedNames_.push_back(options_.model);
+    limits_.servedModel = servedNames_.front();
+    limits_.servedModels = servedNames_;
     limits_.maxTokensLimit = options_.maxTokens;
   }
 
@@ -106,7 +144,10 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
   kj::Promise<void> start(OwnFd engine);
   kj::Promise<void> quiesce(MonoNs drainDeadline);
   kj::Promise<void> drain(MonoNs deadline, const std::function<void(const std::string&)>& defer);
+  void leaveRotation();
+  bool outOfRotation() const { return outOfRotation_; }
   int64_t inFlight() const { return int64_t(pending_.size()); }
+  uint64_t requestsTotal() const { return requestsTotal_; }
   ApiState state() const { return state_; }
   uint16_t port() const { return server_ ? server_->port() : 0; }
 
@@ -121,23 +162,33 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
   void engineLost();
   void handle(http::Request&& request, std::shared_ptr<http::Response> response);
   void handleCompletion(const http::Request& request, std::shared_ptr<http::Response> response,
-                        bool chat);
-  void sendError(http::Response& response, const api::ApiError& error);
-  void sendJson(http::Response& response, int status, const std::string& body);
+                        bool chat, std::string clientId);
+  void serveMetrics(std::shared_ptr<http::Response> response, const std::string& requestId);
+  void sendError(http::Response& response, const api::ApiError& error,
+                 const std::string& requestId, http::Headers extra = {});
+  void sendJson(http::Response& response, int status, const std::string& body,
+                const std::string& requestId, http::Headers extra = {});
+  bool healthy() const { return state_ == ApiState::Ready && !outOfRotation_; }
+  std::string healthBody() const;
   void onDelta(const engine::TokenDelta& d);
   void startStream(Pending& p);
   void endWithError(Pending& p, const api::ApiError& error);
   void complete(const std::string& id);
+  void logEnd(const Pending& p, const std::string& outcome);
   void abortAll();
   void forceFinishAll();
-  std::string metrics() const;
+  kj::Promise<void> closeServer(MonoNs deadline, MonoNs hard);
+  std::string metricsText() const;
 
   uv_loop_t* loop_;
   ApiServerOptions options_;
+  std::vector<std::string> servedNames_;  // the first is the public name
   api::Limits limits_;
   std::string idPrefix_;
   uint64_t nextId_ = 0;
   ApiState state_ = ApiState::Starting;
+  bool outOfRotation_ = false;
+  int64_t maxModelLen_ = 0;  // the engine's (attach); 0: unbounded
   std::unique_ptr<http::Server> server_;
   EngineClient engine_;
   std::map<std::string, std::unique_ptr<Pending>> pending_;       // by HTTP request id
@@ -147,16 +198,21 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
   uint64_t deltaBatches_ = 0;  // for VSUP_TEST_FAULT crash@deltaN
   uint64_t abortedAtShutdown_ = 0;
   uint64_t errorsTotal_ = 0;
+  engine::EngineStats lastStats_;  // the engine's last answer to Engine.stats; zeros before
+  bool statsFailureLogged_ = false;
   MonoNs quiescedAt_ = 0;
   MonoNs drainDeadline_ = kNoDeadline;
   double drainSeconds_ = -1;
   kj::Own<kj::PromiseFulfiller<void>> idle_;
+  kj::Own<kj::PromiseFulfiller<void>> closed_;
+  bool closing_ = false;  // the final close is under way: scrapes are not held for the engine
   kj::Promise<void> drainTimer_ = kj::READY_NOW;
   kj::TaskSet tasks_;  // last: its tasks use everything above
 };
 
 kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
-  return engine_.connect(std::move(engine)).then([this](EngineInfo) {
+  return engine_.connect(std::move(engine)).then([this](EngineInfo info) {
+    maxModelLen_ = info.maxModelLen;
     http::ServerOptions o;
     o.host = options_.host;
     o.port = options_.port;
@@ -166,16 +222,31 @@ kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
           handle(std::move(r), std::move(w));
         });
     server_->setDrainResponse("application/json",
-                              api::renderError(api::unavailable("server is shutting down")));
+                              api::renderError(api::unavailable("server is shutting down")),
+                              {{"Retry-After", kRetryAfterSeconds}});
     server_->onIdle([this]() {
       if (idle_ && idle_->isWaiting()) idle_->fulfill();
     });
     server_->listen();
+    if (outOfRotation_) server_->setDraining();  // taken out of rotation while attaching
     // The engine may have failed while we attached: Failed is final.
     if (state_ == ApiState::Starting) state_ = ApiState::Ready;
     vsup::log().info("[api] {}: listening on {}:{}", options_.name, options_.host,
                      server_->port());
   });
+}
+
+void ApiServer::Impl::leaveRotation() {
+  if (outOfRotation_) return;
+  outOfRotation_ = true;
+  // Every response from now on closes its connection: a client holding a kept-alive connection
+  // (which a Service's conntrack entry keeps pinned here) dials again, and its next connect goes
+  // where the load balancers route now. Without this, keep-alive traffic would never let
+  // `vsup drain` see the quiet it waits for. Requests are still all served.
+  if (server_) server_->setDraining();
+  vsup::log().info("[api] {}: out of rotation: /health is now 503 \"draining\"; still serving "
+                   "every request, each response closing its connection",
+                   options_.name);
 }
 
 kj::Promise<void> ApiServer::Impl::quiesce(MonoNs drainDeadline) {
@@ -190,10 +261,11 @@ kj::Promise<void> ApiServer::Impl::quiesce(MonoNs drainDeadline) {
   if (first) quiescedAt_ = monoNow();
   if (state_ != ApiState::Failed) state_ = ApiState::Draining;
   if (server_ && first) {
-    // Why first: new connects must be refused at once (load balancers retry those safely).
-    server_->stopAccepting();
+    // The listener stays open until drain() ends: a connect is answered (inference requests
+    // with 503 + Connection: close, /health with 503 "draining") rather than refused or reset.
     server_->setDraining();
-    vsup::log().info("[shutdown] {}: listener closed; draining {} request(s) (deadline {})",
+    vsup::log().info("[shutdown] {}: draining {} request(s) (deadline {}); new inference "
+                     "requests get 503",
                      options_.name, pending_.size(),
                      drainDeadline == kNoDeadline
                          ? std::string("none")
@@ -215,29 +287,46 @@ kj::Promise<void> ApiServer::Impl::drain(MonoNs deadline,
                                          const std::function<void(const std::string&)>& defer) {
   if (quiescedAt_ == 0) tasks_.add(quiesce(deadline));
   if (state_ != ApiState::Failed) state_ = ApiState::Stopping;
-  auto finished = [this]() {
-    drainSeconds_ = double(monoNow() - quiescedAt_) / 1e9;
-    vsup::log().info("[shutdown] {}: drained in {:.3f}s ({} aborted)", options_.name,
-                     drainSeconds_, abortedAtShutdown_);
-    server_.reset();  // closes every remaining connection
-  };
-  if (!server_ || server_->inFlight() == 0) {
-    finished();
-    return kj::READY_NOW;
-  }
-  if (defer) defer("draining " + std::to_string(pending_.size()) + " request(s)");
-  auto paf = kj::newPromiseAndFulfiller<void>();
-  idle_ = kj::mv(paf.fulfiller);
   // Past this instant nothing more will come from the engine in time: answer locally, keeping
   // the same reserve a node keeps before its own deadline.
   MonoNs hard = supervisor::DeadlineBudget::forChildren(deadline, monoNow());
-  kj::Promise<void> waited = kj::mv(paf.promise);
-  if (hard != kNoDeadline) {
-    waited = waited.exclusiveJoin(ipc::uvSleep(loop_, msUntil(hard)).then([this]() {
-      forceFinishAll();
-    }));
+  kj::Promise<void> waited = kj::READY_NOW;
+  if (server_ && server_->inFlight() != 0) {
+    if (defer) defer("draining " + std::to_string(pending_.size()) + " request(s)");
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    idle_ = kj::mv(paf.fulfiller);
+    waited = kj::mv(paf.promise);
+    if (hard != kNoDeadline) {
+      waited = waited.exclusiveJoin(ipc::uvSleep(loop_, msUntil(hard)).then([this]() {
+        forceFinishAll();
+      }));
+    }
   }
-  return waited.then(kj::mv(finished));
+  return waited.then([this, deadline, hard]() { return closeServer(deadline, hard); });
+}
+
+// The end of the drain: the last responses are out (or cut at `hard`). The listener closes
+// now (what it has queued is accepted and answered first), every connection ends with FIN.
+kj::Promise<void> ApiServer::Impl::closeServer(MonoNs deadline, MonoNs hard) {
+  drainSeconds_ = double(monoNow() - quiescedAt_) / 1e9;
+  vsup::log().info("[shutdown] {}: drained in {:.3f}s ({} aborted)", options_.name,
+                   drainSeconds_, abortedAtShutdown_);
+  if (!server_) return kj::READY_NOW;
+  uint64_t timeoutMs = kCloseMs;
+  if (deadline != kNoDeadline) {
+    // Half of what is left between the instant of local answers and the deadline, at least:
+    // drain() resolves before `deadline` even if clients never close their side.
+    MonoNs closeBy = std::max(hard, monoNow()) + (deadline - std::max(hard, monoNow())) / 2;
+    timeoutMs = std::min<uint64_t>(timeoutMs, msUntil(closeBy));
+  }
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  closed_ = kj::mv(paf.fulfiller);
+  closing_ = true;
+  server_->close(timeoutMs, [this]() {
+    server_.reset();
+    if (closed_ && closed_->isWaiting()) closed_->fulfill();
+  });
+  return kj::mv(paf.promise);
 }
 
 void ApiServer::Impl::deliver(const std::vector<engine::TokenDelta>& deltas) {
@@ -245,59 +334,152 @@ void ApiServer::Impl::deliver(const std::vector<engine::TokenDelta>& deltas) {
   for (const auto& d : deltas) onDelta(d);
 }
 
-void ApiServer::Impl::sendJson(http::Response& response, int status, const std::string& body) {
-  response.respond(status, {{"Content-Type", "application/json"}}, body);
+void ApiServer::Impl::sendJson(http::Response& response, int status, const std::string& body,
+                               const std::string& requestId, http::Headers extra) {
+  extra.emplace_back("Content-Type", "application/json");
+  extra.emplace_back("X-Request-Id", requestId);
+  response.respond(status, std::move(extra), body);
 }
 
-void ApiServer::Impl::sendError(http::Response& response, const api::ApiError& error) {
+void ApiServer::Impl::sendError(http::Response& response, const api::ApiError& error,
+                                const std::string& requestId, http::Headers extra) {
   ++errorsTotal_;
-  sendJson(response, error.status, api::renderError(error));
+  sendJson(response, error.status, api::renderError(error), requestId, std::move(extra));
+}
+
+std::string ApiServer::Impl::healthBody() const {
+  if (healthy()) return R"({"status":"ready"})";
+  const char* status = state_ == ApiState::Ready ? "draining" : nameOf(state_);  // out of rotation
+  return fmt::format(R"({{"status":"{}","in_flight":{}}})", status, pending_.size());
 }
 
 void ApiServer::Impl::handle(http::Request&& request, std::shared_ptr<http::Response> response) {
   const std::string& path = request.path;
-  if (path == "/health") {
-    if (request.method != "GET" && request.method != "HEAD") {
-      return sendError(*response, methodNotAllowed(request.method, path));
-    }
-    bool ready = state_ == ApiState::Ready;
-    return sendJson(*response, ready ? 200 : 503,
-                    std::string("{\"status\":\"") + nameOf(state_) + "\"}");
+  const std::string& method = request.method;
+  std::string clientId = request.header("x-request-id");
+  if (!validRequestId(clientId)) clientId.clear();
+  bool completion = path == "/v1/completions" || path == "/v1/chat/completions";
+  // X-Request-Id on every response: the client's, else a completion's response id
+  // (handleCompletion), else one of these.
+  std::string requestId = clientId;
+  auto ourId = [&]() -> const std::string& {
+    if (requestId.empty()) requestId = "req-" + idPrefix_ + "-" + std::to_string(++nextId_);
+    return requestId;
+  };
+  if (!completion) ourId();
+  auto bad = [&](const char* hint = "") {
+    sendError(*response, methodNotAllowed(method, path, hint), ourId());
+  };
+  if (path == "/health" || path == "/ping") {
+    // /ping as SageMaker and vLLM have it: the same answer as /health, to GET and POST.
+    bool allowed = method == "GET" || method == "HEAD" || (path == "/ping" && method == "POST");
+    if (!allowed) return bad();
+    return sendJson(*response, healthy() ? 200 : 503, healthBody(), requestId);
+  }
+  if (path == "/live") {
+    if (method != "GET" && method != "HEAD") return bad();
+    bool alive = state_ != ApiState::Failed;
+    return sendJson(*response, alive ? 200 : 503,
+                    fmt::format(R"({{"status":"{}","state":"{}"}})", alive ? "alive" : "failed",
+                                nameOf(state_)),
+                    requestId);
+  }
+  if (path == "/version") {
+    if (method != "GET" && method != "HEAD") return bad();
+    return sendJson(*response, 200, std::string(R"({"version":")") + VSUP_VERSION + "\"}",
+                    requestId);
   }
   if (path == "/metrics") {
-    if (request.method != "GET") return sendError(*response, methodNotAllowed(request.method, path));
-    return response->respond(200, {{"Content-Type", "text/plain; version=0.0.4"}}, metrics());
+    if (method != "GET" && method != "HEAD") return bad();
+    return serveMetrics(std::move(response), requestId);
   }
-  bool known = path == "/v1/models" || path == "/v1/completions" || path == "/v1/chat/completions";
-  if (!known) return sendError(*response, api::pathNotFound(request.method, path));
+  bool known = path == "/v1/models" || completion;
+  if (!known) return sendError(*response, api::pathNotFound(method, path), requestId);
   if (!options_.apiKey.empty()) {
     std::string auth = request.header("authorization");
     std::string expected = "Bearer " + options_.apiKey;
     if (!constantTimeEquals(auth, expected)) {
-      return sendError(*response, api::authenticationFailed());
+      return sendError(*response, api::authenticationFailed(), ourId());
     }
   }
   if (path == "/v1/models") {
-    if (request.method != "GET") return sendError(*response, methodNotAllowed(request.method, path));
-    return sendJson(*response, 200, api::renderModels(options_.model, unixNow()));
+    if (method != "GET") return bad();
+    return sendJson(*response, 200,
+                    api::renderModels(servedNames_, options_.model, maxModelLen_, unixNow()),
+                    requestId);
   }
-  if (request.method != "POST") {
-    return sendError(*response, methodNotAllowed(request.method, path, " (use POST)"));
+  if (method != "POST") return bad(" (use POST)");
+  handleCompletion(request, std::move(response), path == "/v1/chat/completions",
+                   std::move(clientId));
+}
+
+// Each scrape asks the engine for its figures; when the engine cannot answer (failed, gone,
+// stuck past kStatsTimeoutMs) the scrape still answers, with the last figures it had. During
+// the final close (which ends within its own short bound) it answers with those at once.
+void ApiServer::Impl::serveMetrics(std::shared_ptr<http::Response> response,
+                                   const std::string& requestId) {
+  if (closing_) {
+    return response->respond(
+        200, {{"Content-Type", metrics::kContentType}, {"X-Request-Id", requestId}},
+        metricsText());
   }
-  handleCompletion(request, std::move(response), path == "/v1/chat/completions");
+  kj::Promise<engine::EngineStats> asked = engine_.stats().exclusiveJoin(
+      ipc::uvSleep(loop_, kStatsTimeoutMs).then([]() -> kj::Promise<engine::EngineStats> {
+        return KJ_EXCEPTION(FAILED, "no answer in time", kStatsTimeoutMs);
+      }));
+  tasks_.add(asked
+                 .then(
+                     [this](engine::EngineStats stats) {
+                       lastStats_ = std::move(stats);
+                       statsFailureLogged_ = false;
+                     },
+                     [this](kj::Exception&& e) {
+                       if (std::exchange(statsFailureLogged_, true)) return;
+                       vsup::log().warn("[api] {}: /metrics: the engine's figures are not "
+                                        "available ({}); serving the last ones",
+                                        options_.name, e.getDescription().cStr());
+                     })
+                 .then([this, response, requestId]() {
+                   response->respond(200,
+                                     {{"Content-Type", metrics::kContentType},
+                                      {"X-Request-Id", requestId}},
+                                     metricsText());
+                 }));
 }
 
 void ApiServer::Impl::handleCompletion(const http::Request& request,
-                                       std::shared_ptr<http::Response> response, bool chat) {
+                                       std::shared_ptr<http::Response> response, bool chat,
+                                       std::string clientId) {
+  std::string id =
+      std::string(chat ? "chatcmpl-" : "cmpl-") + idPrefix_ + "-" + std::to_string(++nextId_);
+  std::string requestId = clientId.empty() ? id : std::move(clientId);
   if (state_ != ApiState::Ready) {
-    return sendError(*response, api::unavailable(std::string("server is ") + nameOf(state_)));
+    bool stopping = state_ == ApiState::Draining || state_ == ApiState::Stopping;
+    if (options_.logRequests) {
+      vsup::log().info("[api] {}: request {} refused: 503 (server {})", options_.name,
+                       requestId, nameOf(state_));
+    }
+    return sendError(*response,
+                     api::unavailable(stopping ? std::string("server is shutting down")
+                                               : std::string("server is ") + nameOf(state_)),
+                     requestId, {{"Retry-After", kRetryAfterSeconds}, {"Connection", "close"}});
   }
   auto parsed = api::parseCompletionRequest(request.body, chat, limits_);
-  if (auto* error = std::get_if<api::ApiError>(&parsed)) return sendError(*response, *error);
+  if (auto* error = std::get_if<api::ApiError>(&parsed)) {
+    if (options_.logRequests) {
+      // The code and param only: the message may quote the body.
+      vsup::log().info("[api] {}: request {} refused: {} {}{}", options_.name, requestId,
+                       error->status, error->code.empty() ? error->type : error->code,
+                       error->param.empty() ? "" : " (param " + error->param + ")");
+    }
+    return sendError(*response, *error, requestId);
+  }
   auto p = std::make_unique<Pending>();
   p->call = std::move(std::get<api::CompletionCall>(parsed));
   p->response = response;
-  p->id = std::string(chat ? "chatcmpl-" : "cmpl-") + idPrefix_ + "-" + std::to_string(++nextId_);
+  p->id = id;
+  p->requestId = requestId;
+  p->arrived = monoNow();
   p->created = unixNow();
   size_t n = p->call.prompts.size();
   p->text.assign(n, "");
@@ -307,7 +489,11 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
   p->completionTokens.assign(n, 0);
   p->open = n;
   ++requestsTotal_;
-  std::string id = p->id;
+  if (options_.logRequests) {
+    vsup::log().info("[api] {}: request {} arrived: {}{}, id {}, max_tokens {}, {} prompt(s)",
+                     options_.name, requestId, chat ? "chat completion" : "completion",
+                     p->call.stream ? " (stream)" : "", id, p->call.sampling.maxTokens, n);
+  }
   std::vector<engine::GenerateRequest> requests;
   for (size_t i = 0; i < n; ++i) {
     engine::GenerateRequest g;
@@ -351,6 +537,7 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
       engine_.abort(eid);
       choiceOf_.erase(eid);
     }
+    logEnd(*it->second, "client gone (aborted)");
     pending_.erase(it);
   });
 }
@@ -371,7 +558,7 @@ void ApiServer::Impl::onDelta(const engine::TokenDelta& d) {
     startStream(p);
     api::Choice choice{int(index), d.text, d.finish};
     p.response->write(api::sseEvent(api::renderStreamChunk(p.call.chat, p.id, p.created,
-                                                           options_.model, choice,
+                                                           p.call.model, choice,
                                                            !p.started[index])));
     p.started[index] = true;
   }
@@ -386,12 +573,13 @@ void ApiServer::Impl::onDelta(const engine::TokenDelta& d) {
 // Ends a request that failed: an error event and [DONE] once its stream has begun, else a
 // plain JSON error with its status.
 void ApiServer::Impl::endWithError(Pending& p, const api::ApiError& error) {
+  logEnd(p, fmt::format("{} {}", error.status, error.code.empty() ? error.message : error.code));
   if (p.streamStarted) {
     p.response->write(api::sseEvent(api::renderError(error)));
     p.response->write(api::kSseDone);
     p.response->finish();
   } else {
-    sendJson(*p.response, error.status, api::renderError(error));
+    sendJson(*p.response, error.status, api::renderError(error), p.requestId);
   }
 }
 
@@ -399,7 +587,23 @@ void ApiServer::Impl::startStream(Pending& p) {
   if (!p.call.stream || p.streamStarted) return;
   p.streamStarted = true;
   p.response->startStream(200, {{"Content-Type", "text/event-stream"},
-                                {"Cache-Control", "no-cache"}});
+                                {"Cache-Control", "no-cache"},
+                                {"X-Request-Id", p.requestId}});
+}
+
+void ApiServer::Impl::logEnd(const Pending& p, const std::string& outcome) {
+  if (!options_.logRequests) return;
+  int64_t prompt = 0;
+  int64_t completion = 0;
+  for (size_t i = 0; i < p.promptTokens.size(); ++i) {
+    prompt += p.promptTokens[i];
+    completion += p.completionTokens[i];
+  }
+  std::string finish;
+  vsup::log().info("[api] {}: request {} ended in {:.3f}s: {}; finish {}, prompt_tokens {}, "
+                   "completion_tokens {}",
+                   options_.name, p.requestId, double(monoNow() - p.arrived) / 1e9, outcome,
+                   joinedFinish(p.finish, finish), prompt, completion);
 }
 
 // Writes the end of a response whose choices are all finished (or that failed).
@@ -428,11 +632,12 @@ void ApiServer::Impl::complete(const std::string& id) {
     ++errorsTotal_;
     return endWithError(*p, api::serverError(p->error));
   }
+  logEnd(*p, "200");
   if (p->call.stream) {
     startStream(*p);
     if (p->call.includeUsage) {
       p->response->write(api::sseEvent(
-          api::renderUsageChunk(p->call.chat, p->id, p->created, options_.model, usage)));
+          api::renderUsageChunk(p->call.chat, p->id, p->created, p->call.model, usage)));
     }
     p->response->write(api::kSseDone);
     p->response->finish();
@@ -442,12 +647,12 @@ void ApiServer::Impl::complete(const std::string& id) {
   result.chat = p->call.chat;
   result.id = p->id;
   result.created = p->created;
-  result.model = options_.model;
+  result.model = p->call.model;  // the name the client asked for
   for (size_t i = 0; i < p->text.size(); ++i) {
     result.choices.push_back({int(i), p->text[i], p->finish[i]});
   }
   result.usage = usage;
-  sendJson(*p->response, 200, api::renderCompletion(result));
+  sendJson(*p->response, 200, api::renderCompletion(result), p->requestId);
 }
 
 void ApiServer::Impl::abortAll() {
@@ -507,24 +712,17 @@ void ApiServer::Impl::engineLost() {
   }
 }
 
-std::string ApiServer::Impl::metrics() const {
-  std::string out;
-  auto metric = [&](const char* name, const char* type, const char* help, double value) {
-    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" +
-           name + "{server=\"" + std::to_string(options_.index) + "\"} " + std::to_string(value) +
-           "\n";
-  };
-  metric("vsup_requests_in_flight", "gauge", "Requests being answered.", double(pending_.size()));
-  metric("vsup_requests_total", "counter", "Completion requests accepted.", double(requestsTotal_));
-  metric("vsup_requests_aborted_at_shutdown_total", "counter",
-         "Requests aborted at the drain deadline (clients were told).", double(abortedAtShutdown_));
-  metric("vsup_request_errors_total", "counter", "Requests answered with an error.",
-         double(errorsTotal_));
-  metric("vsup_ready", "gauge", "1 when serving, 0 otherwise.",
-         state_ == ApiState::Ready ? 1 : 0);
-  metric("vsup_shutdown_drain_seconds", "gauge", "Duration of the last drain (-1: none yet).",
-         drainSeconds_);
-  return out;
+std::string ApiServer::Impl::metricsText() const {
+  metrics::ServerFigures f;
+  f.index = options_.index;
+  f.inFlight = int64_t(pending_.size());
+  f.requestsTotal = requestsTotal_;
+  f.abortedAtShutdown = abortedAtShutdown_;
+  f.errors = errorsTotal_;
+  f.ready = healthy();
+  f.draining = outOfRotation_ || quiescedAt_ != 0;
+  f.drainSeconds = drainSeconds_;
+  return metrics::render(lastStats_, servedNames_.front(), f);
 }
 
 ApiServer::ApiServer(uv_loop_t* loop, ApiServerOptions options)
@@ -543,7 +741,10 @@ kj::Promise<void> ApiServer::drain(MonoNs deadline,
   return impl_->drain(deadline, defer);
 }
 
+void ApiServer::leaveRotation() { impl_->leaveRotation(); }
+bool ApiServer::outOfRotation() const { return impl_->outOfRotation(); }
 int64_t ApiServer::inFlight() const { return impl_->inFlight(); }
+uint64_t ApiServer::requestsTotal() const { return impl_->requestsTotal(); }
 ApiState ApiServer::state() const { return impl_->state(); }
 uint16_t ApiServer::port() const { return impl_->port(); }
 

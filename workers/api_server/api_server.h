@@ -3,12 +3,33 @@
 // socket through an EngineClient: it submits one engine request per prompt and receives, once
 // per engine step, the deltas of all its requests.
 //
-// Life: start() attaches to the engine, then listens ("ready"). quiesce() closes the listener at
-// once (new connects are refused), answers a new request on a kept-alive connection with 503 +
-// `Connection: close`, closes idle connections, and makes /health say "draining". In-flight
-// requests run on until the drain deadline; then each is aborted and its client told
-// (finish_reason "abort": a final chunk and [DONE] when streaming, the text so far otherwise).
-// drain() waits for the last response to be written; then the owner may destroy the server.
+// Endpoints: POST /v1/completions and /v1/chat/completions (the model named may be any of the
+// served names; the response carries the name asked for), GET /v1/models (every served name,
+// root = options.model, the engine's max_model_len), GET /health (200 {"status":"ready"}; else
+// 503 {"status":"draining"|"stopping"|"failed","in_flight":N}), GET|POST /ping (the same as
+// /health, as SageMaker and vLLM have it), GET /live (200 while the process works, 503 once
+// Failed), GET /version ({"version":VSUP_VERSION}), GET /metrics (workers/api_server/metrics.h;
+// the engine's figures are asked of it on each scrape, and when it cannot answer within 1 s the
+// last ones it gave are served, zeros before any: a scrape never fails; during the final close
+// of drain() the last ones at once). Every response carries
+// X-Request-Id: the client's when it is 1..256 bytes of printable ASCII, else the completion's
+// response id ("cmpl-…", "chatcmpl-…") or one of ours ("req-…"); it is the request's id in the
+// log lines of options.logRequests.
+//
+// Life: start() attaches to the engine, then listens ("ready"). leaveRotation() only turns
+// /health (and /ping) 503 "draining": every request is served as before. From quiesce() on,
+// the listener stays open and every connection is answered (http_server.h has the guarantee and
+// the kernel's remaining window): an inference request gets 503 with `Connection: close`,
+// `Retry-After: 1` (its client, behind a load balancer that no longer routes here, retries
+// elsewhere at once; 1 s keeps one that comes back here directly from spinning) and the OpenAI
+// error body (as does every inference request once the engine failed); /health says
+// "draining" with the count in flight; /live, /metrics, /version, /ping and /v1/models answer
+// as usual; every response closes its connection, and an idle kept-alive connection stays open
+// for the request its client may be sending. In-flight requests run on
+// until the drain deadline; then each is aborted and its client told (finish_reason "abort": a
+// final chunk and [DONE] when streaming, the text so far otherwise). drain() waits for the last
+// response, then closes the listener (accepting and answering what it has queued) and ends every
+// connection with FIN, within the shutdown deadline; then the owner may destroy the server.
 //
 // Thread: construct, use and destroy on the thread that runs `loop`, with KJ on it (KjOnUv).
 // The loop must run at least once more after destruction (libuv close callbacks).
@@ -29,7 +50,7 @@
 
 namespace vsup::workers {
 
-// What /health reports (and /metrics' vsup_ready: 1 only when Ready).
+// What /health reports (and /metrics' vsup_ready: 1 only when Ready and in rotation).
 enum class ApiState {
   Starting,  // not listening yet
   Ready,     // serving
@@ -49,7 +70,10 @@ struct ApiServerOptions {
   // The names requests may use for it (--served-model-name); the first is the public name
   // (/v1/models' id, the `model_name` label of /metrics). Empty: {model}.
   std::vector<std::string> servedModelNames;
-  bool logRequests = false;         // one log line per request (id, sizes, outcome; no prompt)
+  // Log each completion request: one info line when it arrives (X-Request-Id, id, stream or
+  // not, max_tokens, number of prompts), one when it ends (status, finish reasons, token
+  // counts, seconds), or one when it is refused (status, error code); never the prompt.
+  bool logRequests = false;
   std::string apiKey;               // empty: no authentication
   uint64_t maxRequestBytes = 16 * 1024 * 1024;
   int64_t maxTokens = 4096;         // the largest max_tokens a request may ask for
@@ -69,16 +93,18 @@ class ApiServer final {
   // (the message then names host:port and the errno text). Call once.
   kj::Promise<void> start(OwnFd engine);
 
-  // Stop intake now and drain until `drainDeadline` (kNoDeadline: no limit), then abort what is
-  // still running. Idempotent; an earlier deadline than the current one (a second signal:
-  // "abort now") re-arms the drain.
+  // Stop taking inference requests now (they get 503; the listener stays open) and drain until
+  // `drainDeadline` (kNoDeadline: no limit), then abort what is still running. Idempotent; an
+  // earlier deadline than the current one (a second signal: "abort now") re-arms the drain.
   kj::Promise<void> quiesce(MonoNs drainDeadline);
 
-  // The shutdown hook: quiesces (if not yet) with `deadline`, then resolves once every response
-  // is written, and closes the connections. While requests remain it calls `defer` (may be
-  // empty) once, during this call, with why it waits. At DeadlineBudget::forChildren(deadline)
-  // it stops waiting for the engine and answers the clients itself (finish_reason "abort"), so
-  // it resolves before `deadline` even if the engine is stuck.
+  // The shutdown hook: quiesces (if not yet) with `deadline`, waits until every response is
+  // written, then closes the listener and the connections (http::Server::close: what has
+  // arrived is answered, every connection ends with FIN; at most 2 s) and resolves. While
+  // requests remain it calls `defer` (may be empty) once, during this call, with why it waits.
+  // At DeadlineBudget::forChildren(deadline) it stops waiting for the engine and answers the
+  // clients itself (finish_reason "abort"), and the close gets half of what is left after that,
+  // so it resolves before `deadline` even if the engine is stuck or clients never close.
   kj::Promise<void> drain(MonoNs deadline, std::function<void(const std::string& reason)> defer);
 
   // Leave the load balancers' rotation (Node.leaveRotation, `vsup drain`): /health turns 503

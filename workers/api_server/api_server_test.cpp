@@ -7,6 +7,10 @@
 // (a condition variable), never by sleeping.
 #include "workers/api_server/api_server.h"
 
+#include <spdlog/sinks/ostream_sink.h>
+
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <doctest/doctest.h>
 #include <functional>
@@ -14,10 +18,13 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
+#include "base/log.h"
 #include "ipc/test_util.h"
 #include "ipc/uv_kj.h"
 #include "workers/api_server/fake_engine.h"
@@ -107,11 +114,13 @@ struct Harness {
   std::unique_ptr<ApiServer> api;
   LoopBridge bridge{loop.get()};
 
-  explicit Harness(std::function<void(FakeEngine&)> setup = nullptr) {
+  explicit Harness(std::function<void(FakeEngine&)> setup = nullptr,
+                   std::function<void(ApiServerOptions&)> configure = nullptr) {
     if (setup) setup(fake);
     ApiServerOptions o;
     o.name = "api-test";
     o.port = 0;
+    if (configure) configure(o);
     api = std::make_unique<ApiServer>(loop.get(), o);
     CHECK(api->state() == ApiState::Starting);
     api->start(fake.listen()).wait(kj.waitScope());
@@ -300,32 +309,63 @@ TEST_CASE("api server: a refused submit (engine stopping) is a 500 naming the re
   });
 }
 
-TEST_CASE("api server: quiesce closes the listener, a request arriving then gets 503 + close, "
-          "the state is draining, and an in-flight request still completes") {
+TEST_CASE("api server: once quiesced the listener still accepts: a completion gets 503 + "
+          "Connection: close + Retry-After + the error JSON, /health 503 draining, /live, /metrics, "
+          "/version, /ping and /v1/models answer, and the in-flight request completes") {
   Harness h(holdRequests);
   h.run([&] {
     Client busy(h.port());
     busy.send(post("/v1/completions", completion(false)));
     REQUIRE(h.submitted(1));
     std::string id = h.submit(0);
-    Client late(h.port());  // kept alive, with a new request half sent when the drain starts
-    late.send(get("/health"));
-    CHECK(late.requireRead().status == 200);
-    late.send("GET /health HTTP/1.1\r\nHost: t\r\n");
-    h.bridge.call([] {});  // two loop round trips: the server has read those bytes
-    h.bridge.call([] {});
     h.bridge.call([&] {
       CHECK(h.api->inFlight() == 1);
       auto done = h.api->quiesce(vsup::kNoDeadline);
       CHECK(h.api->state() == ApiState::Draining);
       CHECK(std::string(vsup::workers::nameOf(h.api->state())) == "draining");
     });
-    Reply refused = late.requireRead();
-    CHECK(refused.status == 503);
-    CHECK(refused.header("connection") == "close");
-    CHECK(errorOf(refused)["message"] == "server is shutting down");
-    CHECK(late.closedByPeer());
-    CHECK_FALSE(connectTo(h.port()));  // new connects are refused
+    for (bool chat : {false, true}) {
+      CAPTURE(chat);
+      Client late(h.port());  // a new connection, accepted
+      json body = completion(true);
+      if (chat) {
+        body = {{"model", "vsup-sim"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}};
+      }
+      late.send(post(chat ? "/v1/chat/completions" : "/v1/completions", body));
+      Reply refused = late.requireRead();
+      CHECK(refused.status == 503);
+      CHECK(refused.header("connection") == "close");
+      CHECK(refused.header("retry-after") == "1");
+      CHECK(refused.header("content-type") == "application/json");
+      json e = errorOf(refused);
+      CHECK(e["message"] == "server is shutting down");
+      CHECK(e["type"] == "unavailable");
+      CHECK(late.endsCleanly());
+    }
+    {
+      Client c(h.port());
+      c.send(get("/health"));
+      Reply health = c.requireRead();
+      CHECK(health.status == 503);
+      CHECK(json::parse(health.body) == json{{"status", "draining"}, {"in_flight", 1}});
+      CHECK(health.header("connection") == "close");
+    }
+    auto answer = [&](const std::string& request) {
+      Client c(h.port());
+      c.send(request);
+      return c.requireRead();
+    };
+    Reply live = answer(get("/live"));
+    CHECK(live.status == 200);
+    CHECK(json::parse(live.body)["status"] == "alive");
+    Reply metrics = answer(get("/metrics"));
+    CHECK(metrics.status == 200);
+    CHECK(metrics.body.find("vsup_draining{server=\"0\"} 1.0\n") != std::string::npos);
+    CHECK(metrics.body.find("vsup_ready{server=\"0\"} 0.0\n") != std::string::npos);
+    CHECK(metrics.body.find("vsup_requests_in_flight{server=\"0\"} 1.0\n") != std::string::npos);
+    CHECK(answer(get("/version")).status == 200);
+    CHECK(answer(get("/ping")).status == 503);
+    CHECK(answer(get("/v1/models")).status == 200);
 
     h.bridge.call([&] {
       h.fake.send(id, "done");
@@ -337,9 +377,370 @@ TEST_CASE("api server: quiesce closes the listener, a request arriving then gets
     json j = json::parse(r.body);
     CHECK(j["choices"][0]["text"] == "done");
     CHECK(j["choices"][0]["finish_reason"] == "length");
-    CHECK(busy.closedByPeer());
+    CHECK(busy.endsCleanly());
+    CHECK(h.fake.log.aborts().empty());
+    h.bridge.call([&] { CHECK(h.api->requestsTotal() == 1); });  // the 503s were not accepted
+  });
+}
+
+TEST_CASE("api server: a request sent after quiesce on a connection kept alive from before gets a "
+          "whole 503 with Connection: close, then FIN, never a reset") {
+  Harness h;
+  h.run([&] {
+    Client kept(h.port());
+    kept.send(post("/v1/completions", completion(false)));
+    Reply first = kept.requireRead();
+    CHECK(first.status == 200);
+    CHECK_FALSE(first.has("connection"));  // kept alive
+    h.bridge.call([&] { auto done = h.api->quiesce(vsup::kNoDeadline); });
+    kept.send(post("/v1/completions", completion(false)));
+    Reply refused = kept.requireRead();
+    CHECK(refused.status == 503);
+    CHECK(refused.header("connection") == "close");
+    CHECK(refused.header("retry-after") == "1");
+    CHECK(errorOf(refused)["type"] == "unavailable");
+    CHECK(kept.endsCleanly());
+  });
+}
+
+TEST_CASE("api server: an in-flight stream drains to its end while the server is quiesced, and "
+          "drain() then closes the listener") {
+  Harness h(holdRequests);
+  Flag drained;
+  kj::Promise<void> drain = nullptr;
+  h.run([&] {
+    Client c(h.port());
+    c.send(post("/v1/completions", completion(true)));
+    REQUIRE(h.submitted(1));
+    std::string id = h.submit(0);
+    h.bridge.call([&] { h.fake.send(id, "Hel"); });
+    Reply head = c.requireHead();
+    REQUIRE(head.status == 200);
+    CHECK_FALSE(head.has("connection"));  // its head went out before the drain
+    std::string body = c.readChunk();
+    h.bridge.call([&] {
+      drain = h.api->drain(vsup::kNoDeadline, nullptr)
+                  .then([&] { drained.set(); })
+                  .eagerlyEvaluate(nullptr);
+    });
+    CHECK_FALSE(drained.isSet());
+    h.bridge.call([&] {
+      h.fake.send(id, "lo");
+      h.fake.send(id, "", FinishReason::Stop);
+    });
+    for (std::string chunk = c.readChunk(); !chunk.empty(); chunk = c.readChunk()) body += chunk;
+    auto evs = events(body);
+    CHECK(joinedText(evs) == "Hello");
+    CHECK(evs.back() == "[DONE]");
+    CHECK(json::parse(evs[evs.size() - 2])["choices"][0]["finish_reason"] == "stop");
+    CHECK(c.endsCleanly());  // drain() ends the kept-alive connection with FIN
+    CHECK(drained.wait());
+    CHECK_FALSE(connectTo(h.port()));
+    h.bridge.call([&] { CHECK(h.api->port() == 0); });
     CHECK(h.fake.log.aborts().empty());
   });
+}
+
+TEST_CASE("api server: out of rotation, /health and /ping are 503 draining while every request, "
+          "new ones included, is served, each closing its connection; /live stays 200") {
+  Harness h;
+  h.run([&] {
+    h.bridge.call([&] {
+      CHECK_FALSE(h.api->outOfRotation());
+      h.api->leaveRotation();
+      h.api->leaveRotation();  // idempotent
+      CHECK(h.api->outOfRotation());
+      CHECK(h.api->state() == ApiState::Ready);
+    });
+    // Every response closes its connection, so a kept-alive client dials again and lands where
+    // the load balancers route now; each request here is therefore on a connection of its own.
+    auto ask = [&](const std::string& request) {
+      Client c(h.port());
+      c.send(request);
+      Reply r = c.requireRead();
+      CHECK(r.header("connection") == "close");
+      return r;
+    };
+    Reply health = ask(get("/health"));
+    CHECK(health.status == 503);
+    CHECK(json::parse(health.body) == json{{"status", "draining"}, {"in_flight", 0}});
+    CHECK(ask(get("/ping")).status == 503);
+    CHECK(ask(vsup::testing::post("/ping", "")).status == 503);
+    CHECK(ask(get("/live")).status == 200);
+    {
+      Reply r = ask(post("/v1/completions", completion(false)));
+      CHECK(r.status == 200);
+      CHECK(json::parse(r.body)["choices"][0]["text"] == "Hello!");
+    }
+    {
+      Reply r = ask(post("/v1/completions", completion(true)));
+      CHECK(r.status == 200);
+      CHECK(joinedText(events(r.body)) == "Hello!");
+    }
+    Reply m = ask(get("/metrics"));
+    CHECK(m.body.find("vsup_draining{server=\"0\"} 1.0\n") != std::string::npos);
+    CHECK(m.body.find("vsup_ready{server=\"0\"} 0.0\n") != std::string::npos);
+    CHECK(m.body.find("vsup_requests_total{server=\"0\"} 2.0\n") != std::string::npos);
+    h.bridge.call([&] { CHECK(h.api->requestsTotal() == 2); });
+  });
+}
+
+TEST_CASE("api server: /ping answers GET and POST like /health; /version names the version") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    c.send(get("/ping"));
+    Reply ping = c.requireRead();
+    CHECK(ping.status == 200);
+    CHECK(ping.body == R"({"status":"ready"})");
+    c.send(vsup::testing::post("/ping", "{}"));
+    CHECK(c.requireRead().status == 200);
+    c.send("PUT /ping HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    CHECK(c.requireRead().status == 405);
+    c.send(get("/version"));
+    Reply version = c.requireRead();
+    CHECK(version.status == 200);
+    CHECK(json::parse(version.body) == json{{"version", VSUP_VERSION}});
+    c.send(get("/live"));
+    Reply live = c.requireRead();
+    CHECK(live.status == 200);
+    CHECK(json::parse(live.body) == json{{"status", "alive"}, {"state", "ready"}});
+  });
+}
+
+TEST_CASE("api server: X-Request-Id is echoed on every response to its request: plain, "
+          "streaming and errors; without one (or with an invalid one) it is the response id") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    const std::string mine = "X-Request-Id: trace-42/abc def\r\n";
+    c.send(vsup::testing::post("/v1/completions", completion(false).dump(), mine));
+    Reply plain = c.requireRead();
+    CHECK(plain.status == 200);
+    CHECK(plain.header("x-request-id") == "trace-42/abc def");
+    c.send(vsup::testing::post("/v1/completions", completion(true).dump(), mine));
+    Reply stream = c.requireRead();
+    CHECK(stream.status == 200);
+    CHECK(stream.header("x-request-id") == "trace-42/abc def");
+    json bad = completion(false);
+    bad["temperature"] = 9;
+    c.send(vsup::testing::post("/v1/completions", bad.dump(), mine));
+    Reply error = c.requireRead();
+    CHECK(error.status == 400);
+    CHECK(error.header("x-request-id") == "trace-42/abc def");
+    c.send(get("/nowhere", mine));
+    Reply notFound = c.requireRead();
+    CHECK(notFound.status == 404);
+    CHECK(notFound.header("x-request-id") == "trace-42/abc def");
+    c.send(get("/health", mine));
+    CHECK(c.requireRead().header("x-request-id") == "trace-42/abc def");
+
+    // None, too long, or with a byte outside printable ASCII (a control byte is refused by the
+    // HTTP parser already): the response id instead.
+    const std::string tooLong = "X-Request-Id: " + std::string(257, 'a') + "\r\n";
+    const std::string nonAscii = "X-Request-Id: caf\xc3\xa9\r\n";
+    for (const std::string& extra : {std::string(), tooLong, nonAscii}) {
+      c.send(vsup::testing::post("/v1/completions", completion(false).dump(), extra));
+      Reply r = c.requireRead();
+      REQUIRE(r.status == 200);
+      std::string id = json::parse(r.body)["id"];
+      CHECK(id.rfind("cmpl-", 0) == 0);
+      CHECK(r.header("x-request-id") == id);
+    }
+    c.send(vsup::testing::post("/v1/completions", completion(true).dump()));
+    Reply s = c.requireRead();
+    std::string id = json::parse(events(s.body)[0])["id"];
+    CHECK(s.header("x-request-id") == id);
+    c.send(get("/health"));
+    CHECK(c.requireRead().header("x-request-id").rfind("req-", 0) == 0);
+    const std::string exactly = "X-Request-Id: " + std::string(256, 'b') + "\r\n";
+    c.send(get("/health", exactly));
+    CHECK(c.requireRead().header("x-request-id") == std::string(256, 'b'));
+  });
+}
+
+TEST_CASE("api server: a request may name any served model name and gets that name back; "
+          "/v1/models lists each with root and max_model_len") {
+  Harness h(nullptr, [](ApiServerOptions& o) {
+    o.model = "/models/llama-3";
+    o.servedModelNames = {"llama", "alias"};
+  });
+  h.run([&] {
+    Client c(h.port());
+    for (const char* name : {"llama", "alias"}) {
+      CAPTURE(name);
+      json body = completion(false);
+      body["model"] = name;
+      c.send(post("/v1/completions", body));
+      Reply r = c.requireRead();
+      REQUIRE(r.status == 200);
+      CHECK(json::parse(r.body)["model"] == name);
+      body["stream"] = true;
+      c.send(post("/v1/completions", body));
+      Reply s = c.requireRead();
+      REQUIRE(s.status == 200);
+      for (const auto& e : events(s.body)) {
+        if (e != "[DONE]") CHECK(json::parse(e)["model"] == name);
+      }
+    }
+    for (const char* other : {"vsup-sim", "/models/llama-3"}) {
+      json body = completion(false);
+      body["model"] = other;
+      c.send(post("/v1/completions", body));
+      Reply r = c.requireRead();
+      CHECK(r.status == 404);
+      CHECK(errorOf(r)["message"] == std::string("The model `") + other +
+                                         "` does not exist. Served models: `llama`, `alias`.");
+    }
+    c.send(get("/v1/models"));
+    Reply models = c.requireRead();
+    REQUIRE(models.status == 200);
+    json list = json::parse(models.body);
+    REQUIRE(list["data"].size() == 2);
+    for (size_t i = 0; i < 2; ++i) {
+      const json& m = list["data"][i];
+      CHECK(m["id"] == (i == 0 ? "llama" : "alias"));
+      CHECK(m["object"] == "model");
+      CHECK(m["owned_by"] == "vsup");
+      CHECK(m["root"] == "/models/llama-3");
+      CHECK(m["parent"].is_null());
+      CHECK(m["max_model_len"] == 2048);  // the fake engine's, from attach
+      CHECK(m["created"].is_number_integer());
+    }
+    c.send(get("/metrics"));
+    CHECK(c.requireRead().body.find("vllm:num_requests_running{model_name=\"llama\"} ") !=
+          std::string::npos);
+  });
+}
+
+TEST_CASE("api server: /v1/models says max_model_len null when the engine has no bound") {
+  Harness h([](FakeEngine& f) { f.maxModelLen = 0; });
+  h.run([&] {
+    Client c(h.port());
+    c.send(get("/v1/models"));
+    json list = json::parse(c.requireRead().body);
+    REQUIRE(list["data"].size() == 1);
+    CHECK(list["data"][0]["id"] == "vsup-sim");
+    CHECK(list["data"][0]["root"] == "vsup-sim");
+    CHECK(list["data"][0]["max_model_len"].is_null());
+  });
+}
+
+TEST_CASE("api server: /metrics asks the engine on each scrape, and still answers with the last "
+          "figures when the engine fails or never answers, or with zeros before any") {
+  vsup::engine::EngineStats stats;
+  stats.running = 3;
+  stats.waiting = 1;
+  stats.totalBlocks = 100;
+  stats.freeBlocks = 75;
+  stats.blockSize = 16;
+  stats.finishedLength = 9;
+  stats.e2eLatency.observe(0.4);
+  auto scrape = [](uint16_t port) {
+    Client c(port);
+    c.send(get("/metrics"));
+    return c.requireRead();
+  };
+  const std::string running7 = "vllm:num_requests_running{model_name=\"vsup-sim\"} 7.0\n";
+  SUBCASE("answered, then failing, then stuck") {
+    Harness h([&](FakeEngine& f) { f.stats = stats; });
+    h.run([&] {
+      Reply r = scrape(h.port());
+      CHECK(r.status == 200);
+      CHECK(r.header("content-type") == "text/plain; version=0.0.4; charset=utf-8");
+      const std::string lines[] = {
+          "vllm:num_requests_running{model_name=\"vsup-sim\"} 3.0\n",
+          "vllm:num_requests_waiting{model_name=\"vsup-sim\"} 1.0\n",
+          "vllm:kv_cache_usage_perc{model_name=\"vsup-sim\"} 0.25\n",
+          "vllm:cache_config_info{block_size=\"16\",model_name=\"vsup-sim\",num_gpu_blocks=\"100\"} "
+          "1.0\n",
+          "vllm:request_success_total{finished_reason=\"length\",model_name=\"vsup-sim\"} 9.0\n",
+          "vllm:e2e_request_latency_seconds_bucket{le=\"0.5\",model_name=\"vsup-sim\"} 1.0\n",
+          "vllm:e2e_request_latency_seconds_count{model_name=\"vsup-sim\"} 1.0\n",
+          "vsup_ready{server=\"0\"} 1.0\n",
+          "vsup_draining{server=\"0\"} 0.0\n",
+      };
+      for (const auto& line : lines) CHECK_MESSAGE(r.body.find(line) != std::string::npos, line);
+      CHECK(h.fake.log.statsCalls() == 1);
+
+      h.bridge.call([&] { h.fake.stats.running = 7; });  // asked again on the next scrape
+      CHECK(scrape(h.port()).body.find(running7) != std::string::npos);
+      CHECK(h.fake.log.statsCalls() == 2);
+
+      h.bridge.call([&] {
+        h.fake.stats.running = 11;
+        h.fake.statsFail = true;
+      });
+      Reply failing = scrape(h.port());
+      CHECK(failing.status == 200);
+      CHECK(failing.body.find(running7) != std::string::npos);
+      CHECK(h.fake.log.statsCalls() == 3);
+
+      h.bridge.call([&] {
+        h.fake.statsFail = false;
+        h.fake.statsHang = true;
+      });
+      vsup::MonoNs sent = vsup::monoNow();
+      Reply stuck = scrape(h.port());
+      CHECK(stuck.status == 200);
+      CHECK(stuck.body.find(running7) != std::string::npos);
+      CHECK(vsup::testing::elapsedMs(sent) >= 900);  // it waited for the engine, boundedly
+    });
+  }
+  SUBCASE("the engine gone before any answer: zeros") {
+    Harness h([&](FakeEngine& f) { f.statsFail = true; });
+    h.run([&] {
+      h.bridge.call([&] { h.fake.disconnect(); });
+      for (int i = 0; i < 100 && h.state() != ApiState::Failed; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      REQUIRE(h.state() == ApiState::Failed);
+      Reply r = scrape(h.port());
+      CHECK(r.status == 200);
+      CHECK(r.body.find("vllm:num_requests_running{model_name=\"vsup-sim\"} 0.0\n") !=
+            std::string::npos);
+      CHECK(r.body.find("vllm:request_success_total{finished_reason=\"stop\","
+                        "model_name=\"vsup-sim\"} 0.0\n") != std::string::npos);
+      Client c(h.port());
+      c.send(get("/live"));
+      Reply live = c.requireRead();
+      CHECK(live.status == 503);
+      CHECK(json::parse(live.body)["status"] == "failed");
+    });
+  }
+}
+
+TEST_CASE("api server: with logRequests, one line when a completion arrives and one when it ends, "
+          "under its X-Request-Id, never with the prompt") {
+  std::ostringstream captured;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(captured);
+  vsup::log().sinks().push_back(sink);
+  {
+    Harness h(nullptr, [](ApiServerOptions& o) { o.logRequests = true; });
+    h.run([&] {
+      Client c(h.port());
+      json body = completion(true, 5);
+      body["prompt"] = "secret prompt text";
+      c.send(vsup::testing::post("/v1/completions", body.dump(), "X-Request-Id: trace-7\r\n"));
+      CHECK(c.requireRead().status == 200);
+      json bad = completion(false);
+      bad["prompt"] = "secret prompt text";
+      bad["temperature"] = 9;
+      c.send(vsup::testing::post("/v1/completions", bad.dump(), "X-Request-Id: trace-8\r\n"));
+      CHECK(c.requireRead().status == 400);
+    });
+  }
+  auto& sinks = vsup::log().sinks();
+  sinks.erase(std::find(sinks.begin(), sinks.end(), sink));
+  const std::string text = captured.str();
+  CAPTURE(text);
+  CHECK(text.find("request trace-7 arrived: completion (stream), id cmpl-") != std::string::npos);
+  CHECK(text.find(", max_tokens 5, 1 prompt(s)") != std::string::npos);
+  CHECK(text.find("request trace-7 ended in ") != std::string::npos);
+  CHECK(text.find(": 200; finish stop, prompt_tokens 3, completion_tokens 3") != std::string::npos);
+  CHECK(text.find("request trace-8 refused: 400 invalid_value (param temperature)") !=
+        std::string::npos);
+  CHECK(text.find("secret") == std::string::npos);
 }
 
 TEST_CASE("api server: drain waits for the in-flight response, deferring with the count") {
@@ -432,13 +833,15 @@ TEST_CASE("api server: engineFailed makes /health 503 failed, and new requests 5
     c.send(get("/health"));
     Reply health = c.requireRead();
     CHECK(health.status == 503);
-    CHECK(health.body == R"({"status":"failed"})");
+    CHECK(health.body == R"({"status":"failed","in_flight":0})");
+    c.send(get("/metrics"));
+    CHECK(c.requireRead().body.find("vsup_ready{server=\"0\"} 0.0\n") != std::string::npos);
     c.send(post("/v1/completions", completion(false)));
     Reply r = c.requireRead();
     CHECK(r.status == 503);
+    CHECK(r.header("retry-after") == "1");
+    CHECK(r.header("connection") == "close");
     CHECK(errorOf(r)["message"] == "server is failed");
-    c.send(get("/metrics"));
-    CHECK(c.requireRead().body.find("vsup_ready{server=\"0\"} 0") != std::string::npos);
   });
 }
 

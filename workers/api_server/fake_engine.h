@@ -25,6 +25,7 @@
 
 #include "base/check.h"
 #include "base/fd.h"
+#include "engine/stats.h"
 #include "engine/types.h"
 #include "ipc/engine.capnp.h"
 #include "ipc/rpc_link.h"
@@ -54,6 +55,10 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
       std::lock_guard lock(mu_);
       return answered_;
     }
+    int statsCalls() const {  // Engine.stats calls received
+      std::lock_guard lock(mu_);
+      return statsCalls_;
+    }
     // Waits (at most 5 s) until `pred` holds over this log; the predicate runs under the lock.
     bool waitUntil(const std::function<bool(const Log&)>& pred) const {
       std::unique_lock lock(mu_);
@@ -63,6 +68,7 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     const std::vector<std::string>& submitsLocked() const { return submits_; }
     const std::vector<std::string>& abortsLocked() const { return aborts_; }
     int answeredLocked() const { return answered_; }
+    int statsCallsLocked() const { return statsCalls_; }
 
    private:
     friend class FakeEngine;
@@ -78,6 +84,7 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     std::vector<engine::GenerateRequest> requests_;
     std::vector<std::string> aborts_;
     int answered_ = 0;
+    int statsCalls_ = 0;
   };
 
   // How the fake answers. Set before the client submits.
@@ -91,6 +98,10 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
   // sends its deltas (send(), finish()).
   std::vector<std::string> script = {"Hel", "lo", "!"};
   bool answerAborts = true;  // an abort gets its final delta (finish = abort), as the real one
+  // What Engine.stats answers, as set at the time of the call; or, how it fails.
+  engine::EngineStats stats;
+  bool statsFail = false;  // the call throws (an engine that cannot answer)
+  bool statsHang = false;  // the call never answers (a stuck engine)
 
   explicit FakeEngine(uv_loop_t* loop) : loop_(loop), tasks_(kj::heap<kj::TaskSet>(*this)) {}
   ~FakeEngine() noexcept(false) {
@@ -181,6 +192,14 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
       bool running = fake_.done_.count(id) == 0;
       if (running && fake_.answerAborts) fake_.send(id, "", engine::FinishReason::Abort);
       fake_.done_.insert(id);
+      return kj::READY_NOW;
+    }
+
+    kj::Promise<void> stats(StatsContext context) override {
+      fake_.log.update([&] { ++fake_.log.statsCalls_; });
+      if (fake_.statsHang) return kj::NEVER_DONE;
+      if (fake_.statsFail) return KJ_EXCEPTION(FAILED, "the engine cannot report its stats");
+      workers::encode(fake_.stats, context.getResults().initStats());
       return kj::READY_NOW;
     }
 

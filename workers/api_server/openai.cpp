@@ -1,5 +1,6 @@
 #include "workers/api_server/openai.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -402,9 +403,19 @@ ApiError invalidRequest(std::string message, std::string param, std::string code
                   std::move(param)};
 }
 
-ApiError modelNotFound(std::string_view model) {
-  return ApiError{404, "The model `" + std::string(model) + "` does not exist.",
-                  "invalid_request_error", "model_not_found", "model"};
+static std::string servedList(const std::vector<std::string>& served) {
+  std::string out;
+  for (const auto& name : served) {
+    if (!out.empty()) out += ", ";
+    out += "`" + name + "`";
+  }
+  return out;
+}
+
+ApiError modelNotFound(std::string_view model, const std::vector<std::string>& served) {
+  std::string message = "The model `" + std::string(model) + "` does not exist.";
+  if (!served.empty()) message += " Served models: " + servedList(served) + ".";
+  return ApiError{404, std::move(message), "invalid_request_error", "model_not_found", "model"};
 }
 
 ApiError payloadTooLarge(uint64_t limitBytes) {
@@ -462,11 +473,20 @@ std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view b
   CompletionCall call;
   call.chat = chat;
 
+  const std::vector<std::string> served =
+      limits.servedModels.empty() ? std::vector<std::string>{limits.servedModel}
+                                  : limits.servedModels;
   const json* model = member(root, "model");
-  if (model == nullptr) return missing("model");
+  if (model == nullptr) {
+    ApiError error = missing("model");
+    error.message += " (served models: " + servedList(served) + ")";
+    return error;
+  }
   if (!model->is_string()) return mustBe("model", "a string", *model, "invalid_type");
   call.model = model->get<std::string>();
-  if (call.model != limits.servedModel) return modelNotFound(call.model);
+  if (std::find(served.begin(), served.end(), call.model) == served.end()) {
+    return modelNotFound(call.model, served);
+  }
 
   std::optional<ApiError> error = chat ? parseMessages(root, call) : parsePrompt(root, call);
   if (!error) error = parseMaxTokens(root, chat, limits, call);
@@ -537,6 +557,26 @@ std::string sseEvent(std::string_view json) {
   out += json;
   out += "\n\n";
   return out;
+}
+
+std::string renderModels(const std::vector<std::string>& names, std::string_view root,
+                         int64_t maxModelLen, int64_t created) {
+  ojson data = ojson::array();
+  for (const auto& name : names) {
+    ojson entry = ojson::object();
+    entry["id"] = name;
+    entry["object"] = "model";
+    entry["created"] = created;
+    entry["owned_by"] = "vsup";
+    entry["root"] = std::string(root);
+    entry["parent"] = nullptr;
+    entry["max_model_len"] = maxModelLen > 0 ? ojson(maxModelLen) : ojson(nullptr);
+    data.push_back(std::move(entry));
+  }
+  ojson out = ojson::object();
+  out["object"] = "list";
+  out["data"] = std::move(data);
+  return dumpJson(out);
 }
 
 std::string renderModels(std::string_view model, int64_t created) {

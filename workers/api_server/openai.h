@@ -46,8 +46,9 @@ std::string renderError(const ApiError& error);
 // Constructors for the errors the front end sends, so the status/type pairs stay consistent.
 // 400 invalid_request_error.
 ApiError invalidRequest(std::string message, std::string param = {}, std::string code = {});
-// 404 invalid_request_error, code "model_not_found": "The model `x` does not exist."
-ApiError modelNotFound(std::string_view model);
+// 404 invalid_request_error, code "model_not_found": "The model `x` does not exist.", followed
+// by " Served models: `a`, `b`." when `served` is not empty.
+ApiError modelNotFound(std::string_view model, const std::vector<std::string>& served = {});
 // 413 invalid_request_error: the body is larger than `limitBytes`.
 ApiError payloadTooLarge(uint64_t limitBytes);
 // 401 authentication_error, code "invalid_api_key".
@@ -64,7 +65,8 @@ ApiError serverError(std::string message);
 
 // What the server is configured to accept.
 struct Limits {
-  std::string servedModel;        // the only accepted value of "model"
+  std::string servedModel;        // the accepted value of "model" when servedModels is empty
+  std::vector<std::string> servedModels;  // the accepted values of "model" (any of them)
   int64_t maxTokensLimit = 4096;  // the largest accepted max_tokens
   int64_t defaultMaxTokens = 16;  // used when max_tokens is absent or null
 };
@@ -94,7 +96,8 @@ inline constexpr int kMaxJsonDepth = 32;
 // Parses the body of POST /v1/completions (chat = false) or /v1/chat/completions (chat = true).
 //
 // Accepted fields (null always means "the default"):
-//   model                  required string, must equal limits.servedModel (else 404)
+//   model                  required string, one of limits.servedModels (else 404 naming them;
+//                          absent: 400 naming them too); the call keeps the name asked for
 //   prompt                 completions, required: a string or 1..64 strings (token ids: refused)
 //   messages               chat, required: non-empty list of {role, content}; role is system,
 //                          user or assistant ("developer" is taken as system); content is a
@@ -173,7 +176,13 @@ std::string sseEvent(std::string_view json);
 // The event that ends every stream.
 inline constexpr std::string_view kSseDone = "data: [DONE]\n\n";
 
-// GET /v1/models: {"object":"list","data":[{"id","object":"model","created","owned_by":"vsup"}]}
+// GET /v1/models, one entry per served name, as vLLM lists them:
+// {"object":"list","data":[{"id":<name>,"object":"model","created","owned_by":"vsup",
+//   "root":<root>,"parent":null,"max_model_len":<maxModelLen>|null (0: unbounded)}, ...]}
+std::string renderModels(const std::vector<std::string>& names, std::string_view root,
+                         int64_t maxModelLen, int64_t created);
+// The short form, one entry without root, parent and max_model_len:
+// {"object":"list","data":[{"id","object":"model","created","owned_by":"vsup"}]}
 std::string renderModels(std::string_view model, int64_t created);
 
 }  // namespace vsup::api

@@ -223,7 +223,7 @@ struct ErrorCase {
 
 TEST_CASE("each invalid field is a 400 that names the field and what was expected") {
   const ErrorCase cases[] = {
-      {R"({"prompt":"hi"})", false, 400, "'model' is required", "model"},
+      {R"({"prompt":"hi"})", false, 400, "'model' is required (served models: `m`)", "model"},
       {R"({"model":5,"prompt":"hi"})", false, 400, "'model' must be a string, got 5", "model"},
       {R"({"model":"m"})", false, 400, "'prompt' is required", "prompt"},
       {R"({"model":"m","prompt":5})", false, 400,
@@ -361,7 +361,7 @@ TEST_CASE("an unknown model is a 404 in the OpenAI wording") {
   const ApiError error = parseError(R"({"model":"gpt-4","prompt":"hi"})");
   CHECK(error.status == 404);
   CHECK(error.type == "invalid_request_error");
-  CHECK(error.message == "The model `gpt-4` does not exist.");
+  CHECK(error.message == "The model `gpt-4` does not exist. Served models: `m`.");
   CHECK(error.code == "model_not_found");
   CHECK(error.param == "model");
   CHECK(parseError(R"({"model":"gpt-4","messages":[]})", true).status == 404);
@@ -680,6 +680,46 @@ TEST_CASE("the model list has the official shape") {
   CHECK(body == json::parse(
                     R"({"object":"list","data":[{"id":"m","object":"model","created":1700000000,
                         "owned_by":"vsup"}]})"));
+}
+
+TEST_CASE("the full model list has one entry per served name, with root and max_model_len") {
+  const json body = json::parse(renderModels({"a", "b"}, "/models/llama", 4096, 1700000000));
+  CHECK(body == json::parse(R"({"object":"list","data":[
+      {"id":"a","object":"model","created":1700000000,"owned_by":"vsup","root":"/models/llama",
+       "parent":null,"max_model_len":4096},
+      {"id":"b","object":"model","created":1700000000,"owned_by":"vsup","root":"/models/llama",
+       "parent":null,"max_model_len":4096}]})"));
+  const json unbounded = json::parse(renderModels({"a"}, "r", 0, 1));
+  CHECK(unbounded["data"][0]["max_model_len"].is_null());
+  // OpenAI's key order first.
+  CHECK(renderModels({"a"}, "r", 1, 1).rfind(R"({"object":"list","data":[{"id":"a","object":"model",)",
+                                             0) == 0);
+}
+
+TEST_CASE("a request may name any served model; the call keeps the name asked for; another is a "
+          "404 naming them") {
+  Limits limits = testLimits();
+  limits.servedModels = {"first", "alias"};
+  for (const char* name : {"first", "alias"}) {
+    CAPTURE(name);
+    auto ok = parseCompletionRequest(json{{"model", name}, {"prompt", "hi"}}.dump(), false, limits);
+    REQUIRE(std::holds_alternative<CompletionCall>(ok));
+    CHECK(std::get<CompletionCall>(ok).model == name);
+  }
+  // servedModel alone no longer counts once servedModels is set.
+  auto old = parseCompletionRequest(R"({"model":"m","prompt":"hi"})", false, limits);
+  REQUIRE(std::holds_alternative<ApiError>(old));
+  const ApiError& e = std::get<ApiError>(old);
+  CHECK(e.status == 404);
+  CHECK(e.code == "model_not_found");
+  CHECK(e.param == "model");
+  CHECK(e.message == "The model `m` does not exist. Served models: `first`, `alias`.");
+  auto missing = parseCompletionRequest(R"({"prompt":"hi"})", false, limits);
+  REQUIRE(std::holds_alternative<ApiError>(missing));
+  CHECK(std::get<ApiError>(missing).status == 400);
+  CHECK(std::get<ApiError>(missing).message ==
+        "'model' is required (served models: `first`, `alias`)");
+  CHECK(modelNotFound("x").message == "The model `x` does not exist.");
 }
 
 TEST_CASE("rendered keys keep the OpenAI order") {

@@ -1,9 +1,11 @@
 #include "workers/http/http_server.h"
 
 #include <arpa/inet.h>
+#include <linux/sockios.h>
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -34,6 +36,14 @@ constexpr size_t kMaxQueuedBytes = 8 * 1024 * 1024;
 // most this long, so unread request bytes don't turn the close into a RST that could destroy
 // the answer before the client read it.
 constexpr uint64_t kLingerMs = 2000;
+// During close(): how often a lingering connection checks whether the client has acknowledged
+// everything (our FIN included) and nothing is left unread, so it can be closed without waiting
+// for the client's own FIN, which a pooling client sends only when it next looks at the socket.
+constexpr uint64_t kClosePollMs = 5;
+// During close(): how long a connection that has not carried a request yet (one accepted from
+// the backlog, say) may take from its accept to send one. A client sends its request right
+// after connecting; a connection silent for longer is a pre-opened one.
+constexpr uint64_t kFirstRequestGraceMs = 1000;
 constexpr size_t kReadChunk = 64 * 1024;
 // Connections being refused (over maxConnections) may exceed the cap by this many; beyond it a
 // flood is closed without an answer.
@@ -132,10 +142,11 @@ struct Canned {
   int status = 0;
   std::string contentType;
   std::string body;
+  Headers headers;  // extra headers (e.g. Retry-After)
 };
 
 Canned invalidRequest(int status, std::string_view message) {
-  return {status, "application/json", errorJson(message, "invalid_request_error", status)};
+  return {status, "application/json", errorJson(message, "invalid_request_error", status), {}};
 }
 
 }  // namespace
@@ -181,6 +192,7 @@ class ServerCore {
   void listen();
   void stopAccepting();
   void setDraining();
+  void close(uint64_t timeoutMs, std::function<void()> done);
   void onIdle(std::function<void()> callback) { idleCallback_ = std::move(callback); }
 
   // Called by Connection.
@@ -193,24 +205,32 @@ class ServerCore {
   const Handler handler_;
   uint16_t port_ = 0;
   bool listened_ = false;
-  bool draining_ = false;
-  std::string drainContentType_ = "application/json";
-  std::string drainBody_ = errorJson("server is shutting down", "unavailable", 503);
+  bool draining_ = false;  // setDraining(): every response closes its connection
+  bool closing_ = false;   // close(): the listener is gone, connections end as they go idle
+  Canned drain_{503, "application/json", errorJson("server is shutting down", "unavailable", 503),
+                {}};
   size_t inFlight_ = 0;
   size_t serving_ = 0;  // connections not being refused for the connection cap
   std::unordered_map<Connection*, std::shared_ptr<Connection>> connections_;
 
  private:
   void onAcceptable();
+  void acceptQueued();
   void acceptOne(int fd);
+  void closeListener();
+  void onCloseTimeout();
+  void closeDone();
 
   std::function<void()> idleCallback_;
+  std::function<void()> closeCallback_;
+  bool closeFired_ = false;
   // Declared before the poll handle: the poll handle is destroyed (uv_close, which unregisters
   // the fd from epoll) before the fd is closed.
   OwnFd listenFd_;
   UvHandle<uv_poll_t> listenPoll_;
   UvHandle<uv_timer_t> acceptBackoff_;
   UvHandle<uv_timer_t> idleTimer_;
+  UvHandle<uv_timer_t> closeTimer_;  // close(): the timeout, then the done callback
 };
 
 // One client connection. Lifetime: owned by ServerCore::connections_ (shared_ptr) until closed;
@@ -224,6 +244,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   void start(uv_loop_t* loop);  // registers the handles; refuses with 503 if `refusing`
   void drain();                 // the server started draining
+  void closeGracefully();       // the server's close() began
+  void closeAtTimeout();        // close() ran out of time: answer what can be, close now
   void abandon();               // the server is being destroyed: let go, call nobody
   bool refusing() const { return refusing_; }
 
@@ -273,6 +295,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void flush();
   void responseComplete();
   void beginClose();
+  void idleWhileClosing();
+  bool peerHasEverything() const;
   void lose();
   void closeNow();
   void updatePoll();
@@ -291,6 +315,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   UvHandle<uv_poll_t> poll_;
   UvHandle<uv_timer_t> timer_;
   int pollEvents_ = 0;
+  uv_loop_t* loop_ = nullptr;
+  uint64_t acceptedAtMs_ = 0;  // uv_now at start()
+  bool used_ = false;          // a request has begun arriving on this connection
 
   llhttp_t parser_{};
   std::string in_;     // received, not yet parsed
@@ -317,11 +344,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool appDone_ = false;     // the app completed the response (respond() or finish())
   bool counted_ = false;     // the current request counts in ServerCore::inFlight_
   bool closeAfter_ = false;  // close once the current response is complete
+  bool headQueued_ = false;  // the current response's head is queued or sent
   bool chunked_ = false;     // the current streaming response uses chunked encoding
   std::deque<std::string> out_;
   size_t outFront_ = 0;  // bytes of out_.front() already sent
   size_t outBytes_ = 0;  // unsent bytes in out_
   bool shutdownSent_ = false;
+  uint64_t finAtMs_ = 0;  // uv_now when shutdown(SHUT_WR) was sent
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -407,6 +436,8 @@ Connection::Connection(ServerCore& server, OwnFd fd, bool refusing)
 
 void Connection::start(uv_loop_t* loop) {
   auto self = shared_from_this();
+  loop_ = loop;
+  acceptedAtMs_ = uv_now(loop);
   poll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) {
     int rc = uv_poll_init_socket(loop, h, fd_.get());
     VSUP_ASSERT(rc == 0, uv_strerror(rc));
@@ -415,7 +446,7 @@ void Connection::start(uv_loop_t* loop) {
   timer_ = UvHandle<uv_timer_t>::make([&](uv_timer_t* h) { uv_timer_init(loop, h); });
   timer_->data = this;
   if (refusing_) {
-    answer({503, "application/json", errorJson("too many connections", "unavailable", 503)});
+    answer({503, "application/json", errorJson("too many connections", "unavailable", 503), {}});
     return;
   }
   startTimer(server_->options_.idleTimeoutMs);
@@ -471,7 +502,9 @@ void Connection::onTimer() {
   auto self = shared_from_this();
   switch (state_) {
     case State::Idle:
-      closeNow();  // an idle keep-alive connection: nothing to answer
+      // An idle keep-alive connection (or, in close(), a fresh one whose grace ran out): nothing
+      // to answer. FIN, then linger: a request that crosses the FIN is read, not reset.
+      beginClose();
       return;
     case State::Head:
       keepAlive_ = false;
@@ -487,6 +520,17 @@ void Connection::onTimer() {
       lose();
       return;
     case State::Closing:
+      // In close(): poll until the client has everything, bounded by the linger.
+      if (shutdownSent_ && server_->closing_ && uv_now(loop_) - finAtMs_ < kLingerMs) {
+        if (peerHasEverything()) {
+          closeNow();
+        } else {
+          startTimer(kClosePollMs);
+        }
+        return;
+      }
+      closeNow();
+      return;
     case State::Closed:
       closeNow();
       return;
@@ -591,9 +635,9 @@ void Connection::pump() {
   }
   pumping_ = false;
   if (state_ == State::Closed) return;
-  if (state_ == State::Idle && server_->draining_) {
-    beginClose();  // draining: nothing more will be served here
-    return;
+  if (state_ == State::Idle && server_->closing_) {
+    idleWhileClosing();
+    if (state_ != State::Idle) return;
   }
   if (inPos_ == in_.size()) {
     in_.clear();
@@ -619,20 +663,15 @@ int Connection::onMessageBegin(llhttp_t* p) {
   c.messageComplete_ = false;
   c.state_ = State::Head;
   c.isHead_ = false;
+  c.used_ = true;
   c.startTimer(c.server_->options_.headerTimeoutMs);
   return 0;
 }
 
-// Draining: a request that starts now gets 503 + close, decided once its method is known so
-// that a HEAD gets no body (found by tests/fuzz).
+// Known as soon as the method is, so that a canned answer to a HEAD (a timeout, say) has no
+// body (found by tests/fuzz).
 int Connection::onMethodComplete(llhttp_t* p) {
-  Connection& c = of(p);
-  c.isHead_ = p->method == HTTP_HEAD;
-  if (c.server_->draining_) {
-    c.keepAlive_ = false;
-    c.pendingError_ = Canned{503, c.server_->drainContentType_, c.server_->drainBody_};
-    return -1;
-  }
+  of(p).isHead_ = p->method == HTTP_HEAD;
   return 0;
 }
 
@@ -780,6 +819,7 @@ void Connection::dispatch() {
   state_ = State::Handling;
   stopTimer();
   closeAfter_ = !keepAlive_ || server_->draining_;
+  headQueued_ = false;
   auto resp = std::make_shared<ResponseImpl>(this);
   response_ = resp;
   appDone_ = false;
@@ -833,6 +873,7 @@ std::string Connection::responseHead(int status, const Headers& headers,
     head += "Connection: keep-alive\r\n";
   }
   head += "\r\n";
+  headQueued_ = true;
   return head;
 }
 
@@ -973,7 +1014,8 @@ void Connection::flush() {
     // The answer is out; FIN tells the client, and the linger timer bounds the wait for its FIN.
     ::shutdown(fd_.get(), SHUT_WR);
     shutdownSent_ = true;
-    startTimer(kLingerMs);
+    finAtMs_ = uv_now(loop_);
+    startTimer(server_->closing_ ? kClosePollMs : kLingerMs);
   }
   updatePoll();
 }
@@ -988,10 +1030,14 @@ void Connection::responseComplete() {
     beginClose();
     return;
   }
-  // Draining without closeAfter_ cannot happen: drain() sets it. So this is keep-alive.
+  // Keep-alive. While draining only a response whose head went out before the drain began
+  // gets here: its client was not told to close, so the connection stays open for one more
+  // request (answered with `Connection: close`) rather than closing under a client that may be
+  // sending it now.
+  headQueued_ = false;
   state_ = State::Idle;
   startTimer(server_->options_.idleTimeoutMs);
-  pump();  // a pipelined request may be waiting
+  pump();  // a pipelined request may be waiting; in close(), an idle connection ends here
   if (state_ != State::Closed) updatePoll();
 }
 
@@ -1001,7 +1047,9 @@ void Connection::answer(const Canned& canned) {
   std::string head = "HTTP/1.1 " + std::to_string(canned.status) + " " +
                      reasonPhrase(canned.status) + "\r\nServer: vsup\r\nContent-Type: " +
                      canned.contentType + "\r\nContent-Length: " +
-                     std::to_string(canned.body.size()) + "\r\nConnection: close\r\n\r\n";
+                     std::to_string(canned.body.size()) + "\r\n";
+  for (const auto& [name, value] : canned.headers) head += name + ": " + value + "\r\n";
+  head += "Connection: close\r\n\r\n";
   queue(std::move(head));
   if (!isHead_) queue(canned.body);  // a response to HEAD has no body (RFC 9112 6.3)
   beginClose();
@@ -1046,24 +1094,63 @@ void Connection::closeNow() {
   }
 }
 
+// Nothing closes here: an idle connection stays open (its next request is answered with
+// `Connection: close`), a request being received completes and is answered the same way.
 void Connection::drain() {
+  // A response whose head is already out keeps it; its connection then stays open for one more
+  // request (responseComplete).
+  if (state_ == State::Handling && !headQueued_) closeAfter_ = true;
+}
+
+void Connection::closeGracefully() {
   auto self = shared_from_this();
   switch (state_) {
     case State::Idle:
-      closeNow();
+      // Input the loop has not read yet (a request already sent) is served before the close.
+      readInput();
+      if (state_ == State::Idle) idleWhileClosing();
       return;
     case State::Head:
     case State::Body:
-      keepAlive_ = false;
-      answer({503, server_->drainContentType_, server_->drainBody_});
-      return;
     case State::Handling:
-      closeAfter_ = true;  // headers already sent keep theirs; the close itself tells the client
-      return;
+      return;  // answered (with `Connection: close`), then closed; or cut at the timeout
     case State::Closing:
+      if (shutdownSent_) startTimer(kClosePollMs);  // no longer wait for the client's FIN
+      return;
     case State::Closed:
       return;
   }
+}
+
+// close() is under way and this connection has no request: one that has carried a request
+// closes now; a fresh one gets the rest of its grace to send its first request.
+void Connection::idleWhileClosing() {
+  uint64_t age = uv_now(loop_) - acceptedAtMs_;
+  if (used_ || age >= kFirstRequestGraceMs) {
+    beginClose();
+  } else {
+    startTimer(kFirstRequestGraceMs - age);
+  }
+}
+
+// Our every byte and our FIN are acknowledged, and nothing the client sent is left unread: a
+// close now cannot reset the connection under a response or a request.
+bool Connection::peerHasEverything() const {
+  int unacked = 0;
+  int unread = 0;
+  if (::ioctl(fd_.get(), SIOCOUTQ, &unacked) != 0 || ::ioctl(fd_.get(), SIOCINQ, &unread) != 0) {
+    return false;
+  }
+  return unacked == 0 && unread == 0;
+}
+
+void Connection::closeAtTimeout() {
+  auto self = shared_from_this();
+  if (state_ == State::Head || state_ == State::Body) {
+    keepAlive_ = false;
+    answer(server_->drain_);  // queued and flushed as far as the socket takes it
+  }
+  closeNow();
 }
 
 void Connection::abandon() {
@@ -1091,7 +1178,7 @@ ServerCore::ServerCore(uv_loop_t* loop, ServerOptions options, Handler handler)
 }
 
 ServerCore::~ServerCore() {
-  stopAccepting();
+  closeListener();
   auto connections = std::move(connections_);
   connections_.clear();
   for (auto& [raw, conn] : connections) conn->abandon();
@@ -1157,6 +1244,23 @@ void ServerCore::listen() {
   });
 }
 
+// Takes every connection the kernel has queued (their clients may have sent their requests
+// already), bounded so that a connect flood cannot keep it going.
+void ServerCore::acceptQueued() {
+  for (int i = 0; listenFd_ && i < options_.backlog + kAcceptBatch; ++i) {
+    int fd = ::accept4(listenFd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      acceptOne(fd);
+      continue;
+    }
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      log().warn("http: accepting the queued connections failed: {}", std::strerror(errno));
+    }
+    return;
+  }
+}
+
 void ServerCore::onAcceptable() {
   for (int i = 0; i < kAcceptBatch && listenFd_; ++i) {
     int fd = ::accept4(listenFd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -1210,9 +1314,17 @@ void ServerCore::removeConnection(Connection* conn) {
   if (it == connections_.end()) return;
   if (!conn->refusing()) --serving_;
   connections_.erase(it);
+  if (closing_ && connections_.empty()) closeDone();
 }
 
 void ServerCore::stopAccepting() {
+  // Closing a listening socket resets the connections still in its accept queue, whose clients
+  // may have sent their requests: take them first, and serve them like any other.
+  acceptQueued();
+  closeListener();
+}
+
+void ServerCore::closeListener() {
   // The poll handle first: uv_close unregisters the fd before it is closed.
   listenPoll_.reset();
   acceptBackoff_.reset();
@@ -1226,6 +1338,58 @@ void ServerCore::setDraining() {
   snapshot.reserve(connections_.size());
   for (auto& [raw, conn] : connections_) snapshot.push_back(conn);
   for (auto& conn : snapshot) conn->drain();
+}
+
+void ServerCore::close(uint64_t timeoutMs, std::function<void()> done) {
+  VSUP_REQUIRE(!closing_, "http::Server::close called twice");
+  setDraining();
+  stopAccepting();
+  closing_ = true;
+  closeCallback_ = std::move(done);
+  closeTimer_ = UvHandle<uv_timer_t>::make([&](uv_timer_t* h) { uv_timer_init(loop_, h); });
+  closeTimer_->data = this;
+  std::vector<std::shared_ptr<Connection>> snapshot;
+  snapshot.reserve(connections_.size());
+  for (auto& [raw, conn] : connections_) snapshot.push_back(conn);
+  for (auto& conn : snapshot) conn->closeGracefully();
+  if (closeFired_) return;  // every connection closed inside the loop above
+  if (connections_.empty()) {
+    closeDone();
+    return;
+  }
+  uv_timer_start(
+      closeTimer_.get(),
+      [](uv_timer_t* h) {
+        if (h->data != nullptr) static_cast<ServerCore*>(h->data)->onCloseTimeout();
+      },
+      timeoutMs, 0);
+}
+
+void ServerCore::onCloseTimeout() {
+  std::vector<std::shared_ptr<Connection>> snapshot;
+  snapshot.reserve(connections_.size());
+  for (auto& [raw, conn] : connections_) snapshot.push_back(conn);
+  if (!snapshot.empty()) {
+    log().info("http: closing {} connection(s) still open at the close timeout",
+               snapshot.size());
+  }
+  for (auto& conn : snapshot) conn->closeAtTimeout();  // the last one calls closeDone()
+  if (!closeFired_) closeDone();
+}
+
+// From its own loop callback (the close timer's), so the app may destroy the Server in it.
+void ServerCore::closeDone() {
+  if (closeFired_) return;
+  closeFired_ = true;
+  uv_timer_start(
+      closeTimer_.get(),
+      [](uv_timer_t* h) {
+        auto* self = static_cast<ServerCore*>(h->data);
+        if (self == nullptr || !self->closeCallback_) return;
+        auto callback = std::move(self->closeCallback_);  // may destroy `self`
+        callback();
+      },
+      0, 0);
 }
 
 void ServerCore::requestDone() {
@@ -1257,9 +1421,15 @@ void Server::listen() { core_->listen(); }
 uint16_t Server::port() const { return core_->port_; }
 void Server::stopAccepting() { core_->stopAccepting(); }
 void Server::setDraining() { core_->setDraining(); }
-void Server::setDrainResponse(std::string contentType, std::string body) {
-  core_->drainContentType_ = std::move(contentType);
-  core_->drainBody_ = std::move(body);
+void Server::close(uint64_t timeoutMs, std::function<void()> done) {
+  core_->close(timeoutMs, std::move(done));
+}
+void Server::setDrainResponse(std::string contentType, std::string body, Headers headers) {
+  for (const auto& [name, value] : headers) {
+    VSUP_REQUIRE(isToken(name) && !hasCrLf(value),
+                 "http::Server::setDrainResponse: invalid header \"" + jsonEscape(name) + "\"");
+  }
+  core_->drain_ = {503, std::move(contentType), std::move(body), std::move(headers)};
 }
 size_t Server::inFlight() const { return core_->inFlight_; }
 size_t Server::connections() const { return core_->connections_.size(); }

@@ -12,10 +12,45 @@
 // errors are answered by the server itself with an OpenAI-shaped JSON error and
 // `Connection: close`; the handler never sees a malformed request.
 //
-// Quiescence (README, "How shutdown works"): stopAccepting() closes the listening socket; setDraining()
-// answers every request not yet handed to the handler with 503 + `Connection: close`, closes idle
-// keep-alive connections and closes busy ones once their response is complete; inFlight() and
-// onIdle() let the app wait for the drain without polling.
+// Quiescence (README, "How shutdown works") comes in two steps, and neither resets a connection
+// whose request was sent:
+//   setDraining()  The server goes on accepting and handing every request to the handler (the
+//                  app decides what a request gets while draining: a 503, or its usual answer);
+//                  each response from then on carries `Connection: close`, and its connection
+//                  closes after it. Nothing is closed by setDraining() itself: an idle kept-alive
+//                  connection stays open and its next request is answered (with close), a request
+//                  being received completes and is answered, and a response whose head is
+//                  already out keeps its connection open for one more request (its client was not
+//                  told to close and may be sending that request now). inFlight() and onIdle()
+//                  let the app wait for its requests without polling.
+//   close()        The end, once the app's requests are answered. It accepts every connection
+//                  the kernel has queued on the listening socket, closes the socket (new
+//                  connects are refused from then on), and serves what has arrived: input
+//                  already received on an idle connection, a request being received, and the
+//                  first request of a connection that has not carried one yet (it gets 1 s from
+//                  its accept to send it). Every connection then ends with FIN: the server sends
+//                  its last byte, shuts down its side and goes on reading (and discarding) until
+//                  the client's host has acknowledged everything, our FIN included, and nothing
+//                  is unread, or until the client's own FIN, at most 2 s. So a request that
+//                  crosses that FIN on the wire is read, and its client sees the connection end
+//                  without an answer (what HTTP clients retry on a kept-alive connection), not a
+//                  reset. `done` fires once the last connection is closed, or at the timeout,
+//                  when a request still being received gets the drain response
+//                  (setDrainResponse) and every connection left is closed at once.
+// Whenever else the server ends a connection (`Connection: close`, a protocol error, the idle
+// timeout) it does the same, lingering until the client's FIN, at most 2 s.
+//
+// What remains is the kernel's window:
+//   - a connect whose handshake completes between close()'s last accept and the close of the
+//     listening socket (the same loop turn: microseconds), or is still in flight then (the SYN
+//     received, the final ACK not yet: at most one round trip), is reset, and its client may
+//     have sent its request already; with SO_REUSEPORT siblings still listening, only connects
+//     the kernel had already given this socket are at risk;
+//   - in close(), once the client's host has acknowledged our FIN and nothing is unread, the
+//     socket is closed: a request sent after that (after our FIN had reached the client's host,
+//     so it did not cross it) is reset, and so is a crossing one whose segment was lost and is
+//     retransmitted only after that acknowledgement;
+//   - what is still unread when the timeout of close() (or a linger) cuts a connection.
 #pragma once
 
 #include <uv.h>
@@ -116,16 +151,24 @@ class Server {
   void listen();
   uint16_t port() const;  // the bound port (0 before listen())
 
-  // Quiescence (README, "How shutdown works"); idempotent, may be called in any order.
-  // Closes the listening socket now: new connects are refused.
+  // Quiescence (see the top of this file).
+  // Accepts the connections the kernel has queued (they are served as usual), then closes the
+  // listening socket: new connects are refused. Idempotent. close() does it too.
   void stopAccepting();
-  // Every request not yet handed to the handler (new ones, and ones still being received) gets
-  // 503 with `Connection: close` and the drain body; idle keep-alive connections are closed now;
-  // a connection whose in-flight response completes is closed after it.
+  // From now on every response carries `Connection: close` and its connection closes after it;
+  // every request still reaches the handler; nothing is closed now. Idempotent.
   void setDraining();
-  // The drain answer's body. Default: {"error":{"message":"server is shutting down",
-  // "type":"unavailable","code":503}} as application/json.
-  void setDrainResponse(std::string contentType, std::string body);
+  // Ends the server: setDraining() and stopAccepting() if not yet, then serves what has arrived,
+  // ends every connection with FIN, and calls `done` (from its own loop callback, so it may
+  // destroy the Server) once none is left, or after `timeoutMs` (then the rest is cut: a request
+  // still being received gets the drain response first). The handler is still called meanwhile,
+  // for requests that arrive. Call once.
+  void close(uint64_t timeoutMs, std::function<void()> done);
+  // The answer close() gives at its timeout to a request still being received (with `Connection:
+  // close`; `headers` are added, e.g. Retry-After; they must be valid header lines). Default:
+  // 503 {"error":{"message":"server is shutting down","type":"unavailable","code":503}} as
+  // application/json.
+  void setDrainResponse(std::string contentType, std::string body, Headers headers = {});
 
   size_t inFlight() const;     // requests handed to the handler and not yet complete
   size_t connections() const;  // open client connections (including ones being closed)

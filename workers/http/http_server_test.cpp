@@ -12,13 +12,16 @@
 #include <signal.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <condition_variable>
 #include <doctest/doctest.h>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/check.h"
@@ -107,6 +110,18 @@ void expectJsonError(const Reply& reply, int status) {
   CHECK(reply.header("content-type") == "application/json");
   CHECK(reply.body.find("\"code\":" + std::to_string(status)) != std::string::npos);
   CHECK(reply.body.find("\"error\":{\"message\":") != std::string::npos);
+}
+
+// Client thread: polls `pred` on the loop thread until it holds (false after 5 s).
+bool eventually(LoopBridge& bridge, const std::function<bool()>& pred) {
+  auto deadline = std::chrono::steady_clock::now() + kWait;
+  for (;;) {
+    bool held = false;
+    bridge.call([&] { held = pred(); });
+    if (held) return true;
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
 }
 
 // A fresh client gets a normal answer: the server survived whatever came before.
@@ -629,11 +644,12 @@ TEST_CASE("an idle keep-alive connection is closed after idleTimeoutMs") {
     c.send(get("/"));
     REQUIRE(c.read().has_value());
     auto start = vsup::monoNow();
-    CHECK(c.closedByPeer());
+    CHECK(c.endsCleanly());  // FIN, then the server reads until ours: a crossing request is no reset
     double ms = elapsedMs(start);
     CHECK(ms >= 150.0);
     CHECK(ms < 2000.0);
-    h.bridge.call([&] { CHECK(h.server->connections() == 0); });
+    c.close();
+    CHECK(eventually(h.bridge, [&] { return h.server->connections() == 0; }));
   });
 }
 
@@ -712,20 +728,30 @@ TEST_CASE("a connection over maxConnections gets 503 and a close, the others kee
   });
 }
 
-TEST_CASE("stopAccepting refuses new connects while an open connection still gets its response") {
+TEST_CASE("stopAccepting serves the connections already queued, then refuses new connects while "
+          "an open connection still gets its response") {
   std::shared_ptr<Response> pending;
   Notifier notifier;
-  Harness h([&](Request&&, std::shared_ptr<Response> resp) {
+  Harness h([&](Request&& req, std::shared_ptr<Response> resp) {
+    if (req.path == "/queued") return echo(std::move(req), std::move(resp));
     notifier.update([&] { pending = std::move(resp); });
   });
   h.run([&] {
     Client c(h.port());
     c.send(get("/inflight"));
     REQUIRE(notifier.waitUntil([&] { return pending != nullptr; }));
+    std::optional<Client> queued;
     h.bridge.call([&] {
+      // On the loop thread: the handshake completes in the kernel, and the server cannot accept
+      // before stopAccepting() runs.
+      queued.emplace(h.port());
+      queued->send(get("/queued"));
       h.server->stopAccepting();
       h.server->stopAccepting();  // idempotent
     });
+    Reply q = queued->requireRead();
+    CHECK(q.status == 200);
+    CHECK(q.body == "GET /queued ");
     OwnFd refused = connectTo(h.port());
     CHECK_FALSE(refused);
     CHECK(errno == ECONNREFUSED);
@@ -744,8 +770,8 @@ TEST_CASE("stopAccepting refuses new connects while an open connection still get
   });
 }
 
-TEST_CASE("draining: a new request gets 503 + close, idle connections close, an in-flight stream "
-          "completes and then closes, and onIdle fires") {
+TEST_CASE("draining closes nothing by itself: every request still reaches the handler and its "
+          "response carries Connection: close; new connections are accepted") {
   std::shared_ptr<Response> stream;
   std::atomic<int> idleCalls{0};
   Notifier notifier;
@@ -753,7 +779,7 @@ TEST_CASE("draining: a new request gets 503 + close, idle connections close, an 
     if (req.path == "/stream") {
       resp->startStream(200, {});
       resp->write("one");
-      stream = std::move(resp);
+      notifier.update([&] { stream = std::move(resp); });
       return;
     }
     echo(std::move(req), std::move(resp));
@@ -763,19 +789,20 @@ TEST_CASE("draining: a new request gets 503 + close, idle connections close, an 
     notifier.poke();
   });
   h.run([&] {
-    Client active(h.port());  // has a new request half sent when the drain starts
-    Client idle(h.port());    // stays idle
+    Client idle(h.port());     // kept alive, idle when the drain starts
+    Client partial(h.port());  // has a new request half sent when the drain starts
     Client streaming(h.port());
-    for (Client* c : {&active, &idle}) {
+    for (Client* c : {&idle, &partial}) {
       c->send(get("/warm"));
-      REQUIRE(c->read().has_value());
+      Reply warm = c->requireRead();
+      CHECK_FALSE(warm.has("connection"));
     }
     REQUIRE(notifier.waitUntil([&] { return idleCalls.load() == 2; }));
     streaming.send(get("/stream"));
     REQUIRE(streaming.readHead().has_value());
     CHECK(streaming.readChunk() == "one");
 
-    active.send("GET /new HTTP/1.1\r\nHost: t\r\n");
+    partial.send("GET /new HTTP/1.1\r\nHost: t\r\n");
     // Two round trips through the loop: the loop has read those bytes before the drain starts.
     h.bridge.call([] {});
     h.bridge.call([] {});
@@ -783,59 +810,150 @@ TEST_CASE("draining: a new request gets 503 + close, idle connections close, an 
       h.server->setDraining();
       h.server->setDraining();  // idempotent
       CHECK(h.server->inFlight() == 1);
+      CHECK(h.server->connections() == 3);
     });
-    CHECK(idle.closedByPeer());
 
-    auto reply = active.read();
-    REQUIRE(reply.has_value());
-    CHECK(reply->status == 503);
-    CHECK(reply->header("connection") == "close");
-    CHECK(reply->body ==
-          R"({"error":{"message":"server is shutting down","type":"unavailable","code":503}})");
-    CHECK(active.closedByPeer());
+    // The half-sent request completes and is answered by the handler, with close.
+    partial.send("\r\n");
+    Reply r = partial.requireRead();
+    CHECK(r.status == 200);
+    CHECK(r.body == "GET /new ");
+    CHECK(r.header("connection") == "close");
+    CHECK(partial.endsCleanly());
 
+    // The idle connection was left open: its next request is answered, with close.
+    idle.send(get("/after"));
+    Reply after = idle.requireRead();
+    CHECK(after.body == "GET /after ");
+    CHECK(after.header("connection") == "close");
+    CHECK(idle.endsCleanly());
+
+    // The listener still accepts.
+    Client late(h.port());
+    late.send(get("/late"));
+    Reply l = late.requireRead();
+    CHECK(l.status == 200);
+    CHECK(l.header("connection") == "close");
+    CHECK(late.endsCleanly());
+
+    // The stream's head went out before the drain without `Connection: close`: once it ends,
+    // its connection takes one more request (its client may be sending it), answered with close.
     h.bridge.call([&] {
-      CHECK(idleCalls.load() == 2);
       CHECK(stream->write("two"));
       stream->finish();
     });
     CHECK(streaming.readChunk() == "two");
     CHECK(streaming.readChunk().empty());
-    CHECK(streaming.closedByPeer());
-    REQUIRE(notifier.waitUntil([&] { return idleCalls.load() == 3; }));
+    streaming.send(get("/more"));
+    Reply more = streaming.requireRead();
+    CHECK(more.body == "GET /more ");
+    CHECK(more.header("connection") == "close");
+    CHECK(streaming.endsCleanly());
+    REQUIRE(notifier.waitUntil([&] { return idleCalls.load() >= 3; }));
     h.bridge.call([&] { CHECK(h.server->inFlight() == 0); });
   });
 }
 
-TEST_CASE("draining answers with the body set by setDrainResponse, and a non-streaming in-flight "
-          "response closes its connection after it") {
-  std::shared_ptr<Response> pending;
+TEST_CASE("close: queued connections and input not yet read are served, an idle connection ends "
+          "with FIN (never a reset), then connects are refused and done fires") {
+  std::atomic<bool> done{false};
   Notifier notifier;
-  Harness h([&](Request&&, std::shared_ptr<Response> resp) {
-    notifier.update([&] { pending = std::move(resp); });
-  });
-  h.server->setDrainResponse("text/plain", "bye");
+  Harness h;
   h.run([&] {
-    Client busy(h.port());
-    busy.send(get("/work") + get("/pipelined"));
-    REQUIRE(notifier.waitUntil([&] { return pending != nullptr; }));
+    Client idle(h.port());
+    idle.send(get("/warm"));
+    CHECK(idle.requireRead().status == 200);
+    Client unread(h.port());
+    unread.send(get("/warm"));
+    CHECK(unread.requireRead().status == 200);
+    std::optional<Client> queued;
     h.bridge.call([&] {
-      h.server->setDraining();
-      pending->respond(200, {}, "finished");
+      // On the loop thread, so the server has neither accepted `queued` nor read `unread`'s
+      // request when close() begins (on loopback both are in the kernel when the calls return).
+      queued.emplace(h.port());
+      queued->send(get("/queued"));
+      unread.send(get("/unread"));
+      h.server->close(5000, [&] { notifier.update([&] { done = true; }); });
+      CHECK_THROWS_AS(h.server->close(5000, [] {}), vsup::Error);
     });
-    auto reply = busy.read();
-    REQUIRE(reply.has_value());
-    CHECK(reply->body == "finished");
-    CHECK(reply->header("connection") == "close");
-    CHECK(busy.closedByPeer());
+    Reply q = queued->requireRead();
+    CHECK(q.status == 200);
+    CHECK(q.body == "GET /queued ");
+    CHECK(q.header("connection") == "close");
+    CHECK(queued->endsCleanly());
+    Reply u = unread.requireRead();
+    CHECK(u.body == "GET /unread ");
+    CHECK(u.header("connection") == "close");
+    CHECK(unread.endsCleanly());
+    CHECK(idle.endsCleanly());
+    OwnFd refused = connectTo(h.port());
+    CHECK_FALSE(refused);
+    REQUIRE(notifier.waitUntil([&] { return done.load(); }));
+    h.bridge.call([&] { CHECK(h.server->connections() == 0); });
+  });
+}
 
-    Client late(h.port());  // still accepting (no stopAccepting): a new connection gets 503
-    late.send(get("/"));
-    auto r2 = late.read();
-    REQUIRE(r2.has_value());
-    CHECK(r2->status == 503);
-    CHECK(r2->header("content-type") == "text/plain");
-    CHECK(r2->body == "bye");
+TEST_CASE("close: a request being received is completed and answered, a fresh connection may still "
+          "send its first request, and at the timeout a stalled one gets the drain response") {
+  std::atomic<bool> done{false};
+  Notifier notifier;
+  Harness h;
+  h.server->setDrainResponse("text/plain", "bye", {{"Retry-After", "1"}});
+  CHECK_THROWS_AS(h.server->setDrainResponse("text/plain", "x", {{"Bad Name", "1"}}), vsup::Error);
+  h.run([&] {
+    Client slow(h.port());
+    slow.send("GET /slow HTTP/1.1\r\nHost: t\r\n");
+    Client stalled(h.port());
+    stalled.send("POST /stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
+    Client fresh(h.port());  // connected, no request yet
+    h.bridge.call([] {});
+    h.bridge.call([] {});
+    vsup::MonoNs began = vsup::monoNow();
+    h.bridge.call([&] {
+      h.server->close(400, [&] { notifier.update([&] { done = true; }); });
+    });
+    slow.send("\r\n");
+    Reply r = slow.requireRead();
+    CHECK(r.status == 200);
+    CHECK(r.body == "GET /slow ");
+    CHECK(r.header("connection") == "close");
+    CHECK(slow.endsCleanly());
+    fresh.send(get("/first"));
+    Reply f = fresh.requireRead();
+    CHECK(f.body == "GET /first ");
+    CHECK(f.header("connection") == "close");
+    CHECK(fresh.endsCleanly());
+
+    Reply s = stalled.requireRead();
+    CHECK(s.status == 503);
+    CHECK(s.body == "bye");
+    CHECK(s.header("content-type") == "text/plain");
+    CHECK(s.header("retry-after") == "1");
+    CHECK(s.header("connection") == "close");
+    CHECK(vsup::testing::elapsedMs(began) >= 390);  // uv timers count whole ms
+    REQUIRE(notifier.waitUntil([&] { return done.load(); }));
+  });
+}
+
+TEST_CASE("close with no connection calls done from its own loop callback, which may destroy the "
+          "Server") {
+  TestLoop loop;
+  LoopBridge bridge(loop.get());
+  auto server = std::make_unique<Server>(loop.get(), testOptions(), echo);
+  server->listen();
+  uint16_t port = server->port();
+  std::atomic<bool> destroyed{false};
+  Notifier notifier;
+  bridge.runClient([&] {
+    bridge.call([&] {
+      server->close(1000, [&] {
+        server.reset();
+        notifier.update([&] { destroyed = true; });
+      });
+      CHECK_FALSE(destroyed.load());  // not from inside close()
+    });
+    REQUIRE(notifier.waitUntil([&] { return destroyed.load(); }));
+    CHECK_FALSE(connectTo(port));
   });
 }
 

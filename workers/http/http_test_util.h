@@ -210,6 +210,18 @@ class Client {
     }
   }
 
+  // True if the server ends the connection with FIN (EOF) within the timeout; false on a reset
+  // or a timeout. Data before the end is skipped.
+  bool endsCleanly() {
+    buf_.clear();
+    char scratch[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd_.get(), scratch, sizeof scratch, 0);
+      if (n > 0) continue;
+      return n == 0;
+    }
+  }
+
   void close() { fd_.reset(); }
   int fd() const { return fd_.get(); }
 
