@@ -145,7 +145,7 @@ SKIPS = {
 #   starting      the node was spawned and is not ready ("started X (pid N)" logged)
 #   serving       the tree is ready; two streams (first chunk received) and one plain request
 #                 in flight, or for an API server streams until each server has one
-#   draining      SIGTERM sent, both API servers logged "listener closed", the root began its
+#   draining      SIGTERM sent, both API servers logged "draining N request(s)", the root began its
 #                 ordered shutdown, the requests are still running
 #   tearing-down  the drain is over and engine-core stops its ranks (kv: worker-tp1 defers for a
 #                 transfer; a finished request left it just before the SIGTERM)
@@ -742,14 +742,14 @@ def drive_and_inject(ft: FaultTree, cell: Cell, env: dict) -> tuple[float, list]
         if cell.fault == "crash":
             t = ft.wait_log(crash_seen, 10)
             if target.startswith("worker"):
-                # crash@step40 must land inside the drain, after the listeners closed.
+                # crash@step40 must land inside the drain, after intake stopped.
                 log = ft.stderr()
-                closed = log.find("listener closed")
+                closed = log.find("new inference requests get 503")
                 assert 0 <= closed < log.find("injected crash"), \
                     f"the crash came before the drain: the line is wrong\n{log}"
             return t, clients
         for name in ("api-server-0", "api-server-1"):
-            ft.wait_log(rf"{name}: listener closed", 10)
+            ft.wait_log(rf"{name}: draining \d+ request\(s\)", 10)
         # And the root has begun its ordered shutdown (it did once every quiesce was answered).
         ft.wait_log(r"\[shutdown\] root: stopping \d+ children in reverse order", 10)
         if cell.fault == "ignore-shutdown":

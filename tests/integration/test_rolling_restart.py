@@ -12,11 +12,10 @@ Two ways to take a replica out, both run:
   (HAProxy's runtime API, `set server be/rN state drain`; Kubernetes: the endpoint is removed),
   the test waits until HAProxy has no session on it, then sends SIGTERM.
 - `sigterm`: the replica gets SIGTERM while still in rotation, as when a pod's endpoint removal
-  races the SIGTERM. Here vsup's own behaviour keeps clients whole: the listener closes and
-  /health turns 503 at once, in-flight requests finish, and the proxy's health check and retries
-  send new requests to the other replica. The few requests that reach the replica as it
-  quiesces and are dropped unread need HAProxy to replay them (`retry-on empty-response`; see
-  RETRY_ON for why, and why that is safe).
+  races the SIGTERM. Here vsup's own behaviour keeps clients whole: /health turns 503 at once,
+  in-flight requests finish, and every request that reaches the replica while it drains is
+  answered 503 with `Connection: close` (never reset: the listener stays open until the drain
+  ends), which HAProxy replays on the other replica (`retry-on 503`).
 
 Either way the old tree must exit 0 with nothing left behind, a new one is started on the same
 port, HAProxy must see it UP, and it must serve load before the other replica is rolled.
@@ -72,21 +71,12 @@ RETRY_ON = {
     # Taken out of rotation before SIGTERM, a replica gets no new request, so HAProxy's default
     # (retry a connect that failed, before the request was sent) is all it takes.
     "drain": "conn-failure",
-    # In rotation at SIGTERM, a replica also turns away requests that reach it as it quiesces,
-    # none of which it has handed to the engine, so replaying them elsewhere is safe:
-    # - `empty-response`: a connect completed by the kernel while vsup closes its listener is
-    #   reset from the accept queue; and the HTTP server's drain closes at once every connection
-    #   it sees as idle (http_server.cpp, Connection::drain), including one accepted in the same
-    #   loop turn whose request is still unread in the socket (the kernel then sends RST) and a
-    #   keep-alive one the next request is arriving on. HAProxy has sent the request by then, so
-    #   `conn-failure` does not cover these: it answers 502 "SH--" or, on a client connection
-    #   that has carried a request before, closes it without a response.
-    # - `503`: a request vsup had begun to read when the drain began is answered 503 "server is
-    #   shutting down" with `Connection: close`.
-    # A completion has no side effect but its cost, so the replay of an empty response after a
-    # crash, which this also allows, is harmless too. These retries do not cover every case
-    # (SIGTERM_IN_ROTATION_GAP below).
-    "sigterm": "conn-failure empty-response 503",
+    # In rotation at SIGTERM, a replica answers every request that reaches it while it drains
+    # with 503 + `Connection: close` (its listener stays open, and it never resets a connection
+    # whose request was sent), none of which it has handed to the engine, so replaying them on
+    # the other replica is safe. HAProxy can replay a request only if it still holds its body:
+    # `option http-buffer-request` below.
+    "sigterm": "conn-failure 503",
 }
 
 
@@ -132,9 +122,11 @@ frontend fe
 
 backend {BACKEND}
     balance roundrobin
-    # Readiness: a replica is in rotation while GET /health answers 200. From SIGTERM on, vsup's
-    # listener is closed (a check's connect is refused) and /health on a connection already open
-    # answers 503 "draining": either takes the replica out.
+    # Readiness: a replica is in rotation while GET /health answers 200. From SIGTERM on, vsup
+    # answers it 503 "draining" (its listener stays open until the drain ends; after that a
+    # check's connect is refused): either takes the replica out.
+    # Keep each request's body until the response starts, so that a 503 can be replayed.
+    option http-buffer-request
     option httpchk GET /health
     http-check expect status 200
     # Check every 200 ms; one failed check takes a server out, one good check puts it back.
@@ -255,7 +247,7 @@ class Replica:
         assert code == 0, f"{self.name}: vsup exited {code} after SIGTERM\n{s.stderr()}"
         wait_for(lambda: not s.leftovers(), 2.0, f"{self.name}: every process of the tree gone",
                  lambda: f"left: {[describe(p) for p in s.leftovers()]}\n{s.stderr()}")
-        drained = re.search(r"listener closed; draining (\d+) request", s.stderr())
+        drained = re.search(r"\[shutdown\] api-server-0: draining (\d+) request", s.stderr())
         assert drained, f"{self.name}: no drain in the log\n{s.stderr()}"
         return took, int(drained.group(1))
 
@@ -325,20 +317,7 @@ class RequestsLost(AssertionError):
     """Some client saw a failed request, a connection error or an incomplete response."""
 
 
-# The known gap (RETRY_ON["sigterm"]): a request reaching a replica in the moment it quiesces can
-# still reach a client as an error, because HAProxy 2.6 does not replay every kind of drop:
-# not a request dropped on a keep-alive client connection that had carried one before (HAProxy
-# closes that connection without a response, for the client to retry), and not always a 503.
-# Only the loss itself is expected to fail; anything else (exit codes, leftovers, timeouts) fails.
-SIGTERM_IN_ROTATION_GAP = pytest.mark.xfail(
-    raises=RequestsLost, strict=False,
-    reason="vsup's drain drops requests it has not read yet (Connection::drain closes idle "
-           "connections at once; the listener close resets its accept queue); HAProxy does not "
-           "replay all of them")
-
-
-@pytest.mark.parametrize("variant", ["drain", pytest.param("sigterm",
-                                                           marks=SIGTERM_IN_ROTATION_GAP)])
+@pytest.mark.parametrize("variant", ["drain", "sigterm"])
 def test_a_rolling_restart_behind_haproxy_loses_no_request(tmp_path, vsup_bin, variant):
     require_haproxy()
     replicas = {name: Replica(name, vsup_bin, tmp_path) for name in SERVERS}
