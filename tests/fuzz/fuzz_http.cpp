@@ -8,7 +8,8 @@
 //
 // Input: one selector byte, then the bytes the client sends.
 //   selector % 3:       the server: 0 default limits (8 KiB head, 64 KiB body), 1 tiny limits
-//                       (256-byte head, 512-byte body), 2 draining (every request gets 503)
+//                       (256-byte head, 512-byte body), 2 draining (every request is still
+//                       handed over, and every response closes its connection)
 //   (selector / 3) % 8: how the bytes are written: 0 (and 6, 7) all at once, else in pieces of
 //                       1, 2, 5, 16 or 100 bytes with a loop turn between
 // So a seed starting with '0' is sent whole to the default server ('0' = 48). The client half-
