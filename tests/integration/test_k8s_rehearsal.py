@@ -201,12 +201,10 @@ def test_a_rolling_update_of_three_replicas_five_times_under_load_fails_no_reque
                    f"SIGTERM (need >= {need}), {p['scrapes_in_drain_ok']}/{p['scrapes_in_drain']} "
                    f"until it stopped listening; errors {p['scrape_errors_in_drain']}",
                    "vsup drain keeps serving /metrics")
-        term_s = p["exit_after_sigterm_s"]
-        if term_s is not None and term_s > 2.5 * t.scrape_interval:  # time for a scrape to see it
-            checks.add(f"{name}: /metrics still answered after SIGTERM",
-                       (p["last_scrape_ok_after_sigterm_s"] or -1) >= 0,
-                       f"last good scrape {p['last_scrape_ok_after_sigterm_s']}s after SIGTERM, "
-                       f"exit {p['exit_after_sigterm_s']}s after", "SIGTERM keeps the listener")
+        # No check of /metrics after SIGTERM here: the drain waited for quiet, so nothing is in
+        # flight at SIGTERM and each API server closes its listener at once, while the tree's
+        # exit (what this harness times) comes later, after engine-core's stop. That /metrics
+        # answers through a drain with requests in flight is test_metrics.py's.
         checks.add(f"{name}: vsup_draining was 1 during the drain", p["draining_gauge_seen"],
                    "", "vsup_draining")
         checks.add(f"{name}: no request reached it after its drain returned",
