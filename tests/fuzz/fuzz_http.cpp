@@ -25,6 +25,7 @@
 // "watchdog"), and once it has, nothing counts as in flight.
 #include <llhttp.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <uv.h>
 
@@ -272,8 +273,19 @@ struct Client {
     addr.sin_port = htons(port);
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     // Blocking: on loopback the handshake completes in the kernel, before the server accepts.
-    VSUP_ASSERT(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0,
-                std::strerror(errno));
+    // libFuzzer's SIGALRM (its -timeout timer; no SA_RESTART) can interrupt it: the connect then
+    // goes on asynchronously, and its outcome is read once the socket turns writable.
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      VSUP_ASSERT(errno == EINTR, std::strerror(errno));
+      pollfd p{fd.get(), POLLOUT, 0};
+      int n;
+      do n = ::poll(&p, 1, 10'000); while (n < 0 && errno == EINTR);
+      VSUP_ASSERT(n == 1, "connect did not complete within 10 s");
+      int error = 0;
+      socklen_t len = sizeof error;
+      VSUP_ASSERT(::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0,
+                  std::strerror(error));
+    }
     poll = UvHandle<uv_poll_t>::make([&](uv_poll_t* p) { uv_poll_init_socket(loop, p, fd.get()); });
     poll->data = this;
     uv_poll_start(poll.get(), UV_READABLE, [](uv_poll_t* p, int, int) {
