@@ -174,7 +174,7 @@ root         tearing-down SIGSTOP          0 -             6 -      -           
 root         *            crash           skip root-no-point
 root         *            ignore-shutdown skip root-no-parent
 engine-core  starting     SIGKILL          3 -             5 -      -            cpu    -    -
-engine-core  starting     SIGSTOP          4 -            12 503    unresponsive cpu    TERM F3
+engine-core  starting     SIGSTOP          4 -            12 503    unresponsive cpu    TERM F3?
 engine-core  starting     crash            3 -             5 -      -            sim    -    -
 engine-core  starting     ignore-shutdown skip at-teardown
 engine-core  serving      SIGKILL          5 error         6 503    -            sim    -    -
