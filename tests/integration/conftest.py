@@ -108,16 +108,20 @@ def reap_adopted() -> None:
             reap_if_ours(int(entry))
 
 
+def cmdline(pid: int, gone: str = "?") -> str:
+    """The command line of PID, its arguments joined by spaces; GONE when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return gone
+
+
 def describe(pid: int) -> str:
     st = proc_stat(pid)
     if st is None:
         return f"pid {pid} (gone)"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        cmd = "?"
-    return f"pid {pid} state {st[0]} ppid {st[1]}: {cmd}"
+    return f"pid {pid} state {st[0]} ppid {st[1]}: {cmdline(pid)}"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, diag: Callable[[], str]):

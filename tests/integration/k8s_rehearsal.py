@@ -69,6 +69,8 @@ from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import conftest
+
 # The suite's own definition of a whole completion (loadgen.py): a plain one has a
 # finish_reason and no error; a stream's events are valid JSON, one carries a finish_reason and
 # the last is [DONE].
@@ -290,11 +292,7 @@ def scan_pid_namespaces(wanted: set[int]) -> dict[int, list[tuple[int, str, str,
 
 
 def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+    return conftest.cmdline(pid, gone="")  # "": a gone process matches no pattern
 
 
 # ---------------------------------------------------------------------------------------------

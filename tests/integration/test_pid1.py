@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import render_topology, wait_for
+from conftest import cmdline, render_topology, wait_for
 
 WAIT_S = 10.0
 REAP_BOUND_S = 5.0  # a zombie child of PID 1 must be gone within this (it is reaped in ms)
@@ -90,14 +90,6 @@ def children_of(pid: int) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
 
 
 def blocked_signals(pid: int) -> int:
