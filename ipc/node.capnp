@@ -24,6 +24,8 @@ struct ChildSpec {
   vsupAware @9 :Bool;
   supervisor @10 :SupervisorSpec; # set when type == supervisor
   startConfig @11 :Data;          # opaque to vsup: sent to the child (vsup-aware) in Node.start
+  livenessTimeoutMs @12 :Int64 = -1;   # -1: no liveness pings
+  livenessIntervalMs @13 :Int64 = 1000;
 
   enum Restart { permanent @0; transient @1; temporary @2; }
   enum ChildType { worker @0; supervisor @1; }

@@ -51,6 +51,8 @@ void encode(const SupervisorSpec& spec, schema::SupervisorSpec::Builder out) {
     b.setSignificant(c.significant);
     b.setReady(static_cast<schema::ChildSpec::Readiness>(c.ready));
     b.setStartTimeoutMs(c.startTimeoutMs);
+    b.setLivenessTimeoutMs(c.livenessTimeoutMs);
+    b.setLivenessIntervalMs(c.livenessIntervalMs);
     b.setVsupAware(c.vsupAware);
     if (c.supervisor) encode(*c.supervisor, b.initSupervisor());
     if (!c.startConfig.empty()) {
@@ -84,6 +86,8 @@ SupervisorSpec decode(schema::SupervisorSpec::Reader in) {
     child.significant = c.getSignificant();
     child.ready = static_cast<Readiness>(c.getReady());
     child.startTimeoutMs = c.getStartTimeoutMs();
+    child.livenessTimeoutMs = c.getLivenessTimeoutMs();
+    child.livenessIntervalMs = c.getLivenessIntervalMs();
     child.vsupAware = c.getVsupAware();
     if (c.hasSupervisor()) child.supervisor = decode(c.getSupervisor());
     if (c.hasStartConfig()) child.startConfig = fromData(c.getStartConfig());

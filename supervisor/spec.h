@@ -50,6 +50,12 @@ struct ChildSpec {
   bool significant = false;
   Readiness ready = Readiness::None;
   int64_t startTimeoutMs = 10000;  // -1: none. Applies to ready = notify and vsup-aware starts
+  // Hung-child detection (vsup-aware children only): while the child runs, its supervisor calls
+  // Node.ping every livenessIntervalMs; a child that has not answered one within
+  // livenessTimeoutMs is hung: it is logged as unresponsive, SIGKILLed, and its exit handled as
+  // an unexpected death (restart policy, intensity). -1: not checked.
+  int64_t livenessTimeoutMs = -1;
+  int64_t livenessIntervalMs = 1000;
   // A vsup-aware child speaks the control protocol on fd 3 and is stopped over RPC, not by
   // signal. Supervisors are always vsup-aware.
   bool vsupAware = false;

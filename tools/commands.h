@@ -43,6 +43,21 @@ struct ServeOptions {
   std::vector<std::string> servedModelNames;
   bool logRequests = false;  // --enable-log-requests: one log line per request (never a prompt)
   std::string controlSocket;
+  // Hung-node detection (seconds): every parent pings each vsup-aware child every
+  // livenessInterval; one that has not answered within livenessTimeout is hung (killed as
+  // failed). livenessTimeout 0: off.
+  double livenessTimeout = 5;
+  double livenessInterval = 1;
+  // Start timeouts of the serving tree's nodes (seconds).
+  double engineStartTimeout = 120;     // engine-core, its ranks included
+  double workerStartTimeout = 600;     // each rank (loading its weights)
+  double apiServerStartTimeout = 30;
+  // HTTP limits of every API server (seconds; 0 disables a timeout).
+  size_t maxConnections = 1024;
+  double httpFirstByteTimeout = 5;
+  double httpHeaderTimeout = 10;
+  double httpBodyTimeout = 30;
+  double httpIdleTimeout = 60;
 };
 // `vsup run` without --topology: the serving tree.
 int serve(const ServeOptions& options);

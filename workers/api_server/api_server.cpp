@@ -217,6 +217,14 @@ kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
     o.host = options_.host;
     o.port = options_.port;
     o.maxBodyBytes = options_.maxRequestBytes;
+    o.listenFd = options_.listenFd;
+    // Until the root binds the port for every API server, each binds its own, sharing it.
+    o.reusePort = options_.listenFd < 0;
+    o.maxConnections = options_.maxConnections;
+    o.firstByteTimeoutMs = options_.firstByteTimeoutMs;
+    o.headerTimeoutMs = options_.headerTimeoutMs;
+    o.bodyTimeoutMs = options_.bodyTimeoutMs;
+    o.idleTimeoutMs = options_.idleTimeoutMs;
     server_ = std::make_unique<http::Server>(
         loop_, o, [this](http::Request&& r, std::shared_ptr<http::Response> w) {
           handle(std::move(r), std::move(w));

@@ -77,6 +77,14 @@ struct ApiServerOptions {
   std::string apiKey;               // empty: no authentication
   uint64_t maxRequestBytes = 16 * 1024 * 1024;
   int64_t maxTokens = 4096;         // the largest max_tokens a request may ask for
+  // The listening socket (bound once by `vsup run`'s root, inherited); -1: bind host:port.
+  int listenFd = -1;
+  // HTTP limits (http::ServerOptions; 0 disables a timeout).
+  size_t maxConnections = 1024;
+  uint64_t firstByteTimeoutMs = 5'000;
+  uint64_t headerTimeoutMs = 10'000;
+  uint64_t bodyTimeoutMs = 30'000;
+  uint64_t idleTimeoutMs = 60'000;
 };
 
 class ApiServer final {

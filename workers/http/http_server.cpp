@@ -1,5 +1,6 @@
 #include "workers/http/http_server.h"
 
+#include <fcntl.h>
 #include <arpa/inet.h>
 #include <linux/sockios.h>
 #include <llhttp.h>
@@ -1184,10 +1185,10 @@ ServerCore::~ServerCore() {
   for (auto& [raw, conn] : connections) conn->abandon();
 }
 
-void ServerCore::listen() {
-  VSUP_REQUIRE(!listened_, "http::Server::listen called twice");
-  listened_ = true;
-  std::string host = options_.host;
+}  // namespace detail
+
+OwnFd bindListener(const std::string& hostIn, uint16_t port, int backlog, bool reusePort) {
+  std::string host = hostIn;
   if (host == "localhost") host = "127.0.0.1";
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
   sockaddr_storage addr{};
@@ -1196,17 +1197,17 @@ void ServerCore::listen() {
   if (auto* v4 = reinterpret_cast<sockaddr_in*>(&addr);
       ::inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
     v4->sin_family = AF_INET;
-    v4->sin_port = htons(options_.port);
+    v4->sin_port = htons(port);
     addrLen = sizeof(sockaddr_in);
-    where = host + ":" + std::to_string(options_.port);
+    where = host + ":" + std::to_string(port);
   } else if (auto* v6 = reinterpret_cast<sockaddr_in6*>(&addr);
              ::inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
     v6->sin6_family = AF_INET6;
-    v6->sin6_port = htons(options_.port);
+    v6->sin6_port = htons(port);
     addrLen = sizeof(sockaddr_in6);
-    where = "[" + host + "]:" + std::to_string(options_.port);
+    where = "[" + host + "]:" + std::to_string(port);
   } else {
-    throw Error("http::Server: host \"" + options_.host +
+    throw Error("http::Server: host \"" + hostIn +
                 "\" is not an IP address literal (nor \"localhost\")");
   }
 
@@ -1221,17 +1222,43 @@ void ServerCore::listen() {
   // SO_REUSEADDR: a restarted server binds despite connections of its predecessor in TIME_WAIT
   // (on Linux it never lets two sockets listen on one port; SO_REUSEPORT does that).
   if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) fail(errno);
-  if (options_.reusePort &&
-      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+  if (reusePort && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
     fail(errno);
   }
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), addrLen) != 0) fail(errno);
-  if (::listen(fd.get(), options_.backlog) != 0) fail(errno);
+  if (::listen(fd.get(), backlog) != 0) fail(errno);
+  return fd;
+}
+
+uint16_t boundPort(int fd) {
   sockaddr_storage bound{};
   socklen_t boundLen = sizeof bound;
-  VSUP_SYSCALL(::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound), &boundLen));
-  port_ = ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
-                                           : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+  VSUP_SYSCALL(::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &boundLen));
+  return ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
+                                          : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+}
+
+namespace detail {
+
+void ServerCore::listen() {
+  VSUP_REQUIRE(!listened_, "http::Server::listen called twice");
+  listened_ = true;
+  OwnFd fd;
+  if (options_.listenFd >= 0) {
+    // Inherited (the root bound it): this process's copy, served like one of its own.
+    fd.reset(options_.listenFd);
+    int flags = VSUP_SYSCALL(::fcntl(fd.get(), F_GETFL));
+    VSUP_SYSCALL(::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK));
+    VSUP_SYSCALL(::fcntl(fd.get(), F_SETFD, FD_CLOEXEC));
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    VSUP_SYSCALL(::getsockopt(fd.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len));
+    VSUP_REQUIRE(listening != 0, "http::Server: fd " + std::to_string(options_.listenFd) +
+                                     " is not a listening socket");
+  } else {
+    fd = bindListener(options_.host, options_.port, options_.backlog, options_.reusePort);
+  }
+  port_ = boundPort(fd.get());
 
   listenFd_ = std::move(fd);
   listenPoll_ = UvHandle<uv_poll_t>::make([&](uv_poll_t* h) {

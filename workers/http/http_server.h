@@ -64,6 +64,8 @@
 #include <utility>
 #include <vector>
 
+#include "base/fd.h"
+
 namespace vsup::http {
 
 using Headers = std::vector<std::pair<std::string, std::string>>;
@@ -118,11 +120,19 @@ using Handler = std::function<void(Request&&, std::shared_ptr<Response>)>;
 struct ServerOptions {
   std::string host = "127.0.0.1";  // IPv4 or IPv6 literal ("[::1]" too), or "localhost"/"0.0.0.0"/"::"
   uint16_t port = 8000;            // 0: pick a free port (see port())
-  bool reusePort = true;           // SO_REUSEPORT: several API-server processes share a port
+  bool reusePort = false;          // SO_REUSEPORT (tests and benchmarks only; `vsup run` binds
+                                   // one socket in the root and hands it to every API server)
+  // An already bound and listening TCP socket (an inherited fd; bindListener()): listen() adopts
+  // it (made non-blocking, CLOEXEC) instead of binding host:port, and close() closes only this
+  // process's copy. -1: bind host:port.
+  int listenFd = -1;
   int backlog = 512;
   size_t maxHeaderBytes = 64 * 1024;       // request line + headers; over → 431
   size_t maxBodyBytes = 16 * 1024 * 1024;  // over (Content-Length or actual) → 413
   // Timeouts; 0 disables one.
+  // A new connection that sends no byte for this long is closed (no answer: it sent nothing to
+  // answer), so silent connections cannot hold the connection cap for long.
+  uint64_t firstByteTimeoutMs = 5'000;
   uint64_t headerTimeoutMs = 10'000;  // first byte to end of headers; over → 408 + close
   uint64_t bodyTimeoutMs = 30'000;    // end of headers to end of body; over → 408 + close
   // A keep-alive connection with no request in progress is closed after this long. It also bounds
@@ -130,6 +140,16 @@ struct ServerOptions {
   uint64_t idleTimeoutMs = 60'000;
   size_t maxConnections = 1024;  // over → accept, answer 503 + close at once
 };
+
+// Binds `host`:`port` (as ServerOptions.host; port 0: a free one) and listens with `backlog`:
+// the socket a parent binds once and hands to the processes that serve it (ServerOptions.
+// listenFd). SO_REUSEADDR, never SO_REUSEPORT unless asked: a second server on the port is an
+// error, not a share of its traffic. Throws vsup::SysError naming the address and the errno
+// text, e.g. "127.0.0.1:8000: address already in use"; vsup::Error for a host that is not an
+// address literal.
+OwnFd bindListener(const std::string& host, uint16_t port, int backlog, bool reusePort = false);
+// The port a bound socket listens on.
+uint16_t boundPort(int fd);
 
 namespace detail {
 class ServerCore;
