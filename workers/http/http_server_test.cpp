@@ -1021,9 +1021,10 @@ TEST_CASE("onIdle may destroy the Server from inside its callback") {
 TEST_CASE("with SO_REUSEPORT two Servers listen on the same port") {
   TestLoop loop;
   LoopBridge bridge(loop.get());
-  Server first(loop.get(), testOptions(), echo);
-  first.listen();
   ServerOptions options = testOptions();
+  options.reusePort = true;
+  Server first(loop.get(), options, echo);
+  first.listen();
   options.port = first.port();
   Server second(loop.get(), options, echo);
   CHECK_NOTHROW(second.listen());
