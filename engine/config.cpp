@@ -1,8 +1,12 @@
 #include "engine/config.h"
 
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 
 #include <algorithm>
+#include <cctype>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -15,6 +19,19 @@ void requireRange(const char* flag, T value, T lo, T hi) {
   if (value < lo || value > hi) {
     throw std::invalid_argument(std::string(flag) + " must be " + std::to_string(lo) + ".." +
                                 std::to_string(hi) + ", got " + std::to_string(value));
+  }
+}
+
+// A number of seconds: finite and in [lo, hi] (a nan compares false with everything, so
+// requireRange would let it through).
+void requireSeconds(const char* flag, double value, double lo, double hi) {
+  if (!std::isfinite(value) || value < lo || value > hi) {
+    std::ostringstream got;
+    got << value;
+    std::ostringstream range;
+    range << lo << ".." << hi;
+    throw std::invalid_argument(std::string(flag) + " must be " + range.str() +
+                                " seconds, got " + got.str());
   }
 }
 
@@ -60,32 +77,58 @@ void validate(const EngineConfig& config) {
     throw std::invalid_argument("--kv-connector must be none or sim, got '" + c.kv.connector +
                                 "'");
   }
+  requireSeconds("--kv-shutdown-timeout", c.kv.shutdownTimeoutS, 0, 3600);
+  requireRange<uint64_t>("--sim-kv-transfer-ms", c.kv.simTransferMs, 0, 3600000);
   if (const auto* sim = std::get_if<SimConfig>(&config.backend)) {
     requireRange<uint64_t>("--sim-token-ms", sim->tokenMs, 0, 600000);
   }
 }
 
-std::optional<int64_t> parseByteSize(const std::string& text) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    return std::nullopt;
+int64_t parseByteSize(const std::string& text, const std::string& field) {
+  const std::string accepted = " (e.g. 268435456, 256MiB, 2GiB, 500MB; units: B, KiB, MiB, GiB, "
+                               "TiB, KB, MB, GB, TB)";
+  const std::string tooLarge =
+      "is more than 1 PiB (" + std::to_string(kMaxByteSize) + " bytes), the largest size accepted";
+  auto refuse = [&](const std::string& why) -> int64_t {
+    throw std::invalid_argument(field + " \"" + text + "\" " + why);
+  };
+  // A number first: std::strtod alone would also take leading spaces, "inf", "nan" and hex.
+  if (text.empty() || !(std::isdigit(static_cast<unsigned char>(text[0])) || text[0] == '.' ||
+                        text[0] == '-' || text[0] == '+')) {
+    return refuse("is not a size" + accepted);
   }
-  if (!(value > 0) || !std::isfinite(value)) return std::nullopt;
+  if (text.find("0x") != std::string::npos || text.find("0X") != std::string::npos) {
+    return refuse("is not a size" + accepted);  // std::strtod would read hex
+  }
+  char* end = nullptr;
+  errno = 0;
+  double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str()) return refuse("is not a size" + accepted);
+  if (errno == ERANGE && std::fabs(value) > 1) {
+    return refuse(tooLarge);
+  }
+  size_t used = size_t(end - text.c_str());
   std::string unit = text.substr(used);
+  if (!unit.empty() && unit[0] == ' ') unit.erase(0, 1);
+  struct Unit {
+    const char* name;
+    double scale;
+  };
+  static constexpr Unit kUnits[] = {
+      {"", 1},       {"B", 1},      {"KiB", 0x1p10}, {"MiB", 0x1p20}, {"GiB", 0x1p30},
+      {"TiB", 0x1p40}, {"KB", 1e3},  {"MB", 1e6},     {"GB", 1e9},     {"TB", 1e12},
+  };
   double scale = 0;
-  if (unit.empty() || unit == "B") scale = 1;
-  else if (unit == "KiB") scale = 1024.0;
-  else if (unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  else if (unit == "KB") scale = 1e3;
-  else if (unit == "MB") scale = 1e6;
-  else if (unit == "GB") scale = 1e9;
-  else return std::nullopt;
+  for (const Unit& u : kUnits) {
+    if (unit == u.name) scale = u.scale;
+  }
+  if (scale == 0) return refuse("is not a size" + accepted);
+  if (!std::isfinite(value)) return refuse("is not a size" + accepted);
   double bytes = value * scale;
-  if (bytes > 1e15) return std::nullopt;
+  if (!(bytes >= 1)) return refuse("must be more than 0 bytes");
+  if (bytes > double(kMaxByteSize)) {
+    return refuse(tooLarge);
+  }
   return int64_t(bytes);
 }
 

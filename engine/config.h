@@ -50,9 +50,16 @@ struct EngineConfig {
   std::variant<CpuConfig, SimConfig, CudaConfig> backend = CpuConfig{};
 };
 
-// "256MiB", "1GiB", "512MB", "1.5GB", "1048576" → bytes (--kv-cache-memory). nullopt when
-// malformed.
-std::optional<int64_t> parseByteSize(const std::string& text);
+// The largest size parseByteSize() accepts: 1 PiB. Whether a size fits this machine is the
+// backend's question (a CPU engine's KV cache must fit in memory; the sim engine allocates none).
+inline constexpr int64_t kMaxByteSize = int64_t(1) << 50;
+
+// "256MiB", "1GiB", "2TiB", "512MB", "1.5GB", "1048576" → bytes (--kv-cache-memory): a positive
+// number, then B (or nothing), KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of
+// 1000), spelt as here, a space before the unit allowed. Throws std::invalid_argument naming
+// `field` and the text: malformed or an unknown unit (listing the units), not more than 0 bytes
+// (nan, 0, negative), or more than kMaxByteSize.
+int64_t parseByteSize(const std::string& text, const std::string& field);
 
 // "cpu", "sim" or "cuda": the name of `config.backend`'s alternative (the --engine value).
 const char* engineName(const EngineConfig& config);

@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -141,7 +142,8 @@ TEST_CASE("makeEngineConfig keeps only the chosen backend's part and parses the 
 TEST_CASE("makeEngineConfig refuses a malformed size naming the caller's field, and a bad engine") {
   CHECK_THROWS_WITH_AS(
       makeEngineConfig("cpu", CommonConfig{}, "lots", "kvCacheMemory", CpuConfig{}, SimConfig{}),
-      "kvCacheMemory \"lots\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)",
+      "kvCacheMemory \"lots\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB; units: B, "
+      "KiB, MiB, GiB, TiB, KB, MB, GB, TB)",
       std::invalid_argument);
   CHECK_THROWS_WITH_AS(
       makeEngineConfig("tpu", CommonConfig{}, "", "--kv-cache-memory", CpuConfig{}, SimConfig{}),
@@ -151,6 +153,71 @@ TEST_CASE("makeEngineConfig refuses a malformed size naming the caller's field, 
   CHECK_THROWS_WITH_AS(
       makeEngineConfig("sim", bad, "", "--kv-cache-memory", CpuConfig{}, SimConfig{}),
       doctest::Contains("--block-size"), std::invalid_argument);
+}
+
+TEST_CASE("parseByteSize reads binary and decimal units up to TiB and TB") {
+  CHECK(parseByteSize("1048576", "--kv-cache-memory") == 1048576);
+  CHECK(parseByteSize("512B", "--kv-cache-memory") == 512);
+  CHECK(parseByteSize("4KiB", "--kv-cache-memory") == 4096);
+  CHECK(parseByteSize("256MiB", "--kv-cache-memory") == int64_t(256) << 20);
+  CHECK(parseByteSize("256 MiB", "--kv-cache-memory") == int64_t(256) << 20);
+  CHECK(parseByteSize("1.5GiB", "--kv-cache-memory") == int64_t(3) << 29);
+  CHECK(parseByteSize("2TiB", "--kv-cache-memory") == int64_t(2) << 40);
+  CHECK(parseByteSize("500MB", "--kv-cache-memory") == 500000000);
+  CHECK(parseByteSize("3TB", "--kv-cache-memory") == 3000000000000);
+  CHECK(parseByteSize("1024TiB", "--kv-cache-memory") == kMaxByteSize);
+}
+
+TEST_CASE("parseByteSize refuses malformed, non-positive and absurd sizes, naming the field") {
+  const std::string units = " (e.g. 268435456, 256MiB, 2GiB, 500MB; units: B, KiB, MiB, GiB, "
+                            "TiB, KB, MB, GB, TB)";
+  struct Case {
+    const char* text;
+    std::string why;
+  };
+  const std::string tooLarge = "is more than 1 PiB (1125899906842624 bytes), the largest size "
+                               "accepted";
+  Case cases[] = {
+      {"", "is not a size" + units},
+      {"lots", "is not a size" + units},
+      {"nan", "is not a size" + units},
+      {"inf", "is not a size" + units},
+      {"-nan", "is not a size" + units},
+      {"0x100", "is not a size" + units},
+      {" 5MiB", "is not a size" + units},
+      {"5PiB", "is not a size" + units},
+      {"5mib", "is not a size" + units},
+      {"5MiB!", "is not a size" + units},
+      {"1e999", tooLarge},
+      {"2048TiB", tooLarge},
+      {"99999999999999999999", tooLarge},
+      {"0", "must be more than 0 bytes"},
+      {"0.5", "must be more than 0 bytes"},
+      {"-1GiB", "must be more than 0 bytes"},
+      {"1e-999", "must be more than 0 bytes"},
+  };
+  for (const Case& k : cases) {
+    CAPTURE(k.text);
+    CHECK(messageOf([&] { parseByteSize(k.text, "--kv-cache-memory"); }) ==
+          "--kv-cache-memory \"" + std::string(k.text) + "\" " + k.why);
+  }
+}
+
+TEST_CASE("validate refuses a nan or out-of-range KV shutdown timeout and transfer time") {
+  EngineConfig c;
+  c.common.kv.shutdownTimeoutS = std::nan("");
+  CHECK(messageOf([&] { validate(c); }) ==
+        "--kv-shutdown-timeout must be 0..3600 seconds, got nan");
+  c.common.kv.shutdownTimeoutS = -1;
+  CHECK(messageOf([&] { validate(c); }) ==
+        "--kv-shutdown-timeout must be 0..3600 seconds, got -1");
+  c.common.kv.shutdownTimeoutS = 1e300 * 1e300;
+  CHECK(messageOf([&] { validate(c); }) ==
+        "--kv-shutdown-timeout must be 0..3600 seconds, got inf");
+  c.common.kv.shutdownTimeoutS = 10;
+  c.common.kv.simTransferMs = 3600001;
+  CHECK(messageOf([&] { validate(c); }) ==
+        "--sim-kv-transfer-ms must be 0..3600000, got 3600001");
 }
 
 }  // namespace

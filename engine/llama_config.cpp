@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <climits>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -32,17 +33,29 @@ json readJson(const std::string& path) {
   }
 }
 
-int64_t positiveInt(const json& j, const std::string& path, const char* field,
+// A positive integer of at most `most`: the bound is far above any real checkpoint's (so a
+// typo or a corrupt file is refused here, naming the field, rather than as an allocation of
+// terabytes in a rank).
+int64_t positiveInt(const json& j, const std::string& path, const char* field, int64_t most,
                     std::optional<int64_t> fallback = std::nullopt) {
   if (!j.contains(field) || j[field].is_null()) {
     if (fallback) return *fallback;
     throw std::runtime_error(path + ": missing \"" + field + "\"");
   }
-  if (!j[field].is_number_integer() || j[field].get<int64_t>() <= 0) {
+  const json& v = j[field];
+  bool positive = v.is_number_unsigned() ? v.get<uint64_t>() > 0
+                  : v.is_number_integer() ? v.get<int64_t>() > 0
+                                          : false;
+  if (!positive) {
     throw std::runtime_error(path + ": \"" + field + "\" must be a positive integer, got " +
-                             j[field].dump());
+                             v.dump());
   }
-  return j[field].get<int64_t>();
+  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(most) : v.get<int64_t>() > most) {
+    throw std::runtime_error(path + ": \"" + field + "\" is " + v.dump() + ", more than " +
+                             std::to_string(most) + " (no supported checkpoint is that large: "
+                             "the file is corrupt or the value a typo)");
+  }
+  return v.get<int64_t>();
 }
 
 double positiveNumber(const json& j, const std::string& path, const char* field,
@@ -134,6 +147,40 @@ int64_t LlamaConfig::parameterCount() const {
   return numLayers * perLayer + vocabSize * hiddenSize * (tieEmbeddings ? 1 : 2) + hiddenSize;
 }
 
+int64_t LlamaConfig::rankWeightBytes(uint32_t tp) const {
+  const int64_t t = std::max<int64_t>(1, tp);
+  const int64_t H = hiddenSize;
+  const int64_t q = numHeads / t * headDim;
+  const int64_t kv = std::max<int64_t>(1, numKvHeads / t) * headDim;
+  const int64_t mlp = intermediateSize / t;
+  const int64_t vocabShard = (vocabSize + t - 1) / t;
+  const int64_t perLayer = 2 * H + (q + 2 * kv) * H + H * q + 3 * mlp * H;
+  const int64_t floats = vocabSize * H + vocabShard * H + H + numLayers * perLayer +
+                         maxPositions * headDim;  // rotary cos and sin: headDim/2 each
+  return floats * int64_t(sizeof(float));
+}
+
+std::vector<TensorShape> LlamaConfig::checkpointTensors() const {
+  const int64_t H = hiddenSize;
+  std::vector<TensorShape> t;
+  t.push_back({"model.embed_tokens.weight", {vocabSize, H}});
+  if (!tieEmbeddings) t.push_back({"lm_head.weight", {vocabSize, H}});
+  t.push_back({"model.norm.weight", {H}});
+  for (int64_t i = 0; i < numLayers; ++i) {
+    std::string p = "model.layers." + std::to_string(i) + ".";
+    t.push_back({p + "input_layernorm.weight", {H}});
+    t.push_back({p + "post_attention_layernorm.weight", {H}});
+    t.push_back({p + "self_attn.q_proj.weight", {numHeads * headDim, H}});
+    t.push_back({p + "self_attn.k_proj.weight", {numKvHeads * headDim, H}});
+    t.push_back({p + "self_attn.v_proj.weight", {numKvHeads * headDim, H}});
+    t.push_back({p + "self_attn.o_proj.weight", {H, numHeads * headDim}});
+    t.push_back({p + "mlp.gate_proj.weight", {intermediateSize, H}});
+    t.push_back({p + "mlp.up_proj.weight", {intermediateSize, H}});
+    t.push_back({p + "mlp.down_proj.weight", {H, intermediateSize}});
+  }
+  return t;
+}
+
 void LlamaConfig::checkTensorParallel(uint32_t tp) const {
   auto check = [&](const char* what, int64_t n) {
     if (n % int64_t(tp) != 0) {
@@ -183,18 +230,18 @@ LlamaConfig parseLlamaConfig(const std::string& path) {
                              " is not supported (only silu)");
   }
   LlamaConfig c;
-  c.hiddenSize = positiveInt(j, path, "hidden_size");
-  c.intermediateSize = positiveInt(j, path, "intermediate_size");
-  c.numLayers = positiveInt(j, path, "num_hidden_layers");
-  c.numHeads = positiveInt(j, path, "num_attention_heads");
-  c.numKvHeads = positiveInt(j, path, "num_key_value_heads", c.numHeads);
-  c.vocabSize = positiveInt(j, path, "vocab_size");
-  c.maxPositions = positiveInt(j, path, "max_position_embeddings", 2048);
+  c.hiddenSize = positiveInt(j, path, "hidden_size", kMaxHiddenSize);
+  c.intermediateSize = positiveInt(j, path, "intermediate_size", kMaxIntermediateSize);
+  c.numLayers = positiveInt(j, path, "num_hidden_layers", kMaxLayers);
+  c.numHeads = positiveInt(j, path, "num_attention_heads", kMaxHeads);
+  c.numKvHeads = positiveInt(j, path, "num_key_value_heads", kMaxHeads, c.numHeads);
+  c.vocabSize = positiveInt(j, path, "vocab_size", kMaxVocabSize);
+  c.maxPositions = positiveInt(j, path, "max_position_embeddings", kMaxPositions, 2048);
   if (c.hiddenSize % c.numHeads != 0 && !j.contains("head_dim")) {
     throw std::runtime_error(path + ": hidden_size is not a multiple of num_attention_heads and "
                                     "there is no head_dim");
   }
-  c.headDim = positiveInt(j, path, "head_dim", c.hiddenSize / c.numHeads);
+  c.headDim = positiveInt(j, path, "head_dim", kMaxHeadDim, c.hiddenSize / c.numHeads);
   if (c.headDim % 2 != 0) throw std::runtime_error(path + ": head_dim must be even");
   if (c.numHeads % c.numKvHeads != 0) {
     throw std::runtime_error(path + ": num_attention_heads (" + std::to_string(c.numHeads) +
@@ -206,11 +253,21 @@ LlamaConfig parseLlamaConfig(const std::string& path) {
   c.tieEmbeddings = j.value("tie_word_embeddings", false);
   if (j.contains("eos_token_id")) {
     const json& e = j["eos_token_id"];
-    if (e.is_number_integer()) c.eosTokenIds.push_back(e.get<int32_t>());
-    if (e.is_array()) {
-      for (const auto& v : e) {
-        if (v.is_number_integer()) c.eosTokenIds.push_back(v.get<int32_t>());
+    auto add = [&](const json& v) {
+      if (!v.is_number_integer()) return;
+      // One past the vocabulary is only never produced; one that is negative or past int32 is
+      // no token id at all.
+      if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(INT32_MAX)
+                                 : v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX) {
+        throw std::runtime_error(path + ": \"eos_token_id\" " + v.dump() +
+                                 " is not a token id (0.." + std::to_string(INT32_MAX) + ")");
       }
+      c.eosTokenIds.push_back(v.get<int32_t>());
+    };
+    if (e.is_array()) {
+      for (const auto& v : e) add(v);
+    } else {
+      add(e);
     }
   }
   return c;

@@ -14,6 +14,23 @@
 
 namespace vsup::engine {
 
+// The largest values parseLlamaConfig accepts, each far above any real checkpoint's (the
+// largest Llama models have hidden_size 16384, 126 layers, 128 heads, a 256k vocabulary): a
+// value past one is a corrupt file or a typo, refused naming the field.
+inline constexpr int64_t kMaxHiddenSize = int64_t(1) << 16;
+inline constexpr int64_t kMaxIntermediateSize = int64_t(1) << 20;
+inline constexpr int64_t kMaxLayers = 1024;
+inline constexpr int64_t kMaxHeads = 1024;  // attention and key/value heads
+inline constexpr int64_t kMaxHeadDim = 1024;
+inline constexpr int64_t kMaxVocabSize = int64_t(1) << 24;
+inline constexpr int64_t kMaxPositions = int64_t(1) << 24;  // as --max-model-len's bound
+
+// One tensor a checkpoint must hold, with its shape ([rows, cols], or [n]).
+struct TensorShape {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
 struct LlamaConfig {
   int64_t hiddenSize = 0;
   int64_t intermediateSize = 0;
@@ -29,6 +46,14 @@ struct LlamaConfig {
   std::vector<int32_t> eosTokenIds;
 
   int64_t parameterCount() const;
+  // The bytes one rank of the CPU engine holds for this model at `tp` ranks: its fp32 shard of
+  // the weights (the embedding whole, the rest split) and its rotary table. The KV cache
+  // (--kv-cache-memory) comes on top.
+  int64_t rankWeightBytes(uint32_t tp) const;
+  // Every tensor a Hugging Face Llama checkpoint of this configuration holds, with its shape
+  // (lm_head.weight only without tie_word_embeddings): what the ranks will read, so that a
+  // checkpoint can be checked against the config before any rank starts.
+  std::vector<TensorShape> checkpointTensors() const;
   // Throws std::invalid_argument unless heads and the MLP width divide by `tp` and KV heads
   // divide by `tp` or `tp` by them (then KV heads are replicated across ranks).
   int64_t kvHeadsPerRank(uint32_t tp) const { return std::max<int64_t>(1, numKvHeads / tp); }
@@ -57,7 +82,9 @@ std::vector<std::string> presetNames();
 ModelSource resolveModel(const std::string& model, const std::string& loadFormat,
                          bool needTokenizer = true);
 
-// Parses a Hugging Face config.json. Throws std::runtime_error naming `path` and the field.
+// Parses a Hugging Face config.json. Throws std::runtime_error naming `path` and the field (a
+// missing or non-positive size, one past its kMax… bound, an architecture or feature vsup does
+// not run).
 LlamaConfig parseLlamaConfig(const std::string& path);
 
 }  // namespace vsup::engine

@@ -57,14 +57,7 @@ EngineConfig makeEngineConfig(const std::string& engine, CommonConfig common,
                               const std::string& kvCacheMemory, const char* sizeField,
                               const CpuConfig& cpu, const SimConfig& sim) {
   requireEngineBuilt(engine);
-  if (!kvCacheMemory.empty()) {
-    std::optional<int64_t> bytes = parseByteSize(kvCacheMemory);
-    if (!bytes) {
-      throw std::invalid_argument(std::string(sizeField) + " \"" + kvCacheMemory +
-                                  "\" is not a size (e.g. 268435456, 256MiB, 2GiB, 500MB)");
-    }
-    common.kvCacheBytes = *bytes;
-  }
+  if (!kvCacheMemory.empty()) common.kvCacheBytes = parseByteSize(kvCacheMemory, sizeField);
   EngineConfig config;
   config.common = std::move(common);
   config.backend = backendConfigFor(engine, cpu, sim);

@@ -72,4 +72,16 @@ class Backend {
 // not load).
 const Backend& backendFor(const EngineConfig& config);
 
+// Everything about `config` that can be known before any process starts, checked where the
+// user's flags are parsed so that each of these is a usage error, found at once: the backend's
+// plan() (the model, its config.json and tokenizer, TP against the heads, the KV budget against
+// one sequence), --max-model-len against the model's context length, and for a backend that
+// allocates its memory (the CPU engine) the checkpoint against its config.json (every tensor the
+// ranks will read present, with its shape and a supported dtype; the safetensors headers only,
+// no weight is read) and the weights and KV cache of all ranks against this machine's memory.
+// What is left to the ranks is reading the weights themselves. Returns the plan. Throws
+// std::invalid_argument / std::runtime_error naming the flag, the file or the field. Heavy, as
+// backendFor().
+EnginePlan preflight(const EngineConfig& config);
+
 }  // namespace vsup::engine

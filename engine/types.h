@@ -1,6 +1,7 @@
 // The engine's plain value types: what the API server hands to engine-core and what flows back.
 // No wire format here: OpenAI JSON lives in workers/api_server, Cap'n Proto in ipc/. Every
-// field has a documented range; the API server validates before submitting.
+// field has a documented range; checkSampling checks it, for the API server and vsup::LLM alike,
+// before anything is submitted.
 #pragma once
 
 #include <cstdint>
@@ -14,10 +15,36 @@ struct SamplingParams {
   int64_t maxTokens = 16;          // >= 1
   double temperature = 1.0;        // [0, 2]; 0 = greedy
   double topP = 1.0;               // (0, 1]
-  int32_t topK = 0;                // <= 0: off (not in the OpenAI API; vLLM's extension)
-  std::optional<uint64_t> seed;    // per-request seed; none: derived from the request id
+  int32_t topK = 0;                // [-1, 2^30]; -1 or 0: off (vLLM's extension, not OpenAI's)
+  std::optional<uint64_t> seed;    // per-request seed (any value); none: derived from the id
   std::vector<std::string> stop;   // up to 4 stop strings, each non-empty
+  // The request named no max_tokens (a chat): maxTokens is a ceiling, lowered at admission to
+  // what the context leaves after the prompt instead of refusing prompt + maxTokens beyond it
+  // (OpenAI's and vLLM's default for chat). A prompt that fills the context is still refused.
+  bool maxTokensToContext = false;
 };
+
+// What checkSampling measures max_tokens against, and the name it goes by in the request.
+struct SamplingLimits {
+  int64_t maxTokensLimit = 0;  // the largest accepted maxTokens; 0: no bound here (the
+                               // scheduler still refuses prompt + max_tokens beyond the context)
+  std::string maxTokensField = "max_tokens";  // chat requests may say "max_completion_tokens"
+};
+
+// A sampling parameter out of its range: the OpenAI parameter it is ("temperature", "top_p",
+// "top_k", "max_tokens", "stop", "stop[2]") and the message for a person, in the API server's
+// words: "'top_p' must be a number greater than 0 and at most 1, got 1.5".
+struct SamplingError {
+  std::string field;
+  std::string message;
+};
+
+// The one range check of SamplingParams (the ranges documented above; NaN is out of every
+// range), in the order the API server reads the fields: max_tokens, temperature, top_p, top_k,
+// stop. The first violation, or nullopt when every field is in range. Values are quoted as JSON
+// writes them (the shortest form that reads back the same: 0, 2.01, 1e+20; nan, inf).
+std::optional<SamplingError> checkSampling(const SamplingParams& sampling,
+                                           const SamplingLimits& limits = {});
 
 // One chat message, already validated.
 struct ChatMessage {

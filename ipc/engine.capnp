@@ -20,6 +20,7 @@ struct GenerateRequest {
   stop @7 :List(Text);
   topK @8 :Int32;
   messages @9 :List(ChatMessage);
+  maxTokensToContext @10 :Bool;   # maxTokens is a ceiling: lowered to what the context leaves
 }
 
 struct ChatMessage {

@@ -1,5 +1,7 @@
 #include "workers/engine_codec.h"
 
+#include "ipc/user_message.h"
+
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 #include <kj/array.h>
@@ -22,6 +24,7 @@ void encode(const engine::GenerateRequest& in, schema::GenerateRequest::Builder 
   out.setHasSeed(in.sampling.seed.has_value());
   out.setSeed(in.sampling.seed.value_or(0));
   out.setTopK(in.sampling.topK);
+  out.setMaxTokensToContext(in.sampling.maxTokensToContext);
   auto stop = out.initStop(unsigned(in.sampling.stop.size()));
   for (unsigned i = 0; i < in.sampling.stop.size(); ++i) stop.set(i, in.sampling.stop[i]);
   auto messages = out.initMessages(unsigned(in.messages.size()));
@@ -36,6 +39,7 @@ engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
   r.id = in.getId();
   r.prompt = in.getPrompt();
   r.sampling.maxTokens = in.getMaxTokens();
+  r.sampling.maxTokensToContext = in.getMaxTokensToContext();
   r.sampling.temperature = in.getTemperature();
   r.sampling.topP = in.getTopP();
   if (in.getHasSeed()) r.sampling.seed = in.getSeed();
@@ -303,8 +307,7 @@ engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
         break;
     }
   } catch (const kj::Exception& e) {
-    throw Error(std::string("engine configuration: not a valid message: ") +
-                e.getDescription().cStr());
+    throw Error("engine configuration: not a valid message: " + ipc::userMessage(e));
   }
   return config;
 }

@@ -51,12 +51,17 @@ std::optional<Rejection> Scheduler::admit(TokenizedRequest request) {
     return Rejection{RejectCode::EmptyPrompt, "the prompt is empty (it encodes to no tokens)"};
   }
   const int64_t promptLen = int64_t(request.promptTokens.size());
-  const int64_t maxTokens = request.request.sampling.maxTokens;
-  const int64_t want = promptLen + maxTokens;
   // The context is the configured one, and never more than the whole cache holds: a longer
   // request could never have all its blocks at once and would preempt itself forever.
   int64_t limit = int64_t(blocks_.totalBlocks()) * blocks_.blockSize();
   if (config_.maxModelLen > 0) limit = std::min(limit, config_.maxModelLen);
+  // A ceiling (no max_tokens in the request): what the context leaves after the prompt.
+  auto& sampling = request.request.sampling;
+  if (sampling.maxTokensToContext && !config_.unboundedContext && promptLen < limit) {
+    sampling.maxTokens = std::min(sampling.maxTokens, limit - promptLen);
+  }
+  const int64_t maxTokens = sampling.maxTokens;
+  const int64_t want = promptLen + maxTokens;
   if (config_.unboundedContext ? promptLen >= limit : want > limit) {
     return Rejection{RejectCode::ContextLengthExceeded,
                      "This model's maximum context length is " + std::to_string(limit) +

@@ -831,6 +831,26 @@ TEST_CASE("a request longer than the context is rejected with the context length
   CHECK(ranks.stats().freeBlocks == ranks.stats().totalBlocks);
 }
 
+TEST_CASE("a max_tokens ceiling (a chat without max_tokens) is lowered to what the context leaves") {
+  FakeRanks ranks({.maxModelLen = 64});
+  GenerateRequest ceiling = request("r", "0123456789", 4096);
+  ceiling.sampling.maxTokensToContext = true;
+  ranks.admit(ceiling);
+  ranks.runToEnd(always('x'));
+  CHECK(ranks.outcome("r").text.size() == 54);
+  CHECK(ranks.outcome("r").finish == FinishReason::Length);
+  // Without the flag the same request is refused, as before.
+  std::optional<Rejection> rejected = ranks.tryAdmit(request("s", "0123456789", 4096));
+  REQUIRE(rejected);
+  CHECK(rejected->code == RejectCode::ContextLengthExceeded);
+  // A prompt that fills the context is refused even with a ceiling.
+  GenerateRequest full = request("t", std::string(64, 'p'), 4096);
+  full.sampling.maxTokensToContext = true;
+  rejected = ranks.tryAdmit(full);
+  REQUIRE(rejected);
+  CHECK(rejected->code == RejectCode::ContextLengthExceeded);
+}
+
 TEST_CASE("with no context length configured a request is bounded by the whole cache") {
   // 4 blocks of 4 tokens: 16 positions in all.
   FakeRanks ranks({.blocks = 4, .blockSize = 4, .maxModelLen = 0});

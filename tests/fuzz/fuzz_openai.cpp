@@ -68,7 +68,7 @@ void checkCall(const CompletionCall& call, bool chat, const Limits& limits) {
   FUZZ_CHECK(s.maxTokens >= 1 && s.maxTokens <= limits.maxTokensLimit);
   FUZZ_CHECK(s.temperature >= 0.0 && s.temperature <= 2.0);
   FUZZ_CHECK(s.topP > 0.0 && s.topP <= 1.0);
-  FUZZ_CHECK(s.topK >= 0);
+  FUZZ_CHECK(s.topK >= -1);  // -1 and 0: off (engine/types.h)
   FUZZ_CHECK(s.stop.size() <= 4);
   for (const auto& stop : s.stop) FUZZ_CHECK(!stop.empty());
   FUZZ_CHECK(!call.echo);
