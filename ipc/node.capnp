@@ -90,13 +90,18 @@ interface Node {
   # when it has none. A sub-supervisor ignores it.
   start @0 (spec :SupervisorSpec, config :Data) -> ();
 
-  # This node and its subtree, recursively.
-  status @1 () -> (status :NodeStatus);
+  # This node and its subtree, recursively, answered within `budgetMs` (0: the receiver's
+  # default, 1000 ms): a supervisor waits for each vsup-aware child's answer for the budget and
+  # gives the child a smaller one (3/4 of it), so a hung node deep in the tree is reported as
+  # itself, "unresponsive", and its ancestors still answer in time.
+  status @1 (budgetMs :Int64) -> (status :NodeStatus);
 
   # Ordered shutdown, finished before `deadlineNs` (CLOCK_MONOTONIC, absolute). Idempotent: a
   # second call with an earlier deadline shortens the running shutdown. `clean` is false when
   # anything in the subtree had to be killed.
-  shutdown @2 (deadlineNs :Int64, observer :ShutdownObserver) -> (clean :Bool);
+  # `hurry` (a second signal at the root): stop every remaining child now, at once (each gets
+  # its stop request first, and is killed by `deadlineNs` at the latest), not one after another.
+  shutdown @2 (deadlineNs :Int64, observer :ShutdownObserver, hurry :Bool) -> (clean :Bool);
 
   # Liveness.
   ping @3 () -> ();

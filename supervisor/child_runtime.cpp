@@ -14,6 +14,7 @@
 #include "base/check.h"
 #include "base/log.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/supervisor.h"
@@ -38,7 +39,7 @@ int controlFd() {
 
 void ChildRuntime::taskFailed(kj::Exception&& e) {
   if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-  vsup::log().warn("[node] task failed: {}", e.getDescription().cStr());
+  vsup::log().warn("[node] task failed: {}", ipc::userMessage(e));
 }
 
 void ShutdownContext::defer(const std::string& reason, const std::string& progress) {
@@ -118,7 +119,13 @@ kj::Promise<void> ChildRuntime::start(SupervisorSpec spec, std::string config) {
   });
 }
 
-kj::Promise<NodeStatus> ChildRuntime::status() {
+kj::Promise<NodeStatus> ChildRuntime::status() { return statusWithin(kStatusBudgetMs); }
+
+void ChildRuntime::hurry(MonoNs deadline) {
+  if (hurry_) hurry_(deadline);  // (a node without children has nothing to hurry)
+}
+
+kj::Promise<NodeStatus> ChildRuntime::statusWithin(int64_t budgetMs) {
   auto overlay = [this](NodeStatus s) {
     s.name = name_;
     s.pid = ::getpid();
@@ -127,6 +134,7 @@ kj::Promise<NodeStatus> ChildRuntime::status() {
     if (deferral_.active()) s.deferral = deferral_;
     return s;
   };
+  if (statusWithin_) return statusWithin_(budgetMs).then(kj::mv(overlay));
   if (status_) return status_().then(kj::mv(overlay));  // by value: then() keeps a reference to an lvalue
   NodeStatus s;
   s.type = NodeType::Worker;

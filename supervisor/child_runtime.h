@@ -52,6 +52,8 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
  public:
   using StartFn = std::function<kj::Promise<void>(const SupervisorSpec&)>;
   using StatusFn = std::function<kj::Promise<NodeStatus>()>;
+  // The same, answered within a time budget (milliseconds; see Node.status).
+  using StatusWithinFn = std::function<kj::Promise<NodeStatus>(int64_t budgetMs)>;
   // Stops this node's own children before `deadline`; resolves to true if nothing was killed.
   using StopChildrenFn = std::function<kj::Promise<bool>(MonoNs deadline)>;
   using HookFn = std::function<kj::Promise<void>(ShutdownContext&)>;
@@ -73,6 +75,13 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   void onStart(StartFn fn) { start_ = std::move(fn); }
   // This node's subtree for `vsup tree`. Default: this process alone.
   void onStatus(StatusFn fn) { status_ = std::move(fn); }
+  // The same for a node with children of its own: the budget is the time its answer may take
+  // (its supervisor's status(budget) then gives its own children less). Replaces onStatus().
+  void onStatusWithin(StatusWithinFn fn) { statusWithin_ = std::move(fn); }
+  // Called when the parent hurries the shutdown (a second signal at the root): stop every
+  // remaining child now, at once, each killed by `deadline` at the latest
+  // (Supervisor::stopAllNow). The shutdown request with that deadline follows.
+  void onHurry(std::function<void(MonoNs deadline)> fn) { hurry_ = std::move(fn); }
   void onStopChildren(StopChildrenFn fn) { stopChildren_ = std::move(fn); }
   // One of this node's children died or failed on its own while it stopped them: this node then
   // exits non-zero (not 4), so the failure reaches the root's exit status.
@@ -97,6 +106,8 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
  private:
   kj::Promise<void> start(SupervisorSpec spec, std::string config) override;
   kj::Promise<NodeStatus> status() override;
+  kj::Promise<NodeStatus> statusWithin(int64_t budgetMs) override;
+  void hurry(MonoNs deadline) override;
   kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) override;
   kj::Promise<capnp::Capability::Client> service() override;
   kj::Promise<void> quiesce(MonoNs drainDeadline) override;
@@ -111,6 +122,8 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   std::unique_ptr<ipc::RpcLink> link_;
   StartFn start_;
   StatusFn status_;
+  StatusWithinFn statusWithin_;
+  std::function<void(MonoNs)> hurry_;
   StopChildrenFn stopChildren_;
   bool childFailed_ = false;
   std::vector<std::pair<std::string, HookFn>> hooks_;

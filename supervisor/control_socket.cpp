@@ -11,6 +11,7 @@
 #include "base/check.h"
 #include "base/log.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 
 namespace vsup::supervisor {
 
@@ -19,7 +20,7 @@ struct ControlSocket::Connection {
 };
 
 void ControlSocket::taskFailed(kj::Exception&& e) {
-  vsup::log().debug("[control] connection task failed: {}", e.getDescription().cStr());
+  vsup::log().debug("[control] connection task failed: {}", ipc::userMessage(e));
 }
 
 bool ensurePrivateDirectory(const std::string& dir) {

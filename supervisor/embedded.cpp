@@ -13,6 +13,7 @@
 
 #include "base/check.h"
 #include "base/log.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/host_checks.h"
 #include "supervisor/loop_thread.h"
@@ -42,7 +43,7 @@ std::shared_ptr<ipc::KjOnUv> kjFor(uv_loop_t* loop) {
 }
 
 vsup::Error toError(const kj::Exception& e) {
-  return vsup::Error(std::string(e.getDescription().cStr()));
+  return vsup::Error(ipc::userMessage(e));
 }
 
 class Supervisor::Impl final : public kj::TaskSet::ErrorHandler {
@@ -88,7 +89,7 @@ class Supervisor::Impl final : public kj::TaskSet::ErrorHandler {
   }
 
   void taskFailed(kj::Exception&& e) override {
-    vsup::log().warn("[supervisor] embedded: {}", e.getDescription().cStr());
+    vsup::log().warn("[supervisor] embedded: {}", ipc::userMessage(e));
   }
 
   // Runs `func` where the supervisor lives and waits for it (and for the promise it returns).
@@ -170,6 +171,14 @@ void Supervisor::stopChild(const std::string& name) {
 
 void Supervisor::addChild(supervisor::ChildSpec spec) {
   impl_->run([&]() { return impl_->sup().addChild(std::move(spec)); });
+}
+
+void Supervisor::restartChild(const std::string& name) {
+  impl_->run([&]() { return impl_->sup().restartChild(name); });
+}
+
+void Supervisor::deleteChild(const std::string& name) {
+  impl_->run([&]() { return impl_->sup().deleteChild(name); });
 }
 
 bool Supervisor::shutdown(std::chrono::milliseconds timeout) { return impl_->shutdown(timeout); }

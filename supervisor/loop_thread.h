@@ -19,6 +19,7 @@
 #include <kj/debug.h>
 
 #include "base/check.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_handle.h"
 
 namespace vsup::supervisor {
@@ -62,7 +63,7 @@ class LoopThread {
       }
     } catch (const kj::Exception& e) {
       handoff();
-      throw vsup::Error(std::string(e.getDescription().cStr()));
+      throw vsup::Error(ipc::userMessage(e));
     }
   }
 

@@ -5,6 +5,7 @@
 #include <kj/debug.h>
 
 #include "base/log.h"
+#include "ipc/user_message.h"
 #include "supervisor/node_codec.h"
 
 namespace vsup::supervisor {
@@ -26,7 +27,8 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
 
   kj::Promise<void> status(StatusContext context) override {
     context.allowCancellation();
-    return handler_.status().then([context](NodeStatus s) mutable {
+    int64_t budget = context.getParams().getBudgetMs();
+    return handler_.statusWithin(budget > 0 ? budget : kStatusBudgetMs).then([context](NodeStatus s) mutable {
       encode(s, context.getResults().initStatus());
     });
   }
@@ -44,6 +46,7 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
         tasks_.add(request.send().ignoreResult());
       };
     }
+    if (params.getHurry()) handler_.hurry(deadline);
     return handler_.shutdown(deadline, std::move(reporter)).then([context](bool clean) mutable {
       context.getResults().setClean(clean);
     });
@@ -67,7 +70,7 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
   void taskFailed(kj::Exception&& e) override {
     // The parent may be gone while we report: that is its business, not an error of ours.
     if (e.getType() != kj::Exception::Type::DISCONNECTED) {
-      vsup::log().debug("[ipc] deferral report failed: {}", e.getDescription().cStr());
+      vsup::log().debug("[ipc] deferral report failed: {}", ipc::userMessage(e));
     }
   }
 
@@ -80,6 +83,10 @@ class NodeServer final : public schema::Node::Server, private kj::TaskSet::Error
 kj::Promise<capnp::Capability::Client> NodeHandler::service() {
   return KJ_EXCEPTION(UNIMPLEMENTED, "this node has no service");
 }
+
+kj::Promise<NodeStatus> NodeHandler::statusWithin(int64_t) { return status(); }
+
+void NodeHandler::hurry(MonoNs) {}
 
 kj::Promise<void> NodeHandler::quiesce(MonoNs) { return kj::READY_NOW; }
 

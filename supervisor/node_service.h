@@ -27,6 +27,12 @@ class NodeHandler {
   // parent sent (opaque bytes, empty when none).
   virtual kj::Promise<void> start(SupervisorSpec spec, std::string config) = 0;
   virtual kj::Promise<NodeStatus> status() = 0;
+  // The same, answered within `budgetMs` (see Node.status). Default: status().
+  virtual kj::Promise<NodeStatus> statusWithin(int64_t budgetMs);
+  // A hurried shutdown is coming (Node.shutdown with `hurry`): stop every remaining child at
+  // once, each killed by `deadline` at the latest. Called just before shutdown(). Default:
+  // nothing (a node without children).
+  virtual void hurry(MonoNs deadline);
   // Ordered shutdown before `deadline`; idempotent. Resolves to true when nothing was killed.
   virtual kj::Promise<bool> shutdown(MonoNs deadline, DeferralReporter reporter) = 0;
   // The node's application capability; the default says it has none.

@@ -57,7 +57,11 @@ void OrphanGuard::send(char op, pid_t pgid) {
 
 int orphanGuardMain() {
   // Its own process group (set at spawn): a terminal's Ctrl-C and the parent's kills of its
-  // children's groups do not reach it. It does nothing for a signal but die, as it should.
+  // children's groups do not reach it. SIGTERM, SIGINT and SIGHUP are ignored: a service
+  // manager that stops a unit by signalling every process of it at once (systemd's
+  // KillMode=control-group) must not end the protection while the tree is still shutting down.
+  // It exits on the lifeline's EOF, and its supervisor reaps it with SIGKILL if it lingers.
+  ::signal(SIGTERM, SIG_IGN);
   ::signal(SIGINT, SIG_IGN);
   ::signal(SIGHUP, SIG_IGN);
   std::set<pid_t> groups;

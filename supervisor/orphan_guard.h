@@ -10,6 +10,10 @@
 // A registered pgid cannot be recycled while any process of that group is alive, so the kill
 // only ever hits what we spawned.
 //
+// The guard ignores SIGTERM, SIGINT and SIGHUP: when a service manager signals every process of
+// the unit at once (systemd's KillMode=control-group), the guard outlives the shutdown it
+// protects and ends only with its lifeline (or its supervisor's SIGKILL, after the goodbye).
+//
 // Runs on the loop thread only. Messages are sent with MSG_NOSIGNAL | MSG_DONTWAIT: a dead
 // guard never raises SIGPIPE in the host.
 #pragma once

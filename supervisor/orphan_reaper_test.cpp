@@ -1,8 +1,8 @@
 // Tests for supervisor/orphan_reaper.h and the registry it relies on (SpawnedChildren in
 // supervisor/process.h). A stranger is made the two ways a process gets a child it did not
 // spawn through Process: a raw fork() here, and an orphan reparented to this process while it is
-// a subreaper (PR_SET_CHILD_SUBREAPER stands in for being PID 1). Every wait is bounded; every
-// test checks that it left no child behind.
+// a subreaper. Every wait is bounded; every test checks that it left no child behind, and the
+// ones that make this process a subreaper (or block SIGCHLD) undo it.
 #include "supervisor/orphan_reaper.h"
 
 #include <fcntl.h>
@@ -23,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include <uv.h>
+
 #include "base/clock.h"
 #include "base/fd.h"
 #include "supervisor/process.h"
@@ -34,6 +36,7 @@ using vsup::supervisor::OrphanReaper;
 using vsup::supervisor::Process;
 using vsup::supervisor::SpawnedChildren;
 using vsup::supervisor::SpawnRequest;
+using vsup::supervisor::Subreaper;
 
 const std::vector<std::string> kEnv = {"PATH=/usr/bin:/bin"};
 
@@ -68,17 +71,6 @@ std::optional<std::pair<char, pid_t>> procStat(pid_t pid) {
   return std::make_pair(state, ppid);
 }
 
-// Polls until `pid` is a zombie whose parent is this process (bounded).
-bool becomesOurZombie(pid_t pid, int ms) {
-  auto deadline = vsup::deadlineAfterMs(ms);
-  for (;;) {
-    auto st = procStat(pid);
-    if (st && st->first == 'Z' && st->second == ::getpid()) return true;
-    if (vsup::msUntil(deadline) <= 0) return false;
-    ::usleep(2000);
-  }
-}
-
 Process spawnSh(const std::string& script, int stdoutFd = 1) {
   SpawnRequest r;
   r.argv = {"/bin/sh", "-c", script};
@@ -111,18 +103,100 @@ bool stillOurChild(pid_t pid) {
   return ::waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0;
 }
 
-}  // namespace
+// This process as a subreaper for the scope, as it was afterwards.
+struct AsSubreaper {
+  int was = 0;
+  AsSubreaper() {
+    REQUIRE(::prctl(PR_GET_CHILD_SUBREAPER, &was, 0, 0, 0) == 0);
+    REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0);
+  }
+  ~AsSubreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, was, 0, 0, 0); }
+};
 
-TEST_CASE("OrphanReaper is wanted only by a PID namespace's init") {
-  // tools/run_command.cpp makes a reaper exactly when wanted(getpid()): in a container, where
-  // vsup run is PID 1. Anywhere else a child that Process did not spawn belongs to other code
-  // (a host program's own children in library mode) and must never be reaped by vsup.
-  CHECK(OrphanReaper::wanted(1));
-  CHECK_FALSE(OrphanReaper::wanted(0));
-  CHECK_FALSE(OrphanReaper::wanted(2));
-  CHECK_FALSE(OrphanReaper::wanted(4242));
-  if (::getpid() != 1) CHECK_FALSE(OrphanReaper::wanted(::getpid()));
+// The signal mask of this thread, restored at the end of the scope.
+struct KeepSignalMask {
+  sigset_t old;
+  KeepSignalMask() { pthread_sigmask(SIG_SETMASK, nullptr, &old); }
+  ~KeepSignalMask() {
+    // SIGCHLDs that came while it was blocked must not be taken for new ones later.
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    timespec zero{0, 0};
+    while (sigtimedwait(&chld, nullptr, &zero) > 0) {
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  }
+};
+
+// Reads whitespace-separated pids from `fd` until `count` have come (bounded).
+std::vector<pid_t> readPids(int fd, size_t count) {
+  std::string text;
+  std::vector<pid_t> pids;
+  auto deadline = vsup::deadlineAfterMs(5000);
+  while (vsup::msUntil(deadline) > 0) {
+    pids.clear();
+    size_t i = 0;
+    while (i < text.size()) {
+      size_t nl = text.find('\n', i);
+      if (nl == std::string::npos) break;
+      pids.push_back(pid_t(std::strtol(text.c_str() + i, nullptr, 10)));
+      i = nl + 1;
+    }
+    if (pids.size() >= count) break;
+    if (!readableWithin(fd, int(vsup::msUntil(deadline)))) break;
+    char buf[256];
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) break;
+    text.append(buf, size_t(n));
+  }
+  return pids;
 }
+
+// Polls until `pid` is a child of this process (bounded).
+bool becomesOurChild(pid_t pid, int ms) {
+  auto deadline = vsup::deadlineAfterMs(ms);
+  for (;;) {
+    auto st = procStat(pid);
+    if (st && st->second == ::getpid()) return true;
+    if (!st || vsup::msUntil(deadline) <= 0) return false;
+    ::usleep(2000);
+  }
+}
+
+// Runs passes until `done()` or the bound; true when done.
+template <typename Done>
+bool passUntil(OrphanReaper& reaper, Done done, int ms) {
+  auto deadline = vsup::deadlineAfterMs(ms);
+  for (;;) {
+    reaper.reapOnce();
+    if (done()) return true;
+    if (vsup::msUntil(deadline) <= 0) return false;
+    ::usleep(2000);
+  }
+}
+
+// Runs `loop` until `done()` or the bound; true when done.
+template <typename Done>
+bool runLoopUntil(uv_loop_t* loop, Done done, int ms) {
+  uv_timer_t tick;
+  uv_timer_init(loop, &tick);
+  uv_timer_start(&tick, [](uv_timer_t*) {}, 5, 5);  // keeps uv_run from returning at once
+  auto deadline = vsup::deadlineAfterMs(ms);
+  bool ok = false;
+  while (vsup::msUntil(deadline) > 0) {
+    uv_run(loop, UV_RUN_ONCE);
+    if (done()) {
+      ok = true;
+      break;
+    }
+  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&tick), nullptr);
+  uv_run(loop, UV_RUN_NOWAIT);
+  return ok;
+}
+
+}  // namespace
 
 TEST_CASE("SpawnedChildren holds a spawned child from spawn until its Process reaped it") {
   NoChildLeft check;
@@ -174,7 +248,10 @@ TEST_CASE("OrphanReaper reaps a stranger zombie and leaves a registered zombie t
   CHECK(reaper.reaped() == 1);
 }
 
-TEST_CASE("OrphanReaper leaves a running stranger alone and reaps it once it has exited") {
+TEST_CASE("OrphanReaper leaves a running stranger in this process's own group alone and reaps it "
+          "once it has exited") {
+  // A raw fork() of this process's own code (not Process): it kept our process group, so it
+  // has not escaped; our own parent's group kill is what ends it.
   NoChildLeft check;
   int gate[2];
   REQUIRE(::pipe2(gate, O_CLOEXEC) == 0);
@@ -190,7 +267,9 @@ TEST_CASE("OrphanReaper leaves a running stranger alone and reaps it once it has
   }
   readEnd.reset();
   OrphanReaper reaper("test");
+  CHECK(::getpgid(stranger) == ::getpgrp());
   CHECK(reaper.reapOnce() == 0);
+  CHECK(reaper.killed() == 0);
   CHECK(stillOurChild(stranger));
   auto st = procStat(stranger);
   REQUIRE(st.has_value());
@@ -201,18 +280,11 @@ TEST_CASE("OrphanReaper leaves a running stranger alone and reaps it once it has
   CHECK_FALSE(stillOurChild(stranger));
 }
 
-TEST_CASE("OrphanReaper reaps an orphan reparented to this process; the dead parent's status is "
-          "kept") {
+TEST_CASE("OrphanReaper kills an orphan that escaped its process group at once, then reaps it; "
+          "the dead parent's status is kept") {
   NoChildLeft check;
   // As a subreaper this process adopts its descendants' orphans, as PID 1 adopts everyone's.
-  int wasSubreaper = 0;
-  REQUIRE(::prctl(PR_GET_CHILD_SUBREAPER, &wasSubreaper, 0, 0, 0) == 0);
-  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0);
-  struct Restore {
-    int was;
-    ~Restore() { ::prctl(PR_SET_CHILD_SUBREAPER, was, 0, 0, 0); }
-  } restore{wasSubreaper};
-
+  AsSubreaper subreaper;
   int out[2];
   REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
   vsup::OwnFd readEnd(out[0]);
@@ -221,39 +293,109 @@ TEST_CASE("OrphanReaper reaps an orphan reparented to this process; the dead par
   // `setsid` puts it in its own session, out of reach of the kill of the parent's group.
   Process parent = spawnSh("setsid sleep 30 </dev/null >/dev/null & echo $!; exit 5", writeEnd.get());
   writeEnd.reset();
-  std::string line;
-  auto deadline = vsup::deadlineAfterMs(5000);
-  while (line.find('\n') == std::string::npos && vsup::msUntil(deadline) > 0) {
-    if (!readableWithin(readEnd.get(), int(vsup::msUntil(deadline)))) break;
-    char buf[64];
-    ssize_t n = ::read(readEnd.get(), buf, sizeof buf);
-    if (n <= 0) break;
-    line.append(buf, size_t(n));
-  }
-  pid_t orphan = pid_t(std::strtol(line.c_str(), nullptr, 10));
-  REQUIRE_MESSAGE(orphan > 0, "no pid from the shell: '", line, "'");
+  auto pids = readPids(readEnd.get(), 1);
+  REQUIRE_MESSAGE(pids.size() == 1, "no pid from the shell");
+  pid_t orphan = pids[0];
   REQUIRE(readableWithin(parent.pidfd(), 5000));
   // Its parent has exited (a zombie of ours, unreaped): the orphan is ours now.
-  auto deadline2 = vsup::deadlineAfterMs(5000);
-  for (;;) {
-    auto st = procStat(orphan);
-    REQUIRE(st.has_value());
-    if (st->second == ::getpid()) break;
-    REQUIRE_MESSAGE(vsup::msUntil(deadline2) > 0, "the orphan was not reparented to us");
-    ::usleep(2000);
-  }
+  REQUIRE_MESSAGE(becomesOurChild(orphan, 5000), "the orphan was not reparented to us");
   CHECK_FALSE(SpawnedChildren::contains(orphan));
+  // Until setsid(1) has run, it is still in its parent's group, and a pass leaves it alone.
+  auto deadline = vsup::deadlineAfterMs(5000);
+  while (::getpgid(orphan) == parent.pid() && vsup::msUntil(deadline) > 0) ::usleep(1000);
+  REQUIRE(::getpgid(orphan) == orphan);
   OrphanReaper reaper("test");
-  CHECK(reaper.reapOnce() == 0);  // alive: not reaped, not signalled
-  ::kill(orphan, SIGTERM);
-  REQUIRE(becomesOurZombie(orphan, 5000));
-  CHECK(reaper.reapOnce() == 1);
-  CHECK_FALSE(stillOurChild(orphan));
+  // Alive and escaped: SIGKILLed by the first pass (once: a second pass does not kill again).
+  reaper.reapOnce();
+  CHECK(reaper.killed() == 1);
+  REQUIRE(passUntil(reaper, [&]() { return !stillOurChild(orphan); }, 5000));
+  CHECK(reaper.killed() == 1);
+  CHECK(reaper.reaped() == 1);
+  CHECK(reaper.remaining() == 0);
 
   auto status = parent.tryReap();
   REQUIRE(status.has_value());
   CHECK(status->kind == ExitStatus::Kind::Exited);
   CHECK(status->code == 5);
+}
+
+TEST_CASE("OrphanReaper kills an orphan that leads its own group together with its group") {
+  NoChildLeft check;
+  AsSubreaper subreaper;
+  int out[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  vsup::OwnFd readEnd(out[0]);
+  vsup::OwnFd writeEnd(out[1]);
+  // intermediate (a raw fork: a stranger in our group) -> leader, which calls setpgid(0, 0) and
+  // starts a member of its new group; then the intermediate exits and the leader is ours.
+  pid_t intermediate = ::fork();
+  REQUIRE(intermediate >= 0);
+  if (intermediate == 0) {
+    pid_t leader = ::fork();
+    if (leader == 0) {
+      ::setpgid(0, 0);
+      pid_t member = ::fork();
+      if (member == 0) {
+        ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr));
+        _exit(127);
+      }
+      char line[64];
+      int n = std::snprintf(line, sizeof line, "%d\n%d\n", int(::getpid()), int(member));
+      (void)!::write(out[1], line, size_t(n));
+      ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    _exit(leader > 0 ? 0 : 1);
+  }
+  writeEnd.reset();
+  auto pids = readPids(readEnd.get(), 2);
+  REQUIRE_MESSAGE(pids.size() == 2, "no pids from the leader");
+  pid_t leader = pids[0];
+  pid_t member = pids[1];
+  REQUIRE(becomesOurChild(leader, 5000));
+  REQUIRE(::getpgid(leader) == leader);
+  REQUIRE(::getpgid(member) == leader);
+  OrphanReaper reaper("test");
+  reaper.reapOnce();
+  CHECK(reaper.killed() == 1);
+  // The member, a child of the leader, dies with its group (and, reparented to us on the way,
+  // is reaped by a pass like the leader and the intermediate).
+  REQUIRE(passUntil(reaper, [&]() {
+    return !stillOurChild(leader) && !stillOurChild(intermediate) && !procStat(member).has_value();
+  }, 5000));
+  CHECK(reaper.killed() == 1);  // the member was dying already (the group kill): not killed twice
+  CHECK(reaper.reaped() == 3);
+}
+
+TEST_CASE("OrphanReaper leaves an orphan in a spawned child's group to that child's group kill") {
+  NoChildLeft check;
+  AsSubreaper subreaper;
+  int out[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  vsup::OwnFd readEnd(out[0]);
+  vsup::OwnFd writeEnd(out[1]);
+  // `( cmd & )`: the subshell exits, the sleep is reparented to us, but it kept the group of our
+  // child (which lives on: exec sleep), so it has not escaped.
+  Process child = spawnSh("( sleep 30 </dev/null >/dev/null & echo $! ); exec sleep 30",
+                          writeEnd.get());
+  writeEnd.reset();
+  auto pids = readPids(readEnd.get(), 1);
+  REQUIRE(pids.size() == 1);
+  pid_t orphan = pids[0];
+  REQUIRE(becomesOurChild(orphan, 5000));
+  CHECK(::getpgid(orphan) == child.pid());
+  OrphanReaper reaper("test");
+  CHECK(reaper.reapOnce() == 0);
+  CHECK(reaper.killed() == 0);
+  CHECK(reaper.remaining() == 1);
+  auto st = procStat(orphan);
+  REQUIRE(st.has_value());
+  CHECK(st->first != 'Z');
+  // The child's Process kills its group when it reaps it; the orphan dies with it.
+  child.killAndReap();
+  REQUIRE(passUntil(reaper, [&]() { return !stillOurChild(orphan); }, 5000));
+  CHECK(reaper.killed() == 0);
+  CHECK(reaper.reaped() == 1);
 }
 
 TEST_CASE("OrphanReaper passes on another thread never take the status of a child being spawned") {
@@ -289,4 +431,62 @@ TEST_CASE("OrphanReaper passes on another thread never take the status of a chil
   passes.join();
   CHECK(wrong == 0);
   CHECK(reaper.reaped() == uint64_t(strangers));
+}
+
+TEST_CASE("Subreaper finds a live escaped orphan without a SIGCHLD, kills and reaps it; its sweep "
+          "leaves nothing") {
+  NoChildLeft check;
+  KeepSignalMask mask;
+  int wasSubreaper = 0;
+  REQUIRE(::prctl(PR_GET_CHILD_SUBREAPER, &wasSubreaper, 0, 0, 0) == 0);
+  struct Restore {
+    int was;
+    ~Restore() { ::prctl(PR_SET_CHILD_SUBREAPER, was, 0, 0, 0); }
+  } restore{wasSubreaper};
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  {
+    vsup::supervisor::SubreaperOptions options;
+    options.scanMs = 20;
+    options.sweepMs = 2000;
+    std::unique_ptr<Subreaper> sub = OrphanReaper::becomeSubreaper(&loop, "test", options);
+    CHECK(OrphanReaper::isSubreaper());
+    sigset_t now;
+    pthread_sigmask(SIG_SETMASK, nullptr, &now);
+    CHECK(sigismember(&now, SIGCHLD) == 1);
+
+    int out[2];
+    REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+    vsup::OwnFd readEnd(out[0]);
+    vsup::OwnFd writeEnd(out[1]);
+    // A double fork inside a child that lives on: the subshell's exit signals the child, not
+    // us; the daemon is reparented to us silently, and only the scan finds it.
+    Process child = spawnSh("( setsid sleep 30 </dev/null >/dev/null & echo $! ); exec sleep 30",
+                            writeEnd.get());
+    writeEnd.reset();
+    auto pids = readPids(readEnd.get(), 1);
+    REQUIRE(pids.size() == 1);
+    pid_t daemon = pids[0];
+    CHECK(runLoopUntil(&loop, [&]() { return sub->reaper().reaped() == 1; }, 5000));
+    CHECK(sub->reaper().killed() == 1);
+    CHECK_FALSE(procStat(daemon).has_value());
+    CHECK(stillOurChild(child.pid()));  // ours: untouched
+
+    // A stranger in our own group (left alone while running) is killed by the final sweep, as
+    // is an orphan in a spawned child's group; our own child is not.
+    pid_t stranger = ::fork();
+    REQUIRE(stranger >= 0);
+    if (stranger == 0) {
+      ::pause();
+      _exit(0);
+    }
+    CHECK(sub->sweep());
+    CHECK_FALSE(stillOurChild(stranger));
+    CHECK(sub->reaper().killed() == 2);
+    CHECK(sub->reaper().reaped() == 2);
+    CHECK(stillOurChild(child.pid()));
+    child.killAndReap();
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK(uv_loop_close(&loop) == 0);
 }

@@ -10,8 +10,9 @@
 // the *thread* that created the child exits.
 //
 // Every child spawn() makes is in SpawnedChildren (below) from before anything could reap it
-// until its Process has reaped it, so that a container's PID 1 (OrphanReaper) can reap the
-// orphans reparented to it without ever stealing the exit status of one of ours.
+// until its Process has reaped it, so that a supervisor process that is a subreaper (or a
+// container's PID 1; OrphanReaper) can kill and reap the orphans reparented to it without ever
+// touching one of ours or stealing its exit status.
 #pragma once
 
 #include <signal.h>
@@ -95,7 +96,9 @@ class Process {
 
 // The process-wide registry of the children Process::spawn made and their Process has not reaped
 // yet (any thread, any Supervisor or library instance of this process). A reaper of strangers
-// (OrphanReaper, only when this process is a PID namespace's init) tells them from ours with it.
+// (OrphanReaper, only in vsup's own supervisor processes: subreapers, or a PID namespace's init)
+// tells them from ours with it, and their process groups (a child's pid is its pgid) from the
+// groups that orphans escaped.
 //
 // The race it closes: a child may exit the instant after exec, before spawn() returns, and a
 // reaper running then in another thread would see an unregistered zombie and reap it, so its

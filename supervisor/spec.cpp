@@ -68,6 +68,21 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
            "negative timeout " + std::to_string(child.startTimeoutMs) +
                " (accepted: milliseconds >= 0 or \"infinity\")");
     }
+    if (child.livenessTimeoutMs != -1 && child.livenessTimeoutMs <= 0) {
+      fail(origin, cw, "liveness_timeout",
+           "invalid timeout " + std::to_string(child.livenessTimeoutMs) +
+               " (accepted: milliseconds > 0, or -1 (\"off\"): no liveness pings)");
+    }
+    if (child.livenessIntervalMs <= 0) {
+      fail(origin, cw, "liveness_interval",
+           "invalid interval " + std::to_string(child.livenessIntervalMs) +
+               " (accepted: milliseconds > 0)");
+    }
+    if (child.livenessTimeoutMs > 0 && !child.vsupAware) {
+      fail(origin, cw, "liveness_timeout",
+           "liveness pings need a vsup-aware child (vsup_aware = true, or type = "
+           "\"supervisor\"): a plain process has no control connection to answer them");
+    }
     for (const auto& [key, value] : child.env) {
       if (key.empty() || key.find('=') != std::string::npos) {
         fail(origin, cw, "env", "invalid variable name '" + key + "'");

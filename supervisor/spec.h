@@ -52,8 +52,11 @@ struct ChildSpec {
   int64_t startTimeoutMs = 10000;  // -1: none. Applies to ready = notify and vsup-aware starts
   // Hung-child detection (vsup-aware children only): while the child runs, its supervisor calls
   // Node.ping every livenessIntervalMs; a child that has not answered one within
-  // livenessTimeoutMs is hung: it is logged as unresponsive, SIGKILLed, and its exit handled as
-  // an unexpected death (restart policy, intensity). -1: not checked.
+  // livenessTimeoutMs (and a 100 ms grace) is hung: it is logged as unresponsive, SIGKILLed
+  // (its process group), and its exit handled as an unexpected death (restart policy,
+  // intensity). A child that hangs is so killed within interval + timeout + 100 ms. Pings run
+  // only while the child is running and its supervisor is not shutting down (quiesceChildren()
+  // or a shutdown stops them: the stop deadlines govern from then on). -1: not checked.
   int64_t livenessTimeoutMs = -1;
   int64_t livenessIntervalMs = 1000;
   // A vsup-aware child speaks the control protocol on fd 3 and is stopped over RPC, not by

@@ -23,7 +23,8 @@ enum class NodeState {
   Stopping,      // asked to stop (or, for a supervisor, stopping its children)
   Stopped,       // not running, and not about to be restarted
   Restarting,    // exited; its supervisor will start it again
-  Unresponsive,  // running, but its status request failed or took more than a second
+  Unresponsive,  // running, but its status request failed or took longer than its budget, or
+                 // killed by its supervisor for not answering a liveness ping
   Failed,        // the node gave up on its own (reported by the node itself)
 };
 
@@ -49,6 +50,14 @@ inline const char* nameOf(NodeState state) {
     case NodeState::Failed: return "failed";
   }
   return "?";
+}
+
+// How long a status request waits for a node's answer when its caller names no budget. A
+// supervisor gives its vsup-aware children 3/4 of its own budget (statusBudgetForChildren), so a
+// hung node is reported as itself ("unresponsive") while its ancestors still answer in time.
+inline constexpr int64_t kStatusBudgetMs = 1000;
+inline int64_t statusBudgetForChildren(int64_t budgetMs) {
+  return budgetMs * 3 / 4 > 0 ? budgetMs * 3 / 4 : 1;
 }
 
 struct Deferral {

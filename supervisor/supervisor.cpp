@@ -13,6 +13,7 @@
 #include "base/log.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_handle.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/deadline_budget.h"
@@ -52,7 +53,8 @@ const char* nameOf(Outcome outcome) {
 
 namespace {
 
-constexpr int64_t kStatusTimeoutMs = 1000;
+// See pingAfter().
+constexpr uint64_t kLivenessGraceMs = 100;
 
 std::string seconds(int64_t ns) {
   char buf[32];
@@ -84,7 +86,7 @@ kj::Exception toKj(const std::string& message) {
 void Supervisor::taskFailed(kj::Exception&& exception) {
   if (exception.getType() == kj::Exception::Type::DISCONNECTED) return;  // peer exited
   vsup::log().warn("[supervisor] {}: background task failed: {}", spec_.name,
-                   exception.getDescription().cStr());
+                   ipc::userMessage(exception));
 }
 
 // Everything the supervisor knows about one child, across its incarnations.
@@ -116,6 +118,10 @@ struct Supervisor::Child {
   std::optional<schema::Node::Client> node;
   std::optional<ExitStatus> lastExit;
   Supervisor* owner = nullptr;
+  bool unresponsive = false;  // SIGKILLed by us: it did not answer a liveness ping in time
+  kj::Maybe<kj::ForkedPromise<void>> stopDone;  // the stop in progress (or done) of this run
+  // The liveness pings of this run (last: destroyed first, it refers to the members above).
+  kj::Promise<void> liveness = nullptr;
 };
 
 namespace {
@@ -186,6 +192,7 @@ Supervisor::~Supervisor() noexcept(false) {
 // Starting
 
 kj::Promise<void> Supervisor::start() {
+  KJ_IF_MAYBE(e, refuseCall("start")) { return kj::mv(*e); }
   VSUP_REQUIRE(phase_ == Phase::Idle, "Supervisor::start() called twice");
   phase_ = Phase::Starting;
   startedAt_ = monoNow();
@@ -203,7 +210,7 @@ kj::Promise<void> Supervisor::start() {
           startFulfiller_->fulfill();
         },
         [this](kj::Exception&& e) {
-          std::string why = e.getDescription().cStr();
+          std::string why = ipc::userMessage(e);
           vsup::log().error("[supervisor] {}: start failed: {}", spec_.name, why);
           startFailure_ = why;
           terminateSelf(Outcome::StartFailed, why);
@@ -263,6 +270,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
   c.exitExpected = false;
   c.ended = false;
   c.killed = false;
+  c.unresponsive = false;
+  c.stopDone = nullptr;
+  c.liveness = nullptr;
   c.deferral = {};
   c.statusText.clear();
   c.state = Child::State::Starting;
@@ -357,10 +367,15 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     }));
     if (c.spec.startTimeoutMs >= 0) {
       int64_t ms = c.spec.startTimeoutMs;
-      ready = ready.exclusiveJoin(ipc::uvSleep(loop_, uint64_t(ms)).then([name, ms]() -> kj::Promise<void> {
-        return toKj("child '" + name + "' did not become ready within " + std::to_string(ms) +
-                    "ms (start_timeout)");
-      }));
+      ready = ready.exclusiveJoin(
+          ipc::uvSleep(loop_, uint64_t(ms)).then([this, &c, name, ms]() -> kj::Promise<void> {
+            std::string why = "child '" + name + "' did not become ready within " +
+                              std::to_string(ms) + "ms (start_timeout)";
+            if (!c.node) return toKj(why);
+            return notReadyIn(c).then([why](std::string stuck) -> kj::Promise<void> {
+              return toKj(why + stuck);
+            });
+          }));
     }
   }
   return ready.then(
@@ -370,6 +385,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
           vsup::log().info("[supervisor] {}: {} ready in {}", spec_.name, c.spec.name,
                            millis(monoNow() - c.startedAt));
         }
+        startLiveness(c);
         return kj::READY_NOW;
       },
       [this, &c](kj::Exception&& e) -> kj::Promise<void> {
@@ -392,7 +408,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
               });
         }
         // The child failed to become ready: it must not outlive the failure.
-        std::string why = e.getDescription().cStr();
+        std::string why = ipc::userMessage(e);
         if (e.getType() == kj::Exception::Type::DISCONNECTED && c.lastExit) {
           why = "child '" + c.spec.name + "' exited before it was ready (" +
                 c.lastExit->describe() + ")";
@@ -404,6 +420,42 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
         }
         return toKj(why);
       });
+}
+
+namespace {
+
+// The deepest nodes of a subtree that are not running (a rank still loading, a hung one):
+// "worker-tp0 (unresponsive)", comma-separated; empty when there are none.
+std::string notRunning(const NodeStatus& s) {
+  std::string out;
+  for (const auto& child : s.children) {
+    if (child.state == NodeState::Running) continue;
+    std::string below = notRunning(child);
+    std::string here = below.empty() ? child.name + " (" + nameOf(child.state) + ")" : below;
+    out += (out.empty() ? "" : ", ") + here;
+  }
+  return out;
+}
+
+}  // namespace
+
+// Which part of a vsup-aware child's subtree keeps it from being ready, for the start timeout's
+// message: ": still starting: worker-tp0 (unresponsive)", or ": it does not answer" (it is hung
+// itself), or "" when it cannot tell.
+kj::Promise<std::string> Supervisor::notReadyIn(Child& c) {
+  constexpr int64_t kBudgetMs = 500;
+  auto request = c.node->statusRequest();
+  request.setBudgetMs(statusBudgetForChildren(kBudgetMs));
+  return request.send()
+      .then(
+          [](capnp::Response<schema::Node::StatusResults>&& r) -> std::string {
+            std::string stuck = notRunning(decode(r.getStatus()));
+            return stuck.empty() ? std::string() : ": still starting: " + stuck;
+          },
+          [](kj::Exception&&) { return std::string(); })
+      .exclusiveJoin(ipc::uvSleep(loop_, uint64_t(kBudgetMs)).then([]() {
+        return std::string(": it does not answer (hung?)");
+      }));
 }
 
 // --------------------------------------------------------------------------------------------
@@ -438,6 +490,7 @@ void Supervisor::onExit(Child& c) {
   }
   if (!status) return;  // spurious wake-up
   c.exitPoll.reset();
+  c.liveness = nullptr;  // (a uv callback: never inside the ping loop itself)
   // A child that dies while starting is a start failure, handled by startChild alone.
   bool wasStarting = c.state == Child::State::Starting;
   pid_t pid = c.proc->pid();
@@ -448,8 +501,17 @@ void Supervisor::onExit(Child& c) {
   c.readyFulfiller = nullptr;
   bool unexpected = !c.exitExpected && !wasStarting;
   if (unexpected) {
-    vsup::log().warn("[supervisor] {}: {} (pid {}) exited ({})", spec_.name, c.spec.name, pid,
-                     status->describe());
+    vsup::log().warn("[supervisor] {}: {} (pid {}) exited ({}){}", spec_.name, c.spec.name, pid,
+                     status->describe(),
+                     c.unresponsive ? ": killed as unresponsive" : "");
+    std::string what = "child '" + c.spec.name + "' (pid " + std::to_string(pid) + ") " +
+                       (c.unresponsive ? "was unresponsive: killed (" + status->describe() + ")"
+                                       : "exited (" + status->describe() + ")");
+    if (phase_ == Phase::Running || phase_ == Phase::Starting) {
+      lastUnexpectedExit_ = what;
+    } else if (exitInShutdown_.empty()) {
+      exitInShutdown_ = what;
+    }
   }
   auto fulfiller = kj::mv(c.exitFulfiller);
   fulfiller->fulfill();
@@ -473,11 +535,80 @@ void Supervisor::onUnexpectedExit(Child& c, bool success) {
                       " restarts in " + seconds(spec_.periodMs * kNsPerMs) + ", intensity " +
                       std::to_string(spec_.intensity) + ")";
     vsup::log().error("[supervisor] {}: {}: shutting down", spec_.name, why);
+    if (intensityCause_.empty()) intensityCause_ = lastUnexpectedExit_;
     terminateSelf(Outcome::IntensityExceeded, why);
     return;
   }
   c.state = Child::State::Restarting;
   restartAfter(c);
+}
+
+// --------------------------------------------------------------------------------------------
+// Liveness
+
+bool Supervisor::pinging(const Child& c) const {
+  // Only while the tree serves: a stopping child is governed by its stop deadline, and a tree
+  // that is shutting down by its own.
+  return c.state == Child::State::Running && c.proc && c.node && !c.unresponsive &&
+         !terminating_ && !quiesced_ && (phase_ == Phase::Running || phase_ == Phase::Starting);
+}
+
+void Supervisor::startLiveness(Child& c) {
+  if (!c.spec.vsupAware || c.spec.livenessTimeoutMs < 0 || !c.node) return;
+  std::string name = c.spec.name;
+  c.liveness = pingAfter(c, c.spec.livenessIntervalMs)
+                   .eagerlyEvaluate([this, name](kj::Exception&& e) {
+                     vsup::log().warn("[supervisor] {}: liveness pings of {} failed: {}",
+                                      spec_.name, name, ipc::userMessage(e));
+                   });
+}
+
+// One ping `delayMs` from now; the next one `livenessIntervalMs` after this one was sent. A
+// child that hangs just after it answered is found within interval + timeout + grace.
+kj::Promise<void> Supervisor::pingAfter(Child& c, int64_t delayMs) {
+  return ipc::uvSleep(loop_, uint64_t(std::max<int64_t>(delayMs, 0)))
+      .then([this, &c]() -> kj::Promise<void> {
+        if (!pinging(c)) return kj::READY_NOW;
+        enum class Answer { Answered, Broken, Late };
+        MonoNs sent = monoNow();
+        auto reply = c.node->pingRequest()
+                         .send()
+                         .then([](auto&&) { return Answer::Answered; },
+                               [](kj::Exception&&) { return Answer::Broken; })
+                         .fork();
+        kj::Promise<Answer> answer = reply.addBranch().exclusiveJoin(
+            ipc::uvSleep(loop_, uint64_t(c.spec.livenessTimeoutMs)).then([]() {
+              return Answer::Late;
+            }));
+        // At the timeout, one more look (kLivenessGraceMs) before it counts: a timer runs before
+        // the loop reads its sockets, so after a stall of this process (it was stopped, or
+        // starved of CPU) an answer that arrived in time may not have been read yet.
+        answer = answer.then([this, reply = kj::mv(reply)](Answer a) mutable -> kj::Promise<Answer> {
+          if (a != Answer::Late) return a;
+          return reply.addBranch().exclusiveJoin(
+              ipc::uvSleep(loop_, kLivenessGraceMs).then([]() { return Answer::Late; }));
+        });
+        return answer.then([this, &c, sent](Answer a) -> kj::Promise<void> {
+          if (!pinging(c)) return kj::READY_NOW;
+          // A broken connection: the child is going, and its exit says more than we could.
+          if (a == Answer::Broken) return kj::READY_NOW;
+          if (a == Answer::Late) {
+            onUnresponsive(c);
+            return kj::READY_NOW;
+          }
+          int64_t elapsedMs = (monoNow() - sent) / kNsPerMs;
+          return pingAfter(c, c.spec.livenessIntervalMs - elapsedMs);
+        });
+      });
+}
+
+void Supervisor::onUnresponsive(Child& c) {
+  c.unresponsive = true;
+  vsup::log().error("[supervisor] {}: {} (pid {}) is unresponsive: no answer to a liveness ping "
+                    "in {}ms: killing it",
+                    spec_.name, c.spec.name, c.proc->pid(), c.spec.livenessTimeoutMs);
+  // Its exit is then an unexpected death like any other (restart policy, intensity).
+  c.proc->killGroup();
 }
 
 bool Supervisor::recordRestart() {
@@ -518,7 +649,7 @@ void Supervisor::restartAfter(Child& failed) {
                            seconds(spec_.periodMs * kNsPerMs));
           (void)failed;
           return startChild(c).catch_([this, &c](kj::Exception&& e) {
-            restartFailed(c, e.getDescription().cStr());
+            restartFailed(c, ipc::userMessage(e));
           });
         });
       }
@@ -550,7 +681,7 @@ void Supervisor::checkAutoShutdown() {
 void Supervisor::enqueue(kj::Function<kj::Promise<void>()> op) {
   ops_ = ops_.then(kj::mv(op)).eagerlyEvaluate([this](kj::Exception&& e) {
     vsup::log().error("[supervisor] {}: operation failed: {}", spec_.name,
-                      e.getDescription().cStr());
+                      ipc::userMessage(e));
   });
 }
 
@@ -629,7 +760,7 @@ void Supervisor::beginShutdown(MonoNs deadline) {
                  })
                  .eagerlyEvaluate([this](kj::Exception&& e) {
                    vsup::log().critical("[shutdown] {}: shutdown failed: {}", spec_.name,
-                                        e.getDescription().cStr());
+                                        ipc::userMessage(e));
                    for (auto& c : children_) {
                      if (c->proc) c->proc->killAndReap();
                    }
@@ -649,6 +780,10 @@ MonoNs Supervisor::childCap() const { return withMargin(deadline_); }
 
 kj::Promise<void> Supervisor::stopChild(Child& c) {
   if (!c.proc) return kj::READY_NOW;
+  // One stop per run of the child: a second request (stopAllNow() started it, the ordered
+  // traversal reaches it) waits for the same one.
+  KJ_IF_MAYBE(running, c.stopDone) { return running->addBranch(); }
+  c.liveness = nullptr;  // stopped by the deadlines from now on
   c.exitExpected = true;
   c.killed = false;
   c.state = Child::State::Stopping;
@@ -686,6 +821,7 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
           if (!c.proc) return kj::READY_NOW;
           vsup::log().warn("[shutdown] {}: killing {} (process group {}): shutdown timeout passed",
                            spec_.name, c.spec.name, c.proc->pid());
+          if (firstKill_.empty()) firstKill_ = "child '" + c.spec.name + "' killed: shutdown timeout passed";
           ++escalations_;
           c.killed = true;
           c.proc->killGroup();
@@ -693,7 +829,7 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
         });
     stopped = exited(c).exclusiveJoin(kj::mv(killAtDeadline));
   }
-  return stopped.then([this, &c]() {
+  kj::Promise<void> done = stopped.then([this, &c]() {
     c.state = Child::State::Stopped;
     // A vsup-aware child (a sub-supervisor, say) that had to kill or abandon something says so
     // with its exit status: the
@@ -701,11 +837,17 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
     if (!c.killed && c.spec.vsupAware && c.lastExit &&
         c.lastExit->kind == ExitStatus::Kind::Exited && c.lastExit->code == kExitEscalated) {
       ++escalations_;
+      if (firstKill_.empty()) {
+        firstKill_ = "child '" + c.spec.name + "' had to SIGKILL part of its subtree";
+      }
     } else if (!c.killed && c.spec.vsupAware && c.lastExit && !c.lastExit->success() &&
                c.exitExpected) {
       // Asked to stop, a vsup-aware child exits 0 (or 4, above): anything else is a failure
       // (a crash while stopping, a sub-tree that failed).
       ++failures_;
+      if (failedStop_.empty()) {
+        failedStop_ = "child '" + c.spec.name + "' stopped with " + c.lastExit->describe();
+      }
     }
     c.deferral = {};
     if (stopping_ == &c) stopping_ = nullptr;
@@ -713,12 +855,15 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
                      millis(monoNow() - c.stopStartedAt),
                      c.lastExit ? c.lastExit->describe() : std::string("?"));
   });
+  auto& forked = c.stopDone.emplace(done.fork());
+  return forked.addBranch();
 }
 
 void Supervisor::sendStopRequest(Child& c) {
   if (c.node) {
     auto request = c.node->shutdownRequest();
     request.setDeadlineNs(withMargin(c.stopDeadline));
+    request.setHurry(hurried_);
     request.setObserver(kj::heap<DeferralSink>(
         [this, &c](const std::string& node, const Deferral& d) {
           if (node == c.spec.name) c.deferral = d;
@@ -756,9 +901,10 @@ void Supervisor::shorten(MonoNs deadline) {
   deadline_ = deadline;
   vsup::log().info("[shutdown] {}: deadline shortened to {}", spec_.name,
                    seconds(deadline - monoNow()));
-  if (stopping_ != nullptr && stopping_->proc) {
-    Child& c = *stopping_;
-    MonoNs cap = childCap();
+  MonoNs cap = childCap();
+  for (auto& cp : children_) {
+    Child& c = *cp;
+    if (!c.proc || c.state != Child::State::Stopping) continue;
     c.stopCap = std::min(c.stopCap, cap);
     if (c.stopDeadline > cap) {
       setStopDeadline(c, cap);
@@ -770,15 +916,36 @@ void Supervisor::shorten(MonoNs deadline) {
 void Supervisor::hurry(int64_t capMs) {
   if (hurryMs_ >= 0 && hurryMs_ <= capMs) return;
   hurryMs_ = capMs;
+  hurried_ = true;  // a vsup-aware child stops its own children at once, within its cap
   vsup::log().info("[shutdown] {}: every remaining stop timeout capped at {}ms", spec_.name, capMs);
-  if (stopping_ != nullptr && stopping_->proc) {
-    Child& c = *stopping_;
-    MonoNs capped = monoNow() + capMs * kNsPerMs;
-    if (c.stopDeadline > capped) {
-      c.stopCap = std::min(c.stopCap, capped);
-      setStopDeadline(c, capped);
-      if (c.node) sendStopRequest(c);  // its own shutdown is idempotent: this shortens it
-    }
+  MonoNs capped = monoNow() + capMs * kNsPerMs;
+  for (auto& cp : children_) {
+    Child& c = *cp;
+    if (!c.proc || c.state != Child::State::Stopping) continue;
+    c.stopCap = std::min(c.stopCap, capped);
+    if (c.stopDeadline > capped) setStopDeadline(c, capped);
+    // Its own shutdown is idempotent: this shortens it, and hurries its subtree.
+    if (c.node) sendStopRequest(c);
+  }
+}
+
+void Supervisor::stopAllNow(MonoNs deadline) {
+  if (phase_ == Phase::Terminated) return;
+  hurried_ = true;
+  vsup::log().info("[shutdown] {}: hurried: stopping every remaining child now{}", spec_.name,
+                   deadline == kNoDeadline ? std::string()
+                                           : " (deadline " + seconds(deadline - monoNow()) + ")");
+  shutdownAtOnce(deadline);
+}
+
+void Supervisor::shutdownAtOnce(MonoNs deadline) {
+  if (phase_ == Phase::Terminated) return;
+  beginShutdown(deadline);  // (or shortens the running one)
+  for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+    Child& c = **it;
+    if (!c.proc || c.state == Child::State::Stopping) continue;
+    // The ordered traversal finds these stops under way and waits for them.
+    tasks_->add(stopChild(c));
   }
 }
 
@@ -787,6 +954,7 @@ void Supervisor::killAll() {
     if (!c->proc) continue;
     vsup::log().warn("[shutdown] {}: killing {} (process group {}): kill requested", spec_.name,
                      c->spec.name, c->proc->pid());
+    if (firstKill_.empty()) firstKill_ = "child '" + c->spec.name + "' killed: kill requested";
     ++escalations_;
     c->exitExpected = true;
     c->killed = true;  // its SIGKILL is ours: an escalation, not a failure of its own
@@ -798,25 +966,56 @@ void Supervisor::killAll() {
   }
 }
 
-kj::Promise<void> Supervisor::stopChild(const std::string& name) {
-  for (auto& cp : children_) {
-    if (cp->spec.name != name) continue;
-    Child& c = *cp;
-    // If shutdown cancels the operation, the dropped fulfiller rejects the caller's promise.
-    auto paf = kj::newPromiseAndFulfiller<void>();
-    enqueue([this, &c, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
-      c.ended = true;  // not restarted, and counts as ended for auto_shutdown
-      return stopChild(c).then([f = kj::mv(f)]() mutable { f->fulfill(); });
-    });
-    return kj::mv(paf.promise);
+kj::Maybe<kj::Exception> Supervisor::refuseCall(const std::string& what) const {
+  if (phase_ == Phase::Terminated) {
+    std::string how = nameOf(outcome_);
+    if (!failure_.empty()) how += ": " + failure_;
+    return toKj("supervisor '" + spec_.name + "' has terminated (" + how + "): cannot " + what);
   }
-  return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  if (phase_ == Phase::ShuttingDown || terminating_) {
+    return toKj("supervisor '" + spec_.name + "' is shutting down: cannot " + what);
+  }
+  return nullptr;
+}
+
+Supervisor::Child* Supervisor::find(const std::string& name) {
+  for (auto& c : children_) {
+    if (c->spec.name == name) return c.get();
+  }
+  return nullptr;
+}
+
+void Supervisor::removeChild(Child& c) {
+  size_t i = c.index;
+  VSUP_ASSERT(i < children_.size() && children_[i].get() == &c, c.spec.name);
+  auto it = std::find_if(spec_.children.begin(), spec_.children.end(),
+                         [&](const ChildSpec& s) { return s.name == c.spec.name; });
+  if (it != spec_.children.end()) spec_.children.erase(it);
+  children_.erase(children_.begin() + ptrdiff_t(i));
+  for (size_t k = i; k < children_.size(); ++k) children_[k]->index = k;
+}
+
+kj::Promise<void> Supervisor::stopChild(const std::string& name) {
+  KJ_IF_MAYBE(e, refuseCall("stop child '" + name + "'")) { return kj::mv(*e); }
+  Child* found = find(name);
+  if (found == nullptr) return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  // If shutdown cancels the operation, the dropped fulfiller rejects the caller's promise.
+  // (Found again by name when it is its turn: an operation before it may have deleted it.)
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  enqueue([this, name, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
+    Child* c = find(name);
+    if (c == nullptr) {
+      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+      return kj::READY_NOW;
+    }
+    c->ended = true;  // not restarted, and counts as ended for auto_shutdown
+    return stopChild(*c).then([f = kj::mv(f)]() mutable { f->fulfill(); });
+  });
+  return kj::mv(paf.promise);
 }
 
 kj::Promise<void> Supervisor::addChild(ChildSpec child) {
-  if (phase_ == Phase::ShuttingDown || phase_ == Phase::Terminated) {
-    return toKj("supervisor '" + spec_.name + "' is shutting down: cannot add '" + child.name + "'");
-  }
+  KJ_IF_MAYBE(e, refuseCall("add child '" + child.name + "'")) { return kj::mv(*e); }
   normalize(child);
   SupervisorSpec check = spec_;
   check.children.push_back(child);
@@ -837,7 +1036,53 @@ kj::Promise<void> Supervisor::addChild(ChildSpec child) {
     return startChild(ref)
         .then([]() -> kj::Maybe<kj::Exception> { return nullptr; },
               [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); })
+        .then([this, &ref, f = kj::mv(f)](kj::Maybe<kj::Exception> error) mutable
+              -> kj::Promise<void> {
+          KJ_IF_MAYBE(e, error) {
+            // OTP start_child: a child that failed to start is not added. (Removed on a later
+            // turn: this continuation still runs inside the start's promise chain.)
+            return kj::evalLater([this, &ref, e = kj::mv(*e), f = kj::mv(f)]() mutable {
+              if (!ref.proc && ref.state == Child::State::Stopped) removeChild(ref);
+              f->reject(kj::mv(e));
+            });
+          }
+          f->fulfill();
+          return kj::READY_NOW;
+        });
+  });
+  return kj::mv(paf.promise);
+}
+
+kj::Promise<void> Supervisor::restartChild(const std::string& name) {
+  KJ_IF_MAYBE(e, refuseCall("restart child '" + name + "'")) { return kj::mv(*e); }
+  Child* found = find(name);
+  if (found == nullptr) return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  if (found->spec.restart == Restart::Temporary) {
+    return toKj("child '" + name + "' is temporary: it is never restarted (OTP forgets a "
+                "temporary child once it ended); add it again with addChild");
+  }
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  enqueue([this, name, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
+    // Checked when it is its turn: an operation queued before it may have started, stopped or
+    // deleted it.
+    Child* found = find(name);
+    if (found == nullptr) {
+      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+      return kj::READY_NOW;
+    }
+    Child& c = *found;
+    if (c.proc || c.state != Child::State::Stopped) {
+      f->reject(toKj("child '" + c.spec.name + "' is " +
+                     (c.state == Child::State::Restarting ? "restarting" : "running") +
+                     ": only a stopped child can be restarted (stop it first)"));
+      return kj::READY_NOW;
+    }
+    c.ended = false;
+    return startChild(c)
+        .then([]() -> kj::Maybe<kj::Exception> { return nullptr; },
+              [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); })
         .then([f = kj::mv(f)](kj::Maybe<kj::Exception> error) mutable {
+          // A failed restart leaves the child stopped (its start failure stopped it).
           KJ_IF_MAYBE(e, error) {
             f->reject(kj::mv(*e));
           } else {
@@ -848,7 +1093,33 @@ kj::Promise<void> Supervisor::addChild(ChildSpec child) {
   return kj::mv(paf.promise);
 }
 
+kj::Promise<void> Supervisor::deleteChild(const std::string& name) {
+  KJ_IF_MAYBE(e, refuseCall("delete child '" + name + "'")) { return kj::mv(*e); }
+  if (find(name) == nullptr) {
+    return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  }
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  enqueue([this, name, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
+    Child* c = find(name);
+    if (c == nullptr) {
+      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+    } else if (c->proc || c->state != Child::State::Stopped) {
+      f->reject(toKj("child '" + name + "' is " +
+                     (c->state == Child::State::Restarting ? "restarting" : "running") +
+                     ": only a stopped child can be deleted (stop it first)"));
+    } else {
+      removeChild(*c);
+      f->fulfill();
+    }
+    return kj::READY_NOW;
+  });
+  return kj::mv(paf.promise);
+}
+
 kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& child) {
+  if (phase_ == Phase::Terminated) {
+    KJ_IF_MAYBE(e, refuseCall("reach child '" + child + "'")) { return kj::mv(*e); }
+  }
   for (auto& c : children_) {
     if (c->spec.name != child) continue;
     if (!c->node || !c->proc) break;
@@ -862,9 +1133,15 @@ kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& ch
 constexpr int64_t kQuiesceGraceMs = 1000;
 
 kj::Promise<void> Supervisor::quiesceChildren(MonoNs drainDeadline) {
+  // The shutdown has begun: from now on the stop deadlines govern a hung child, not the pings.
+  quiesced_ = true;
   kj::Vector<kj::Promise<void>> calls;
   for (auto& c : children_) {
-    if (!c->node || !c->proc) continue;
+    c->liveness = nullptr;
+    // A child still starting serves nothing yet (and a hung one would hold the shutdown up
+    // until the drain deadline for nothing); one being stopped is asked again (a second
+    // signal's quiesce, "now", aborts what it still drains).
+    if (!c->node || !c->proc || c->state == Child::State::Starting) continue;
     auto request = c->node->quiesceRequest();
     request.setDrainDeadlineNs(drainDeadline);
     // A child that is gone or fails to quiesce is stopped by the shutdown that follows anyway.
@@ -898,7 +1175,7 @@ kj::Promise<void> Supervisor::leaveRotationChildren() {
         c->node->leaveRotationRequest().send().ignoreResult().catch_(
             [this, name](kj::Exception&& e) {
               vsup::log().warn("[shutdown] {}: {} failed to leave the rotation: {}", spec_.name,
-                               name, e.getDescription().cStr());
+                               name, ipc::userMessage(e));
             });
     call = call.exclusiveJoin(ipc::uvSleep(loop_, kLeaveRotationTimeoutMs).then([this, name]() {
       vsup::log().warn("[shutdown] {}: {} did not answer the request to leave the rotation "
@@ -911,6 +1188,28 @@ kj::Promise<void> Supervisor::leaveRotationChildren() {
 
 kj::Promise<Outcome> Supervisor::terminated() {
   return done_.addBranch().then([this]() { return outcome_; });
+}
+
+std::string Supervisor::outcomeDetail() const {
+  switch (outcome_) {
+    case Outcome::Clean: return {};
+    case Outcome::StartFailed:
+      return "start failed: " + (failure_.empty() ? std::string("a child did not start") : failure_);
+    case Outcome::IntensityExceeded: {
+      const std::string& cause = intensityCause_.empty() ? lastUnexpectedExit_ : intensityCause_;
+      return "failed: " + (cause.empty() ? std::string() : cause + "; ") +
+             (failure_.empty() ? std::string("intensity exceeded") : failure_);
+    }
+    case Outcome::ChildFailed:
+      if (!exitInShutdown_.empty()) return "failed: " + exitInShutdown_ + " during the shutdown";
+      if (!failedStop_.empty()) return "failed: " + failedStop_;
+      return "failed: a child failed while the tree shut down";
+    case Outcome::Escalated:
+      return "shutdown escalated: " +
+             (firstKill_.empty() ? std::to_string(escalations_) + " child(ren) had to be SIGKILLed"
+                                 : firstKill_);
+  }
+  return {};
 }
 
 bool Supervisor::isTerminated() const { return phase_ == Phase::Terminated; }
@@ -984,13 +1283,15 @@ NodeStatus Supervisor::localStatus(const Child& c) const {
     case Child::State::Stopping: s.state = NodeState::Stopping; break;
     case Child::State::Restarting: s.state = NodeState::Restarting; break;
   }
+  if (c.unresponsive && c.proc) s.state = NodeState::Unresponsive;  // killed, not reaped yet
   s.uptimeMs = c.proc ? (monoNow() - c.startedAt) / kNsPerMs : 0;
   s.restarts = c.restarts;
   s.deferral = c.deferral;
   return s;
 }
 
-kj::Promise<NodeStatus> Supervisor::status() {
+kj::Promise<NodeStatus> Supervisor::status(int64_t budgetMs) {
+  if (budgetMs <= 0) budgetMs = kStatusBudgetMs;
   NodeStatus self;
   self.name = spec_.name;
   self.pid = ::getpid();
@@ -1001,11 +1302,15 @@ kj::Promise<NodeStatus> Supervisor::status() {
   for (auto& cp : children_) {
     Child& c = *cp;
     NodeStatus local = localStatus(c);
-    if (!c.node || !c.proc) {
+    if (!c.node || !c.proc || c.unresponsive) {
       parts.add(kj::mv(local));
       continue;
     }
-    auto remote = c.node->statusRequest().send().then(
+    auto request = c.node->statusRequest();
+    // Less than ours: the child's own children time out first, so a hung node deep down is
+    // reported as itself and every node above it still answers within its budget.
+    request.setBudgetMs(statusBudgetForChildren(budgetMs));
+    auto remote = request.send().then(
         [local](capnp::Response<schema::Node::StatusResults>&& r) {
           NodeStatus s = decode(r.getStatus());
           // The parent knows best how often it restarted the child, and that it is stopping it.
@@ -1019,12 +1324,12 @@ kj::Promise<NodeStatus> Supervisor::status() {
         },
         [local](kj::Exception&& e) {
           vsup::log().debug("[supervisor] status of {} failed: {}", local.name,
-                            e.getDescription().cStr());
+                            ipc::userMessage(e));
           NodeStatus s = local;
           s.state = NodeState::Unresponsive;
           return s;
         });
-    auto timeout = ipc::uvSleep(loop_, kStatusTimeoutMs).then([local]() {
+    auto timeout = ipc::uvSleep(loop_, uint64_t(budgetMs)).then([local]() {
       NodeStatus s = local;
       s.state = NodeState::Unresponsive;
       return s;

@@ -88,6 +88,17 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   // first. Combine with shutdown(): this only shortens it.
   void hurry(int64_t capMs);
 
+  // "Stop now" from a parent (a hurried Node.shutdown, at any depth below the root): shutdown
+  // with `deadline`, and every child not stopped yet gets its stop request now, at once, each
+  // killed by the deadline at the latest (less this node's margin), so the whole subtree is gone
+  // by `deadline` and every process got its stop request (SIGTERM, or its stop RPC) first.
+  void stopAllNow(MonoNs deadline);
+  // The same without the hurry (a stop request like any other, not passed on as "hurry"): a
+  // shutdown that stops all the children at the same time, for peers that need no order
+  // (engine-core's ranks, idle at a step boundary, each waiting for its own KV transfers
+  // under one deadline). Resolve with shutdown() or terminated().
+  void shutdownAtOnce(MonoNs deadline);
+
   // SIGKILL to every child's process group at once ("kill the tree now"). The children are
   // still reaped through the normal path.
   void killAll();
@@ -98,22 +109,41 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   Outcome outcome() const;
   // Why the supervisor terminated when it was not asked to (start failure, intensity).
   const std::string& failure() const { return failure_; }
+  // One line for a person: what made the outcome what it is, naming the child; empty after a
+  // clean shutdown. "start failed: child 'db' did not become ready within 5000ms
+  // (start_timeout)", "failed: child 'engine-core' (pid 12) exited (signal 9 (Killed));
+  // intensity exceeded (…)", "failed: child 'x' (pid 7) exited (code 9) during the shutdown",
+  // "failed: child 'x' stopped with code 1", "shutdown escalated: child 'db' killed: shutdown
+  // timeout passed". Valid once terminated.
+  std::string outcomeDetail() const;
 
-  // This supervisor and its subtree; vsup-aware children are asked over RPC (bounded wait: an
-  // unresponsive one is reported as "unresponsive").
-  kj::Promise<NodeStatus> status();
+  // This supervisor and its subtree; vsup-aware children are asked over RPC, each within
+  // `budgetMs` and given 3/4 of it for their own children (statusBudgetForChildren): a child
+  // that does not answer in time, or that failed a liveness ping, is reported "unresponsive",
+  // and this answer comes within the budget.
+  kj::Promise<NodeStatus> status(int64_t budgetMs = kStatusBudgetMs);
 
+  // The calls below follow OTP's supervisor module. Each rejects with a message saying so when
+  // the supervisor has terminated (or is shutting down), or for an unknown name.
   // OTP terminate_child: stops the child with its own policy and does not restart it.
-  // Rejects for an unknown name.
   kj::Promise<void> stopChild(const std::string& name);
   // OTP start_child: appends the child and starts it (after any operation in progress).
-  // Rejects for an invalid spec or a duplicate name, or when the start fails.
+  // Rejects for an invalid spec or a duplicate name, or when the start fails: a child that
+  // failed to start is not added (its name is free again).
   kj::Promise<void> addChild(ChildSpec child);
+  // OTP restart_child: starts again a child that is stopped (terminated with stopChild(), or
+  // ended and not restarted). Rejects for a running (starting, stopping, restarting) child and
+  // for a temporary one (OTP forgets a temporary child once it ended: add it again).
+  kj::Promise<void> restartChild(const std::string& name);
+  // OTP delete_child: removes a stopped child's spec. Rejects for a child that is not stopped.
+  kj::Promise<void> deleteChild(const std::string& name);
 
   // The application capability of a running vsup-aware child (Node.service).
   kj::Promise<capnp::Capability::Client> service(const std::string& child);
   // Node.quiesce on every running vsup-aware child at once (stop intake everywhere before the
-  // ordered, one-at-a-time shutdown). Resolves when all answered.
+  // ordered, one-at-a-time shutdown). Resolves when all answered (a child that does not answer
+  // is waited for until the drain deadline and a second more). The liveness pings stop here:
+  // from now on a hung child is stopped (and killed) by its stop deadline.
   kj::Promise<void> quiesceChildren(MonoNs drainDeadline);
   // Node.leaveRotation on every running vsup-aware child at once (`vsup drain`). Resolves when
   // all answered (bounded wait; a child that does not answer is skipped with a warning).
@@ -137,6 +167,14 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   void watchExit(Child& c);
   void onExit(Child& c);
   void onUnexpectedExit(Child& c, bool success);
+  kj::Promise<std::string> notReadyIn(Child& c);
+  void startLiveness(Child& c);
+  kj::Promise<void> pingAfter(Child& c, int64_t delayMs);
+  bool pinging(const Child& c) const;
+  void onUnresponsive(Child& c);
+  kj::Maybe<kj::Exception> refuseCall(const std::string& what) const;
+  Child* find(const std::string& name);
+  void removeChild(Child& c);
   void restartAfter(Child& c);
   void restartFailed(Child& c, const std::string& why);
   bool recordRestart();
@@ -172,10 +210,18 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   kj::Promise<void> quiesceNow_ = kj::READY_NOW;  // a failing tree's last quiesce
   std::optional<Outcome> forcedOutcome_;
   std::string failure_;
+  // What outcomeDetail() says, recorded where it happens (the first of each kind).
+  std::string lastUnexpectedExit_;   // the latest "child 'x' (pid N) exited (…)" while running
+  std::string intensityCause_;       // lastUnexpectedExit_ when the intensity was exceeded
+  std::string exitInShutdown_;       // the first child that died unasked during the shutdown
+  std::string failedStop_;           // the first child asked to stop that exited failing
+  std::string firstKill_;            // the first child SIGKILLed at a deadline or on request
   std::string startFailure_;  // set when start() failed; it rejects once the tree is down
   Outcome outcome_ = Outcome::Clean;
-  Child* stopping_ = nullptr;
-  int64_t hurryMs_ = -1;  // hurry(): per-child cap on stop timeouts; -1: none  // the child whose stop is in progress during shutdown
+  Child* stopping_ = nullptr;  // the child whose stop is in progress during shutdown
+  int64_t hurryMs_ = -1;  // hurry(): per-child cap on stop timeouts; -1: none
+  bool quiesced_ = false;  // quiesceChildren() ran: the shutdown began, no more liveness pings
+  bool hurried_ = false;  // stopAllNow() (or hurry()): stop requests say "hurry" downwards
 
   kj::Own<kj::PromiseFulfiller<void>> startFulfiller_;
   kj::Own<kj::PromiseFulfiller<void>> doneFulfiller_;

@@ -18,12 +18,14 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <set>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "base/check.h"
 #include "base/log.h"
@@ -706,6 +708,227 @@ TEST_CASE("a supervisor hands its log format to every child") {
   }
   vsup::setLogFormat("text");
   CHECK(readFile(out.path) == "json");
+  CHECK(noChildren());
+}
+
+// Runs the loop until `ready()` holds or `timeoutMs` passed; true when it holds.
+template <typename Pred>
+bool waitUntil(TestLoop& t, Pred ready, int64_t timeoutMs) {
+  MonoNs until = deadlineAfterMs(timeoutMs);
+  while (!ready()) {
+    if (monoNow() >= until) return false;
+    ipc::uvSleep(t.loop(), 5).wait(t.ws());
+  }
+  return true;
+}
+
+ChildSpec pinged(const std::string& name, int64_t timeoutMs, int64_t intervalMs) {
+  ChildSpec c = worker(name, {awareProbe()});
+  c.vsupAware = true;
+  c.livenessTimeoutMs = timeoutMs;
+  c.livenessIntervalMs = intervalMs;
+  return c;
+}
+
+TEST_CASE("a vsup-aware child that stops answering liveness pings is killed within interval + timeout and restarted, then intensity stops the tree") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "live";
+  spec.intensity = 1;
+  spec.periodMs = 60000;
+  constexpr int64_t kTimeoutMs = 300;
+  constexpr int64_t kIntervalMs = 200;
+  spec.children.push_back(pinged("hangs", kTimeoutMs, kIntervalMs));
+  spec.children.push_back(pinged("healthy", kTimeoutMs, kIntervalMs));
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  auto status = sup.status().wait(t.ws());
+  pid_t first = status.children[0].pid;
+  pid_t healthy = status.children[1].pid;
+  REQUIRE(first > 0);
+
+  // Answering children are left alone for many intervals.
+  ipc::uvSleep(t.loop(), uint64_t(3 * (kTimeoutMs + kIntervalMs))).wait(t.ws());
+  status = sup.status().wait(t.ws());
+  CHECK(status.children[0].pid == first);
+  CHECK(status.children[0].restarts == 0);
+
+  // Hung: killed and restarted (permanent) within interval + timeout (+ scheduling slack).
+  REQUIRE(::kill(first, SIGSTOP) == 0);
+  MonoNs hungAt = monoNow();
+  pid_t second = 0;
+  bool restarted = waitUntil(t, [&]() {
+    auto s = sup.status().wait(t.ws());
+    if (s.children[0].pid != first && s.children[0].state == NodeState::Running) {
+      second = s.children[0].pid;
+      return true;
+    }
+    return false;
+  }, 5000);
+  int64_t tookMs = (monoNow() - hungAt) / kNsPerMs;
+  REQUIRE(restarted);
+  MESSAGE("hung child detected, killed and restarted in " << tookMs << " ms");
+  CHECK(tookMs <= kIntervalMs + kTimeoutMs + 100 + 400);  // + the grace, + scheduling slack
+  CHECK(pidGone(first));
+  status = sup.status().wait(t.ws());
+  CHECK(status.children[0].restarts == 1);
+  CHECK(status.children[1].pid == healthy);  // one_for_one: the other one is untouched
+
+  // Hung again: a second restart within the period exceeds intensity 1: the tree stops.
+  REQUIRE(::kill(second, SIGSTOP) == 0);
+  auto outcome = sup.terminated().wait(t.ws());
+  CHECK(outcome == Outcome::IntensityExceeded);
+  CHECK(sup.failure().find("intensity exceeded") != std::string::npos);
+  CHECK(pidGone(second));
+  CHECK(pidGone(healthy));
+  CHECK(noChildren());
+}
+
+TEST_CASE("a child whose liveness pings are off is not killed when it hangs") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "nolive";
+  ChildSpec c = pinged("quiet", -1, 50);
+  c.shutdown = ShutdownPolicy::timeout(200);
+  spec.children.push_back(c);
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  pid_t pid = sup.status().wait(t.ws()).children[0].pid;
+  REQUIRE(::kill(pid, SIGSTOP) == 0);
+  // Twenty intervals and more: with pings, it would have been killed long ago.
+  ipc::uvSleep(t.loop(), 1000).wait(t.ws());
+  CHECK(!pidGone(pid));
+  auto status = sup.status(200).wait(t.ws());
+  CHECK(status.children[0].pid == pid);
+  CHECK(status.children[0].state == NodeState::Unresponsive);  // its status request timed out
+  CHECK(status.children[0].restarts == 0);
+  sup.shutdown(deadlineAfterMs(2000)).wait(t.ws());
+  CHECK(sup.outcome() == Outcome::Escalated);  // killed at its stop deadline, not before
+  CHECK(noChildren());
+}
+
+TEST_CASE("a status request answers within its budget and names the hung child") {
+  vsup::setLogLevel("off");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "budget";
+  ChildSpec hung = pinged("hung", -1, 1000);
+  hung.shutdown = ShutdownPolicy::brutalKill();
+  spec.children.push_back(hung);
+  ChildSpec fine = pinged("fine", -1, 1000);
+  spec.children.push_back(fine);
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  pid_t pid = sup.status().wait(t.ws()).children[0].pid;
+  REQUIRE(::kill(pid, SIGSTOP) == 0);
+  MonoNs began = monoNow();
+  auto status = sup.status(300).wait(t.ws());
+  int64_t tookMs = (monoNow() - began) / kNsPerMs;
+  CHECK(tookMs >= 290);
+  CHECK(tookMs < 300 + 200);
+  CHECK(status.children[0].state == NodeState::Unresponsive);
+  CHECK(status.children[1].state == NodeState::Running);
+  // The child's own share of the budget is less than ours (its children time out first).
+  CHECK(statusBudgetForChildren(1000) == 750);
+  CHECK(statusBudgetForChildren(1) == 1);
+  sup.shutdown(deadlineAfterMs(2000)).wait(t.ws());
+  CHECK(noChildren());
+}
+
+TEST_CASE("liveness settings are validated, naming the child and the field") {
+  auto error = [](int64_t timeoutMs, int64_t intervalMs, bool aware) {
+    SupervisorSpec spec;
+    spec.name = "v";
+    ChildSpec c = worker("w", {"sleep", "1"});
+    c.vsupAware = aware;
+    c.livenessTimeoutMs = timeoutMs;
+    c.livenessIntervalMs = intervalMs;
+    spec.children.push_back(c);
+    try {
+      validate(spec, "spec");
+    } catch (const vsup::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(error(-1, 1000, false) == "");
+  CHECK(error(500, 100, true) == "");
+  std::string zero = error(0, 1000, true);
+  CHECK(zero.find("child 'v/w'") != std::string::npos);
+  CHECK(zero.find("liveness_timeout") != std::string::npos);
+  CHECK(error(-5, 1000, true).find("liveness_timeout") != std::string::npos);
+  CHECK(error(500, 0, true).find("liveness_interval") != std::string::npos);
+  CHECK(error(-1, -3, true).find("liveness_interval") != std::string::npos);
+  CHECK(error(500, 100, false).find("vsup-aware") != std::string::npos);
+}
+
+TEST_CASE("vsup::Supervisor follows OTP: a failed addChild adds nothing; restartChild and deleteChild") {
+  SupervisorSpec spec;
+  spec.name = "otp";
+  spec.intensity = 5;
+  spec.children.push_back(worker("a", {"sleep", "30"}));
+  vsup::Supervisor::Options options;
+  options.logLevel = "off";
+  vsup::Supervisor sup(spec, options);
+  sup.start();
+
+  // A child that fails to start is not added: the tree is as before, the name is free.
+  CHECK_THROWS_WITH_AS(sup.addChild(worker("b", {"/nonexistent/vsup-test-command"})),
+                       doctest::Contains("'b'"), vsup::Error);
+  CHECK(sup.status().children.size() == 1);
+  sup.addChild(worker("b", {"sleep", "30"}));
+  auto status = sup.status();
+  REQUIRE(status.children.size() == 2);
+  CHECK(status.children[1].name == "b");
+  CHECK(status.children[1].state == NodeState::Running);
+
+  // restartChild: only a stopped child.
+  pid_t a = status.children[0].pid;
+  CHECK_THROWS_WITH_AS(sup.restartChild("a"), doctest::Contains("running"), vsup::Error);
+  CHECK_THROWS_WITH_AS(sup.restartChild("nope"), doctest::Contains("no child 'nope'"),
+                       vsup::Error);
+  sup.stopChild("a");
+  CHECK(pidGone(a));
+  sup.restartChild("a");
+  status = sup.status();
+  CHECK(status.children[0].state == NodeState::Running);
+  CHECK(status.children[0].pid != a);
+  CHECK(status.children[0].pid > 0);
+
+  // A temporary child is never restarted.
+  ChildSpec once = worker("once", {"sleep", "30"});
+  once.restart = Restart::Temporary;
+  sup.addChild(once);
+  sup.stopChild("once");
+  CHECK_THROWS_WITH_AS(sup.restartChild("once"), doctest::Contains("temporary"), vsup::Error);
+
+  // deleteChild: only a stopped child; then its name can be added again.
+  CHECK_THROWS_WITH_AS(sup.deleteChild("b"), doctest::Contains("only a stopped child"),
+                       vsup::Error);
+  sup.stopChild("b");
+  sup.deleteChild("b");
+  status = sup.status();
+  REQUIRE(status.children.size() == 2);
+  CHECK(status.children[0].name == "a");
+  CHECK(status.children[1].name == "once");
+  CHECK_THROWS_WITH_AS(sup.deleteChild("b"), doctest::Contains("no child 'b'"), vsup::Error);
+  sup.addChild(worker("b", {"sleep", "30"}));
+  CHECK(sup.status().children.size() == 3);
+
+  CHECK(sup.shutdown(std::chrono::seconds(5)));
+  CHECK(sup.terminated());
+  // Every call on a terminated tree fails, saying so.
+  for (auto& call : std::vector<std::function<void()>>{
+           [&]() { sup.start(); },
+           [&]() { sup.addChild(worker("c", {"sleep", "1"})); },
+           [&]() { sup.stopChild("a"); },
+           [&]() { sup.restartChild("a"); },
+           [&]() { sup.deleteChild("a"); },
+       }) {
+    CHECK_THROWS_WITH_AS(call(), doctest::Contains("has terminated"), vsup::Error);
+  }
   CHECK(noChildren());
 }
 

@@ -98,7 +98,7 @@ const std::set<std::string> kSupervisorKeys = {"name", "strategy", "intensity", 
                                                "auto_shutdown", "children"};
 const std::set<std::string> kChildKeys = {
     "name", "command", "env", "restart", "shutdown", "type", "significant", "ready",
-    "start_timeout", "vsup_aware",
+    "start_timeout", "vsup_aware", "liveness_timeout", "liveness_interval",
     // supervisor children also take the supervisor keys
     "strategy", "intensity", "period", "auto_shutdown", "children"};
 
@@ -122,8 +122,8 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
     if (!kChildKeys.count(k)) {
       p.fail(&node, k,
              "unknown key (accepted: name, command, env, restart, shutdown, type, significant, "
-             "ready, start_timeout, vsup_aware; and for type = \"supervisor\": strategy, "
-             "intensity, period, auto_shutdown, children)");
+             "ready, start_timeout, vsup_aware, liveness_timeout, liveness_interval; and for "
+             "type = \"supervisor\": strategy, intensity, period, auto_shutdown, children)");
     }
   }
 
@@ -185,6 +185,26 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
                "negative timeout " + std::to_string(child.startTimeoutMs) +
                    " (accepted: milliseconds >= 0 or \"infinity\")");
       }
+    }
+  }
+  if (const toml::node* n = t.get("liveness_timeout")) {
+    if (n->is_string() && *n->value<std::string>() == "off") {
+      child.livenessTimeoutMs = -1;
+    } else {
+      child.livenessTimeoutMs = getMs(p, *n, "liveness_timeout");
+      if (child.livenessTimeoutMs <= 0) {
+        p.fail(n, "liveness_timeout",
+               "invalid timeout " + std::to_string(child.livenessTimeoutMs) +
+                   " (accepted: milliseconds > 0 or \"off\")");
+      }
+    }
+  }
+  if (const toml::node* n = t.get("liveness_interval")) {
+    child.livenessIntervalMs = getMs(p, *n, "liveness_interval");
+    if (child.livenessIntervalMs <= 0) {
+      p.fail(n, "liveness_interval",
+             "invalid interval " + std::to_string(child.livenessIntervalMs) +
+                 " (accepted: milliseconds > 0)");
     }
   }
   if (const toml::node* n = t.get("vsup_aware")) {

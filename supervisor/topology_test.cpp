@@ -131,6 +131,27 @@ TEST_CASE("start_timeout \"infinity\" means no start timeout (-1)") {
   CHECK(s.children.at(0).startTimeoutMs == -1);
 }
 
+TEST_CASE("liveness_timeout and liveness_interval are milliseconds; \"off\" turns the pings off") {
+  const std::string head = "[[children]]\nname = \"w\"\ncommand = [\"x\"]\nvsup_aware = true\n";
+  auto s = parseTopology(head + "liveness_timeout = 1500\nliveness_interval = 250\n", "topo.toml");
+  CHECK(s.children.at(0).livenessTimeoutMs == 1500);
+  CHECK(s.children.at(0).livenessIntervalMs == 250);
+  s = parseTopology(head + "liveness_timeout = \"off\"\n", "topo.toml");
+  CHECK(s.children.at(0).livenessTimeoutMs == -1);
+  s = parseTopology(head, "topo.toml");
+  CHECK(s.children.at(0).livenessTimeoutMs == -1);  // off unless asked for
+  CHECK(s.children.at(0).livenessIntervalMs == 1000);
+  std::string e = parseError(head + "liveness_timeout = 0\n");
+  CHECK(contains(e, "child 'root/w'"));
+  CHECK(contains(e, "liveness_timeout"));
+  CHECK(contains(parseError(head + "liveness_interval = -1\n"), "liveness_interval"));
+  CHECK(contains(parseError(head + "liveness_interval = \"soon\"\n"), "liveness_interval"));
+  // A plain process cannot answer pings.
+  CHECK(contains(parseError("[[children]]\nname = \"w\"\ncommand = [\"x\"]\n"
+                            "liveness_timeout = 500\n"),
+                 "vsup-aware"));
+}
+
 TEST_CASE("period is in seconds and may be fractional") {
   CHECK(parseTopology("period = 0.25\n", "topo.toml").periodMs == 250);
   CHECK(parseTopology("period = 2\n", "topo.toml").periodMs == 2000);

@@ -32,6 +32,7 @@
 #include "base/log.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/node_codec.h"
 #include "supervisor/supervisor.h"
@@ -145,7 +146,7 @@ int drain(const DrainOptions& o) {
     // The tree went away: while draining, that is a success (the drain's purpose is met).
     auto exited = [&](const kj::Exception& e) {
       if (e.getType() != kj::Exception::Type::DISCONNECTED) {
-        say(path + ": " + e.getDescription().cStr());
+        say(path + ": " + ipc::userMessage(e));
         rc = kExitError;
       } else {
         say("the tree has exited: nothing left to drain");

@@ -11,9 +11,12 @@
 #include <optional>
 #include <vector>
 
+#include <kj/debug.h>
+
 #include "base/check.h"
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"
 #include "supervisor/node_codec.h"
@@ -35,6 +38,9 @@ OwnFd connectToSocket(const std::string& path) {
 }
 
 namespace {
+
+// How long `vsup tree` waits for the root: its own status budget and then some.
+constexpr uint64_t kRootAnswerMs = 5000;
 
 std::vector<std::string> liveSockets() {
   std::vector<std::string> out;
@@ -143,14 +149,25 @@ int tree(const TreeOptions& options) {
     for (bool first = true;; first = false) {
       NodeStatus status;
       try {
-        auto response = node.statusRequest().send().wait(kj.waitScope());
-        status = decode(response.getStatus());
+        auto request = node.statusRequest();
+        request.setBudgetMs(kStatusBudgetMs);
+        // The root answers within its budget, whatever hangs below it; a root that does not
+        // (stopped, deadlocked) must not hang `vsup tree` too.
+        auto answer = request.send().then(
+            [](capnp::Response<ipc::schema::Node::StatusResults>&& r) {
+              return decode(r.getStatus());
+            });
+        status = answer
+                     .exclusiveJoin(ipc::uvSleep(&loop, kRootAnswerMs).then([]() -> NodeStatus {
+                       KJ_FAIL_REQUIRE("the root did not answer within 5s: it is hung or stopped");
+                     }))
+                     .wait(kj.waitScope());
       } catch (const kj::Exception& e) {
         if (!first) {
           std::printf("(the tree has exited)\n");
           break;
         }
-        printMessage("vsup tree", path + ": " + e.getDescription().cStr());
+        printMessage("vsup tree", path + ": " + ipc::userMessage(e));
         rc = kExitError;
         break;
       }

@@ -61,11 +61,19 @@ class Supervisor {
   void start();
   // The tree, as `vsup tree` shows it.
   supervisor::NodeStatus status();
+  // The calls below follow OTP's supervisor module. Each throws vsup::Error for an unknown
+  // child, and, saying so, once the tree has terminated (shutdown, start failure, intensity
+  // exceeded) or while it shuts down.
   // Stops one child (its shutdown policy) and does not restart it (OTP terminate_child).
   void stopChild(const std::string& name);
   // Adds a child at the end and starts it (OTP start_child). Throws on a duplicate name or a
-  // failed start.
+  // failed start; a child that failed to start is not added.
   void addChild(supervisor::ChildSpec spec);
+  // Starts a stopped child again (OTP restart_child). Throws for a running child and for a
+  // temporary one (never restarted: add it again).
+  void restartChild(const std::string& name);
+  // Removes a stopped child (OTP delete_child). Throws for a child that is not stopped.
+  void deleteChild(const std::string& name);
   // Ordered shutdown, bounded by `timeout` (children past it are SIGKILLed with their process
   // groups). Idempotent. True when nothing had to be killed.
   bool shutdown(std::chrono::milliseconds timeout);

@@ -2,7 +2,7 @@
 
 import signal
 
-from conftest import now_ns
+from conftest import now_ns, wait_for
 
 MS = 1_000_000  # ns
 
@@ -121,6 +121,8 @@ def test_second_signal_shortens_every_remaining_stop_timeout_to_half_a_second(tr
     pids = stubborn_tree(tree)
     first = tree.signal(signal.SIGTERM)
     tree.wait_event("c", "term")
+    # Further apart than the root's 50 ms repeat window (a repeat within it counts once).
+    wait_for(lambda: now_ns() - first > 100 * MS, 1.0, "100 ms after the first", tree.diagnostics)
     second = tree.signal(signal.SIGTERM)
     dead = tree.wait_gone(pids.values(), timeout=5)
     assert tree.wait_exit() == 4
@@ -138,11 +140,13 @@ def test_second_signal_shortens_every_remaining_stop_timeout_to_half_a_second(tr
 
 def test_third_signal_kills_every_child_at_once(tree):
     pids = stubborn_tree(tree)
-    tree.signal(signal.SIGTERM)
+    first = tree.signal(signal.SIGTERM)
     tree.wait_event("c", "term")
-    # SIGINT and SIGTERM count alike; sending different ones keeps the kernel from merging the
-    # second and third while both are pending.
-    tree.signal(signal.SIGINT)
+    # SIGINT and SIGTERM count alike. Each further apart than the root's 50 ms repeat window
+    # (a repeat within it counts once).
+    wait_for(lambda: now_ns() - first > 100 * MS, 1.0, "100 ms after the first", tree.diagnostics)
+    second = tree.signal(signal.SIGINT)
+    wait_for(lambda: now_ns() - second > 100 * MS, 1.0, "100 ms after the second", tree.diagnostics)
     third = tree.signal(signal.SIGTERM)
     dead = tree.wait_gone(pids.values(), timeout=5)
     assert tree.wait_exit() == 4

@@ -4,15 +4,16 @@ Each test runs `unshare --pid --fork --mount-proc --kill-child vsup run ...`: vs
 new PID namespace, as in a container without tini, so every orphan in the namespace is
 reparented to it and must be reaped by it. From this (the host's) namespace the namespace's
 processes are vsup's descendants; their states and parents are read from /proc with host pids.
-The supervised commands double-fork daemons (`( cmd & )`, with `setsid`): the daemon's parent
-exits at once, and the daemon becomes vsup's child.
+The supervised commands double-fork daemons (`( cmd & )`, with and without `setsid`): the
+daemon's parent exits at once, and the daemon becomes vsup's child.
 
 Checked: no zombie is left in the namespace while the tree runs (a zombie child of PID 1
-disappears within a bound), PID 1's own children keep their exit status (SIGTERM gives 0, a
-significant child's failure gives the tree's code 5), and nothing outlives the namespace. Outside
-PID 1 the root takes no SIGCHLD and makes no reaper (the last test); that it would reap no
-stranger there is the unit test of OrphanReaper::wanted (supervisor/orphan_reaper_test.cpp), as
-outside PID 1 no stranger can become vsup's child at all.
+disappears within a bound); a daemon that left its process group (setsid) is killed at once, one
+that kept the group of a child of vsup is left to run with that child; PID 1's own children keep
+their exit status (SIGTERM gives 0, a significant child's failure gives the tree's code 5); and
+nothing outlives the namespace. Outside PID 1 the root is a child subreaper all the same, with
+SIGCHLD on its signalfd, but says nothing of PID 1 (the last test); tests/integration/
+test_escape.py checks what it does with the orphans there.
 
 Needs `unshare --pid` (root, or a user namespace allowed to make PID namespaces); skipped, saying
 so, where that is not permitted. Waits poll for a condition with a hard deadline.
@@ -254,14 +255,26 @@ def release(fifo: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_pid1_reaps_every_orphan_and_a_sigterm_still_exits_0(ns, tmp_path):
+def killed_pids(n: Namespace) -> set[int]:
+    """Pids (as PID 1's namespace numbers them) the reaper logged as killed escapes."""
+    return {int(m) for m in re.findall(r"killed process (\d+) \([^)]*\) that escaped its process "
+                                         r"group", n.stderr())}
+
+
+def reaped_pids(n: Namespace) -> list[int]:
+    return [int(m) for m in re.findall(r"reaped orphan pid (\d+) \(", n.stderr())]
+
+
+def test_pid1_reaps_every_orphan_kills_the_escaped_ones_and_a_sigterm_still_exits_0(ns, tmp_path):
     fifo = tmp_path / "release"
     os.mkfifo(fifo)
     marker = tmp_path / "spawned"
-    # Three daemons that wait for the test (blocked opening the FIFO), then 20 that exit at
-    # once: every one's parent (a subshell) exits first, so all 23 end up children of PID 1.
+    # Three daemons that keep the daemonizer's process group and wait for the test (blocked
+    # opening the FIFO), three that leave it (setsid) and would wait too, then 20 that exit at
+    # once: every one's parent (a subshell) exits first, so all 26 end up children of PID 1.
     script = (
-        "for i in 1 2 3; do ( setsid sh -c 'read x < \"$1\"' daemon-waits \"$1\" & ); done; "
+        "for i in 1 2 3; do ( sh -c 'read x < \"$1\"' daemon-stays \"$1\" & ); done; "
+        "for i in 1 2 3; do ( setsid sh -c 'read x < \"$1\"' daemon-escapes \"$1\" & ); done; "
         "i=0; while [ $i -lt 20 ]; do ( setsid true & ); i=$((i+1)); done; "
         "echo done > \"$2\"; exec sleep 1000"
     )
@@ -281,19 +294,24 @@ def test_pid1_reaps_every_orphan_and_a_sigterm_still_exits_0(ns, tmp_path):
         found = orphans_of(ns, "sh -c read x")
         return found if len(found) == 3 else None
 
+    # The ones in the daemonizer's group run on, children of PID 1.
     daemons = wait_for(three_daemons, WAIT_S, "three daemons reparented to PID 1", ns.diagnostics)
     ns.remember()
     for d in daemons:
         assert stat_of(d)[1] == ns.init, f"daemon {d} is not PID 1's child: {stat_of(d)}"
-        assert os.getsid(d) == d, f"daemon {d} is not in its own session"
-    # The 20 quick ones exit at once: each must be reaped, not left a zombie of PID 1.
-    def reaped() -> int:
-        return len(re.findall(r"reaped orphan pid \d+ \(code 0\)", ns.stderr()))
-
-    wait_for(lambda: reaped() >= 20, REAP_BOUND_S, "the 20 quick orphans to be reaped",
-             ns.diagnostics)
-    ns.wait_no_zombie("20 orphans that exited at once")
-    assert reaped() == 20, ns.stderr()
+        assert "daemon-stays" in cmdline(d), f"an escaped daemon still runs: {cmdline(d)}"
+    # The escaped ones are killed as soon as the reaper sees them, and reaped; the 20 quick ones
+    # exit at once (some may be seen alive and be killed first): each is reaped, none is left a
+    # zombie of PID 1.
+    wait_for(lambda: len(set(reaped_pids(ns))) >= 23, REAP_BOUND_S,
+             "the 3 escaped daemons and the 20 quick orphans to be reaped", ns.diagnostics)
+    ns.wait_no_zombie("20 orphans that exited at once, 3 that were killed")
+    assert len(reaped_pids(ns)) == 23 == len(set(reaped_pids(ns))), ns.stderr()
+    assert len(killed_pids(ns)) >= 3, ns.stderr()
+    # (A daemon killed before setsid(1) exec'd its shell is logged with setsid's command line.)
+    assert len(re.findall(r"killed process \d+ \((?:setsid )?sh -c read x < \S+ daemon-escapes",
+                          ns.stderr())) == 3, ns.stderr()
+    assert all(ns.alive(d) for d in daemons), ns.diagnostics()
 
     release(fifo)
     wait_for(lambda: not any(ns.alive(d) for d in daemons), REAP_BOUND_S,
@@ -310,8 +328,8 @@ def test_pid1_reaps_every_orphan_and_a_sigterm_still_exits_0(ns, tmp_path):
     assert rc == 0, f"exit status {rc} after SIGTERM, expected 0\n{err}"
     assert re.search(r"\[shutdown\] root: daemonizer stopped in .* \(signal 15", err), err
     assert re.search(r"\[shutdown\] root: done in .* \(clean\)", err), err
-    assert "reaped 23 orphaned processes as PID 1" in err, err
-    assert len(re.findall(r"reaped orphan pid \d+", err)) == 23, err
+    assert "reaped 26 orphaned processes as PID 1" in err, err
+    assert len(reaped_pids(ns)) == 26, err
 
 
 def test_pid1_exits_with_the_trees_code_when_a_significant_child_fails(ns, tmp_path):
@@ -334,11 +352,12 @@ def test_pid1_exits_with_the_trees_code_when_a_significant_child_fails(ns, tmp_p
     }) + "\n")
     ns.start("--topology", str(topology), "--log-level", "debug")
     wait_for(marker.exists, WAIT_S, "the job to have forked", ns.diagnostics)
-    daemon = wait_for(lambda: next(iter(orphans_of(ns, "sleep 1000")), None), WAIT_S,
-                      "the daemon to be reparented to PID 1", ns.diagnostics)
-    ns.remember()
-    ns.wait_no_zombie("one orphan that exited at once")
-    ns.wait_log(r"reaped orphan pid \d+ \(code 0\)")
+    # The daemon left its group: killed as soon as it is seen, while the job still runs.
+    ns.wait_log(r"killed process \d+ \(sleep 1000\) that escaped its process group")
+    wait_for(lambda: len(reaped_pids(ns)) == 2, REAP_BOUND_S, "both orphans reaped",
+             ns.diagnostics)
+    ns.wait_no_zombie("one orphan that exited at once, one killed")
+    assert not orphans_of(ns, "sleep 1000"), ns.diagnostics()
 
     release(fifo)
     rc = ns.wait_exit()
@@ -346,10 +365,8 @@ def test_pid1_exits_with_the_trees_code_when_a_significant_child_fails(ns, tmp_p
     assert rc == 5, f"exit status {rc}, expected 5 (a significant child failed)\n{err}"
     assert re.search(r"job \(pid \d+\) exited \(code 3\)", err), err
     assert "intensity exceeded" in err, err
-    assert "reaped 1 orphaned process as PID 1" in err, err
-    # The daemon was still running when PID 1 exited: the kernel killed it with the namespace.
-    wait_for(lambda: not ns.alive(daemon), 2.0, "the daemon to die with the namespace",
-             ns.diagnostics)
+    assert "reaped 2 orphaned processes as PID 1" in err, err
+    assert err.splitlines()[-1].startswith("vsup run: failed: child 'job' (pid "), err
 
 
 def _free_port() -> int:
@@ -395,16 +412,17 @@ def test_pid1_serves_and_a_sigterm_drains_and_exits_0(ns):
     assert "reaped 0 orphaned processes as PID 1" in err, err
 
 
-def test_outside_pid_1_vsup_run_leaves_sigchld_alone_and_reaps_nothing(tree):
-    # The same root outside a PID namespace's init: no reaper, SIGCHLD not taken over (no
-    # stranger can become its child there; OrphanReaper::wanted is unit-tested for the rule).
+def test_outside_pid_1_vsup_run_is_a_subreaper_all_the_same_and_says_nothing_of_pid_1(tree):
+    # The same root outside a PID namespace's init: a child subreaper (the orphans of its tree
+    # come to it: test_escape.py), so SIGCHLD is on its signalfd too; nothing to reap here.
     tree.start({"children": [{"name": "a", "command": tree.probe("a")}]})
     tree.wait_started("a")
     tree.wait_log(r"\[supervisor\] root: all 1 children ready")
     assert tree.pid != 1
     assert blocks(tree.pid, signal.SIGTERM), "the root reads SIGTERM from its signalfd"
-    assert not blocks(tree.pid, signal.SIGCHLD), "outside PID 1 the root must leave SIGCHLD alone"
+    assert blocks(tree.pid, signal.SIGCHLD), "the root, a subreaper, reads SIGCHLD from a signalfd"
     tree.signal(signal.SIGTERM)
     assert tree.wait_exit() == 0
     err = tree.stderr()
     assert "running as PID 1" not in err and "reaped orphan" not in err, err
+    assert "killed process" not in err, err

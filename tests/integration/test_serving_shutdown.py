@@ -94,8 +94,12 @@ def test_a_second_signal_during_the_drain_tells_every_client_abort_at_once_and_t
         serving):
     serving.start("--sim-token-ms", "20", "--shutdown-timeout", "30")
     clients = start_long_requests(serving, 2, 2)
+    first = time.monotonic()
     serving.signal(signal.SIGTERM)
     wait_for(lambda: turned_away(serving.port), 2, "new requests to be answered 503",
+             serving.stderr)
+    # Further apart than the root's 50 ms repeat window (a repeat within it counts once).
+    wait_for(lambda: time.monotonic() - first > 0.1, 1, "100 ms after the first signal",
              serving.stderr)
     # The drain has 30 s; the requests want 80 s. Nothing has been aborted yet.
     assert all(c.is_alive() for c in clients), "a request ended before its drain deadline"
@@ -131,10 +135,18 @@ def test_a_third_signal_kills_the_whole_tree_at_once(serving):
                   "--sim-kv-transfer-ms", "600000", "--kv-shutdown-timeout", "60")
     r, data = serving.post("/v1/completions", completion(3))
     assert r.status == 200, data
+    first = time.monotonic()
     serving.signal(signal.SIGTERM)
     wait_log(serving, r"\[shutdown\] worker-tp1: deferring: kv:", 5)
+    # Further apart than the root's 50 ms repeat window (a repeat within it counts once).
+    wait_for(lambda: time.monotonic() - first > 0.1, 1, "100 ms after the first signal",
+             serving.stderr)
     serving.signal(signal.SIGTERM)
     wait_log(serving, r"second SIGTERM", 2)
+    # Further apart than the root's 50 ms repeat window (a repeat within it counts once).
+    after_second = time.monotonic()
+    wait_for(lambda: time.monotonic() - after_second > 0.1, 1, "100 ms after the second signal",
+             serving.stderr)
     third = time.monotonic()
     serving.signal(signal.SIGTERM)
     code = serving.wait_exit(5)
@@ -264,8 +276,9 @@ def test_two_api_servers_share_the_port_both_serve_and_both_drain_on_sigterm(ser
     assert names == ["api-server-0", "api-server-1"]
     assert all(a["state"] == "running" for a in api_servers(serving.tree()))
 
-    # 20 requests, each on its own connection: the kernel spreads connections over the two
-    # listeners (SO_REUSEPORT); all 20 landing on one has probability 2^-19.
+    # 20 requests, each on its own connection: both API servers accept from the one listening
+    # socket the root bound, whichever is scheduled first taking a new connection; all 20
+    # landing on one is unlikely (and the wait below says so if they do).
     clients = [PlainClient(serving, completion(30)) for _ in range(20)]
     busy: set[str] = set()
 

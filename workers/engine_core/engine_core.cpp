@@ -8,6 +8,7 @@
 #include "engine/collective.h"
 #include "engine/prompt.h"
 #include "ipc/engine.capnp.h"
+#include "ipc/user_message.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/fault_injection.h"
 #include "supervisor/process.h"
@@ -80,9 +81,10 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
 };
 
 EngineCore::EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime,
-                       engine::EngineConfig config, std::vector<int> apiFds)
+                       engine::EngineConfig config, std::vector<int> apiFds,
+                       RankOptions ranks)
     : loop_(loop), runtime_(runtime), config_(std::move(config)), apiFds_(std::move(apiFds)),
-      tasks_(*this) {
+      rankOptions_(ranks), tasks_(*this) {
   if (config_.common.kv.connector == "sim") kv_ = kv::makeSimScheduler();
 }
 
@@ -95,7 +97,7 @@ EngineCore::~EngineCore() {
 
 void EngineCore::taskFailed(kj::Exception&& e) {
   if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-  vsup::log().warn("[engine] {}: {}", runtime_.name(), e.getDescription().cStr());
+  vsup::log().warn("[engine] {}: {}", runtime_.name(), ipc::userMessage(e));
 }
 
 int64_t EngineCore::maxModelLen() const { return scheduler_ ? scheduler_->maxModelLen() : 0; }
@@ -142,7 +144,9 @@ kj::Promise<void> EngineCore::start() {
       c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
       c.command.insert(c.command.end(), {"--collective-fd", "4"});
     }
-    c.startTimeoutMs = 600000;  // loading a model's weights
+    c.startTimeoutMs = rankOptions_.startTimeoutMs;  // loading a model's weights
+    c.livenessTimeoutMs = rankOptions_.livenessTimeoutMs;
+    c.livenessIntervalMs = rankOptions_.livenessIntervalMs;
     c.shutdown = supervisor::ShutdownPolicy::timeout(
         supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
     spec.children.push_back(std::move(c));
@@ -193,20 +197,20 @@ kj::Promise<void> EngineCore::start() {
                        tp, sessions_.size());
       running_ = true;
       loopPromise_ = loop().eagerlyEvaluate([this](kj::Exception&& e) {
-        fail(std::string("step loop failed: ") + e.getDescription().cStr());
+        fail(std::string("step loop failed: ") + ipc::userMessage(e));
       });
     });
   });
 }
 
-kj::Promise<supervisor::NodeStatus> EngineCore::status() {
+kj::Promise<supervisor::NodeStatus> EngineCore::status(int64_t budgetMs) {
   if (!ranks_) {
     supervisor::NodeStatus s;
     s.type = supervisor::NodeType::Supervisor;
     s.state = supervisor::NodeState::Starting;
     return s;
   }
-  return ranks_->status().then([this](supervisor::NodeStatus s) {
+  return ranks_->status(budgetMs).then([this](supervisor::NodeStatus s) {
     s.inFlight = int64_t(scheduler_->inFlight() + beingTokenized_.size());
     if (!failure_.empty()) s.state = supervisor::NodeState::Failed;
     return s;
@@ -215,8 +219,8 @@ kj::Promise<supervisor::NodeStatus> EngineCore::status() {
 
 kj::Promise<void> EngineCore::stopAtStepBoundary() {
   stopping_ = true;
-  // One KV deadline for every rank, from now: ranks are stopped one after another, and each
-  // must not start a clock of its own (N ranks would then wait N times the bound).
+  // One KV deadline for every rank, from now: the ranks are stopped together (stopRanks), and
+  // none may start a clock of its own (a late one would wait past the bound).
   if (kv_) {
     kvGiveUpAt_ = deadlineAfterMs(int64_t(config_.common.kv.shutdownTimeoutS * 1000));
     finalKvStep_ = true;
@@ -239,6 +243,10 @@ kj::Promise<void> EngineCore::stopAtStepBoundary() {
 
 kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
   if (!ranks_) return true;
+  // All at once: the ranks are peers, idle at the step boundary, and each waits for its own KV
+  // transfers (under the one deadline of the last step, kvGiveUpAt_): they wait at the same
+  // time, each deferring in the log and `vsup tree`, not one after another.
+  ranks_->shutdownAtOnce(deadline);
   return ranks_->shutdown(deadline).then([this]() {
     if (ranks_->outcome() == supervisor::Outcome::ChildFailed) runtime_.reportChildFailure();
     return ranks_->escalations() == 0;
@@ -432,8 +440,10 @@ void EngineCore::fail(const std::string& why) {
   if (!failure_.empty()) return;
   failure_ = why;
   vsup::log().error("[engine] {}: engine failed: {}", runtime_.name(), why);
-  endAll(engine::FinishReason::Error, "engine failure: " + why);
+  // The API servers learn that the engine failed before their clients get the errors: a
+  // client told "engine failure" that asks /health at once must not hear "ready".
   router_.engineFailed(why);
+  endAll(engine::FinishReason::Error, "engine failure: " + why);
   if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
   // Stop the remaining ranks, then exit with an error status.
   tasks_.add(stopRanks(deadlineAfterMs(2000)).then([this](bool) {

@@ -1,7 +1,7 @@
 // engine-core: the serving tree's engine process (docs/architecture.md, "engine-core").
 //
-// A child supervisor of the tensor-parallel ranks (intensity 0: a rank that dies fails the
-// engine, no partial restart) and the owner of the backend-agnostic core::Scheduler. Its step
+// A child supervisor of the tensor-parallel ranks (intensity 0: a rank that dies, or that its
+// liveness pings find hung and kill, fails the engine, no partial restart) and the owner of the backend-agnostic core::Scheduler. Its step
 // loop: between steps it admits new requests (continuous batching), then the StepExecutor runs
 // the step on every rank, then the RequestRouter sends each API server the deltas of its
 // requests in one call. Prompts are tokenized (a chat rendered first, engine/prompt.h) on a thread
@@ -11,7 +11,9 @@
 //
 // Shutdown (its hook, before its ranks are stopped): refuse new requests, abort whatever is
 // still running (the API servers have drained by then: normally nothing), announce the last KV
-// transfers, and stop the loop at a step boundary, so no rank is ever left inside a step.
+// transfers and their one deadline, and stop the loop at a step boundary, so no rank is ever
+// left inside a step. Then all ranks are stopped at once (each defers for its own pending KV
+// transfers, at the same time as the others, under that deadline).
 //
 // Runs on the process's loop thread.
 #pragma once
@@ -45,6 +47,13 @@ namespace vsup::workers {
 
 class EngineSession;
 
+// How engine-core supervises its ranks (`vsup __engine-core` flags; the ranks' ChildSpec fields).
+struct EngineRankOptions {
+  int64_t startTimeoutMs = 600000;  // loading a model's weights
+  int64_t livenessTimeoutMs = -1;   // -1: no liveness pings
+  int64_t livenessIntervalMs = 1000;
+};
+
 class EngineCore final : private kj::TaskSet::ErrorHandler {
  public:
   // Prompts up to this many bytes of text are tokenized on the loop: encoding a few hundred
@@ -53,14 +62,17 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   // step. Anything longer goes to the thread.
   static constexpr size_t kInlineTokenizeBytes = 512;
 
+  using RankOptions = EngineRankOptions;
+
   // `apiFds`: one connected socket per API server (or vsup::LLM), served the Engine interface.
   EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime, engine::EngineConfig config,
-             std::vector<int> apiFds);
+             std::vector<int> apiFds, RankOptions ranks = {});
   ~EngineCore();
 
   // Node.start: plan the engine, start the ranks, then serve the API servers and run.
   kj::Promise<void> start();
-  kj::Promise<supervisor::NodeStatus> status();
+  // This node and its ranks, answered within `budgetMs` (Supervisor::status).
+  kj::Promise<supervisor::NodeStatus> status(int64_t budgetMs = supervisor::kStatusBudgetMs);
   // The shutdown hook: intake off, abort leftovers, stop at a step boundary.
   kj::Promise<void> stopAtStepBoundary();
   kj::Promise<bool> stopRanks(MonoNs deadline);
@@ -91,6 +103,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   supervisor::ChildRuntime& runtime_;
   engine::EngineConfig config_;
   std::vector<int> apiFds_;
+  RankOptions rankOptions_;
   engine::EnginePlan plan_;
   std::shared_ptr<const engine::Tokenizer> tokenizer_;
   std::unique_ptr<engine::core::Scheduler> scheduler_;

@@ -4,6 +4,7 @@
 
 #include <kj/debug.h>
 
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "workers/engine_codec.h"
 
@@ -72,7 +73,7 @@ kj::Promise<std::vector<engine::StepOutput>> StepExecutor::run(const engine::Ste
                         fail("worker-tp" + std::to_string(r) +
                              (e.getType() == kj::Exception::Type::DISCONNECTED
                                   ? std::string(" disconnected (the process died)")
-                                  : std::string(": ") + e.getDescription().cStr()));
+                                  : std::string(": ") + ipc::userMessage(e)));
                         kj::throwFatalException(kj::mv(e));
                       })
                   // Now, not when joinPromises collects every branch (KJ runs a .then()

@@ -5,6 +5,7 @@
 #include <kj/debug.h>
 
 #include "base/log.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/fault_injection.h"
 #include "workers/engine_codec.h"
@@ -44,7 +45,7 @@ class WorkerService final : public schema::Worker::Server {
             },
             [node = state_.node(), step](kj::Exception&& e) {
               vsup::log().error("[engine] {}: step {} failed: {}", node, step,
-                                e.getDescription().cStr());
+                                ipc::userMessage(e));
               kj::throwFatalException(kj::mv(e));
             });
   }
