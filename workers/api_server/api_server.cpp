@@ -13,6 +13,7 @@
 
 #include "base/log.h"
 #include "engine/types.h"
+#include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/fault_injection.h"
@@ -73,6 +74,31 @@ bool constantTimeEquals(std::string_view a, std::string_view b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
   for (size_t i = 0; i < a.size(); ++i) diff |= uint8_t(a[i] ^ (i < b.size() ? b[i] : 0));
   return diff == 0;
+}
+
+// The credentials of `Authorization: Bearer <token>`: the scheme is case-insensitive (RFC 9110
+// 11.1: "bearer" and "BEARER" are the same), one or more spaces follow it. "" for any other
+// header, so it never equals a key (which is never empty).
+std::string bearerToken(std::string_view header) {
+  size_t space = header.find_first_of(" \t");
+  if (space != 6) return "";
+  for (size_t i = 0; i < 6; ++i) {
+    if (std::tolower(static_cast<unsigned char>(header[i])) != "bearer"[i]) return "";
+  }
+  header.remove_prefix(space);
+  while (!header.empty() && (header.front() == ' ' || header.front() == '\t')) {
+    header.remove_prefix(1);
+  }
+  return std::string(header);
+}
+
+// A chat without max_tokens may use the rest of the context (as OpenAI and vLLM have it): the
+// ceiling (sampling.maxTokens) is the largest max_tokens accepted, and no more than the whole
+// context; engine-core, which alone knows the prompt's length, lowers it to what the prompt
+// leaves (SamplingParams::maxTokensToContext).
+void allowRestOfContext(engine::SamplingParams& sampling, int64_t maxModelLen) {
+  if (maxModelLen > 0) sampling.maxTokens = std::min(sampling.maxTokens, maxModelLen);
+  sampling.maxTokensToContext = true;
 }
 
 int64_t unixNow() {
@@ -154,7 +180,7 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
  private:
   void taskFailed(kj::Exception&& e) override {
     if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-    vsup::log().warn("[api] {}: {}", options_.name, e.getDescription().cStr());
+    vsup::log().warn("[api] {}: {}", options_.name, ipc::userMessage(e));
   }
 
   void deliver(const std::vector<engine::TokenDelta>& deltas);
@@ -404,8 +430,8 @@ void ApiServer::Impl::handle(http::Request&& request, std::shared_ptr<http::Resp
   bool known = path == "/v1/models" || completion;
   if (!known) return sendError(*response, api::pathNotFound(method, path), requestId);
   if (!options_.apiKey.empty()) {
-    std::string auth = request.header("authorization");
-    std::string expected = "Bearer " + options_.apiKey;
+    const std::string auth = bearerToken(request.header("authorization"));
+    const std::string& expected = options_.apiKey;
     if (!constantTimeEquals(auth, expected)) {
       return sendError(*response, api::authenticationFailed(), ourId());
     }
@@ -445,7 +471,7 @@ void ApiServer::Impl::serveMetrics(std::shared_ptr<http::Response> response,
                        if (std::exchange(statsFailureLogged_, true)) return;
                        vsup::log().warn("[api] {}: /metrics: the engine's figures are not "
                                         "available ({}); serving the last ones",
-                                        options_.name, e.getDescription().cStr());
+                                        options_.name, ipc::userMessage(e));
                      })
                  .then([this, response, requestId]() {
                    response->respond(200,
@@ -509,6 +535,9 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
     g.prompt = p->call.prompts[i];
     g.messages = std::move(p->call.messages);  // a chat's only choice; nothing reads them after
     g.sampling = p->call.sampling;
+    if (chat && !p->call.maxTokensGiven) {
+      allowRestOfContext(g.sampling, maxModelLen_);
+    }
     p->engineIds.push_back(g.id);
     choiceOf_[g.id] = {id, i};
     requests.push_back(std::move(g));
@@ -534,19 +563,24 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
                      auto it = pending_.find(id);
                      if (it == pending_.end()) return;
                      it->second->error =
-                         std::string("engine refused the request: ") + e.getDescription().cStr();
+                         std::string("engine refused the request: ") + ipc::userMessage(e);
                      complete(id);
                    }));
   }
+  // The client is gone once a write to it failed, which is mostly inside one of our own writes
+  // (onDelta holds the request then): the request ends on a turn of its own. Meanwhile its
+  // writes are no-ops.
   response->onClientGone([this, id]() {
-    auto it = pending_.find(id);
-    if (it == pending_.end()) return;
-    for (const auto& eid : it->second->engineIds) {
-      engine_.abort(eid);
-      choiceOf_.erase(eid);
-    }
-    logEnd(*it->second, "client gone (aborted)");
-    pending_.erase(it);
+    tasks_.add(kj::evalLater([this, id]() {
+      auto it = pending_.find(id);
+      if (it == pending_.end()) return;  // it ended meanwhile
+      for (const auto& eid : it->second->engineIds) {
+        engine_.abort(eid);
+        choiceOf_.erase(eid);
+      }
+      logEnd(*it->second, "client gone (aborted)");
+      pending_.erase(it);
+    }));
   });
 }
 

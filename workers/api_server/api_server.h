@@ -1,5 +1,5 @@
 // ApiServer: one OpenAI-compatible HTTP front end of engine-core (the body of `vsup
-// __api-server`). Several share a port (SO_REUSEPORT); each talks to engine-core over its own
+// __api-server`). Several accept from one listening socket, bound by `vsup run`'s root; each talks to engine-core over its own
 // socket through an EngineClient: it submits one engine request per prompt and receives, once
 // per engine step, the deltas of all its requests.
 //
@@ -15,6 +15,14 @@
 // X-Request-Id: the client's when it is 1..256 bytes of printable ASCII, else the completion's
 // response id ("cmpl-…", "chatcmpl-…") or one of ours ("req-…"); it is the request's id in the
 // log lines of options.logRequests.
+//
+// With options.apiKey, /v1/* need `Authorization: Bearer <key>` (the scheme in any case, as RFC
+// 9110 has it; the key compared in constant time); else 401 invalid_api_key. A completion
+// without max_tokens gets 16 (vLLM's legacy default); a chat without max_tokens (and
+// max_completion_tokens) may use the rest of the context: up to options.maxTokens, lowered by
+// engine-core to what the prompt leaves of max_model_len. A client that leaves (a write to it
+// fails, or its connection is reset: http_server.h) has its engine requests aborted; one that
+// only half-closes after its request gets its answer.
 //
 // Life: start() attaches to the engine, then listens ("ready"). leaveRotation() only turns
 // /health (and /ping) 503 "draining": every request is served as before. From quiesce() on,

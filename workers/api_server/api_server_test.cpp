@@ -155,6 +155,7 @@ struct Harness {
 
 void holdRequests(FakeEngine& f) { f.script = {}; }
 
+
 }  // namespace
 
 TEST_SUITE("unit") {
@@ -876,7 +877,8 @@ TEST_CASE("api server: when the engine connection is lost, in-flight requests en
   });
 }
 
-TEST_CASE("api server: a client that disconnects has its engine request aborted") {
+TEST_CASE("api server: a client that disconnects has its engine request aborted once a write "
+          "to it fails") {
   Harness h(holdRequests);
   h.run([&] {
     Client c(h.port());
@@ -885,10 +887,143 @@ TEST_CASE("api server: a client that disconnects has its engine request aborted"
     std::string id = h.submit(0);
     h.bridge.call([&] { h.fake.send(id, "a"); });
     CHECK(c.requireHead().status == 200);
-    c.close();
+    CHECK(c.readChunk().find("\"text\":\"a\"") != std::string::npos);
+    c.close();  // a FIN, all read: nothing tells it from a half-close until a write fails
+    bool gone = false;
+    for (int i = 0; i < 100 && !gone; ++i) {
+      h.bridge.call([&] {
+        h.fake.send(id, "b");
+        gone = h.api->inFlight() == 0;
+      });
+    }
     CHECK(h.aborted(id));
     h.bridge.call([&] { CHECK(h.api->inFlight() == 0); });
   });
+}
+
+TEST_CASE("api server: a client that half-closes after its request gets the whole completion, "
+          "plain or streamed") {
+  Harness h;
+  h.run([&] {
+    Client plain(h.port());
+    plain.send(post("/v1/completions", completion(false)));
+    plain.halfClose();  // as `nc -N` does
+    Reply r = plain.requireRead();
+    REQUIRE(r.status == 200);
+    CHECK(json::parse(r.body)["choices"][0]["text"] == "Hello!");
+    CHECK(plain.endsCleanly());
+
+    Client stream(h.port());
+    stream.send(post("/v1/completions", completion(true)));
+    stream.halfClose();
+    Reply s = stream.requireRead();
+    REQUIRE(s.status == 200);
+    auto evs = events(s.body);
+    CHECK(joinedText(evs) == "Hello!");
+    CHECK(evs.back() == "[DONE]");
+    CHECK(stream.endsCleanly());
+    CHECK(h.fake.log.aborts().empty());
+  });
+}
+
+TEST_CASE("api server: the API key is checked under the Bearer scheme, in any case") {
+  Harness h(nullptr, [](ApiServerOptions& o) { o.apiKey = "sk-test-key"; });
+  h.run([&] {
+    auto status = [&](const std::string& authorization) {
+      Client c(h.port());
+      c.send(get("/v1/models",
+                 authorization.empty() ? "" : "Authorization: " + authorization + "\r\n"));
+      return c.requireRead().status;
+    };
+    for (const char* ok : {"Bearer sk-test-key", "bearer sk-test-key", "BEARER sk-test-key",
+                           "BeArEr   sk-test-key"}) {
+      CAPTURE(ok);
+      CHECK(status(ok) == 200);
+    }
+    for (const char* bad : {"", "Bearer sk-test-ke", "Bearer sk-test-key2", "Basic sk-test-key",
+                            "Bearersk-test-key", "sk-test-key", "Bearer", "Bearer ",
+                            "Bearer sk-test-key extra", "Bearers sk-test-key"}) {
+      CAPTURE(bad);
+      CHECK(status(bad) == 401);
+    }
+  });
+}
+
+TEST_CASE("api server: the HTTP layer's own errors have the shape of every other error") {
+  Harness h;
+  h.run([&] {
+    auto keys = [](const Reply& r) {  // in the order they were rendered
+      const nlohmann::ordered_json doc = nlohmann::ordered_json::parse(r.body);
+      std::vector<std::string> out;
+      for (const auto& [key, value] : doc.at("error").items()) out.push_back(key);
+      CHECK(doc.size() == 1);
+      return out;
+    };
+    Client api(h.port());
+    api.send(get("/no-such-path"));
+    Reply notFound = api.requireRead();
+    REQUIRE(notFound.status == 404);
+    const std::vector<std::string> expected = keys(notFound);
+    CHECK(expected == std::vector<std::string>{"message", "type", "param", "code"});
+    const char* raw[] = {
+        "GET /health HTTP/1.1\r\n\r\n",                          // no Host: 400
+        "GET /health HTTP/2.0\r\nHost: t\r\n\r\n",               // 505
+        "GET /health HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n",  // 400
+        "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n",  // 413
+    };
+    for (const char* bytes : raw) {
+      CAPTURE(bytes);
+      Client c(h.port());
+      c.send(bytes);
+      Reply r = c.requireRead();
+      CHECK(r.status >= 400);
+      CHECK(keys(r) == expected);
+      json e = errorOf(r);
+      CHECK(e["message"].is_string());
+      CHECK(e["type"] == "invalid_request_error");
+      CHECK(e["param"].is_null());
+      CHECK(e["code"].is_string());
+    }
+  });
+}
+
+TEST_CASE("api server: a chat without max_tokens asks for the rest of the context; a completion "
+          "without it gets 16") {
+  json chat = {{"model", "vsup-sim"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}};
+  SUBCASE("an engine without a context bound: the largest max_tokens accepted") {
+    Harness h([](FakeEngine& f) { f.maxModelLen = 0; },
+              [](ApiServerOptions& o) { o.maxTokens = 3000; });
+    h.run([&] {
+      Client c(h.port());
+      c.send(post("/v1/chat/completions", chat));
+      CHECK(c.requireRead().status == 200);
+      c.send(post("/v1/completions", json{{"model", "vsup-sim"}, {"prompt", "hi"}}));
+      CHECK(c.requireRead().status == 200);
+      auto requests = h.fake.log.requests();
+      REQUIRE(requests.size() == 2);
+      CHECK(requests[0].sampling.maxTokens == 3000);
+      CHECK(requests[1].sampling.maxTokens == 16);
+    });
+  }
+  SUBCASE("an engine with a context of 2048") {
+    Harness h;  // the fake's max_model_len: 2048; the largest max_tokens: 4096
+    h.run([&] {
+      Client c(h.port());
+      c.send(post("/v1/chat/completions", chat));
+      CHECK(c.requireRead().status == 200);
+      json given = chat;
+      given["max_tokens"] = 5;
+      c.send(post("/v1/chat/completions", given));
+      CHECK(c.requireRead().status == 200);
+      auto requests = h.fake.log.requests();
+      REQUIRE(requests.size() == 2);
+      // The ceiling is the context; the engine lowers it to what the prompt leaves.
+      CHECK(requests[0].sampling.maxTokens == 2048);
+      CHECK(requests[0].sampling.maxTokensToContext);
+      CHECK_FALSE(requests[1].sampling.maxTokensToContext);
+      CHECK(requests[1].sampling.maxTokens == 5);
+    });
+  }
 }
 
 }  // TEST_SUITE

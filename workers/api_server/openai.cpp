@@ -138,6 +138,14 @@ bool isEmptyStringOrContainer(const json& v) {
          ((v.is_array() || v.is_object()) && v.empty());
 }
 
+// response_format: {"type":"text"} is what every request gets; json_object and json_schema
+// (structured output) are not supported yet.
+bool isTextFormat(const json& v) {
+  if (!v.is_object()) return false;
+  const auto type = v.find("type");
+  return type != v.end() && type->is_string() && type->get_ref<const std::string&>() == "text";
+}
+
 constexpr UnsupportedField kUnsupported[] = {
     // logprobs: completions take an integer, chat a bool. 0 still asks for the sampled token's
     // logprob, so only false means "off".
@@ -147,6 +155,7 @@ constexpr UnsupportedField kUnsupported[] = {
     {"echo", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }},
     {"suffix", isEmptyStringOrContainer},
     {"tools", isEmptyStringOrContainer},
+    {"response_format", isTextFormat},
     {"functions", isEmptyStringOrContainer},
     {"presence_penalty", isFalseOrZero},
     {"frequency_penalty", isFalseOrZero},
@@ -251,7 +260,13 @@ std::optional<ApiError> parseMessages(const json& root, CompletionCall& call) {
 
 std::optional<ApiError> parseMaxTokens(const json& root, bool chat, const Limits& limits,
                                        CompletionCall& call) {
-  call.sampling.maxTokens = limits.defaultMaxTokens;
+  // Absent: completions get vLLM's legacy default; a chat may use the rest of the context, up
+  // to the largest max_tokens accepted (the engine lowers it to what the prompt leaves).
+  call.sampling.maxTokens =
+      chat ? std::min(limits.maxTokensLimit,
+                      limits.defaultChatMaxTokens > 0 ? limits.defaultChatMaxTokens
+                                                      : limits.maxTokensLimit)
+           : limits.defaultMaxTokens;
   // Chat clients send max_completion_tokens now (max_tokens is deprecated there); it wins.
   for (const char* name : {"max_tokens", "max_completion_tokens"}) {
     if (!chat && std::string_view(name) == "max_completion_tokens") continue;
@@ -263,6 +278,7 @@ std::optional<ApiError> parseMaxTokens(const json& root, bool chat, const Limits
                     *value, n ? "invalid_value" : "invalid_type");
     }
     call.sampling.maxTokens = *n;
+    call.maxTokensGiven = true;
   }
   return std::nullopt;
 }
@@ -270,26 +286,22 @@ std::optional<ApiError> parseMaxTokens(const json& root, bool chat, const Limits
 std::optional<ApiError> parseSampling(const json& root, CompletionCall& call) {
   engine::SamplingParams& sampling = call.sampling;
   if (const json* v = member(root, "temperature")) {
-    if (!v->is_number() || v->get<double>() < 0.0 || v->get<double>() > 2.0) {
-      return mustBe("temperature", "a number between 0 and 2", *v,
-                    v->is_number() ? "invalid_value" : "invalid_type");
-    }
+    if (!v->is_number()) return mustBe("temperature", "a number between 0 and 2", *v, "invalid_type");
     sampling.temperature = v->get<double>();
   }
   if (const json* v = member(root, "top_p")) {
-    if (!v->is_number() || !(v->get<double>() > 0.0) || v->get<double>() > 1.0) {
-      return mustBe("top_p", "a number greater than 0 and at most 1", *v,
-                    v->is_number() ? "invalid_value" : "invalid_type");
+    if (!v->is_number()) {
+      return mustBe("top_p", "a number greater than 0 and at most 1", *v, "invalid_type");
     }
     sampling.topP = v->get<double>();
   }
   if (const json* v = member(root, "top_k")) {  // vLLM's extension; -1 and 0 mean off
     const std::optional<int64_t> n = asInteger(*v);
-    if (!n || *n < -1 || *n > (int64_t(1) << 30)) {
+    if (!n || *n < -1 || *n > (int64_t(1) << 30)) {  // (outside int32: checkSampling can't see it)
       return mustBe("top_k", "an integer >= -1 (-1 or 0: off)", *v,
                     n ? "invalid_value" : "invalid_type");
     }
-    sampling.topK = int32_t(*n < 0 ? 0 : *n);
+    sampling.topK = int32_t(*n);
   }
   if (const json* v = member(root, "seed")) {
     if (v->is_number_unsigned()) {
@@ -309,18 +321,22 @@ std::optional<ApiError> parseSampling(const json& root, CompletionCall& call) {
       if (v->get_ref<const std::string&>().empty()) return mustBe("stop", kExpected, *v);
       sampling.stop.push_back(v->get<std::string>());
     } else if (v->is_array()) {
-      if (v->size() > 4) return mustBe("stop", kExpected, *v);
       for (size_t i = 0; i < v->size(); ++i) {
         const json& item = (*v)[i];
-        if (!item.is_string() || item.get_ref<const std::string&>().empty()) {
+        if (!item.is_string()) {
           return mustBe("stop[" + std::to_string(i) + "]", "a non-empty string", item,
-                        item.is_string() ? "invalid_value" : "invalid_type");
+                        "invalid_type");
         }
         sampling.stop.push_back(item.get<std::string>());
       }
     } else {
       return mustBe("stop", kExpected, *v, "invalid_type");
     }
+  }
+  // The ranges: the one check the embedded library (vsup::LLM) makes too, so that the same
+  // value gets the same message on both paths. (max_tokens was checked against its JSON value.)
+  if (auto bad = engine::checkSampling(sampling)) {
+    return invalidRequest(bad->message, bad->field, "invalid_value");
   }
   return std::nullopt;
 }

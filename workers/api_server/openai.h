@@ -68,7 +68,13 @@ struct Limits {
   std::string servedModel;        // the accepted value of "model" when servedModels is empty
   std::vector<std::string> servedModels;  // the accepted values of "model" (any of them)
   int64_t maxTokensLimit = 4096;  // the largest accepted max_tokens
-  int64_t defaultMaxTokens = 16;  // used when max_tokens is absent or null
+  // Completions without max_tokens (absent or null): vLLM's legacy default.
+  int64_t defaultMaxTokens = 16;
+  // Chat without max_tokens and max_completion_tokens: the ceiling (never above maxTokensLimit;
+  // 0: maxTokensLimit). The call then has maxTokensGiven false, and the API server lets the
+  // engine lower the ceiling to what the context leaves after the prompt, as OpenAI and vLLM
+  // default a chat to the rest of the context.
+  int64_t defaultChatMaxTokens = 0;
 };
 
 // A parsed, validated completion or chat completion request.
@@ -82,6 +88,9 @@ struct CompletionCall {
   // format (engine/prompt.h). Completions: empty.
   std::vector<engine::ChatMessage> messages;
   engine::SamplingParams sampling;  // every field within the ranges documented in engine/types.h
+  // The request set max_tokens (or, chat, max_completion_tokens); false: sampling.maxTokens is
+  // the default of Limits (a ceiling, for a chat).
+  bool maxTokensGiven = false;
   bool stream = false;
   bool includeUsage = false;  // stream_options.include_usage; only ever true with stream
   bool echo = false;          // echo is not supported: a request with echo true is refused,
@@ -103,7 +112,9 @@ inline constexpr int kMaxJsonDepth = 32;
 //                          user or assistant ("developer" is taken as system); content is a
 //                          string or a list of {"type":"text","text":...} parts (joined by "\n")
 //   max_tokens             integer in [1, maxTokensLimit]; chat also takes max_completion_tokens
-//                          (which wins when both are set)
+//                          (which wins when both are set). Absent: completions
+//                          limits.defaultMaxTokens (16), chat the rest of the context, up to
+//                          maxTokensLimit (see Limits.defaultChatMaxTokens)
 //   temperature            number in [0, 2]
 //   top_p                  number in (0, 1]
 //   top_k                  integer >= -1; -1 or 0: off (vLLM's extension, not OpenAI's)
@@ -115,7 +126,9 @@ inline constexpr int kMaxJsonDepth = 32;
 //   user                   string, ignored
 // Refused when set to anything but their default, because the engine cannot honour them:
 //   logprobs, top_logprobs, best_of, echo, suffix, tools, functions, presence_penalty,
-//   frequency_penalty, logit_bias.
+//   frequency_penalty, logit_bias, response_format (only {"type":"text"}, the default, is
+//   accepted), each with 400 "'<field>' is not supported", param <field>, code
+//   "unsupported_parameter".
 // Unknown fields are ignored: OpenAI clients send extras.
 //
 // Returns the call, or an ApiError whose message names the field and what was expected and

@@ -201,8 +201,62 @@ TEST_CASE("chat takes max_tokens and max_completion_tokens, and the latter wins"
   CHECK(parseOk(chatBody({{"max_completion_tokens", 9}}), true).sampling.maxTokens == 9);
   CHECK(parseOk(chatBody({{"max_tokens", 7}, {"max_completion_tokens", 9}}), true)
             .sampling.maxTokens == 9);
-  CHECK(parseOk(chatBody({{"max_completion_tokens", nullptr}}), true).sampling.maxTokens == 16);
+  // null is absent: a chat's default (the ceiling, maxTokensLimit in testLimits()).
+  CHECK(parseOk(chatBody({{"max_completion_tokens", nullptr}}), true).sampling.maxTokens == 100);
   CHECK(parseOk(chatBody({{"logprobs", false}, {"tools", json::array()}}), true).chat);
+}
+
+TEST_CASE("without max_tokens a chat may use the rest of the context, a completion gets 16") {
+  const CompletionCall chat = parseOk(chatBody(), true);
+  CHECK_FALSE(chat.maxTokensGiven);
+  CHECK(chat.sampling.maxTokens == 100);  // the ceiling: maxTokensLimit
+  CHECK(parseOk(chatBody({{"max_tokens", nullptr}}), true).sampling.maxTokens == 100);
+  CHECK(parseOk(chatBody({{"max_tokens", 7}}), true).maxTokensGiven);
+  CHECK(parseOk(chatBody({{"max_completion_tokens", 9}}), true).maxTokensGiven);
+
+  const CompletionCall completion = parseOk(completionBody());
+  CHECK_FALSE(completion.maxTokensGiven);
+  CHECK(completion.sampling.maxTokens == 16);  // vLLM's legacy completions default
+  CHECK(parseOk(completionBody({{"max_tokens", 100}})).maxTokensGiven);
+
+  Limits limits = testLimits();
+  limits.defaultChatMaxTokens = 30;  // a lower ceiling, if an operator sets one
+  auto lower = parseCompletionRequest(chatBody(), true, limits);
+  REQUIRE(std::holds_alternative<CompletionCall>(lower));
+  CHECK(std::get<CompletionCall>(lower).sampling.maxTokens == 30);
+  limits.defaultChatMaxTokens = 1000;  // never above what a request may ask for
+  auto capped = parseCompletionRequest(chatBody(), true, limits);
+  REQUIRE(std::holds_alternative<CompletionCall>(capped));
+  CHECK(std::get<CompletionCall>(capped).sampling.maxTokens == 100);
+}
+
+TEST_CASE("response_format is refused like tools, except the default {\"type\":\"text\"}") {
+  for (bool chat : {true, false}) {
+    CAPTURE(chat);
+    auto body = [&](const json& format) {
+      return chat ? chatBody({{"response_format", format}})
+                  : completionBody({{"response_format", format}});
+    };
+    CHECK(parseOk(body({{"type", "text"}}), chat).chat == chat);
+    CHECK(parseOk(body(nullptr), chat).chat == chat);
+    for (const json& format :
+         {json{{"type", "json_object"}},
+          json{{"type", "json_schema"}, {"json_schema", {{"name", "x"}, {"schema", json::object()}}}},
+          json::object(), json("text"), json{{"type", 5}}}) {
+      CAPTURE(format.dump());
+      const ApiError error = parseError(body(format), chat);
+      const ApiError tools =
+          parseError(chat ? chatBody({{"tools", {{{"type", "function"}}}}})
+                          : completionBody({{"tools", {{{"type", "function"}}}}}),
+                     chat);
+      CHECK(error.status == tools.status);
+      CHECK(error.type == tools.type);
+      CHECK(error.code == tools.code);
+      CHECK(error.code == "unsupported_parameter");
+      CHECK(error.message == "'response_format' is not supported");
+      CHECK(error.param == "response_format");
+    }
+  }
 }
 
 TEST_CASE("completions ignore max_completion_tokens and messages, chat ignores prompt") {
@@ -462,7 +516,8 @@ TEST_CASE("the bodies the official openai npm client sends are accepted") {
     const CompletionCall call =
         parseOk(R"({"messages":[{"role":"user","content":"hi"}],"model":"m"})", true);
     CHECK(call.messages == std::vector<engine::ChatMessage>{{"user", "hi"}});
-    CHECK(call.sampling.maxTokens == 16);
+    CHECK(call.sampling.maxTokens == 100);  // no max_tokens: the rest of the context, capped
+    CHECK_FALSE(call.maxTokensGiven);
   }
   SUBCASE("chat.completions.create with stream and stream_options") {
     const CompletionCall call = parseOk(

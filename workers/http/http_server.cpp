@@ -52,6 +52,9 @@ constexpr size_t kMaxRefusing = 64;
 // Accepts per listener wakeup, so a connect storm doesn't starve established connections.
 constexpr int kAcceptBatch = 64;
 constexpr uint64_t kAcceptBackoffMs = 100;  // after EMFILE/ENFILE
+// The connection cap is logged once per burst: a warning when it is reached, then a count of the
+// connections refused, at most once per this period.
+constexpr uint64_t kLimitLogMs = 5000;
 
 std::string toLower(std::string_view s) {
   std::string out(s);
@@ -88,9 +91,15 @@ std::string jsonEscape(std::string_view s) {
   return out;
 }
 
-std::string errorJson(std::string_view message, std::string_view type, int code) {
-  return "{\"error\":{\"message\":\"" + jsonEscape(message) + "\",\"type\":\"" +
-         jsonEscape(type) + "\",\"code\":" + std::to_string(code) + "}}";
+// The OpenAI error shape every error of the API server has (workers/api_server/openai.h,
+// renderError): {"error":{"message":...,"type":...,"param":null,"code":...}}; an empty `code`
+// renders as null.
+std::string errorJson(std::string_view message, std::string_view type, std::string_view code) {
+  std::string out = "{\"error\":{\"message\":\"" + jsonEscape(message) + "\",\"type\":\"" +
+                    jsonEscape(type) + "\",\"param\":null,\"code\":";
+  out += code.empty() ? std::string("null") : "\"" + jsonEscape(code) + "\"";
+  out += "}}";
+  return out;
 }
 
 const char* reasonPhrase(int status) {
@@ -121,6 +130,7 @@ const char* reasonPhrase(int status) {
     case 502: return "Bad Gateway";
     case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
     default: return "Unknown";
   }
 }
@@ -146,8 +156,10 @@ struct Canned {
   Headers headers;  // extra headers (e.g. Retry-After)
 };
 
-Canned invalidRequest(int status, std::string_view message) {
-  return {status, "application/json", errorJson(message, "invalid_request_error", status), {}};
+// A request the server refuses by itself: 4xx/5xx, type invalid_request_error, `code` the
+// machine-readable reason (e.g. "request_timeout").
+Canned invalidRequest(int status, std::string_view message, std::string_view code) {
+  return {status, "application/json", errorJson(message, "invalid_request_error", code), {}};
 }
 
 }  // namespace
@@ -200,6 +212,7 @@ class ServerCore {
   void requestStarted() { ++inFlight_; }
   void requestDone();
   void removeConnection(Connection* conn);
+  void slotReleased();
 
   uv_loop_t* const loop_;
   const ServerOptions options_;
@@ -208,10 +221,10 @@ class ServerCore {
   bool listened_ = false;
   bool draining_ = false;  // setDraining(): every response closes its connection
   bool closing_ = false;   // close(): the listener is gone, connections end as they go idle
-  Canned drain_{503, "application/json", errorJson("server is shutting down", "unavailable", 503),
+  Canned drain_{503, "application/json", errorJson("server is shutting down", "unavailable", ""),
                 {}};
   size_t inFlight_ = 0;
-  size_t serving_ = 0;  // connections not being refused for the connection cap
+  size_t serving_ = 0;  // connections holding a slot of the cap (Connection::holdsSlot)
   std::unordered_map<Connection*, std::shared_ptr<Connection>> connections_;
 
  private:
@@ -221,6 +234,16 @@ class ServerCore {
   void closeListener();
   void onCloseTimeout();
   void closeDone();
+  void noteRefused();
+  void limitSummary();
+
+  // The connection cap's log (noteRefused): whether it is reached now, the refusals not yet
+  // reported, and when the last line was written.
+  bool atLimit_ = false;
+  uint64_t refusedUnlogged_ = 0;
+  uint64_t limitLoggedAtMs_ = 0;
+  bool limitLogged_ = false;
+  UvHandle<uv_timer_t> limitTimer_;
 
   std::function<void()> idleCallback_;
   std::function<void()> closeCallback_;
@@ -249,6 +272,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void closeAtTimeout();        // close() ran out of time: answer what can be, close now
   void abandon();               // the server is being destroyed: let go, call nobody
   bool refusing() const { return refusing_; }
+  // Counts against maxConnections: from the accept (unless refused) until our FIN is sent; a
+  // connection that only lingers for the client's FIN (at most 2 s) holds no slot.
+  bool holdsSlot() const { return holdsSlot_; }
 
   // From ResponseImpl (the app).
   void respond(ResponseImpl& resp, int status, Headers headers, std::string body);
@@ -279,6 +305,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   static int onHeaderValueComplete(llhttp_t* p);
   static int onHeadersComplete(llhttp_t* p);
   static int onBody(llhttp_t* p, const char* at, size_t len);
+  static int onChunkHeader(llhttp_t* p);
   static int onMessageComplete(llhttp_t* p);
   static const llhttp_settings_t* settings();
   static Connection& of(llhttp_t* p) { return *static_cast<Connection*>(p->data); }
@@ -287,6 +314,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   int headersComplete();
 
   void onPoll(int status, int events);
+  void discardUrgent();
   void onTimer();
   void readInput();
   void pump();
@@ -310,6 +338,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   ServerCore* server_;  // null after abandon()
   const bool refusing_;
+  bool holdsSlot_;
   State state_ = State::Idle;
   // Declared before the handles: they are closed before the fd (see ServerCore::listenFd_).
   OwnFd fd_;
@@ -319,6 +348,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uv_loop_t* loop_ = nullptr;
   uint64_t acceptedAtMs_ = 0;  // uv_now at start()
   bool used_ = false;          // a request has begun arriving on this connection
+  // The client's FIN was read (it half-closed, or closed): nothing more will arrive, but the
+  // requests it sent are answered; only a failed write (or a reset) means it is gone.
+  bool peerClosed_ = false;
 
   llhttp_t parser_{};
   std::string in_;     // received, not yet parsed
@@ -423,6 +455,7 @@ const llhttp_settings_t* Connection::settings() {
     t.on_header_value_complete = &Connection::onHeaderValueComplete;
     t.on_headers_complete = &Connection::onHeadersComplete;
     t.on_body = &Connection::onBody;
+    t.on_chunk_header = &Connection::onChunkHeader;
     t.on_message_complete = &Connection::onMessageComplete;
     return t;
   }();
@@ -430,7 +463,7 @@ const llhttp_settings_t* Connection::settings() {
 }
 
 Connection::Connection(ServerCore& server, OwnFd fd, bool refusing)
-    : server_(&server), refusing_(refusing), fd_(std::move(fd)) {
+    : server_(&server), refusing_(refusing), holdsSlot_(!refusing), fd_(std::move(fd)) {
   llhttp_init(&parser_, HTTP_REQUEST, settings());
   parser_.data = this;
 }
@@ -447,14 +480,26 @@ void Connection::start(uv_loop_t* loop) {
   timer_ = UvHandle<uv_timer_t>::make([&](uv_timer_t* h) { uv_timer_init(loop, h); });
   timer_->data = this;
   if (refusing_) {
-    answer({503, "application/json", errorJson("too many connections", "unavailable", 503), {}});
+    answer({503, "application/json",
+            errorJson("too many connections: the server's limit of " +
+                          std::to_string(server_->options_.maxConnections) + " is reached",
+                      "unavailable", "too_many_connections"),
+            {}});
     return;
   }
-  startTimer(server_->options_.idleTimeoutMs);
+  // A new connection gets the first-byte timeout (no longer than the idle timeout) to start its
+  // first request; silent ones must not hold the connection cap.
+  const ServerOptions& opt = server_->options_;
+  uint64_t wait = opt.idleTimeoutMs;
+  if (opt.firstByteTimeoutMs != 0 && (wait == 0 || opt.firstByteTimeoutMs < wait)) {
+    wait = opt.firstByteTimeoutMs;
+  }
+  startTimer(wait);
   updatePoll();
 }
 
 bool Connection::wantsInput() const {
+  if (peerClosed_) return false;  // only EOF is left to read
   switch (state_) {
     case State::Idle:
     case State::Head:
@@ -462,7 +507,7 @@ bool Connection::wantsInput() const {
     case State::Closing:
       return true;
     case State::Handling:
-      // Keep reading (to notice a disconnect) while buffering a bounded amount of pipelined input.
+      // Keep reading (to notice a reset) while buffering a bounded amount of pipelined input.
       return in_.size() - inPos_ < server_->options_.maxHeaderBytes + kReadChunk;
     case State::Closed:
       return false;
@@ -472,8 +517,11 @@ bool Connection::wantsInput() const {
 
 void Connection::updatePoll() {
   if (state_ == State::Closed) return;
-  // UV_DISCONNECT alone still reports a peer close while input is paused.
-  int events = wantsInput() ? UV_READABLE : UV_DISCONNECT;
+  // While input is paused (or over: the client's FIN was read) the poll stays registered for
+  // UV_PRIORITIZED, which nothing normally triggers: epoll reports an error (a reset) to every
+  // registered fd, so a reset client is noticed even when nothing is being written. Not
+  // UV_DISCONNECT: a half-close is no reason to stop, and it would stay reported (level-triggered).
+  int events = wantsInput() ? UV_READABLE : UV_PRIORITIZED;
   if (!out_.empty()) events |= UV_WRITABLE;
   if (events == pollEvents_) return;
   pollEvents_ = events;
@@ -503,17 +551,18 @@ void Connection::onTimer() {
   auto self = shared_from_this();
   switch (state_) {
     case State::Idle:
-      // An idle keep-alive connection (or, in close(), a fresh one whose grace ran out): nothing
-      // to answer. FIN, then linger: a request that crosses the FIN is read, not reset.
+      // An idle keep-alive connection, a new one that sent nothing within the first-byte
+      // timeout (or, in close(), a fresh one whose grace ran out): nothing to answer. FIN, then
+      // linger: a request that crosses the FIN is read, not reset.
       beginClose();
       return;
     case State::Head:
       keepAlive_ = false;
-      answer(invalidRequest(408, "timed out reading the request headers"));
+      answer(invalidRequest(408, "timed out reading the request headers", "request_timeout"));
       return;
     case State::Body:
       keepAlive_ = false;
-      answer(invalidRequest(408, "timed out reading the request body"));
+      answer(invalidRequest(408, "timed out reading the request body", "request_timeout"));
       return;
     case State::Handling:
       // Only armed while output is queued: the client stopped reading.
@@ -541,15 +590,20 @@ void Connection::onTimer() {
 void Connection::onPoll(int status, int events) {
   auto self = shared_from_this();
   if (status < 0) {
-    lose();
+    lose();  // an error on the socket (libuv reports POLLERR so): a reset
     return;
   }
+  if ((events & UV_PRIORITIZED) != 0) discardUrgent();
   if ((events & UV_WRITABLE) != 0) flush();
   if (state_ == State::Closed) return;
-  if ((events & UV_READABLE) != 0 && wantsInput()) {
-    readInput();
-  } else if ((events & UV_DISCONNECT) != 0 && !wantsInput()) {
-    lose();
+  if ((events & UV_READABLE) != 0 && wantsInput()) readInput();
+}
+
+// TCP urgent data (what UV_PRIORITIZED reports): no HTTP client sends it; it is read and
+// dropped so that the level-triggered event does not fire again and again.
+void Connection::discardUrgent() {
+  char byte = 0;
+  while (::recv(fd_.get(), &byte, 1, MSG_OOB | MSG_DONTWAIT) < 0 && errno == EINTR) {
   }
 }
 
@@ -561,7 +615,14 @@ void Connection::readInput() {
       ssize_t n = ::recv(fd_.get(), scratch, sizeof scratch, MSG_DONTWAIT);
       if (n > 0) continue;
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;
-      closeNow();  // EOF or error: the client is done with us
+      if (n == 0 && !shutdownSent_) {
+        // The client's FIN while our answer is still queued: it may be waiting for it (a
+        // half-close). Stop reading, finish the answer; flush() closes after it.
+        peerClosed_ = true;
+        updatePoll();
+        return;
+      }
+      closeNow();  // EOF after our FIN, or an error: the client is done with us
       return;
     }
     if (inPos_ > 0 && inPos_ == in_.size()) {
@@ -577,17 +638,18 @@ void Connection::readInput() {
       continue;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;
-    eof = true;  // EOF or a reset
+    if (n < 0) {
+      lose();  // a reset: the client is gone, nothing it sent will be answered
+      return;
+    }
+    eof = true;  // the client's FIN
     break;
   }
-  // Parse what arrived before the EOF: a complete request followed by FIN is still dispatched
-  // (and then finds its client gone, as a half-close counts as gone).
+  // A FIN is a half-close, not a disconnect: the requests that arrived before it are parsed,
+  // handed over and answered; pump() then closes (or answers an incomplete request with 400).
+  if (eof) peerClosed_ = true;
   pump();
   if (state_ == State::Closed) return;
-  if (eof) {
-    lose();
-    return;
-  }
   updatePoll();
 }
 
@@ -625,17 +687,46 @@ void Connection::pump() {
       llhttp_resume(&parser_);
     } else if (err != HPE_OK) {
       // HPE_PAUSED_UPGRADE is unreachable (upgrade requests close after their response); any
-      // other code is malformed input.
+      // other code is malformed input (a version llhttp cannot read: 505).
       keepAlive_ = false;
-      answer(invalidRequest(400, std::string("malformed request: ") +
-                                     llhttp_errno_name(err) + ": " +
-                                     llhttp_get_error_reason(&parser_)));
+      std::string what = std::string(llhttp_errno_name(err)) + ": " +
+                         llhttp_get_error_reason(&parser_);
+      if (err == HPE_INVALID_VERSION) {
+        answer(invalidRequest(505, "HTTP version not supported (" + what +
+                                       "); this server speaks HTTP/1.0 and HTTP/1.1",
+                              "http_version_not_supported"));
+      } else {
+        answer(invalidRequest(400, "malformed request: " + what, "malformed_request"));
+      }
       break;
     }
     if (messageComplete_) dispatch();
   }
   pumping_ = false;
   if (state_ == State::Closed) return;
+  // The client has half-closed and every byte it sent is parsed: no request can come after.
+  if (peerClosed_ && inPos_ == in_.size()) {
+    if (state_ == State::Idle) {
+      beginClose();
+      return;
+    }
+    if (state_ == State::Head || state_ == State::Body) {
+      keepAlive_ = false;
+      answer(invalidRequest(
+          400,
+          state_ == State::Head
+              ? "incomplete request: the client closed its side of the connection before the "
+                "end of the request headers"
+              : "incomplete request: the client closed its side of the connection after " +
+                    std::to_string(request_.body.size()) + " byte(s) of the request body" +
+                    ((parser_.flags & F_CONTENT_LENGTH) != 0
+                         ? " (Content-Length: " +
+                               std::to_string(request_.body.size() + parser_.content_length) + ")"
+                         : std::string()),
+          "incomplete_request"));
+      return;
+    }
+  }
   if (state_ == State::Idle && server_->closing_) {
     idleWhileClosing();
     if (state_ != State::Idle) return;
@@ -682,7 +773,8 @@ bool Connection::countHeadBytes(size_t n) {
   keepAlive_ = false;
   pendingError_ = invalidRequest(431, "request header block is larger than " +
                                           std::to_string(server_->options_.maxHeaderBytes) +
-                                          " bytes");
+                                          " bytes",
+                                  "request_header_fields_too_large");
   return false;
 }
 
@@ -725,7 +817,8 @@ int Connection::onHeaderValueComplete(llhttp_t* p) {
   if (!isToken(c.field_)) {
     c.keepAlive_ = false;
     c.pendingError_ = invalidRequest(400, "malformed request: invalid header name \"" +
-                                              c.field_.substr(0, 64) + "\"");
+                                              c.field_.substr(0, 64) + "\"",
+                                     "malformed_request");
     return -1;
   }
   c.request_.headers.emplace_back(toLower(c.field_), std::string(trim(c.value_)));
@@ -749,9 +842,31 @@ int Connection::headersComplete() {
   const std::string& target = request_.target;
   request_.path = target.substr(0, target.find('?'));
 
+  if (parser_.http_major != 1 || parser_.http_minor > 1) {
+    keepAlive_ = false;
+    pendingError_ = invalidRequest(
+        505,
+        "HTTP version " + std::to_string(parser_.http_major) + "." +
+            std::to_string(parser_.http_minor) +
+            " not supported; this server speaks HTTP/1.0 and HTTP/1.1",
+        "http_version_not_supported");
+    return -1;
+  }
   if (parser_.method == HTTP_CONNECT) {
     keepAlive_ = false;
-    pendingError_ = invalidRequest(501, "CONNECT is not supported");
+    pendingError_ = invalidRequest(501, "CONNECT is not supported", "not_implemented");
+    return -1;
+  }
+  // RFC 9112 3.2: an HTTP/1.1 request without Host, or any request with more than one, is a 400.
+  size_t hosts = 0;
+  for (const auto& header : request_.headers) hosts += header.first == "host" ? 1 : 0;
+  if (hosts > 1 || (hosts == 0 && !http10_)) {
+    keepAlive_ = false;
+    pendingError_ = invalidRequest(
+        400,
+        hosts > 1 ? "malformed request: more than one Host header"
+                  : "malformed request: an HTTP/1.1 request must have a Host header",
+        "malformed_request");
     return -1;
   }
   // An upgrade request (e.g. WebSocket) is served as plain HTTP and the connection closed after.
@@ -767,7 +882,9 @@ int Connection::headersComplete() {
       rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
       if (!coding.empty() && coding != "chunked") {
         keepAlive_ = false;
-        pendingError_ = invalidRequest(501, "unsupported Transfer-Encoding: " + value);
+        pendingError_ = invalidRequest(501, "unsupported Transfer-Encoding: " + value +
+                                                 " (only chunked is accepted)",
+                                        "not_implemented");
         return -1;
       }
     }
@@ -776,14 +893,17 @@ int Connection::headersComplete() {
     keepAlive_ = false;
     pendingError_ = invalidRequest(413, "request body of " + std::to_string(parser_.content_length) +
                                             " bytes is larger than the limit of " +
-                                            std::to_string(opt.maxBodyBytes) + " bytes");
+                                            std::to_string(opt.maxBodyBytes) + " bytes",
+                                    "payload_too_large");
     return -1;
   }
   std::string expect = request_.header("expect");
   if (!expect.empty()) {
     if (toLower(expect) != "100-continue") {
       keepAlive_ = false;
-      pendingError_ = invalidRequest(417, "unsupported Expect: " + expect);
+      pendingError_ = invalidRequest(417, "unsupported Expect: " + expect +
+                                         " (only 100-continue is accepted)",
+                                    "expectation_failed");
       return -1;
     }
     if (!http10_) sendContinue_ = true;
@@ -800,10 +920,28 @@ int Connection::onBody(llhttp_t* p, const char* at, size_t len) {
     c.keepAlive_ = false;
     c.pendingError_ =
         invalidRequest(413, "request body is larger than the limit of " + std::to_string(limit) +
-                                " bytes");
+                                " bytes",
+                       "payload_too_large");
     return HPE_USER;
   }
   c.request_.body.append(at, len);
+  return 0;
+}
+
+// A chunk's size is known before its data: one that would take the body over the limit is
+// refused at once, not after the client has sent (or failed to send) it.
+int Connection::onChunkHeader(llhttp_t* p) {
+  Connection& c = of(p);
+  size_t limit = c.server_->options_.maxBodyBytes;
+  if (p->content_length > limit - std::min(limit, c.request_.body.size())) {
+    c.keepAlive_ = false;
+    c.pendingError_ =
+        invalidRequest(413, "request body is larger than the limit of " + std::to_string(limit) +
+                                " bytes (a chunk of " + std::to_string(p->content_length) +
+                                " bytes)",
+                       "payload_too_large");
+    return HPE_USER;
+  }
   return 0;
 }
 
@@ -835,7 +973,7 @@ void Connection::dispatch() {
     if (resp->conn_ != this) return;  // the connection already let go of it
     if (resp->phase_ == ResponseImpl::Phase::Fresh) {
       resp->respond(500, {{"Content-Type", "application/json"}},
-                    errorJson("internal error", "internal_error", 500));
+                    errorJson("internal error", "server_error", ""));
     } else if (resp->phase_ == ResponseImpl::Phase::Streaming) {
       lose();  // a half-sent stream can only be cut off
     }
@@ -947,8 +1085,8 @@ void Connection::responseDropped(bool fresh) {
   if (fresh) {
     log().error("http: the handler dropped the response to a request without answering it");
     sendWhole(500, {{"Content-Type", "application/json"}},
-              errorJson("the server dropped this request without answering", "internal_error",
-                        500));
+              errorJson("the server dropped this request without answering", "server_error",
+                        ""));
   } else {
     log().error("http: the handler dropped a streaming response without finishing it");
     lose();  // a half-sent stream can only be cut off
@@ -1016,6 +1154,13 @@ void Connection::flush() {
     ::shutdown(fd_.get(), SHUT_WR);
     shutdownSent_ = true;
     finAtMs_ = uv_now(loop_);
+    if (std::exchange(holdsSlot_, false)) server_->slotReleased();
+    if (peerClosed_) {
+      // Its FIN is read already and nothing is unread: a close now cannot reset the connection
+      // (the kernel still delivers what is queued, then our FIN).
+      closeNow();
+      return;
+    }
     startTimer(server_->closing_ ? kClosePollMs : kLingerMs);
   }
   updatePoll();
@@ -1326,6 +1471,7 @@ void ServerCore::onAcceptable() {
 void ServerCore::acceptOne(int rawFd) {
   OwnFd fd(rawFd);
   bool refusing = serving_ >= options_.maxConnections;
+  if (refusing) noteRefused();
   if (refusing && connections_.size() >= options_.maxConnections + kMaxRefusing) return;  // flood
   int one = 1;
   // Streamed tokens are small writes that must leave at once.
@@ -1339,9 +1485,64 @@ void ServerCore::acceptOne(int rawFd) {
 void ServerCore::removeConnection(Connection* conn) {
   auto it = connections_.find(conn);
   if (it == connections_.end()) return;
-  if (!conn->refusing()) --serving_;
+  bool held = conn->holdsSlot();
   connections_.erase(it);
+  if (held) slotReleased();
   if (closing_ && connections_.empty()) closeDone();
+}
+
+void ServerCore::slotReleased() {
+  --serving_;
+  if (atLimit_ && serving_ < options_.maxConnections) {
+    atLimit_ = false;
+    // The burst is over: its count now, unless a line went out just before (then the timer).
+    if (refusedUnlogged_ > 0 && uv_now(loop_) - limitLoggedAtMs_ >= kLimitLogMs) limitSummary();
+  }
+}
+
+// A connection over the cap: one warning when a burst begins, then (limitSummary) the number
+// refused, at most once per kLimitLogMs, so a flood does not flood the log too.
+void ServerCore::noteRefused() {
+  ++refusedUnlogged_;
+  uint64_t now = uv_now(loop_);
+  bool quiet = !limitLogged_ || now - limitLoggedAtMs_ >= kLimitLogMs;
+  if (!atLimit_) {
+    atLimit_ = true;
+    if (quiet) {
+      log().warn("http: the connection limit of {} (--max-connections) is reached: new "
+                 "connections get 503 until one closes",
+                 options_.maxConnections);
+      refusedUnlogged_ = 0;  // this one is told; the summary counts the ones after it
+      limitLoggedAtMs_ = now;
+      limitLogged_ = true;
+      return;
+    }
+  }
+  if (!limitTimer_) {
+    limitTimer_ = UvHandle<uv_timer_t>::make([&](uv_timer_t* h) { uv_timer_init(loop_, h); });
+    limitTimer_->data = this;
+  }
+  if (uv_is_active(reinterpret_cast<uv_handle_t*>(limitTimer_.get())) != 0) return;
+  uint64_t due = limitLoggedAtMs_ + kLimitLogMs;
+  uv_timer_start(
+      limitTimer_.get(),
+      [](uv_timer_t* h) {
+        if (h->data != nullptr) static_cast<ServerCore*>(h->data)->limitSummary();
+      },
+      due > now ? due - now : 0, 0);
+}
+
+void ServerCore::limitSummary() {
+  if (limitTimer_) uv_timer_stop(limitTimer_.get());
+  if (refusedUnlogged_ == 0) return;
+  uint64_t now = uv_now(loop_);
+  log().warn("http: refused {} connection(s) over the limit of {} in the last {:.1f} s{}",
+             refusedUnlogged_, options_.maxConnections,
+             double(now - limitLoggedAtMs_) / 1000.0,
+             atLimit_ ? " (still at the limit)" : "; back under it");
+  refusedUnlogged_ = 0;
+  limitLoggedAtMs_ = now;
+  limitLogged_ = true;
 }
 
 void ServerCore::stopAccepting() {
@@ -1354,6 +1555,8 @@ void ServerCore::stopAccepting() {
 void ServerCore::closeListener() {
   // The poll handle first: uv_close unregisters the fd before it is closed.
   listenPoll_.reset();
+  if (refusedUnlogged_ > 0) limitSummary();
+  limitTimer_.reset();
   acceptBackoff_.reset();
   listenFd_.reset();
 }

@@ -8,9 +8,25 @@
 // The server speaks just enough HTTP/1.1 for an OpenAI-compatible API: keep-alive, pipelining
 // (answered strictly in order, one request at a time), chunked request bodies, chunked streaming
 // responses, `Expect: 100-continue`, and hard limits against slow or hostile clients (header and
-// body sizes, header/body/idle timeouts, a connection cap, a cap on queued output). Protocol
-// errors are answered by the server itself with an OpenAI-shaped JSON error and
-// `Connection: close`; the handler never sees a malformed request.
+// body sizes, first-byte/header/body/idle timeouts, a connection cap, a cap on queued output).
+// Protocol errors (malformed input, an HTTP/1.1 request without Host or with two, a version
+// other than 1.0 and 1.1: 505, the limits: 408, 413, 431, unsupported framing: 501, 417) are
+// answered by the server itself with `Connection: close` and the OpenAI error body every other
+// error has, {"error":{"message","type":"invalid_request_error","param":null,"code"}}, whose
+// code names the reason ("malformed_request", "request_timeout", "payload_too_large",
+// "request_header_fields_too_large", "http_version_not_supported", "incomplete_request",
+// "not_implemented", "expectation_failed"); the handler never sees a malformed request.
+//
+// A client's FIN is a half-close, not a disconnect (clients such as `nc -N` and some proxies
+// shut down their sending side after the request): every request that arrived before it is
+// answered, in order, and the connection then closes; a request left incomplete by the FIN gets
+// 400 "incomplete_request". The client counts as gone (onClientGone) only when a write to it
+// fails (EPIPE, ECONNRESET) or the connection is reset; so a client that closes its socket
+// while it waits for a plain response is noticed when that response is written, and a stream
+// goes on after the client's FIN until a write fails.
+//
+// The connection cap (maxConnections) is logged once per burst: one warning when it is reached,
+// then the number refused, at most once every 5 s.
 //
 // Quiescence (README, "How shutdown works") comes in two steps, and neither resets a connection
 // whose request was sent:
@@ -101,8 +117,9 @@ class Response {
   virtual void startStream(int status, Headers headers) = 0;
   // Sends one chunk (an empty `data` sends nothing). Returns false if the client is gone (the
   // bytes are dropped). Never blocks: bytes the socket cannot take now are queued; if more than
-  // 8 MiB would be queued the client is deemed not reading, is dropped, and onClientGone fires
-  // (synchronously, inside this call).
+  // 8 MiB would be queued the client is deemed not reading and is dropped. Either way, and when
+  // the send fails (EPIPE, ECONNRESET: the client closed), onClientGone fires synchronously,
+  // inside this call: an app must not hold references into state its callback frees.
   virtual bool write(std::string_view data) = 0;
   // Ends the chunked response (the zero-length chunk).
   virtual void finish() = 0;
@@ -111,7 +128,10 @@ class Response {
   // Called once if the client disconnects before the app completed the response (so the app can
   // abort the work); called at once if that already happened. Not called after respond() or
   // finish(), and not called by ~Server (the app is tearing down; clientGone() turns true).
-  // A client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as in Go and uvicorn.
+  // "Disconnects" means a write to it failed (EPIPE, ECONNRESET), the connection was reset, or
+  // it stopped reading (above): a client that half-closes its side (shutdown(SHUT_WR), as
+  // `nc -N` does) still gets its answer, and a stream goes on after its FIN (unlike Go and
+  // uvicorn, which take a FIN as gone).
   virtual void onClientGone(std::function<void()> callback) = 0;
 };
 
@@ -131,14 +151,17 @@ struct ServerOptions {
   size_t maxBodyBytes = 16 * 1024 * 1024;  // over (Content-Length or actual) → 413
   // Timeouts; 0 disables one.
   // A new connection that sends no byte for this long is closed (no answer: it sent nothing to
-  // answer), so silent connections cannot hold the connection cap for long.
+  // answer), so silent connections cannot hold the connection cap for long. Never longer than
+  // the idle timeout; 0: the idle timeout alone.
   uint64_t firstByteTimeoutMs = 5'000;
   uint64_t headerTimeoutMs = 10'000;  // first byte to end of headers; over → 408 + close
   uint64_t bodyTimeoutMs = 30'000;    // end of headers to end of body; over → 408 + close
   // A keep-alive connection with no request in progress is closed after this long. It also bounds
   // a stalled reader: queued response bytes that make no progress for this long drop the client.
   uint64_t idleTimeoutMs = 60'000;
-  size_t maxConnections = 1024;  // over → accept, answer 503 + close at once
+  // Over → accept, answer 503 (code "too_many_connections") + close at once; beyond 64 more
+  // being refused, a connection is closed unanswered.
+  size_t maxConnections = 1024;
 };
 
 // Binds `host`:`port` (as ServerOptions.host; port 0: a free one) and listens with `backlog`:
@@ -186,8 +209,8 @@ class Server {
   void close(uint64_t timeoutMs, std::function<void()> done);
   // The answer close() gives at its timeout to a request still being received (with `Connection:
   // close`; `headers` are added, e.g. Retry-After; they must be valid header lines). Default:
-  // 503 {"error":{"message":"server is shutting down","type":"unavailable","code":503}} as
-  // application/json.
+  // 503 {"error":{"message":"server is shutting down","type":"unavailable","param":null,
+  // "code":null}} as application/json.
   void setDrainResponse(std::string contentType, std::string body, Headers headers = {});
 
   size_t inFlight() const;     // requests handed to the handler and not yet complete

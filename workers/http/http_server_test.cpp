@@ -10,6 +10,8 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <time.h>
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <atomic>
 #include <chrono>
@@ -20,12 +22,14 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "base/check.h"
 #include "base/clock.h"
+#include "base/log.h"
 #include "ipc/test_util.h"
 #include "base/fd.h"
 #include "ipc/uv_handle.h"
@@ -104,12 +108,16 @@ struct Harness {
   void run(const std::function<void()>& client) { bridge.runClient(client); }
 };
 
-void expectJsonError(const Reply& reply, int status) {
+// The server's own answers have the OpenAI error shape of every other error:
+// {"error":{"message":"...","type":"invalid_request_error","param":null,"code":"<code>"}}.
+void expectJsonError(const Reply& reply, int status, const std::string& code) {
+  CAPTURE(reply.body);
   CHECK(reply.status == status);
   CHECK(reply.header("connection") == "close");
   CHECK(reply.header("content-type") == "application/json");
-  CHECK(reply.body.find("\"code\":" + std::to_string(status)) != std::string::npos);
-  CHECK(reply.body.find("\"error\":{\"message\":") != std::string::npos);
+  CHECK(reply.body.rfind("{\"error\":{\"message\":\"", 0) == 0);
+  CHECK(reply.body.find("\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"" + code +
+                        "\"}}") != std::string::npos);
 }
 
 // Client thread: polls `pred` on the loop thread until it holds (false after 5 s).
@@ -422,7 +430,8 @@ TEST_CASE("a client that disconnects mid-stream fires onClientGone, and write() 
   CHECK(goneCalls.load() == 1);
 }
 
-TEST_CASE("a client that waits without reading is noticed as gone when it disconnects") {
+TEST_CASE("a client that resets its connection while it waits is noticed as gone at once, with "
+          "nothing written") {
   std::shared_ptr<Response> pending;  // written on the loop thread, read after `arrived`
   std::atomic<bool> arrived{false};
   std::atomic<bool> gone{false};
@@ -440,13 +449,193 @@ TEST_CASE("a client that waits without reading is noticed as gone when it discon
     Client c(h.port());
     c.send(get("/slow-generation"));
     REQUIRE(notifier.waitUntil([&] { return arrived.load(); }));
-    c.close();
+    c.reset();
     REQUIRE(notifier.waitUntil([&] { return gone.load(); }));
     h.bridge.call([&] {
       CHECK(h.server->inFlight() == 0);
       pending->respond(200, {}, "too late");  // a no-op
     });
   });
+}
+
+TEST_CASE("a client that half-closes after its request gets its answer, then the connection "
+          "closes") {
+  std::shared_ptr<Response> pending;
+  std::atomic<bool> gone{false};
+  Notifier notifier;
+  Harness h([&](Request&& req, std::shared_ptr<Response> resp) {
+    if (req.path != "/held") return echo(std::move(req), std::move(resp));
+    resp->onClientGone([&] { gone = true; });
+    notifier.update([&] { pending = std::move(resp); });
+  });
+  h.run([&] {
+    // Answered while the handler holds it (as an engine would), after the FIN has arrived.
+    Client c(h.port());
+    c.send(get("/held"));
+    c.halfClose();
+    REQUIRE(notifier.waitUntil([&] { return pending != nullptr; }));
+    // On loopback the FIN is in the server's socket once shutdown() returns; the first call
+    // wakes the loop, whose turn reads it (the fd stays readable), the second runs a turn later.
+    h.bridge.call([] {});
+    h.bridge.call([&] {
+      CHECK(h.server->inFlight() == 1);
+      CHECK_FALSE(pending->clientGone());
+      pending->respond(200, {}, "the answer");
+    });
+    Reply reply = c.requireRead();
+    CHECK(reply.status == 200);
+    CHECK(reply.body == "the answer");
+    CHECK(c.endsCleanly());
+    CHECK_FALSE(gone.load());
+
+    // Answered at once (the request and the FIN in one segment, say): the same.
+    Client d(h.port());
+    d.send(post("/echo", "body"));
+    d.halfClose();
+    Reply direct = d.requireRead();
+    CHECK(direct.body == "POST /echo body");
+    CHECK(d.endsCleanly());
+    CHECK(eventually(h.bridge, [&] { return h.server->connections() == 0; }));
+  });
+}
+
+TEST_CASE("pipelined requests followed by a half-close are all answered in order, then the "
+          "connection closes") {
+  Harness h;
+  h.run([&] {
+    Client c(h.port());
+    c.send(get("/1") + post("/2", "two") + get("/3"));
+    c.halfClose();
+    CHECK(c.requireRead().body == "GET /1 ");
+    CHECK(c.requireRead().body == "POST /2 two");
+    Reply last = c.requireRead();
+    CHECK(last.body == "GET /3 ");
+    CHECK(c.endsCleanly());
+  });
+}
+
+TEST_CASE("a stream goes on after the client's FIN, and ends when a write fails") {
+  std::shared_ptr<Response> stream;
+  std::atomic<int> goneCalls{0};
+  Notifier notifier;
+  Harness h([&](Request&&, std::shared_ptr<Response> resp) {
+    resp->onClientGone([&] {
+      ++goneCalls;
+      notifier.poke();
+    });
+    resp->startStream(200, {});
+    notifier.update([&] { stream = std::move(resp); });
+  });
+  h.run([&] {
+    Client c(h.port());
+    c.send(get("/stream"));
+    c.halfClose();
+    REQUIRE(c.readHead().has_value());
+    REQUIRE(notifier.waitUntil([&] { return stream != nullptr; }));
+    for (const char* token : {"one", "two", "three"}) {
+      h.bridge.call([&] { CHECK(stream->write(token)); });
+      CHECK(c.readChunk() == token);  // the client reads on after its FIN
+    }
+    h.bridge.call([&] { CHECK_FALSE(stream->clientGone()); });
+    c.close();  // now it is gone: the next writes fail
+    h.bridge.call([&] {
+      bool ok = true;
+      for (int i = 0; i < 1000 && ok; ++i) ok = stream->write(std::string(1024, 'x'));
+      CHECK_FALSE(ok);
+    });
+    REQUIRE(notifier.waitUntil([&] { return goneCalls.load() == 1; }));
+    h.bridge.call([&] { CHECK(h.server->inFlight() == 0); });
+  });
+}
+
+TEST_CASE("a connection whose input is paused behind a request is waited on without spinning, "
+          "urgent data and FIN included") {
+  // While input is paused (or over, after a FIN) the poll waits only for errors
+  // (UV_PRIORITIZED), which TCP urgent data would trigger again and again, level-triggered,
+  // were it not read.
+  std::shared_ptr<Response> pending;
+  Notifier notifier;
+  ServerOptions options = testOptions();
+  options.maxHeaderBytes = 1024;  // input pauses past 1 KiB + 64 KiB of pipelined bytes
+  Harness h(options, [&](Request&& req, std::shared_ptr<Response> resp) {
+    if (req.path != "/held") return echo(std::move(req), std::move(resp));
+    notifier.update([&] { pending = std::move(resp); });
+  });
+  UvHandle<uv_timer_t> timer;  // after h: closed before the loop
+  h.run([&] {
+    Client c(h.port());
+    c.send(get("/held"));
+    REQUIRE(notifier.waitUntil([&] { return pending != nullptr; }));
+    std::string pipelined;
+    while (pipelined.size() < 70 * 1024) pipelined += get("/next");
+    c.send(pipelined);
+    REQUIRE(::send(c.fd(), "!", 1, MSG_OOB) == 1);
+    c.halfClose();
+    auto cpuMs = [] {
+      timespec t{};
+      ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+      return double(t.tv_sec) * 1e3 + double(t.tv_nsec) / 1e6;
+    };
+    double before = cpuMs();
+    auto start = vsup::monoNow();
+    // The loop holds the connection for 300 ms of wall time, then answers.
+    h.bridge.call([&] {
+      timer = UvHandle<uv_timer_t>::make([&](uv_timer_t* t) { uv_timer_init(h.loop.get(), t); });
+      timer->data = &pending;
+      uv_timer_start(
+          timer.get(),
+          [](uv_timer_t* t) {
+            (*static_cast<std::shared_ptr<Response>*>(t->data))->respond(200, {}, "late");
+          },
+          300, 0);
+    });
+    Reply reply = c.requireRead();
+    CHECK(reply.body == "late");
+    CHECK(elapsedMs(start) >= 250.0);
+    CHECK(cpuMs() - before < 150.0);  // a spinning loop would burn the whole 300 ms
+    size_t answered = 0;
+    for (auto r = c.read(); r.has_value(); r = c.read()) {  // then the pipelined ones, in order
+      REQUIRE(r->body == "GET /next ");
+      ++answered;
+    }
+    CHECK(answered == pipelined.size() / get("/next").size());
+    h.bridge.call([&] { timer.reset(); });
+  });
+}
+
+TEST_CASE("a request left incomplete by the client's FIN gets 400 incomplete_request") {
+  int handled = 0;
+  Harness h([&](Request&& req, std::shared_ptr<Response> resp) {
+    ++handled;
+    echo(std::move(req), std::move(resp));
+  });
+  h.run([&] {
+    Client c(h.port());  // a body shorter than its Content-Length
+    c.send("POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
+    c.halfClose();
+    Reply reply = c.requireRead();
+    expectJsonError(reply, 400, "incomplete_request");
+    CHECK(reply.body.find("after 3 byte(s) of the request body (Content-Length: 10)") !=
+          std::string::npos);
+    CHECK(c.endsCleanly());
+
+    Client d(h.port());  // headers cut short
+    d.send("GET / HTTP/1.1\r\nHost: t\r\nX-Par");
+    d.halfClose();
+    Reply head = d.requireRead();
+    expectJsonError(head, 400, "incomplete_request");
+    CHECK(head.body.find("before the end of the request headers") != std::string::npos);
+    CHECK(d.endsCleanly());
+
+    Client e(h.port());  // a complete request, then half of the next: the first is answered
+    e.send(get("/whole") + "GET /cut HTTP/1.1\r\n");
+    e.halfClose();
+    CHECK(e.requireRead().body == "GET /whole ");
+    expectJsonError(e.requireRead(), 400, "incomplete_request");
+    CHECK(e.endsCleanly());
+    expectStillServing(h.port());
+  });
+  CHECK(handled == 2);  // /whole and /alive
 }
 
 TEST_CASE("a client that stops reading a stream is dropped once 8 MiB are queued") {
@@ -489,7 +678,7 @@ TEST_CASE("a malformed request gets 400 with llhttp's reason, then the connectio
     c.send("GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 12x\r\n\r\n");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 400);
+    expectJsonError(*reply, 400, "malformed_request");
     CHECK(reply->body.find("malformed request") != std::string::npos);
     CHECK(reply->body.find("invalid_request_error") != std::string::npos);
     CHECK(c.closedByPeer());
@@ -498,13 +687,13 @@ TEST_CASE("a malformed request gets 400 with llhttp's reason, then the connectio
     d.send("\x01\x02garbage\r\n\r\n");
     auto r2 = d.read();
     REQUIRE(r2.has_value());
-    expectJsonError(*r2, 400);
+    expectJsonError(*r2, 400, "malformed_request");
     CHECK(d.closedByPeer());
     Client e(h.port());  // llhttp 8 lets this through; the server must not
     e.send("GET / HTTP/1.1\r\nHost: t\r\nBad Header Name: x\r\n\r\n");
     auto r3 = e.read();
     REQUIRE(r3.has_value());
-    expectJsonError(*r3, 400);
+    expectJsonError(*r3, 400, "malformed_request");
     CHECK(r3->body.find("invalid header name") != std::string::npos);
     expectStillServing(h.port());
   });
@@ -520,7 +709,7 @@ TEST_CASE("a header block over maxHeaderBytes gets 431, and the server keeps ser
     c.send(get("/big", "X-Big: " + std::string(100'000, 'a') + "\r\n"));
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 431);
+    expectJsonError(*reply, 431, "request_header_fields_too_large");
     CHECK(c.closedByPeer());
 
     Client d(h.port());  // a long URL counts too
@@ -541,7 +730,7 @@ TEST_CASE("a body over maxBodyBytes gets 413 by Content-Length before it is sent
     c.send("POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 413);
+    expectJsonError(*reply, 413, "payload_too_large");
     CHECK(c.closedByPeer());
 
     // With Expect: 100-continue the client gets the 413 instead of a 100.
@@ -571,7 +760,7 @@ TEST_CASE("a chunked body over maxBodyBytes gets 413 by its actual size") {
            "\r\n320\r\n" + chunk + "\r\n0\r\n\r\n");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 413);
+    expectJsonError(*reply, 413, "payload_too_large");
     CHECK(c.closedByPeer());
     expectStillServing(h.port());
   });
@@ -584,7 +773,7 @@ TEST_CASE("an unsupported Transfer-Encoding is refused with 501 or 400") {
     c.send("POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 501);
+    expectJsonError(*reply, 501, "not_implemented");
     CHECK(c.closedByPeer());
 
     Client d(h.port());
@@ -595,6 +784,105 @@ TEST_CASE("an unsupported Transfer-Encoding is refused with 501 or 400") {
     CHECK(d.closedByPeer());
     expectStillServing(h.port());
   });
+}
+
+TEST_CASE("an HTTP/1.1 request without Host, or any with two, gets 400; HTTP/1.0 may omit it") {
+  int handled = 0;
+  Harness h([&](Request&& req, std::shared_ptr<Response> resp) {
+    ++handled;
+    echo(std::move(req), std::move(resp));
+  });
+  h.run([&] {
+    Client c(h.port());
+    c.send("GET /nohost HTTP/1.1\r\n\r\n");
+    Reply missing = c.requireRead();
+    expectJsonError(missing, 400, "malformed_request");
+    CHECK(missing.body.find("must have a Host header") != std::string::npos);
+    CHECK(c.closedByPeer());
+
+    Client d(h.port());
+    d.send("GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+    Reply two = d.requireRead();
+    expectJsonError(two, 400, "malformed_request");
+    CHECK(two.body.find("more than one Host header") != std::string::npos);
+
+    Client e(h.port());
+    e.send("GET /old HTTP/1.0\r\n\r\n");
+    Reply old = e.requireRead();
+    CHECK(old.status == 200);
+    CHECK(old.body == "GET /old ");
+  });
+  CHECK(handled == 1);
+}
+
+TEST_CASE("a request line with a version other than HTTP/1.0 or 1.1 gets 505") {
+  Harness h;
+  h.run([&] {
+    for (const char* version : {"HTTP/2.0", "HTTP/0.9", "HTTP/1.2", "HTTP/3.0"}) {
+      CAPTURE(version);
+      Client c(h.port());
+      c.send(std::string("GET / ") + version + "\r\nHost: t\r\n\r\n");
+      Reply reply = c.requireRead();
+      expectJsonError(reply, 505, "http_version_not_supported");
+      CHECK(reply.body.find("HTTP/1.0 and HTTP/1.1") != std::string::npos);
+      CHECK(c.closedByPeer());
+    }
+    expectStillServing(h.port());
+  });
+}
+
+TEST_CASE("hostile framing gets a clear error and a close, and never reaches the handler") {
+  int handled = 0;
+  Harness h([&](Request&& req, std::shared_ptr<Response> resp) {
+    ++handled;
+    echo(std::move(req), std::move(resp));
+  });
+  h.run([&] {
+    struct Case {
+      const char* what;
+      std::string bytes;
+      int status;
+      const char* code;
+    };
+    const Case cases[] = {
+        {"Transfer-Encoding and Content-Length",
+         "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+         "0\r\n\r\n",
+         400, "malformed_request"},
+        {"a chunk size past 64 bits",
+         "POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+         "ffffffffffffffffffff\r\n",
+         400, "malformed_request"},
+        {"a chunk size over the body limit (and never sent)",
+         "POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\nabc",
+         413, "payload_too_large"},
+        {"a chunk size that is not hex",
+         "POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
+         "malformed_request"},
+        {"two Content-Lengths",
+         "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400,
+         "malformed_request"},
+        {"a negative Content-Length", "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+         400, "malformed_request"},
+    };
+    for (const Case& k : cases) {
+      std::string what = k.what;
+      CAPTURE(what);
+      Client c(h.port());
+      c.send(k.bytes);
+      expectJsonError(c.requireRead(), k.status, k.code);
+      CHECK(c.closedByPeer());
+    }
+    // Garbage pipelined after a valid request: the request is answered, the garbage gets a 400
+    // and the close; nothing else of the connection is touched.
+    Client g(h.port());
+    g.send(get("/valid") + "\x16\x03\x01 garbage\r\n\r\n");
+    CHECK(g.requireRead().body == "GET /valid ");
+    expectJsonError(g.requireRead(), 400, "malformed_request");
+    CHECK(g.closedByPeer());
+    expectStillServing(h.port());
+  });
+  CHECK(handled == 2);  // /valid and /alive
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,7 +898,7 @@ TEST_CASE("half a request line gets 408 and a close once headerTimeoutMs passes"
     c.send("GET /slowl");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 408);
+    expectJsonError(*reply, 408, "request_timeout");
     CHECK(c.closedByPeer());
     double ms = elapsedMs(start);
     CHECK(ms >= 150.0);
@@ -629,7 +917,7 @@ TEST_CASE("a body that stalls gets 408 once bodyTimeoutMs passes") {
     c.send("POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
     auto reply = c.read();
     REQUIRE(reply.has_value());
-    expectJsonError(*reply, 408);
+    expectJsonError(*reply, 408, "request_timeout");
     CHECK(c.closedByPeer());
     CHECK(elapsedMs(start) < 1000.0);
   });
@@ -650,6 +938,38 @@ TEST_CASE("an idle keep-alive connection is closed after idleTimeoutMs") {
     CHECK(ms < 2000.0);
     c.close();
     CHECK(eventually(h.bridge, [&] { return h.server->connections() == 0; }));
+  });
+}
+
+TEST_CASE("a connection that sends nothing is closed after firstByteTimeoutMs; one that has "
+          "begun a request is not") {
+  ServerOptions options = testOptions();
+  options.firstByteTimeoutMs = 200;  // the idle timeout stays at its 60 s
+  Harness h(options, echo);
+  h.run([&] {
+    Client started(h.port());
+    started.send("GET /started HTTP/1.1\r\n");  // a first byte: the header timeout governs now
+    auto start = vsup::monoNow();
+    Client silent(h.port());
+    CHECK(silent.endsCleanly());  // FIN, no answer: it asked nothing
+    double ms = elapsedMs(start);
+    CHECK(ms >= 150.0);
+    CHECK(ms < 2000.0);
+    started.send("Host: t\r\n\r\n");  // older than the silent one, and still open
+    CHECK(started.requireRead().body == "GET /started ");
+  });
+}
+
+TEST_CASE("firstByteTimeoutMs 0 leaves a new connection to the idle timeout") {
+  ServerOptions options = testOptions();
+  options.firstByteTimeoutMs = 0;
+  options.idleTimeoutMs = 300;
+  Harness h(options, echo);
+  h.run([&] {
+    auto start = vsup::monoNow();
+    Client silent(h.port());
+    CHECK(silent.endsCleanly());
+    CHECK(elapsedMs(start) >= 250.0);
   });
 }
 
@@ -726,6 +1046,58 @@ TEST_CASE("a connection over maxConnections gets 503 and a close, the others kee
     }
     FAIL("a freed slot was never reused");
   });
+}
+
+TEST_CASE("silent connections at maxConnections lock a probe out only until the first-byte "
+          "timeout, and the limit is logged once per burst") {
+  std::ostringstream captured;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(captured);
+  vsup::log().sinks().push_back(sink);
+  ServerOptions options = testOptions();
+  options.maxConnections = 2;
+  options.firstByteTimeoutMs = 400;
+  Harness h(options, echo);
+  h.run([&] {
+    auto start = vsup::monoNow();
+    Client a(h.port());
+    Client b(h.port());
+    REQUIRE(eventually(h.bridge, [&] { return h.server->connections() == 2; }));
+    // The cap is reached: probes are refused with 503 (the OpenAI shape, type unavailable).
+    for (int i = 0; i < 5; ++i) {
+      Client probe(h.port());
+      probe.send(get("/health"));
+      Reply refused = probe.requireRead();
+      CAPTURE(refused.body);
+      CHECK(refused.status == 503);
+      CHECK(refused.header("connection") == "close");
+      CHECK(refused.body.find("\"type\":\"unavailable\",\"param\":null,"
+                              "\"code\":\"too_many_connections\"}}") != std::string::npos);
+    }
+    CHECK(elapsedMs(start) < 400.0);  // all refused before the silent ones could time out
+    CHECK(a.endsCleanly());
+    CHECK(b.endsCleanly());
+    CHECK(elapsedMs(start) >= 350.0);
+    // Their slots are free: a probe is served.
+    bool served = false;
+    for (int i = 0; i < 100 && !served; ++i) {
+      Client probe(h.port());
+      probe.send(get("/health"));
+      served = probe.requireRead().status == 200;
+    }
+    CHECK(served);
+  });
+  h.server.reset();  // tells the refusals not yet logged
+  auto& sinks = vsup::log().sinks();
+  sinks.erase(std::find(sinks.begin(), sinks.end(), sink));
+  const std::string text = captured.str();
+  CAPTURE(text);
+  auto count = [&](const std::string& what) {
+    size_t n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  CHECK(count("the connection limit of 2 (--max-connections) is reached") == 1);
+  CHECK(count("refused 4 connection(s) over the limit of 2") == 1);  // the 4 after the first
 }
 
 TEST_CASE("stopAccepting serves the connections already queued, then refuses new connects while "

@@ -223,6 +223,14 @@ class Client {
   }
 
   void close() { fd_.reset(); }
+  // shutdown(SHUT_WR): our FIN, as `nc -N` sends after its request; reading goes on.
+  void halfClose() { REQUIRE(::shutdown(fd_.get(), SHUT_WR) == 0); }
+  // Closes with a reset (SO_LINGER 0) instead of a FIN: the peer sees ECONNRESET.
+  void reset() {
+    linger noLinger{1, 0};
+    REQUIRE(::setsockopt(fd_.get(), SOL_SOCKET, SO_LINGER, &noLinger, sizeof noLinger) == 0);
+    fd_.reset();
+  }
   int fd() const { return fd_.get(); }
 
  private:
