@@ -49,7 +49,8 @@ struct ServeOptions {
   double livenessTimeout = 5;
   double livenessInterval = 1;
   // Start timeouts of the serving tree's nodes (seconds).
-  double engineStartTimeout = 120;     // engine-core, its ranks included
+  double engineStartTimeout = 0;       // engine-core, its ranks included; 0: the rank timeout
+                                       // + 60 s (a rank's load always fits in it)
   double workerStartTimeout = 600;     // each rank (loading its weights)
   double apiServerStartTimeout = 30;
   // HTTP limits of every API server (seconds; 0 disables a timeout).

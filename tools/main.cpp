@@ -1,11 +1,14 @@
 // vsup: run and inspect supervised process trees. See README.md.
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <kj/exception.h>
@@ -36,6 +39,24 @@ class KjToVsupLog final : public kj::ExceptionCallback {
     vsup::log().log(level, "[kj] {}:{}: {}", file, line, message);
   }
 };
+
+// What is wrong with `path` as a Unix socket to create ("" when nothing, or when empty: the
+// default): too long for sun_path, or no directory to create it in.
+std::string badSocketPath(const std::string& path) {
+  if (path.empty()) return "";
+  if (path.size() >= sizeof(sockaddr_un{}.sun_path)) {
+    return "too long for a Unix socket (" + std::to_string(path.size()) + " bytes, at most " +
+           std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + ")";
+  }
+  std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+  if (dir.empty()) dir = "/";
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return "its directory " + dir + " does not exist";
+  }
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return "is a directory";
+  return "";
+}
 
 }  // namespace
 
@@ -80,6 +101,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   runCmd->add_option("--log-format", logFormatName, logFormatHelp)->check(logFormats);
   // Serving flags, named like `vllm serve`'s. Each excludes --topology.
+  auto seconds = [](double lo, double hi) { return workers::finiteRange(lo, hi, "seconds"); };
+  CLI::Option* apiKey = runCmd->add_option(
+      "--api-key", serve.apiKey,
+      "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)");
   std::vector<CLI::Option*> serving = {
       runCmd->add_option("--api-server-count", serve.apiServerCount,
                          "HTTP front-end processes sharing the port")
@@ -90,9 +115,8 @@ int main(int argc, char** argv) {
                          "seconds in-flight requests get to finish after SIGTERM or SIGINT (0: "
                          "abort them at once, as vLLM's default); the whole tree then stops "
                          "within this + 15 s (+ --kv-shutdown-timeout with a KV connector)")
-          ->check(CLI::Range(0.0, 86400.0))->capture_default_str(),
-      runCmd->add_option("--api-key", serve.apiKey,
-                         "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)"),
+          ->check(seconds(0, 86400))->capture_default_str(),
+      apiKey,
       runCmd->add_option("--max-request-bytes", serve.maxRequestBytes, "largest request body")
           ->check(CLI::Range(uint64_t(1024), uint64_t(1) << 34))->capture_default_str(),
       runCmd->add_option("--served-model-name", serve.servedModelNames,
@@ -104,6 +128,48 @@ int main(int argc, char** argv) {
       runCmd->add_flag("--enable-log-requests", serve.logRequests,
                        "one log line per request from the API servers (request id, sizes, "
                        "status, time; never the prompt or the completion)"),
+      // Hung nodes and start timeouts.
+      runCmd->add_option("--liveness-timeout", serve.livenessTimeout,
+                         "seconds a node of the tree (engine-core, a rank, an API server) may "
+                         "leave its parent's ping unanswered before it is taken for hung: "
+                         "killed, named in the log and `vsup tree`, and the tree stopped "
+                         "with a non-zero exit; 0: no pings")
+          ->check(seconds(0, 3600))->capture_default_str(),
+      runCmd->add_option("--liveness-interval", serve.livenessInterval,
+                         "seconds between a parent's pings of each child")
+          ->check(seconds(0.01, 3600))->capture_default_str(),
+      runCmd->add_option("--engine-start-timeout", serve.engineStartTimeout,
+                         "seconds engine-core may take to start, its ranks included (a start "
+                         "that takes longer fails, naming the node); 0: --worker-start-timeout "
+                         "+ 60")
+          ->check(seconds(0, 86400))->capture_default_str(),
+      runCmd->add_option("--worker-start-timeout", serve.workerStartTimeout,
+                         "seconds each rank may take to start (loading its weights)")
+          ->check(seconds(0.1, 86400))->capture_default_str(),
+      runCmd->add_option("--api-server-start-timeout", serve.apiServerStartTimeout,
+                         "seconds each API server may take to start")
+          ->check(seconds(0.1, 86400))->capture_default_str(),
+      // HTTP limits of every API server.
+      runCmd->add_option("--max-connections", serve.maxConnections,
+                         "open HTTP connections per API server; one more is answered 503 and "
+                         "closed")
+          ->check(CLI::Range(size_t(1), size_t(1) << 20))->capture_default_str(),
+      runCmd->add_option("--http-first-byte-timeout", serve.httpFirstByteTimeout,
+                         "seconds a new connection may stay silent before it is closed, so "
+                         "that silent connections cannot hold the connection limit (0: none)")
+          ->check(seconds(0, 86400))->capture_default_str(),
+      runCmd->add_option("--http-header-timeout", serve.httpHeaderTimeout,
+                         "seconds from a request's first byte to the end of its headers "
+                         "(then 408; 0: none)")
+          ->check(seconds(0, 86400))->capture_default_str(),
+      runCmd->add_option("--http-body-timeout", serve.httpBodyTimeout,
+                         "seconds from the end of a request's headers to the end of its body "
+                         "(then 408; 0: none)")
+          ->check(seconds(0, 86400))->capture_default_str(),
+      runCmd->add_option("--http-idle-timeout", serve.httpIdleTimeout,
+                         "seconds a keep-alive connection may wait for its next request (0: "
+                         "none)")
+          ->check(seconds(0, 86400))->capture_default_str(),
   };
   // vLLM's older spelling of the default, accepted so that scripts written for it run as they
   // are; it only contradicts --enable-log-requests.
@@ -116,12 +182,14 @@ int main(int argc, char** argv) {
   for (auto* opt : serving) opt->excludes(topology);
 
   tools::TreeOptions tree;
+  // Filled in below: every option that takes a value refuses an empty one.
+  std::vector<CLI::App*> commands = {&app, runCmd};
   auto* treeCmd = app.add_subcommand("tree", "show a running tree, live");
   treeCmd->add_option("--socket", tree.socket, "the root's control socket (default: find it)");
   treeCmd->add_flag("--json", tree.json, "one JSON object per node, nested");
   treeCmd->add_flag("--watch", tree.watch, "refresh until the tree exits or Ctrl-C");
   treeCmd->add_option("--interval", tree.intervalSeconds, "seconds between refreshes with --watch")
-      ->check(CLI::Range(0.05, 3600.0));
+      ->check(workers::finiteRange(0.05, 3600, "seconds"));
 
   tools::DrainOptions drain;
   auto* drainCmd = app.add_subcommand(
@@ -145,6 +213,22 @@ int main(int argc, char** argv) {
   drainCmd->add_flag("--wait", drain.wait,
                      "once quiet, also wait until no request is in flight");
 
+  // An empty value is never what was meant (`--port "$PORT"` with PORT unset): CLI11 would
+  // read it as 0 or as the empty string, for some flags a silent default (--max-model-len,
+  // --seed, --kv-cache-memory). --api-key gets its own message (below).
+  commands.push_back(treeCmd);
+  commands.push_back(drainCmd);
+  const CLI::Validator nonEmpty(
+      [](std::string& v) {
+        return v.empty() ? std::string("an empty value (give one, or leave the flag out)")
+                         : std::string();
+      },
+      "");
+  for (CLI::App* command : commands) {
+    for (CLI::Option* opt : command->get_options()) {
+      if (opt != apiKey && opt->get_type_size_min() > 0) opt->check(nonEmpty);
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -175,9 +259,29 @@ int main(int argc, char** argv) {
     std::optional<KjToVsupLog> kjLog;
     if (vsup::logFormat() == LogFormat::Json) kjLog.emplace();
     if (runCmd->parsed()) {
+      // A control socket path that cannot be bound is the user's to fix: refused before any
+      // process starts, naming the flag.
+      if (std::string bad = badSocketPath(run.controlSocket); !bad.empty()) {
+        tools::printMessage("vsup run", "--control-socket " + run.controlSocket + ": " + bad);
+        return supervisor::kExitUsage;
+      }
       if (!run.topology.empty()) return tools::runTopology(run);
-      if (serve.apiKey.empty()) {
-        if (const char* key = std::getenv("VSUP_API_KEY")) serve.apiKey = key;
+      // An empty key would serve without authentication: a key variable left unset
+      // (`--api-key "$KEY"`) must not open the server.
+      if (apiKey->count() > 0 && serve.apiKey.empty()) {
+        tools::printMessage("vsup run", "--api-key: the key is empty (give a key, or leave "
+                                        "--api-key out to serve without one)");
+        return supervisor::kExitUsage;
+      }
+      if (apiKey->count() == 0) {
+        if (const char* key = std::getenv("VSUP_API_KEY")) {
+          if (*key == '\0') {
+            tools::printMessage("vsup run", "VSUP_API_KEY is set but empty (set a key, or unset "
+                                            "it to serve without one)");
+            return supervisor::kExitUsage;
+          }
+          serve.apiKey = key;
+        }
       }
       serve.controlSocket = run.controlSocket;
       return tools::serve(serve);

@@ -1,23 +1,35 @@
 // `vsup run`: the serving tree (docs/architecture.md, "The process tree"):
 //
-//   root (this process)            owns SIGTERM/SIGINT, never serves traffic
+//   root (this process)            owns SIGTERM/SIGINT and the port, never serves traffic
 //   ├── engine-core                scheduler + step loop; supervises the ranks (intensity 0)
 //   │   ├── worker-tp0 … tpN-1     one per tensor-parallel rank
-//   └── api-server-0 … M-1         HTTP front ends sharing the port (SO_REUSEPORT)
+//   └── api-server-0 … M-1         HTTP front ends accepting from one listening socket
 //
 // API servers start after engine-core, so they stop before it. The root's own intensity is 0:
 // no partial restart; any unexpected death shuts the tree down and `vsup run` exits non-zero.
 // Each API server talks to engine-core over its own socketpair, made here and inherited by
 // both at spawn (no path on disk).
+//
+// Everything that can be checked before a process starts is checked here first, each a usage
+// error (exit 2) naming the flag: the flags themselves, the engine's configuration and model
+// (engine::preflight: config.json, the tokenizer, the checkpoint's headers, the memory), and
+// the port. The port is bound here, once, before anything is spawned, and the one listening
+// socket is inherited by every API server (never SO_REUSEPORT): a port another server holds is
+// refused with nothing started, rather than shared with it. What only a rank can find (reading
+// its weights) fails the start (exit 3), naming the node and the cause.
+#include <arpa/inet.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
 #include "base/check.h"
+#include "base/error.h"
 #include "base/fd.h"
+#include "base/log.h"
 #include "engine/registry.h"
 #include "supervisor/deadline_budget.h"
 #include "supervisor/process.h"
@@ -25,18 +37,123 @@
 #include "tools/commands.h"
 #include "workers/engine_codec.h"
 #include "workers/engine_flags.h"
+#include "workers/http/http_server.h"
 
 namespace vsup::tools {
 
 using namespace vsup::supervisor;
 
+namespace {
+
+// The host as bindListener() takes it: an IPv4 or IPv6 literal, one in brackets, or localhost.
+bool isAddress(const std::string& host) {
+  std::string h = host;
+  if (h == "localhost") return true;
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  in6_addr a6{};
+  in_addr a4{};
+  return ::inet_pton(AF_INET, h.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, h.c_str(), &a6) == 1;
+}
+
+// Seconds as a ChildSpec's milliseconds.
+int64_t ms(double seconds) { return int64_t(std::llround(seconds * 1000)); }
+
+// The checks of the serving flags that need no model and no socket: each returns what is wrong
+// ("" when nothing), naming the flag. main.cpp's checks ranged every number already; these
+// are the ones CLI11 cannot express, and they are made again here for callers that fill
+// ServeOptions themselves.
+std::string badServeOption(const ServeOptions& o) {
+  if (!isAddress(o.host)) {
+    return "--host '" + o.host +
+           "': not an IP address (give an IPv4 or IPv6 literal, e.g. 127.0.0.1, 0.0.0.0, ::1, "
+           "[::1] or ::, or localhost; host names are not resolved)";
+  }
+  for (char ch : o.apiKey) {
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) {
+      return "--api-key: the key holds a control character (a request's Authorization header "
+             "cannot carry it, so no request could ever match)";
+    }
+  }
+  if (!o.apiKey.empty() && (o.apiKey.front() == ' ' || o.apiKey.back() == ' ')) {
+    return "--api-key: the key starts or ends with a space (HTTP trims header values, so no "
+           "request could ever match)";
+  }
+  auto finite = [](const char* flag, double v, double lo, double hi) -> std::string {
+    if (std::isfinite(v) && v >= lo && v <= hi) return "";
+    char text[160];
+    std::snprintf(text, sizeof text, "%s must be %g..%g seconds, got %g", flag, lo, hi, v);
+    return text;
+  };
+  for (const std::string& bad : {
+           finite("--shutdown-timeout", o.shutdownTimeout, 0, 86400),
+           finite("--liveness-timeout", o.livenessTimeout, 0, 3600),
+           finite("--liveness-interval", o.livenessInterval, 0.01, 3600),
+           finite("--engine-start-timeout", o.engineStartTimeout, 0, 86400),
+           finite("--worker-start-timeout", o.workerStartTimeout, 0.1, 86400),
+           finite("--api-server-start-timeout", o.apiServerStartTimeout, 0.1, 86400),
+           finite("--http-first-byte-timeout", o.httpFirstByteTimeout, 0, 86400),
+           finite("--http-header-timeout", o.httpHeaderTimeout, 0, 86400),
+           finite("--http-body-timeout", o.httpBodyTimeout, 0, 86400),
+           finite("--http-idle-timeout", o.httpIdleTimeout, 0, 86400),
+       }) {
+    if (!bad.empty()) return bad;
+  }
+  if (o.livenessTimeout > 0 && o.livenessTimeout < 0.1) {
+    char text[200];
+    std::snprintf(text, sizeof text,
+                  "--liveness-timeout %g: give 0 (no pings) or at least 0.1 seconds (a busy "
+                  "node answers a ping within milliseconds, not microseconds)",
+                  o.livenessTimeout);
+    return text;
+  }
+  if (o.apiServerCount < 1 || o.apiServerCount > 64) {
+    return "--api-server-count must be 1..64, got " + std::to_string(o.apiServerCount);
+  }
+  if (o.maxConnections < 1 || o.maxConnections > (size_t(1) << 20)) {
+    return "--max-connections must be 1..1048576, got " + std::to_string(o.maxConnections);
+  }
+  return "";
+}
+
+// Why binding the port failed, for the user: the address, the errno text, and what it means.
+std::string bindFailure(const ServeOptions& o, const SysError& e) {
+  std::string why = e.what();
+  switch (e.errnoValue()) {
+    case EADDRINUSE:
+      why += " (another server listens there: stop it, or choose another --port; --port 0 "
+             "takes a free one)";
+      break;
+    case EADDRNOTAVAIL:
+      why += " (--host is not an address of this machine)";
+      break;
+    case EACCES:
+      why += " (a port below 1024 needs privileges: choose a higher --port)";
+      break;
+    case EAFNOSUPPORT:
+      why += " (this machine has no " + std::string(o.host.find(':') != std::string::npos
+                                                        ? "IPv6"
+                                                        : "IPv4") +
+             ")";
+      break;
+    default:
+      break;
+  }
+  return "--host/--port " + why;
+}
+
+}  // namespace
+
 int serve(const ServeOptions& o) {
-  // Bad engine flags (an engine this build lacks, no such model, sizes that cannot work) are
-  // usage errors, found before any process starts.
+  // Bad flags, an engine this build lacks, no such model, a broken model directory, sizes that
+  // cannot work: usage errors, found before any process starts.
+  if (std::string bad = badServeOption(o); !bad.empty()) {
+    printMessage("vsup run", bad);
+    return kExitUsage;
+  }
   engine::EngineConfig config;
   try {
     config = workers::toEngineConfig(o.engine);
-    (void)engine::backendFor(config).plan(config);
+    (void)engine::preflight(config);
   } catch (const std::exception& e) {
     printMessage("vsup run", e.what());
     return kExitUsage;
@@ -54,6 +171,27 @@ int serve(const ServeOptions& o) {
       return kExitUsage;
     }
   }
+  // The port, bound once, here, before anything is spawned: a second `vsup run` on it is
+  // refused now with nothing started, instead of starting and taking part of this one's traffic
+  // (each API server binding with SO_REUSEPORT would have let it).
+  OwnFd listener;
+  uint16_t port = 0;
+  try {
+    listener = http::bindListener(o.host, o.port, http::ServerOptions{}.backlog);
+    port = http::boundPort(listener.get());
+  } catch (const SysError& e) {
+    printMessage("vsup run", bindFailure(o, e));
+    return kExitUsage;
+  } catch (const Error& e) {
+    printMessage("vsup run", std::string("--host: ") + e.what());
+    return kExitUsage;
+  }
+  std::string where = o.host.find(':') != std::string::npos && o.host.front() != '['
+                          ? "[" + o.host + "]:" + std::to_string(port)
+                          : o.host + ":" + std::to_string(port);
+  setLogProcessName("root");  // as runTree() names it
+  vsup::log().info("[serve] root: bound {} for {} API server(s)", where, o.apiServerCount);
+
   std::string exe = selfExecutable();
   // One socketpair per API server: [0] stays with engine-core, [1] goes to the API server.
   std::vector<OwnFd> engineEnds;
@@ -85,36 +223,59 @@ int serve(const ServeOptions& o) {
     core.command.push_back("--api-fd");
     core.command.push_back(std::to_string(4 + i));  // after the control socket (fd 3)
   }
+  // How engine-core supervises its ranks (flags of `vsup __engine-core`).
+  core.command.insert(core.command.end(),
+                      {"--worker-start-timeout-ms", std::to_string(ms(o.workerStartTimeout)),
+                       "--liveness-timeout-ms", std::to_string(ms(o.livenessTimeout)),
+                       "--liveness-interval-ms", std::to_string(ms(o.livenessInterval))});
   core.shutdown = ShutdownPolicy::timeout(budget.engineCoreStopMs);
-  core.startTimeoutMs = 120000;
+  core.startTimeoutMs = ms(o.engineStartTimeout > 0 ? o.engineStartTimeout
+                                                    : o.workerStartTimeout + 60);
+  core.livenessTimeoutMs = o.livenessTimeout > 0 ? ms(o.livenessTimeout) : -1;
+  core.livenessIntervalMs = ms(o.livenessInterval);
   spec.children.push_back(core);
 
   for (uint32_t i = 0; i < o.apiServerCount; ++i) {
     ChildSpec api;
     api.name = "api-server-" + std::to_string(i);
     api.vsupAware = true;
+    // fd 4: its end of the socketpair to engine-core; fd 5: the listening socket (--host and
+    // --port only name it in the log).
     api.command = {exe, "__api-server", "--index", std::to_string(i), "--host", o.host,
-                   "--port", std::to_string(o.port), "--model", config.common.model,
-                   "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4"};
+                   "--port", std::to_string(port), "--model", config.common.model,
+                   "--max-request-bytes", std::to_string(o.maxRequestBytes), "--engine-fd", "4",
+                   "--listen-fd", "5",
+                   "--max-connections", std::to_string(o.maxConnections),
+                   "--first-byte-timeout-ms", std::to_string(ms(o.httpFirstByteTimeout)),
+                   "--header-timeout-ms", std::to_string(ms(o.httpHeaderTimeout)),
+                   "--body-timeout-ms", std::to_string(ms(o.httpBodyTimeout)),
+                   "--idle-timeout-ms", std::to_string(ms(o.httpIdleTimeout))};
     // The model as given is /v1/models' `root`; the served names (default: that same string)
     // are what requests name.
     for (const auto& name : o.servedModelNames) {
       api.command.push_back("--served-model-name=" + name);  // one word: a name may start with '-'
     }
     if (o.logRequests) api.command.push_back("--log-requests");
-    api.inheritFds = {apiEnds[i].get()};
+    api.inheritFds = {apiEnds[i].get(), listener.get()};
     if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);
     api.shutdown = ShutdownPolicy::timeout(budget.apiServerStopMs);
-    api.startTimeoutMs = 30000;
+    api.startTimeoutMs = ms(o.apiServerStartTimeout);
+    api.livenessTimeoutMs = o.livenessTimeout > 0 ? ms(o.livenessTimeout) : -1;
+    api.livenessIntervalMs = ms(o.livenessInterval);
     spec.children.push_back(api);
   }
 
   RootHooks hooks;
   // Once engine-core and the API servers hold their ends, the root must not: an end kept open
-  // here would hide a dead peer (no EOF) from the survivor. No restarts need them again.
+  // here would hide a dead peer (no EOF) from the survivor. Nor the listening socket: a copy
+  // held by the root would keep the port open after the last API server has exited (in a
+  // shutdown, or a crash), and the kernel would go on completing connections into its queue
+  // that nobody accepts, so clients would hang instead of being refused. No restarts need them
+  // again (the root's intensity is 0).
   hooks.afterStart = [&]() {
     engineEnds.clear();
     apiEnds.clear();
+    listener.reset();
   };
   hooks.drainMs = drainMs;
   hooks.totalMs = budget.totalMs;

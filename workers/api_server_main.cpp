@@ -9,6 +9,10 @@
 //   --served-model-name NAME   a name requests may use (repeatable; the first is public);
 //                              none: M
 //   --log-requests             one log line per request (never a prompt)
+//   --listen-fd FD             the listening socket `vsup run`'s root bound for every API
+//                              server (inherited); without it, --host/--port are bound here
+//   --max-connections N, --first-byte-timeout-ms, --header-timeout-ms, --body-timeout-ms,
+//   --idle-timeout-ms MS       the HTTP limits (workers/http/http_server.h; 0 ms: none)
 #include <CLI/CLI.hpp>
 #include <cstdlib>
 #include <memory>
@@ -33,6 +37,12 @@ int apiServerMain(int argc, char** argv) {
   app.add_option("--max-request-bytes", options.maxRequestBytes);
   app.add_option("--max-tokens", options.maxTokens);
   app.add_option("--engine-fd", engineFd)->required();
+  app.add_option("--listen-fd", options.listenFd)->check(CLI::NonNegativeNumber);
+  app.add_option("--max-connections", options.maxConnections)->check(CLI::PositiveNumber);
+  app.add_option("--first-byte-timeout-ms", options.firstByteTimeoutMs);
+  app.add_option("--header-timeout-ms", options.headerTimeoutMs);
+  app.add_option("--body-timeout-ms", options.bodyTimeoutMs);
+  app.add_option("--idle-timeout-ms", options.idleTimeoutMs);
   CLI11_PARSE(app, argc, argv);
   // The API key comes through the environment, never argv (visible in ps).
   if (const char* key = std::getenv("VSUP_API_KEY")) options.apiKey = key;

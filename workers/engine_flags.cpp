@@ -1,11 +1,28 @@
 #include "workers/engine_flags.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <sstream>
 #include <stdexcept>
 
 #include "engine/registry.h"
 
 namespace vsup::workers {
+
+CLI::Validator finiteRange(double lo, double hi, const std::string& unit) {
+  std::ostringstream range;
+  range << lo << ".." << hi;
+  std::string bounds = range.str();
+  return CLI::Validator(
+      [lo, hi, bounds, unit](std::string& text) -> std::string {
+        char* end = nullptr;
+        double v = std::strtod(text.c_str(), &end);
+        bool number = !text.empty() && end == text.c_str() + text.size();
+        if (number && std::isfinite(v) && v >= lo && v <= hi) return "";
+        return "must be " + bounds + " " + unit + ", got '" + text + "'";
+      },
+      "NUMBER in " + bounds);
+}
 
 std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
   std::vector<CLI::Option*> added;
@@ -41,7 +58,14 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
                      "auto (safetensors for a directory, dummy for a preset), dummy (seeded "
                      "weights) or safetensors"))
       ->check(CLI::IsMember({"auto", "dummy", "safetensors"}));
-  opt(app.add_option("--seed", f.cpu.weightSeed, "seed of the dummy weights"));
+  // CLI11 would wrap "-1" around to 2^64 - 1 for an unsigned option.
+  opt(app.add_option("--seed", f.cpu.weightSeed, "seed of the dummy weights"))
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+            return digits ? std::string() : "must be a whole number 0 or more, got '" + v + "'";
+          },
+          "UINT"));
   opt(app.add_option("--max-num-batched-tokens", f.common.maxNumBatchedTokens,
                      "tokens computed per step at most (longer prompts are prefilled in chunks)"))
       ->check(CLI::Range(1u, 1u << 20));
@@ -64,7 +88,7 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
       ->check(CLI::Range(uint64_t(0), uint64_t(3600000)));
   opt(app.add_option("--kv-shutdown-timeout", f.common.kv.shutdownTimeoutS,
                      "seconds a rank may defer its shutdown for pending KV transfers"))
-      ->check(CLI::Range(0.0, 3600.0));
+      ->check(finiteRange(0, 3600, "seconds"));
   return added;
 }
 

@@ -31,6 +31,11 @@ struct EngineFlags {
 // --kv-shutdown-timeout, each with its help text and default. Returns them.
 std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& flags);
 
+// A CLI11 check for a number in [lo, hi] that is finite (CLI::Range lets "nan" through: it
+// compares false with everything), e.g. a number of seconds. `unit` ("seconds") ends the
+// message: "must be 0..86400 seconds, got nan".
+CLI::Validator finiteRange(double lo, double hi, const std::string& unit);
+
 // The flags as one EngineConfig: the chosen backend's part only, sizes parsed, ranges and
 // relations checked (engine::validate) and the engine known and built. Throws
 // std::invalid_argument with a message naming the flag (MODEL and --model naming two different

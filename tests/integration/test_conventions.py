@@ -94,7 +94,7 @@ def test_served_model_names_are_the_names_requests_use(serving):
 
 
 @pytest.mark.parametrize("names, says", [
-    ([""], "--served-model-name: an empty name"),
+    ([""], "--served-model-name: an empty value"),
     (["a", "b", "a"], "--served-model-name: 'a' twice"),
 ])
 def test_bad_served_model_names_are_a_usage_error(vsup_bin, names, says):

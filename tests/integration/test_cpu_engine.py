@@ -560,13 +560,16 @@ def test_tensor_parallel_size_that_does_not_divide_the_heads_is_a_usage_error(tr
     assert took < 5, f"a usage error took {took:.1f}s"
 
 
-def test_a_checkpoint_missing_a_tensor_fails_to_start_naming_the_tensor(trees, tmp_path):
+def test_a_checkpoint_missing_a_tensor_is_a_usage_error_naming_the_tensor(trees, tmp_path):
+    # The root checks the checkpoint's headers against config.json before any rank starts.
     missing = "model.layers.1.mlp.up_proj.weight"
     model = str(write_hf_model(tmp_path / "broken", drop=missing))
-    code, err, _ = trees.run_to_exit("--engine", "cpu", "--model", model,
-                                     "--kv-cache-memory", "8MiB", "--tensor-parallel-size", "2")
-    assert code == 3, err  # a child failed to start
-    assert missing in err, err
+    code, err, took = trees.run_to_exit("--engine", "cpu", "--model", model,
+                                        "--kv-cache-memory", "8MiB", "--tensor-parallel-size", "2")
+    assert code == 2, err  # a usage error, found before anything started
+    assert f"tensor '{missing}' not found" in err, err
+    assert "started" not in err, err
+    assert took < 5, f"a usage error took {took:.1f}s"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ VLLM_HISTOGRAMS = ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency
 
 
 def scrape(serving) -> tuple[int, dict, str]:
-    """One scrape on a fresh connection (so SO_REUSEPORT may pick any API server)."""
+    """One scrape on a fresh connection (so any API server may accept it)."""
     c = http.client.HTTPConnection("127.0.0.1", serving.port, timeout=HTTP_TIMEOUT_S)
     c.request("GET", "/metrics")
     r = c.getresponse()

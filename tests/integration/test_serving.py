@@ -131,8 +131,7 @@ def refused(port: int) -> bool:
         return True
     except ConnectionResetError:
         # A connect that landed in a listener's accept queue as it closed is reset rather than
-        # refused (with one listener or several SO_REUSEPORT ones): not served, but not yet the
-        # steady state. Ask again.
+        # refused: not served, but not yet the steady state. Ask again.
         return False
 
 
