@@ -3,6 +3,7 @@
 //
 // Build against an installed vsup: see examples/meson.build. The engine runs in the `vsup`
 // executable: $VSUP_EXE, else the installed one.
+#include <chrono>
 #include <cstdio>
 #include <string>
 #include <string_view>
@@ -36,7 +37,13 @@ int main() {
         });
     std::printf("\n(%s, %lld tokens)\n", streamed.finishReason.c_str(),
                 static_cast<long long>(streamed.completionTokens));
-    // The destructor shuts the engine down and returns once every process has been reaped.
+
+    // Stopping drains: requests still running get up to 5 s, then end with "abort" and their
+    // text so far; a generate() after this throws vsup::ShutDownError. (The destructor drains
+    // too, with LLMConfig::shutdownTimeout, when this was not called.)
+    vsup::DrainReport report = llm.drain(std::chrono::seconds(5));
+    std::printf("drained: %lld completed, %lld aborted\n",
+                static_cast<long long>(report.completed), static_cast<long long>(report.aborted));
   } catch (const vsup::Error& e) {
     std::fprintf(stderr, "offline_generate: %s\n", e.what());
     return 1;

@@ -6,6 +6,7 @@
 #include "base/log.h"
 #include "ipc/engine.capnp.h"
 #include "ipc/rpc_link.h"
+#include "ipc/user_message.h"
 #include "workers/engine_codec.h"
 
 namespace vsup::workers {
@@ -48,6 +49,13 @@ class Sink final : public schema::TokenSink::Server {
   std::shared_ptr<SinkTarget> target_;
 };
 
+// The same failure (its type kept: DISCONNECTED means the engine is gone), described as a person
+// would say it: no "remote exception: " or KJ decoration (ipc/user_message.h).
+kj::Exception cleaned(kj::Exception&& e) {
+  kj::Exception out(e.getType(), e.getFile(), e.getLine(), kj::str(ipc::userMessage(e)));
+  return out;
+}
+
 }  // namespace
 
 struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
@@ -71,7 +79,7 @@ struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
   void taskFailed(kj::Exception&& e) override {
     // A vanished engine is onDisconnect's news, not a failed task.
     if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-    vsup::log().warn("{} {}", logPrefix, e.getDescription().cStr());
+    vsup::log().warn("{} {}", logPrefix, ipc::userMessage(e));
   }
 
   uv_loop_t* loop;
@@ -99,12 +107,14 @@ kj::Promise<EngineInfo> EngineClient::connect(OwnFd socket) {
   }));
   auto attach = impl_->engine->attachRequest();
   attach.setSink(kj::heap<Sink>(impl_->target));
-  return attach.send().then([](capnp::Response<schema::Engine::AttachResults>&& r) {
-    EngineInfo info;
-    info.maxModelLen = r.getMaxModelLen();
-    info.chatFormat = r.getChatFormat();
-    return info;
-  });
+  return attach.send().then(
+      [](capnp::Response<schema::Engine::AttachResults>&& r) {
+        EngineInfo info;
+        info.maxModelLen = r.getMaxModelLen();
+        info.chatFormat = r.getChatFormat();
+        return info;
+      },
+      [](kj::Exception&& e) -> EngineInfo { kj::throwFatalException(cleaned(kj::mv(e))); });
 }
 
 kj::Promise<std::optional<engine::Rejection>> EngineClient::submit(
@@ -114,12 +124,15 @@ kj::Promise<std::optional<engine::Rejection>> EngineClient::submit(
   }
   auto call = impl_->engine->submitRequest();
   encode(request, call.initRequest());
-  return call.send().then([](capnp::Response<schema::Engine::SubmitResults>&& r)
-                              -> std::optional<engine::Rejection> {
-    engine::RejectCode code = decode(r.getRejectCode());
-    if (code == engine::RejectCode::None && r.getRejected().size() == 0) return std::nullopt;
-    return engine::Rejection{code, r.getRejected()};
-  });
+  return call.send().then(
+      [](capnp::Response<schema::Engine::SubmitResults>&& r) -> std::optional<engine::Rejection> {
+        engine::RejectCode code = decode(r.getRejectCode());
+        if (code == engine::RejectCode::None && r.getRejected().size() == 0) return std::nullopt;
+        return engine::Rejection{code, r.getRejected()};
+      },
+      [](kj::Exception&& e) -> std::optional<engine::Rejection> {
+        kj::throwFatalException(cleaned(kj::mv(e)));
+      });
 }
 
 void EngineClient::abort(const std::string& id) {
@@ -138,8 +151,15 @@ kj::Promise<engine::EngineStats> EngineClient::stats() {
         try {
           return decode(r.getStats());
         } catch (const Error& e) {
-          KJ_FAIL_REQUIRE("the engine's stats are malformed", e.what());
+          // One sentence (KJ_FAIL_REQUIRE would render "...; e.what() = ..."): it may reach a
+          // log line or an error body as it is.
+          kj::throwFatalException(kj::Exception(
+              kj::Exception::Type::FAILED, __FILE__, __LINE__,
+              kj::str("the engine's stats are malformed: ", e.what())));
         }
+      },
+      [](kj::Exception&& e) -> engine::EngineStats {
+        kj::throwFatalException(cleaned(kj::mv(e)));
       });
 }
 

@@ -4,6 +4,9 @@
 // arrive as batches of engine::TokenDelta, and the engine's failure and the connection's loss
 // are callbacks. Nothing outside this class touches schema::Engine or schema::TokenSink.
 //
+// Every promise it returns rejects with a description meant for a person (ipc::userMessage:
+// no "remote exception: ..."), its type kept (DISCONNECTED: the engine is gone).
+//
 // Thread: construct, use and destroy on the thread that runs `loop` (with KJ on it, KjOnUv).
 // Callbacks run on that thread, from inside the RPC dispatch or a KJ task: they must not
 // destroy the EngineClient.

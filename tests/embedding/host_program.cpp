@@ -6,6 +6,18 @@
 //       descendants ("descendants: PID..."), then returns from main WITHOUT calling shutdown():
 //       the LLM's destructor (run during the return) must tear everything down quietly.
 //
+//   vsup-host-program drain
+//       Constructs a vsup::LLM (sim engine, TP 2, 5 ms a step), runs an endless stream and a
+//       40-token stream on two threads, calls drain(1 s) once both are flowing, and prints
+//       "report: completed=C aborted=A failed=F kv=K", one "stream <name>: <finish> <tokens>
+//       <streamed-text-matches yes|no>" line per stream, "after: <what a later generate() threw>"
+//       and "descendants: PID..." (taken before the drain). Exit 0.
+//
+//   vsup-host-program sampling
+//       Constructs a vsup::LLM (sim engine, maxTokensLimit 4096 as the API server) and calls
+//       generate() with each out-of-range Sampling of a fixed table, printing
+//       "<case>\t<the vsup::Error's message>" per case (the case names are the test's keys).
+//
 //   vsup-host-program supervise
 //       Installs its own SIGTERM handler (the handler only writes to a pipe), starts a
 //       vsup::Supervisor (two `sleep` workers and a nested supervisor), prints
@@ -24,9 +36,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <atomic>
+#include <cmath>
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "supervisor/public/supervisor.h"
@@ -37,7 +52,7 @@ namespace {
 namespace sv = vsup::supervisor;
 
 int usage() {
-  std::fprintf(stderr, "usage: vsup-host-program generate [--tp N] | supervise\n");
+  std::fprintf(stderr, "usage: vsup-host-program generate [--tp N] | drain | sampling | supervise\n");
   return 2;
 }
 
@@ -82,6 +97,112 @@ int generate(uint32_t tp) {
   std::printf("\n");
   std::fflush(stdout);
   return 0;  // no shutdown(): the destructor does it
+}
+
+vsup::LLMConfig simConfig() {
+  vsup::LLMConfig config;
+  config.engine = "sim";
+  config.tensorParallelSize = 2;
+  config.simTokenMs = 5;
+  return config;
+}
+
+struct Stream {
+  std::string name;
+  int64_t maxTokens;
+  std::atomic<int> pieces{0};
+  std::string streamed;
+  vsup::Completion result;
+  std::string error;
+  std::thread thread;
+
+  Stream(vsup::LLM& llm, std::string n, int64_t tokens) : name(std::move(n)), maxTokens(tokens) {
+    thread = std::thread([this, &llm]() {
+      vsup::Sampling s;
+      s.maxTokens = maxTokens;
+      s.seed = 1;
+      try {
+        result = llm.generateStream("a host's request", s, [this](std::string_view piece) {
+          streamed += piece;
+          ++pieces;
+        });
+      } catch (const vsup::Error& e) {
+        error = e.what();
+      }
+    });
+  }
+};
+
+int drain() {
+  vsup::LLM llm(simConfig());
+  Stream endless(llm, "endless", 1'000'000'000);
+  Stream shortOne(llm, "short", 40);
+  for (int i = 0; i < 5000 && (endless.pieces == 0 || shortOne.pieces == 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling for a condition
+  }
+  std::vector<pid_t> pids = descendants();
+  vsup::DrainReport report = llm.drain(std::chrono::seconds(1));
+  endless.thread.join();
+  shortOne.thread.join();
+  std::printf("report: completed=%lld aborted=%lld failed=%lld kv=%lld\n",
+              static_cast<long long>(report.completed), static_cast<long long>(report.aborted),
+              static_cast<long long>(report.failed),
+              static_cast<long long>(report.kvTransfersAbandoned));
+  for (Stream* s : {&endless, &shortOne}) {
+    if (!s->error.empty()) {
+      std::printf("stream %s: threw %s\n", s->name.c_str(), s->error.c_str());
+      continue;
+    }
+    std::printf("stream %s: %s %lld %s\n", s->name.c_str(), s->result.finishReason.c_str(),
+                static_cast<long long>(s->result.completionTokens),
+                s->result.text == s->streamed && !s->streamed.empty() ? "yes" : "no");
+  }
+  try {
+    llm.generate({"after the drain"});
+    std::printf("after: it succeeded\n");
+  } catch (const vsup::ShutDownError& e) {
+    std::printf("after: ShutDownError: %s\n", e.what());
+  } catch (const vsup::Error& e) {
+    std::printf("after: vsup::Error: %s\n", e.what());
+  }
+  std::printf("descendants:");
+  for (pid_t p : pids) std::printf(" %d", p);
+  std::printf("\n");
+  std::fflush(stdout);
+  return 0;
+}
+
+int sampling() {
+  vsup::LLMConfig config = simConfig();
+  config.maxTokensLimit = 4096;
+  vsup::LLM llm(config);
+  struct Case {
+    const char* name;
+    void (*set)(vsup::Sampling&);
+  };
+  const Case cases[] = {
+      {"max_tokens_0", [](vsup::Sampling& s) { s.maxTokens = 0; }},
+      {"max_tokens_4097", [](vsup::Sampling& s) { s.maxTokens = 4097; }},
+      {"temperature_2.01", [](vsup::Sampling& s) { s.temperature = 2.01; }},
+      {"temperature_-0.1", [](vsup::Sampling& s) { s.temperature = -0.1; }},
+      {"top_p_0", [](vsup::Sampling& s) { s.topP = 0; }},
+      {"top_p_1.5", [](vsup::Sampling& s) { s.topP = 1.5; }},
+      {"top_k_-2", [](vsup::Sampling& s) { s.topK = -2; }},
+      {"stop_5", [](vsup::Sampling& s) { s.stop = {"a", "b", "c", "d", "e"}; }},
+      {"stop_empty", [](vsup::Sampling& s) { s.stop = {"x", ""}; }},
+  };
+  for (const Case& c : cases) {
+    vsup::Sampling s;
+    c.set(s);
+    try {
+      llm.generate({"hello"}, s);
+      std::printf("%s\taccepted\n", c.name);
+    } catch (const vsup::Error& e) {
+      std::printf("%s\t%s\n", c.name, e.what());
+    }
+  }
+  std::fflush(stdout);
+  return 0;
 }
 
 int termPipe[2] = {-1, -1};
@@ -166,6 +287,8 @@ int main(int argc, char** argv) {
       return generate(tp);
     }
     if (mode == "supervise" && argc == 2) return supervise();
+    if (mode == "drain" && argc == 2) return drain();
+    if (mode == "sampling" && argc == 2) return sampling();
   } catch (const vsup::Error& e) {
     std::fprintf(stderr, "vsup-host-program: %s\n", e.what());
     return 1;

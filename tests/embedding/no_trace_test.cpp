@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -354,6 +355,9 @@ vsup::LLMConfig llmConfig(uint32_t tp, uint64_t simTokenMs = 0) {
   c.simTokenMs = simTokenMs;
   c.startTimeout = 20s;
   c.vsupExecutable = vsupExe();
+  // The destructor's drain: an endless stream destroyed with its LLM ends with "abort" this
+  // long after (the default, 30 s, would make the cycles test take hours).
+  c.shutdownTimeout = 200ms;
   return c;
 }
 
@@ -449,19 +453,32 @@ struct EndlessStream {
   std::atomic<bool> threw{false};
   std::atomic<bool> returned{false};
   std::string error;
+  bool shutDownError = false;  // the error was a vsup::ShutDownError
   std::string finishReason;
+  std::string text;      // the returned completion's
+  std::string streamed;  // what the callback got, piece by piece
+  int64_t completionTokens = 0;
   Clock::time_point endedAt;
   std::promise<void> done;
   std::future<void> finished = done.get_future();
   std::thread thread;
 
-  explicit EndlessStream(vsup::LLM& llm) {
-    thread = std::thread([this, &llm]() {
+  explicit EndlessStream(vsup::LLM& llm, int64_t maxTokens = 1'000'000'000) {
+    thread = std::thread([this, &llm, maxTokens]() {
       try {
-        vsup::Completion c = llm.generateStream("tell me everything", tokens(1'000'000'000),
-                                                [this](std::string_view) { ++pieces; });
+        vsup::Completion c = llm.generateStream("tell me everything", tokens(maxTokens),
+                                                [this](std::string_view piece) {
+                                                  streamed += piece;
+                                                  ++pieces;
+                                                });
         finishReason = c.finishReason;
+        text = c.text;
+        completionTokens = c.completionTokens;
         returned = true;
+      } catch (const vsup::ShutDownError& e) {
+        error = e.what();
+        shutDownError = true;
+        threw = true;
       } catch (const vsup::Error& e) {
         error = e.what();
         threw = true;
@@ -542,9 +559,10 @@ TEST_CASE("two hundred LLMs created and destroyed, some mid-stream, leave the ho
         llm.reset();  // while the stream is running on the other thread
         longestDestroy = std::max(longestDestroy, secondsSince(t));
         stream.join(10s, "generateStream() after its LLM was destroyed");
-        CHECK_MESSAGE((stream.threw || stream.finishReason == "abort"),
-                      "a stream cut by the destructor neither threw nor ended with 'abort' (finish '"
-                          << stream.finishReason << "')");
+        // The destructor drains: the stream is not broken, it ends with "abort" and its text.
+        CHECK_MESSAGE((!stream.threw && stream.finishReason == "abort"),
+                      "a stream cut by the destructor's drain did not end with 'abort' (finish '"
+                          << stream.finishReason << "', error '" << stream.error << "')");
         ++streamed;
         break;
       }
@@ -737,6 +755,22 @@ TEST_CASE("failed starts throw a vsup::Error that says why and leave nothing beh
     checkNoTrace(before);
   }
 
+  SUBCASE("an LLM whose model does not exist (refused by engine-core, across the RPC)") {
+    vsup::LLMConfig c = llmConfig(1);
+    c.engine = "cpu";
+    c.model = "/nonexistent/vsup-model";
+    try {
+      vsup::LLM llm(c);
+      FAIL("vsup::LLM started with a model that does not exist");
+    } catch (const vsup::Error& e) {
+      CHECK_MESSAGE(contains(e.what(), "/nonexistent/vsup-model"),
+                    "the error does not name the model: " << e.what());
+      CHECK_MESSAGE(!contains(e.what(), "remote exception"), "RPC noise in: " << e.what());
+      CHECK_MESSAGE(!contains(e.what(), " = "), "KJ's argument rendering in: " << e.what());
+    }
+    checkNoTrace(before);
+  }
+
   SUBCASE("a supervisor child whose command does not exist") {
     sv::SupervisorSpec spec;
     spec.name = "host";
@@ -804,6 +838,7 @@ TEST_CASE("failed starts throw a vsup::Error that says why and leave nothing beh
     } catch (const vsup::Error& e) {
       CHECK_MESSAGE(contains(e.what(), "worker-tp1"), "the error does not name the worker: " << e.what());
       CHECK_MESSAGE(contains(e.what(), "code 3"), "the error does not say how it died: " << e.what());
+      CHECK_MESSAGE(!contains(e.what(), "remote exception"), "RPC noise in: " << e.what());
     }
     ::unsetenv("VSUP_TEST_FAIL_WORKER_START");
     checkNoTrace(before);
@@ -896,6 +931,275 @@ TEST_CASE("killing engine-core mid-generate never raises SIGPIPE in the host") {
   llm->shutdown(5s);  // idempotent, even after a failure
   llm.reset();
 
+  std::string survivors;
+  CHECK_MESSAGE(reapOrphans(orphans, 3s, &survivors),
+                "engine-core's descendants outlived it by more than 3 s:" << survivors);
+  checkNoTrace(before);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The drain (workers/public/llm.h: "Stopping drains").
+
+TEST_CASE("drain: a request that finishes in time completes, the endless one ends with 'abort' and its text, new calls fail with ShutDownError") {
+  HangGuard guard(120);
+  HostSnapshot before = baseline();
+  {
+    // 5 ms a step: the short request (40 tokens) needs about 200 ms, the drain gives 1.5 s.
+    vsup::LLM llm(llmConfig(2, 5));
+    EndlessStream endless(llm);
+    EndlessStream shortOne(llm, 40);
+    REQUIRE(endless.waitFlowing());
+    REQUIRE(shortOne.waitFlowing());
+    CHECK_FALSE(shortOne.finished.wait_for(0s) == std::future_status::ready);
+
+    // A caller that keeps submitting while the drain runs: its calls succeed until admission
+    // closes, then fail with ShutDownError, while the drain is still waiting for the endless one.
+    std::atomic<bool> drainReturned{false};
+    std::atomic<bool> refusedDuringDrain{false};
+    std::string refusal;
+    std::atomic<int> lateCompleted{0};
+    std::promise<void> lateDone;
+    std::future<void> lateFinished = lateDone.get_future();
+    std::thread late([&]() {
+      auto until = Clock::now() + 10s;
+      while (Clock::now() < until) {
+        try {
+          llm.generate({"late"}, tokens(1));
+          ++lateCompleted;
+        } catch (const vsup::ShutDownError& e) {
+          refusal = e.what();
+          refusedDuringDrain = !drainReturned.load();
+          break;
+        } catch (const vsup::Error& e) {
+          refusal = std::string("not a ShutDownError: ") + e.what();
+          break;
+        }
+      }
+      lateDone.set_value();
+    });
+
+    REQUIRE(eventually([&]() { return lateCompleted > 0 || lateFinished.wait_for(0s) ==
+                                                          std::future_status::ready; },
+                       5s));
+    auto t0 = Clock::now();
+    vsup::DrainReport report = llm.drain(1500ms);
+    double took = secondsSince(t0);
+    drainReturned = true;
+    joinWithin(late, lateFinished, 10s, "the late caller");
+    endless.join(10s, "the endless stream after the drain");
+    shortOne.join(10s, "the short stream after the drain");
+
+    MESSAGE("drain took ", took, " s: completed ", report.completed, ", aborted ", report.aborted,
+            ", failed ", report.failed, "; the late caller completed ", lateCompleted.load(),
+            " call(s) first, then: ", refusal);
+    CHECK_MESSAGE(shortOne.returned, "the short request did not complete: " << shortOne.error);
+    CHECK(shortOne.finishReason == "length");
+    CHECK(shortOne.completionTokens == 40);
+    CHECK_MESSAGE(endless.returned, "the endless request threw instead of ending with 'abort': "
+                                        << endless.error);
+    CHECK(endless.finishReason == "abort");
+    CHECK_MESSAGE(endless.completionTokens > 40, "the endless request ran only "
+                                                     << endless.completionTokens << " tokens");
+    CHECK_FALSE(endless.text.empty());
+    CHECK_MESSAGE(endless.text == endless.streamed,
+                  "the aborted completion's text is not what was streamed");
+    // The report counts what was running when the drain began (and the late caller's
+    // one-token request, if one was in flight then: it completes).
+    CHECK(report.completed >= 1);
+    CHECK(report.completed <= 2);
+    CHECK(report.aborted == 1);
+    CHECK(report.failed == 0);
+    CHECK(report.kvTransfersAbandoned == 0);
+    CHECK_MESSAGE(took >= 1.4, "the drain returned after " << took << " s, before its deadline");
+    CHECK_MESSAGE(took < 4.0, "the drain took " << took << " s");
+    CHECK_MESSAGE(lateCompleted > 0, "the late caller never got an answer before the drain");
+    CHECK_MESSAGE(refusedDuringDrain, "the late caller was not refused while the drain ran: "
+                                          << refusal);
+    CHECK(contains(refusal, "shut down"));
+
+    // After the drain: "shut down", fast, for every kind of call; drain and shutdown no-ops.
+    auto t = Clock::now();
+    try {
+      llm.generate({"after"}, tokens(2));
+      FAIL("generate() after drain() succeeded");
+    } catch (const vsup::ShutDownError& e) {
+      CHECK(contains(e.what(), "shut down"));
+    }
+    CHECK_THROWS_AS(llm.generateStream("after", tokens(2), [](std::string_view) {}),
+                    vsup::ShutDownError);
+    CHECK(secondsSince(t) < 1.0);
+    vsup::DrainReport again = llm.drain(5s);
+    CHECK((again.completed == 0 && again.aborted == 0 && again.failed == 0));
+    llm.shutdown(5s);
+    CHECK(secondsSince(t) < 1.0);
+    CHECK_MESSAGE(descendantsMatching("__engine-core").empty(),
+                  "engine-core is still running after drain() returned");
+  }
+  checkNoTrace(before);
+}
+
+TEST_CASE("drain(0) aborts every running request at once, each with its text so far") {
+  HangGuard guard(120);
+  HostSnapshot before = baseline();
+  {
+    vsup::LLM llm(llmConfig(2, 5));
+    EndlessStream a(llm);
+    EndlessStream b(llm);
+    REQUIRE(a.waitFlowing());
+    REQUIRE(b.waitFlowing());
+    auto t0 = Clock::now();
+    vsup::DrainReport report = llm.drain(0ms);
+    double took = secondsSince(t0);
+    a.join(10s, "the first stream after drain(0)");
+    b.join(10s, "the second stream after drain(0)");
+    for (EndlessStream* s : {&a, &b}) {
+      CHECK_MESSAGE(s->returned, "a stream threw: " << s->error);
+      CHECK(s->finishReason == "abort");
+      CHECK(s->completionTokens > 0);
+      CHECK(s->text == s->streamed);
+    }
+    CHECK(report.aborted == 2);
+    CHECK(report.completed == 0);
+    CHECK(report.failed == 0);
+    CHECK_MESSAGE(took < 3.0, "drain(0) took " << took << " s");
+  }
+  checkNoTrace(before);
+}
+
+TEST_CASE("after shutdown() calls say 'shut down', never 'worker died', even after a failure") {
+  HangGuard guard(120);
+  HostSnapshot before = baseline();
+  SUBCASE("a healthy LLM") {
+    vsup::LLM llm(llmConfig(2));
+    CHECK(llm.generate({"before"}, tokens(2)).at(0).completionTokens == 2);
+    llm.shutdown(5s);
+    try {
+      llm.generate({"after"}, tokens(2));
+      FAIL("generate() after shutdown() succeeded");
+    } catch (const vsup::ShutDownError& e) {
+      std::string m = lower(e.what());
+      CHECK(contains(m, "shut down"));
+      CHECK_FALSE(contains(m, "died"));
+      CHECK_FALSE(contains(m, "unexpected"));
+    }
+  }
+  SUBCASE("an LLM whose rank had died") {
+    vsup::LLM llm(llmConfig(2, 1));
+    std::vector<pid_t> workers = descendantsMatching("__worker");
+    REQUIRE(workers.size() == 2);
+    REQUIRE(::kill(workers[1], SIGKILL) == 0);
+    // The failure is noticed: calls fail with it (not a ShutDownError) ...
+    bool failed = eventually(
+        [&]() {
+          try {
+            llm.generate({"probe"}, tokens(1));
+            return false;
+          } catch (const vsup::ShutDownError&) {
+            FAIL("a ShutDownError before any shutdown");
+            return true;
+          } catch (const vsup::Error&) {
+            return true;
+          }
+        },
+        5s);
+    REQUIRE(failed);
+    // ... until the user shuts down: from then on, "shut down".
+    llm.shutdown(5s);
+    try {
+      llm.generate({"after"}, tokens(2));
+      FAIL("generate() after shutdown() succeeded");
+    } catch (const vsup::ShutDownError& e) {
+      std::string m = lower(e.what());
+      CHECK(contains(m, "shut down"));
+      CHECK_FALSE(contains(m, "died"));
+      CHECK_FALSE(contains(m, "unexpected"));
+      MESSAGE("after a failure and a shutdown: ", std::string(e.what()));
+    }
+  }
+  checkNoTrace(before);
+}
+
+TEST_CASE("generate() refuses out-of-range sampling with the API server's message, and the LLM goes on") {
+  HangGuard guard(120);
+  HostSnapshot before = baseline();
+  {
+    vsup::LLM llm(llmConfig(1));
+    struct Bad {
+      const char* what;
+      void (*set)(vsup::Sampling&);
+      const char* message;  // as workers/api_server/openai_test.cpp expects for the same value
+    };
+    const Bad cases[] = {
+        {"max_tokens 0", [](vsup::Sampling& s) { s.maxTokens = 0; },
+         "'max_tokens' must be an integer >= 1, got 0"},
+        {"temperature 2.01", [](vsup::Sampling& s) { s.temperature = 2.01; },
+         "'temperature' must be a number between 0 and 2, got 2.01"},
+        {"temperature -0.1", [](vsup::Sampling& s) { s.temperature = -0.1; },
+         "'temperature' must be a number between 0 and 2, got -0.1"},
+        {"temperature NaN", [](vsup::Sampling& s) { s.temperature = std::nan(""); },
+         "'temperature' must be a number between 0 and 2, got nan"},
+        {"top_p 0", [](vsup::Sampling& s) { s.topP = 0; },
+         "'top_p' must be a number greater than 0 and at most 1, got 0"},
+        {"top_p 1.5", [](vsup::Sampling& s) { s.topP = 1.5; },
+         "'top_p' must be a number greater than 0 and at most 1, got 1.5"},
+        {"top_k -2", [](vsup::Sampling& s) { s.topK = -2; },
+         "'top_k' must be an integer >= -1 (-1 or 0: off), got -2"},
+        {"five stop strings", [](vsup::Sampling& s) { s.stop = {"a", "b", "c", "d", "e"}; },
+         "'stop' must be a non-empty string or an array of at most 4 non-empty strings, got an "
+         "array of 5 items"},
+        {"an empty stop string", [](vsup::Sampling& s) { s.stop = {"x", ""}; },
+         "'stop[1]' must be a non-empty string, got \"\""},
+    };
+    for (const Bad& c : cases) {
+      CAPTURE(c.what);
+      vsup::Sampling s = tokens(2);
+      c.set(s);
+      try {
+        llm.generate({"bad"}, s);
+        FAIL("generate() accepted it");
+      } catch (const vsup::ShutDownError& e) {
+        FAIL("a ShutDownError: " << e.what());
+      } catch (const vsup::Error& e) {
+        CHECK(std::string(e.what()) == std::string("vsup::LLM: ") + c.message);
+      }
+      CHECK_THROWS_AS(llm.generateStream("bad", s, [](std::string_view) {}), vsup::Error);
+    }
+    // The edges are accepted (top_k -1 is "off", as on the HTTP path).
+    vsup::Sampling edges = tokens(2);
+    edges.temperature = 0;
+    edges.topK = -1;
+    edges.stop = {"a", "b", "c", "d"};
+    CHECK(llm.generate({"edges"}, edges).at(0).completionTokens >= 1);
+  }
+  checkNoTrace(before);
+}
+
+TEST_CASE("a SIGSTOPped engine-core makes generate() throw within the liveness bound") {
+  HangGuard guard(120);
+  HostSnapshot before = baseline();
+  vsup::LLMConfig c = llmConfig(1, 1);
+  c.livenessTimeout = 1000ms;
+  auto llm = std::make_unique<vsup::LLM>(c);
+  EndlessStream stream(*llm);
+  REQUIRE(stream.waitFlowing());
+  std::vector<pid_t> cores = descendantsMatching("__engine-core");
+  REQUIRE(cores.size() == 1);
+  std::vector<pid_t> orphans;
+  for (const auto& p : descendantsOf(cores[0])) orphans.push_back(p.pid);
+  auto stoppedAt = Clock::now();
+  REQUIRE(::kill(cores[0], SIGSTOP) == 0);
+  bool ended = stream.finished.wait_for(8s) == std::future_status::ready;
+  if (!ended) ::kill(cores[0], SIGKILL);  // the test failed: end it without a hang
+  CHECK_MESSAGE(ended, "generateStream() still running 8 s after engine-core was stopped "
+                       "(liveness timeout 1 s)");
+  stream.join(10s, "generateStream() after engine-core was SIGSTOPped");
+  double took = std::chrono::duration<double>(stream.endedAt - stoppedAt).count();
+  MESSAGE("the hung engine-core surfaced after ", took, " s as: ", stream.error);
+  CHECK(stream.threw);
+  CHECK_FALSE(stream.shutDownError);
+  CHECK_MESSAGE(took < 4.0, "took " << took << " s (liveness timeout 1 s, interval 0.5 s)");
+  CHECK_THROWS_AS(llm->generate({"after"}, tokens(1)), vsup::Error);
+  llm.reset();
   std::string survivors;
   CHECK_MESSAGE(reapOrphans(orphans, 3s, &survivors),
                 "engine-core's descendants outlived it by more than 3 s:" << survivors);

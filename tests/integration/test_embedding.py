@@ -5,6 +5,7 @@ leaves no process behind (this pytest process is a subreaper: orphans come to us
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -142,3 +143,78 @@ def test_a_host_that_catches_sigterm_itself_shuts_its_supervisor_down_and_exits_
                 except (ProcessLookupError, PermissionError):
                     pass
         reap_adopted()
+
+
+def run_host(tmp: Path, *args: str, timeout: float = 60) -> tuple[str, str]:
+    r = subprocess.run([host_program(), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                       env=host_env(tmp), cwd=tmp, timeout=timeout, start_new_session=True)
+    out = r.stdout.decode(errors="replace")
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 0, f"the host exited {r.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    return out, err
+
+
+def test_a_host_that_drains_gets_its_finished_request_its_aborted_text_and_a_quiet_stop(tmp_path):
+    t0 = time.monotonic()
+    out, err = run_host(tmp_path, "drain")
+    took = time.monotonic() - t0
+    assert re.search(r"^report: completed=1 aborted=1 failed=0 kv=0$", out, re.MULTILINE), out
+    # The short one finished normally inside the drain; the endless one was cut at the
+    # deadline, returned (not thrown) with "abort", and its text is what it had streamed.
+    assert re.search(r"^stream short: length 40 yes$", out, re.MULTILINE), out
+    m = re.search(r"^stream endless: abort (\d+) yes$", out, re.MULTILINE)
+    assert m and int(m.group(1)) > 40, out
+    assert re.search(r"^after: ShutDownError: .*shut down", out, re.MULTILINE), out
+    # A drain the host asked for is not a failure: nothing alarming on any channel (but the
+    # line that names the ShutDownError the test asked for).
+    bad = alarming_lines("\n".join(l for l in out.splitlines() if not l.startswith("after: ")),
+                         err)
+    assert not bad, f"the host's output has alarming lines: {bad}"
+    assert "remote exception" not in out + err
+    assert took < 30, f"the host took {took:.1f}s"
+    m = re.search(r"^descendants:(.*)$", out, re.MULTILINE)
+    assert m, out
+    pids = [int(p) for p in m.group(1).split()]
+    assert len(pids) >= 3, f"expected engine-core and 2 ranks, saw {pids}"
+    assert_all_gone(pids, "the LLM's processes")
+    assert not list(tmp_path.iterdir()), f"left in $XDG_RUNTIME_DIR: {list(tmp_path.iterdir())}"
+
+
+# The same out-of-range values, as the library takes them (host_program.cpp's table) and as
+# the HTTP API does: the messages must be the same.
+SAMPLING_CASES = {
+    "max_tokens_0": {"max_tokens": 0},
+    "max_tokens_4097": {"max_tokens": 4097},
+    "temperature_2.01": {"temperature": 2.01},
+    "temperature_-0.1": {"temperature": -0.1},
+    "top_p_0": {"top_p": 0},
+    "top_p_1.5": {"top_p": 1.5},
+    "top_k_-2": {"top_k": -2},
+    "stop_5": {"stop": ["a", "b", "c", "d", "e"]},
+    "stop_empty": {"stop": ["x", ""]},
+}
+
+
+def test_generate_refuses_bad_sampling_with_the_same_message_as_the_http_api(tmp_path, vsup_bin):
+    from test_serving import Serving  # the serving tree helper of the HTTP tests
+
+    out, _ = run_host(tmp_path, "sampling")
+    library = dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+    assert set(library) == set(SAMPLING_CASES), out
+    serving = Serving(vsup_bin, tmp_path / "serving")
+    (tmp_path / "serving").mkdir()
+    try:
+        serving.start("--sim-token-ms", "1")
+        for case, fields in SAMPLING_CASES.items():
+            r, data = serving.post("/v1/completions",
+                                   {"model": "vsup-sim", "prompt": "hello", **fields})
+            assert r.status == 400, (case, data)
+            http_message = json.loads(data)["error"]["message"]
+            assert library[case] == "vsup::LLM: " + http_message, (
+                f"{case}: the library says {library[case]!r}, the HTTP API {http_message!r}")
+        serving.signal(signal.SIGTERM)
+        assert serving.wait_exit(30) == 0, serving.stderr()
+        wait_for(lambda: not serving.leftovers(), 2.0, "every process of the tree to be gone",
+                 lambda: f"left: {serving.leftovers()}")
+    finally:
+        serving.kill_everything()
