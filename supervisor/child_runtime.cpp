@@ -114,9 +114,18 @@ kj::Promise<void> ChildRuntime::start(SupervisorSpec spec, std::string config) {
   crashIfInjected(name_, "start");
   startConfig_ = std::move(config);
   kj::Promise<void> ready = start_ ? start_(spec) : kj::Promise<void>(kj::READY_NOW);
-  return ready.then([this]() {
-    if (!shuttingDown_) state_ = NodeState::Running;
-  });
+  return ready.then(
+      [this]() -> kj::Promise<void> {
+        if (!shuttingDown_) state_ = NodeState::Running;
+        return kj::READY_NOW;
+      },
+      [this](kj::Exception&& e) -> kj::Promise<void> {
+        // Remembered for the exit status: a parent that was already shutting down when this
+        // failure reached it (the start it waited for is cancelled) still learns of it. A start
+        // cut short by our own shutdown is not a failure of its own.
+        if (!shuttingDown_) startFailed_ = true;
+        return kj::mv(e);
+      });
 }
 
 kj::Promise<NodeStatus> ChildRuntime::status() { return statusWithin(kStatusBudgetMs); }
@@ -192,7 +201,11 @@ kj::Promise<bool> ChildRuntime::shutdown(MonoNs deadline, DeferralReporter repor
                                                   : "with escalations");
                     // A child that failed on its own outranks our own escalations: the parent
                     // must see a failure (non-zero, not 4), as for an unexpected death.
-                    exit(childFailed_ ? kExitError : clean_ ? kExitClean : kExitEscalated);
+                    // A start that failed is reported as such (3), whatever the stop was.
+                    exit(childFailed_   ? kExitError
+                         : startFailed_ ? kExitStartFailed
+                         : clean_       ? kExitClean
+                                        : kExitEscalated);
                     return clean_;
                   })
                   .fork();

@@ -126,6 +126,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   std::function<void(MonoNs)> hurry_;
   StopChildrenFn stopChildren_;
   bool childFailed_ = false;
+  bool startFailed_ = false;  // start() failed: the exit status says so (kExitStartFailed)
   std::vector<std::pair<std::string, HookFn>> hooks_;
   std::optional<capnp::Capability::Client> service_;
   std::function<kj::Promise<void>(MonoNs)> quiesce_;

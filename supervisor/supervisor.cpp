@@ -499,7 +499,9 @@ void Supervisor::onExit(Child& c) {
   c.lastExit = *status;
   c.state = Child::State::Stopped;
   c.readyFulfiller = nullptr;
-  bool unexpected = !c.exitExpected && !wasStarting;
+  // (Once the shutdown began, the start that would report it is cancelled: a child that dies
+  // unasked while starting is then an unexpected death like any other.)
+  bool unexpected = !c.exitExpected && (!wasStarting || phase_ == Phase::ShuttingDown);
   if (unexpected) {
     vsup::log().warn("[supervisor] {}: {} (pid {}) exited ({}){}", spec_.name, c.spec.name, pid,
                      status->describe(),
@@ -786,6 +788,7 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
   c.liveness = nullptr;  // stopped by the deadlines from now on
   c.exitExpected = true;
   c.killed = false;
+  bool wasStarting = c.state == Child::State::Starting;
   c.state = Child::State::Stopping;
   c.readyFulfiller = nullptr;
   MonoNs now = monoNow();
@@ -829,12 +832,20 @@ kj::Promise<void> Supervisor::stopChild(Child& c) {
         });
     stopped = exited(c).exclusiveJoin(kj::mv(killAtDeadline));
   }
-  kj::Promise<void> done = stopped.then([this, &c]() {
+  kj::Promise<void> done = stopped.then([this, &c, wasStarting]() {
     c.state = Child::State::Stopped;
-    // A vsup-aware child (a sub-supervisor, say) that had to kill or abandon something says so
-    // with its exit status: the
-    // escalation is the whole tree's, and the root's exit status reports it.
-    if (!c.killed && c.spec.vsupAware && c.lastExit &&
+    // A vsup-aware child stopped while it was starting, whose start had failed on its own (it
+    // exits kExitStartFailed): the start failure the shutdown cancelled, reported now. Else a
+    // vsup-aware child (a sub-supervisor, say) that had to kill or abandon something says so
+    // with its exit status: the escalation is the whole tree's, and the root's exit status
+    // reports it.
+    if (wasStarting && !c.killed && c.spec.vsupAware && c.lastExit &&
+        c.lastExit->kind == ExitStatus::Kind::Exited && c.lastExit->code == kExitStartFailed &&
+        !forcedOutcome_) {
+      forcedOutcome_ = Outcome::StartFailed;
+      failure_ = "child '" + c.spec.name + "' failed to start (its start failed as the shutdown "
+                 "began)";
+    } else if (!c.killed && c.spec.vsupAware && c.lastExit &&
         c.lastExit->kind == ExitStatus::Kind::Exited && c.lastExit->code == kExitEscalated) {
       ++escalations_;
       if (firstKill_.empty()) {

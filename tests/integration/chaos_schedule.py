@@ -58,8 +58,8 @@ BOUND_SLACK_S = 3.0
 RACES = {
     "start-death": "a node dies while the tree starts: 3 (start failure) if it or the ancestor "
                    "the root started had not reported ready yet, 5 (unexpected death) if it had",
-    "start-after-signal": "a node crashes at start-up after the first signal began the shutdown: "
-                          "the start is already cancelled, so 0, 3 or 5",
+    "start-after-signal": "a node crashes at start-up around the first signal: its start failure "
+                          "(3) or, once the shutdown began, an unexpected death (5)",
     "exiting": "a SIGKILL that reached a node after it had logged its own clean stop may find it "
                "exited already (no effect) or still exiting (a failure: 5)",
     "killed-anyway": "a death after a third signal, or after the node's supervisor killed "
@@ -315,10 +315,12 @@ def facts_of(sched: Schedule, applied: list[Applied], escalated_at: float | None
         forced = shutdown_from is None or t < shutdown_from
         if act.kind == "crash":
             if act.arg == "start":
-                if forced:
+                # Armed at spawn, the crash happens when the node starts, which is not observed:
+                # once a first signal was sent at all, it may come before or after the crash.
+                if shutdown_from is None:
                     out.append(Fact(t, frozenset({3}), False, True))
                 else:
-                    out.append(Fact(t, frozenset({3, 5}), True, False, "start-after-signal"))
+                    out.append(Fact(t, frozenset({3, 5}), False, forced, "start-after-signal"))
             elif act.target.startswith("worker") and hurried_after(t):
                 out.append(Fact(t, frozenset({4, 5}), killed_anyway(t), False, "reported-late"))
             else:

@@ -66,6 +66,34 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+# Under a sanitizer build (.ci/run's TSan stage runs process-level suites against it), every
+# process of every tree writes its reports to $VSUP_SANITIZER_LOG (the sanitizer's log_path: one
+# file per process, PREFIX.PID) instead of a stderr that a test may never read. A test during
+# which any process wrote a report fails with it, whatever else the test checked.
+_SANITIZER_LOG = os.environ.get("VSUP_SANITIZER_LOG", "")
+
+
+def _sanitizer_reports() -> set[Path]:
+    prefix = Path(_SANITIZER_LOG)
+    if not prefix.parent.is_dir():
+        return set()
+    return {p for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")}
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports():
+    if not _SANITIZER_LOG:
+        yield
+        return
+    before = _sanitizer_reports()
+    yield
+    new = sorted(_sanitizer_reports() - before)
+    if new:
+        text = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[:80])
+                         for p in new[:3])
+        pytest.fail(f"{len(new)} sanitizer report(s) during this test:\n{text}", pytrace=False)
+
+
 def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 

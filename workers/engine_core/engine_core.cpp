@@ -197,6 +197,14 @@ kj::Promise<void> EngineCore::start() {
                        tp, sessions_.size());
       running_ = true;
       loopPromise_ = loop().eagerlyEvaluate([this](kj::Exception&& e) {
+        if (ranksStopping_) {
+          // A hurried shutdown (a second signal) stops the ranks while a step may still be in
+          // flight: the step's end is the loop's end, not an engine failure.
+          vsup::log().info("[shutdown] {}: step loop ended by the ranks' stop ({})",
+                           runtime_.name(), ipc::userMessage(e));
+          if (boundary_ && boundary_->isWaiting()) boundary_->fulfill();
+          return;
+        }
         fail(std::string("step loop failed: ") + ipc::userMessage(e));
       });
     });
@@ -230,6 +238,9 @@ kj::Promise<void> EngineCore::stopAtStepBoundary() {
     vsup::log().info("[shutdown] {}: aborted {} request(s) still in flight", runtime_.name(),
                      aborted);
   }
+  // A shutdown while the ranks are still starting (the step loop never ran), or after the loop
+  // ended: there is no step boundary to wait for.
+  if (!running_ || !failure_.empty()) return kj::READY_NOW;
   bool stepRunning = executor_ && executor_->running();
   if (!stepRunning && !kvWorkLeft()) return kj::READY_NOW;
   auto paf = kj::newPromiseAndFulfiller<void>();
@@ -246,9 +257,17 @@ kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
   // All at once: the ranks are peers, idle at the step boundary, and each waits for its own KV
   // transfers (under the one deadline of the last step, kvGiveUpAt_): they wait at the same
   // time, each deferring in the log and `vsup tree`, not one after another.
+  ranksStopping_ = true;
   ranks_->shutdownAtOnce(deadline);
   return ranks_->shutdown(deadline).then([this]() {
-    if (ranks_->outcome() == supervisor::Outcome::ChildFailed) runtime_.reportChildFailure();
+    // A rank that died on its own (during the shutdown, before it while this process was
+    // already stopping and no longer failing the engine for it, or while the ranks started: a
+    // start the shutdown merely cut short ends Clean) is a failure of this subtree.
+    auto o = ranks_->outcome();
+    if (o == supervisor::Outcome::ChildFailed || o == supervisor::Outcome::IntensityExceeded ||
+        o == supervisor::Outcome::StartFailed) {
+      runtime_.reportChildFailure();
+    }
     return ranks_->escalations() == 0;
   });
 }

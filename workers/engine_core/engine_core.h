@@ -122,6 +122,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   MonoNs kvGiveUpAt_ = 0;                         // set when shutting down with a KV connector
   bool finalKvStep_ = false;  // the step that tells every rank kvGiveUpAt_ is due
   bool stopping_ = false;
+  bool ranksStopping_ = false;  // stopRanks() ran: a step cut by it is the end, not a failure
   bool running_ = false;  // started: the step loop runs
   uint64_t lastStep_ = 0;
   std::string failure_;
