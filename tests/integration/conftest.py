@@ -94,6 +94,21 @@ def no_sanitizer_reports():
         pytest.fail(f"{len(new)} sanitizer report(s) during this test:\n{text}", pytrace=False)
 
 
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on PORT (IPv4 and IPv6), from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                found.add(fields[9])
+    return found
+
+
 def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 

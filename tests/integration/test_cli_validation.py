@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import llama_ref as ref
-from conftest import wait_for
+from conftest import listening_inodes, wait_for
 from test_cpu_engine import TINY_CFG, left_behind, session_processes, write_hf_model
 from test_serving import HTTP_TIMEOUT_S, Serving, free_port
 
@@ -265,21 +265,6 @@ def test_other_broken_model_directories_are_usage_errors(vsup_bin, tmp_path, bre
 
 # ---------------------------------------------------------------------------------------------
 # The port: bound once by the root, refused when taken.
-
-
-def listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on PORT (IPv4 and IPv6), from /proc/net/tcp{,6}."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                found.add(fields[9])
-    return found
 
 
 def socket_inodes(pid: int) -> set[str]:

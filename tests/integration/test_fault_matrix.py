@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import describe, is_running, proc_stat, reap_if_ours
+from conftest import describe, is_running, listening_inodes, proc_stat, reap_if_ours
 from test_serving import PlainClient, Serving, StreamClient, completion, refused
 
 NODES = ("root", "engine-core", "worker-tp0", "worker-tp1", "api-server-0", "api-server-1",
@@ -373,16 +373,7 @@ def holds_collective_memfd(pid: int) -> bool:
 
 def listening_on(port: int) -> bool:
     """True if the kernel has a TCP socket in LISTEN state on PORT (any address)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":
-                return True
-    return False
+    return bool(listening_inodes(port))
 
 
 class FaultTree(Serving):

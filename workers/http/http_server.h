@@ -60,8 +60,9 @@
 //   - a connect whose handshake completes between close()'s last accept and the close of the
 //     listening socket (the same loop turn: microseconds), or is still in flight then (the SYN
 //     received, the final ACK not yet: at most one round trip), is reset, and its client may
-//     have sent its request already; with SO_REUSEPORT siblings still listening, only connects
-//     the kernel had already given this socket are at risk;
+//     have sent its request already; when the socket is shared (ServerOptions.listenFd: every
+//     API server of a tree holds the same one), closing this process's copy resets nothing while
+//     another process still holds it: only the last one to close is at risk;
 //   - in close(), once the client's host has acknowledged our FIN and nothing is unread, the
 //     socket is closed: a request sent after that (after our FIN had reached the client's host,
 //     so it did not cross it) is reset, and so is a crossing one whose segment was lost and is
