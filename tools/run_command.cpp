@@ -2,8 +2,8 @@
 //
 // The root owns SIGTERM/SIGINT (no other node of a tree handles signals). They are blocked and
 // read from a signalfd on the loop, so no handler runs at all and the children, whose masks are
-// reset at spawn, are unaffected. First signal: ordered shutdown. Second: the rest of it must
-// finish within 1 s. Third: SIGKILL every child process group now.
+// reset at spawn, are unaffected. First signal: ordered shutdown. Second: every remaining stop is
+// capped at 500 ms, at every depth (Supervisor::hurry). Third: SIGKILL every child process group now.
 //
 // One signal, counted once: a stop signal that arrives within kRepeatWindowMs (50 ms) of the
 // last one counted is the same request delivered twice, and is logged and ignored. timeout(1)
