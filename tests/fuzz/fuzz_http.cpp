@@ -13,8 +13,8 @@
 //   (selector / 3) % 8: how the bytes are written: 0 (and 6, 7) all at once, else in pieces of
 //                       1, 2, 5, 16 or 100 bytes with a loop turn between
 // So a seed starting with '0' is sent whole to the default server ('0' = 48). The client half-
-// closes after the last byte (which the server takes as the client leaving) and reads all the
-// server sends. `X-Chat-Format: chatml|llama3` picks the format a chat's messages are rendered in
+// closes after the last byte (the server answers every complete request that arrived, then
+// closes; an incomplete one gets 400) and reads all the server sends. `X-Chat-Format: chatml|llama3` picks the format a chat's messages are rendered in
 // (engine::renderChat, as engine-core would) to stand in for its generated text.
 //
 // Properties checked: nothing crashes or trips a sanitizer; the handler only ever sees a
