@@ -27,6 +27,8 @@ OrphanGuard::OrphanGuard(const std::string& vsupExe) {
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) request.env.emplace_back(*e);
   request.passFds.emplace_back(guardEnd.get(), 3);
   request.deathSignal = false;  // it must outlive us: that is its whole point
+  // Ignored from its first instruction on, not only once it has set them itself (below).
+  request.ignoreSignals = {SIGTERM, SIGINT, SIGHUP};
   process_.emplace(Process::spawn(request));
 }
 

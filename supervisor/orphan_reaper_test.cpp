@@ -395,7 +395,9 @@ TEST_CASE("OrphanReaper leaves an orphan in a spawned child's group to that chil
   child.killAndReap();
   REQUIRE(passUntil(reaper, [&]() { return !stillOurChild(orphan); }, 5000));
   CHECK(reaper.killed() == 0);
-  CHECK(reaper.reaped() == 1);
+  // The orphan, and possibly a zombie the shell left unreaped when it exec'd (seen under ASan's
+  // timing), both reparented to us when the child's group went.
+  CHECK(reaper.reaped() >= 1);
 }
 
 TEST_CASE("OrphanReaper passes on another thread never take the status of a child being spawned") {

@@ -35,6 +35,7 @@ struct ChildArgs {
   int count;
   pid_t parentPid;
   bool deathSignal;
+  const std::vector<int>* ignoreSignals;  // read only (no allocation in the child)
   // Written by the child when a step fails; read by the parent after clone returns (CLONE_VFORK
   // suspends the parent until the child has exec'd or exited).
   int error;
@@ -61,6 +62,10 @@ int childMain(void* arg) {
   for (int sig = 1; sig < NSIG; ++sig) {
     if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
   }
+  struct sigaction ign;
+  std::memset(&ign, 0, sizeof ign);
+  ign.sa_handler = SIG_IGN;
+  for (int sig : *a->ignoreSignals) sigaction(sig, &ign, nullptr);
   // 3. Backstop: if our parent (thread) dies, so do we.
   if (a->deathSignal) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) childFail(a, "prctl(PR_SET_PDEATHSIG)");
@@ -236,6 +241,7 @@ Process Process::spawn(const SpawnRequest& request) {
   args.envp = envp.data();
   args.parentPid = ::getpid();
   args.deathSignal = request.deathSignal;
+  args.ignoreSignals = &request.ignoreSignals;
 
 #if defined(__SANITIZE_THREAD__)
   // ThreadSanitizer cannot follow instrumented code running in our address space outside its

@@ -41,6 +41,10 @@ struct SpawnRequest {
   // PR_SET_PDEATHSIG(SIGKILL): the child dies with the spawning thread. Off only for the
   // OrphanGuard, which must outlive its parent.
   bool deathSignal = true;
+  // Signals the child starts with ignored (SIG_IGN survives exec), every other one at its
+  // default. For the OrphanGuard: SIGTERM, SIGINT and SIGHUP must not kill it at any instant,
+  // its start included (a systemd stop signals every process of the unit at once).
+  std::vector<int> ignoreSignals;
 };
 
 struct ExitStatus {

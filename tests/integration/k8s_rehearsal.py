@@ -150,6 +150,14 @@ def now() -> float:
 # Commands
 
 
+def still_exiting(pid: int) -> bool:
+    """True while a zombie's other threads have not all exited yet (not reapable yet)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
+
+
 def sh(argv: list[str], *, input: str | None = None, timeout: float = 10.0,
        check: bool = True) -> subprocess.CompletedProcess:
     """Runs ARGV to its end (at most TIMEOUT s); raises HarnessError if it fails and CHECK."""
@@ -978,6 +986,9 @@ class Cluster:
                                f"{self.pod_log(pod)}")
 
     # -- the sampler -----------------------------------------------------------------------------
+    # A zombie counts only once its parent could reap it: a multi-threaded process shows "Z" as
+    # soon as its main thread is gone while its other threads still exit (slowly, under a
+    # sanitizer), and no waitid can reap it before they have.
 
     def _sampler(self) -> None:
         prev: dict[int, set[tuple[int, int]]] = {}
@@ -994,7 +1005,7 @@ class Cluster:
                         pod.samples += 1
                         pod.max_procs = max(pod.max_procs, len(procs))
                         for pid, state, comm, start in procs:
-                            if state != "Z":
+                            if state != "Z" or still_exiting(pid):
                                 continue
                             if (pid, start) in prev.get(ns, set()):
                                 text = f"pid {pid} ({comm})"

@@ -366,7 +366,9 @@ def test_port_0_serves_on_a_free_port_named_in_the_log(vsup_bin, tmp_path):
                  stderr_path.read_text)
         assert complete(s, "vsup-sim") == 200
         for i in range(2):
-            assert f"api-server-{i}: listening on 127.0.0.1:{port}" in stderr_path.read_text()
+            wait_for(lambda: f"api-server-{i}: listening on 127.0.0.1:{port}"
+                     in stderr_path.read_text(), 10, f"api-server-{i} listening on {port}",
+                     stderr_path.read_text)
         p.send_signal(signal.SIGTERM)
         assert p.wait(15) == 0, stderr_path.read_text()
         wait_for(lambda: not left_behind({p.pid}, set()), 2, "nothing left",
