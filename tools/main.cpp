@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
       "require `Authorization: Bearer KEY` on /v1/* (or set VSUP_API_KEY)");
   std::vector<CLI::Option*> serving = {
       runCmd->add_option("--api-server-count", serve.apiServerCount,
-                         "HTTP front-end processes sharing the port")
+                         "HTTP front-end processes, all accepting from the one socket the root binds")
           ->check(CLI::Range(1u, 64u))->capture_default_str(),
       runCmd->add_option("--host", serve.host, "address to listen on")->capture_default_str(),
       runCmd->add_option("--port", serve.port, "TCP port")->capture_default_str(),

@@ -58,10 +58,9 @@ bool isAddress(const std::string& host) {
 // Seconds as a ChildSpec's milliseconds.
 int64_t ms(double seconds) { return int64_t(std::llround(seconds * 1000)); }
 
-// The checks of the serving flags that need no model and no socket: each returns what is wrong
-// ("" when nothing), naming the flag. main.cpp's checks ranged every number already; these
-// are the ones CLI11 cannot express, and they are made again here for callers that fill
-// ServeOptions themselves.
+// The checks of the serving flags that need no model and no socket and that CLI11 cannot
+// express: each returns what is wrong ("" when nothing), naming the flag. Every number's range
+// is main.cpp's (its validators, on the one path that fills ServeOptions), not repeated here.
 std::string badServeOption(const ServeOptions& o) {
   if (!isAddress(o.host)) {
     return "--host '" + o.host +
@@ -78,26 +77,6 @@ std::string badServeOption(const ServeOptions& o) {
     return "--api-key: the key starts or ends with a space (HTTP trims header values, so no "
            "request could ever match)";
   }
-  auto finite = [](const char* flag, double v, double lo, double hi) -> std::string {
-    if (std::isfinite(v) && v >= lo && v <= hi) return "";
-    char text[160];
-    std::snprintf(text, sizeof text, "%s must be %g..%g seconds, got %g", flag, lo, hi, v);
-    return text;
-  };
-  for (const std::string& bad : {
-           finite("--shutdown-timeout", o.shutdownTimeout, 0, 86400),
-           finite("--liveness-timeout", o.livenessTimeout, 0, 3600),
-           finite("--liveness-interval", o.livenessInterval, 0.01, 3600),
-           finite("--engine-start-timeout", o.engineStartTimeout, 0, 86400),
-           finite("--worker-start-timeout", o.workerStartTimeout, 0.1, 86400),
-           finite("--api-server-start-timeout", o.apiServerStartTimeout, 0.1, 86400),
-           finite("--http-first-byte-timeout", o.httpFirstByteTimeout, 0, 86400),
-           finite("--http-header-timeout", o.httpHeaderTimeout, 0, 86400),
-           finite("--http-body-timeout", o.httpBodyTimeout, 0, 86400),
-           finite("--http-idle-timeout", o.httpIdleTimeout, 0, 86400),
-       }) {
-    if (!bad.empty()) return bad;
-  }
   if (o.livenessTimeout > 0 && o.livenessTimeout < 0.1) {
     char text[200];
     std::snprintf(text, sizeof text,
@@ -105,12 +84,6 @@ std::string badServeOption(const ServeOptions& o) {
                   "node answers a ping within milliseconds, not microseconds)",
                   o.livenessTimeout);
     return text;
-  }
-  if (o.apiServerCount < 1 || o.apiServerCount > 64) {
-    return "--api-server-count must be 1..64, got " + std::to_string(o.apiServerCount);
-  }
-  if (o.maxConnections < 1 || o.maxConnections > (size_t(1) << 20)) {
-    return "--max-connections must be 1..1048576, got " + std::to_string(o.maxConnections);
   }
   return "";
 }
