@@ -70,6 +70,7 @@ import pytest
 import chaos_schedule as cs
 from conftest import proc_stat
 from test_fault_matrix import FaultTree, check_leftovers, wait_gone
+from test_serving import sse_events
 
 CLIENT_TIMEOUT_S = 40          # longer than any bound of a schedule
 RUN_LIMIT_S = 60               # one schedule, whatever happens
@@ -144,17 +145,9 @@ def exchange(c) -> tuple[str, str]:
 
 def read_stream(c, r) -> tuple[str, str]:
     events: list = []
-    buf = b""
     try:
-        while True:
-            chunk = r.read1(65536)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                payload = event.decode()[len("data: "):]
-                events.append("[DONE]" if payload == "[DONE]" else json.loads(payload))
+        for event in sse_events(r):
+            events.append(event)
     except TimeoutError:
         return "hung", f"stream stalled after {len(events)} events"
     except (OSError, http.client.HTTPException, ValueError) as e:

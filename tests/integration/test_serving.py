@@ -165,6 +165,21 @@ def serving(tmp_path, vsup_bin):
         s.kill_everything()
 
 
+def sse_events(r):
+    """The server-sent events of response R as they arrive: each data payload parsed as JSON,
+    or the string "[DONE]". Read errors (a timeout, a reset) and bad JSON propagate."""
+    buf = b""
+    while True:
+        chunk = r.read1(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            payload = event.decode()[len("data: "):]
+            yield "[DONE]" if payload == "[DONE]" else json.loads(payload)
+
+
 class StreamClient(threading.Thread):
     """A streaming completion read to the end in a thread; records every SSE event."""
 
@@ -183,17 +198,9 @@ class StreamClient(threading.Thread):
                       headers={"Content-Type": "application/json"})
             r = c.getresponse()
             self.status = r.status
-            buf = b""
-            while True:
-                chunk = r.read1(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    payload = event.decode()[len("data: "):]
-                    self.events.append("[DONE]" if payload == "[DONE]" else json.loads(payload))
-                    self.first.set()
+            for event in sse_events(r):
+                self.events.append(event)
+                self.first.set()
         except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
             self.error = e
         finally:
