@@ -72,9 +72,10 @@ RACES = {
     "third": "a third signal SIGKILLs what is still running: 4, or 0 when everything had already "
              "stopped",
     "order": "two deaths within RACE_WINDOW_S: the root may see either first",
-    "reported-late": "a rank's death reaches the root as engine-core's exit status, which may "
-                     "come after the ranks' KV deferral: a second or third signal meanwhile may "
-                     "have engine-core SIGKILLed first (4) instead (5)",
+    "reported-late": "a rank's death (or its being killed as hung) reaches the root as "
+                     "engine-core's exit status, which comes after engine-core has stopped the "
+                     "other ranks (their KV deferral, a stopped rank's deadline): a second or "
+                     "third signal meanwhile may have engine-core SIGKILLed first (4) instead (5)",
     "parent-stopped": "a node killed while its parent is SIGSTOPped: the parent, once continued, "
                       "sees the death (5), or is itself killed first, at its stop deadline (4) or "
                       "for being hung (5), and the death is not counted",
@@ -351,6 +352,10 @@ def facts_of(sched: Schedule, applied: list[Applied], escalated_at: float | None
                 detect = t + timeout + interval
                 if t1 is not None and t1 < detect + LIVENESS_MARGIN_S * 0.9:
                     out.append(Fact(detect, frozenset({4, 5}), False, False, "hung"))
+                elif act.target.startswith("worker") and hurried_after(detect):
+                    # engine-core reports the hung rank by exiting, after stopping the other
+                    # ranks; a second or third signal meanwhile may have it SIGKILLed first.
+                    out.append(Fact(detect, frozenset({4, 5}), False, False, "reported-late"))
                 else:
                     out.append(Fact(detect, frozenset({5}), False, True))
                 continue
