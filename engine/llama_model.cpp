@@ -219,12 +219,23 @@ void LlamaShard::forward(const std::vector<Seq>& batch, std::vector<float>& logi
       kernels::writeKv(kCache, vCache, layout_, tokens[size_t(t)].seq->blockTable,
                        tokens[size_t(t)].pos, k, v);
     }
-    for (int64_t t = 0; t < T; ++t) {
-      int32_t context = tokens[size_t(t)].pos + 1;
-      if (scores_.size() < size_t(context)) scores_.resize(size_t(context));
-      kernels::pagedAttention(&attn_[size_t(t * attnDim)], &qkvOut_[size_t(t * qkvDim)], kCache,
-                              vCache, layout_, tokens[size_t(t)].seq->blockTable, context,
-                              int(qHeads_), scale, scores_.data());
+    // A run of prompt tokens: blocked matrix products; one query (decode): paged attention.
+    {
+      int64_t t = 0;
+      for (const Seq& s : batch) {
+        if (s.count > 1) {
+          prefillAttention_.run(&attn_[size_t(t * attnDim)], attnDim, &qkvOut_[size_t(t * qkvDim)],
+                                qkvDim, kCache, vCache, layout_, s.blockTable, s.startPos, s.count,
+                                int(qHeads_), scale);
+        } else {
+          int32_t context = s.startPos + 1;
+          if (scores_.size() < size_t(context)) scores_.resize(size_t(context));
+          kernels::pagedAttention(&attn_[size_t(t * attnDim)], &qkvOut_[size_t(t * qkvDim)],
+                                  kCache, vCache, layout_, s.blockTable, context, int(qHeads_),
+                                  scale, scores_.data());
+        }
+        t += s.count;
+      }
     }
     matmul(proj_.data(), attn_.data(), T, attnDim, l.o.data(), H, attnDim);
     collective_.allReduceSum(proj_.data(), size_t(T * H));

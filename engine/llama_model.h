@@ -17,6 +17,7 @@
 
 #include "engine/collective.h"
 #include "engine/llama_config.h"
+#include "engine/prefill_attention.h"
 #include "engine/weights.h"
 #include "kernels/cpu_kernels.h"
 
@@ -85,6 +86,7 @@ class LlamaShard {
   kernels::RopeTable rope_;
   // Scratch, reused between steps.
   std::vector<float> x_, h_, qkvOut_, attn_, proj_, gu_, scores_, lastRows_, shardLogits_, gathered_;
+  PrefillAttention prefillAttention_;
 };
 
 }  // namespace vsup::engine
