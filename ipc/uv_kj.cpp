@@ -3,9 +3,10 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <algorithm>
+#include <cstring>
 #include <kj/common.h>
 #include <kj/debug.h>
-#include <vector>
 
 #include "base/check.h"
 #include "base/log.h"
@@ -116,9 +117,15 @@ void UvSocketStream::onPoll(uv_poll_t* handle, int status, int events) {
   if (self == nullptr) return;
   // On a poll error wake both directions: the next syscall reports the real error.
   if (status < 0) events = UV_READABLE | UV_WRITABLE;
-  if ((events & UV_READABLE) && self->readable_) {
-    auto f = kj::mv(self->readable_);
-    f->fulfill();
+  if (events & UV_READABLE) {
+    // One recv() into the buffer, whether or not a read is waiting (a read issued later, or
+    // re-issued after a cancelled one, is then served from the buffer without a syscall).
+    self->fill();
+    if (self->readable_ && self->readable_->isWaiting() &&
+        (self->buffered() >= self->readMin_ || self->eof_ || self->readErrno_ != 0)) {
+      auto f = kj::mv(self->readable_);
+      f->fulfill();
+    }
   }
   if ((events & UV_WRITABLE) && self->writable_) {
     auto f = kj::mv(self->writable_);
@@ -129,10 +136,17 @@ void UvSocketStream::onPoll(uv_poll_t* handle, int status, int events) {
 
 void UvSocketStream::rearm() {
   int want = 0;
-  if (readable_ && readable_->isWaiting()) want |= UV_READABLE;
+  // READABLE stays armed from the first read on; it is dropped only when there is nothing
+  // more to learn (EOF, an error) or nowhere to put bytes (the buffer is full and no read
+  // waits: a level-triggered poll would otherwise fire on every loop turn).
+  if (reading_ && !eof_ && readErrno_ == 0 &&
+      ((readable_ && readable_->isWaiting()) || buffered() < rbuf_.size())) {
+    want |= UV_READABLE;
+  }
   if (writable_ && writable_->isWaiting()) want |= UV_WRITABLE;
   if (want == armed_) return;
   armed_ = want;
+  ++pollChanges_;
   if (want == 0) {
     uv_poll_stop(poll_.get());
   } else {
@@ -147,29 +161,99 @@ kj::Promise<void> UvSocketStream::whenReady(int event) {
   return kj::mv(paf.promise);
 }
 
-kj::Promise<size_t> UvSocketStream::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
-  return readSome(static_cast<kj::byte*>(buffer), minBytes, maxBytes, 0);
-}
-
-kj::Promise<size_t> UvSocketStream::readSome(kj::byte* buffer, size_t minBytes, size_t maxBytes,
-                                             size_t done) {
-  while (done < minBytes) {
-    ssize_t n = ::recv(fd_.get(), buffer + done, maxBytes - done, MSG_DONTWAIT);
+void UvSocketStream::fill() {
+  // Called from the poll callback too: nothing here throws (errors are kept in readErrno_).
+  if (eof_ || readErrno_ != 0 || rbuf_.size() == 0) return;
+  if (rend_ == rbuf_.size() && rbegin_ > 0) {
+    memmove(rbuf_.begin(), rbuf_.begin() + rbegin_, rend_ - rbegin_);
+    rend_ -= rbegin_;
+    rbegin_ = 0;
+  }
+  size_t space = rbuf_.size() - rend_;
+  if (space == 0) return;
+  for (;;) {
+    ++recvCalls_;
+    ssize_t n = ::recv(fd_.get(), rbuf_.begin() + rend_, space, MSG_DONTWAIT);
     if (n > 0) {
-      done += size_t(n);
-      continue;
+      rend_ += size_t(n);
+      // A short read took everything the socket held: don't ask again before the poll says
+      // there is more (that call would only meet EAGAIN).
+      mayHaveMore_ = size_t(n) == space;
+      return;
     }
-    if (n == 0) return done;  // EOF
+    if (n == 0) {
+      eof_ = true;
+      return;
+    }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      return whenReady(UV_READABLE).then([this, buffer, minBytes, maxBytes, done]() {
-        return readSome(buffer, minBytes, maxBytes, done);
-      });
+      ++recvEagains_;
+      mayHaveMore_ = false;
+      return;
     }
-    if (errno == ECONNRESET) return done;  // the peer is gone: same as EOF for a reader
-    KJ_FAIL_SYSCALL("recv", errno);
+    if (errno == ECONNRESET) {  // the peer is gone: same as EOF for a reader
+      eof_ = true;
+      return;
+    }
+    readErrno_ = errno;
+    return;
   }
-  return done;
+}
+
+void UvSocketStream::reserve(size_t bytes) {
+  if (rbuf_.size() == 0) {
+    rbuf_ = kj::heapArray<kj::byte>(std::max(bytes, kReadBufferBytes));
+    return;
+  }
+  if (rbuf_.size() - rbegin_ >= bytes) return;
+  size_t have = buffered();
+  if (rbuf_.size() >= bytes) {
+    memmove(rbuf_.begin(), rbuf_.begin() + rbegin_, have);
+  } else {
+    // One read needs more than the buffer holds (a large message body): grow for it; take()
+    // shrinks the buffer back once it is empty.
+    auto bigger = kj::heapArray<kj::byte>(std::max(bytes, 2 * rbuf_.size()));
+    memcpy(bigger.begin(), rbuf_.begin() + rbegin_, have);
+    rbuf_ = kj::mv(bigger);
+  }
+  rbegin_ = 0;
+  rend_ = have;
+}
+
+size_t UvSocketStream::take(kj::byte* buffer, size_t maxBytes) {
+  size_t n = std::min(buffered(), maxBytes);
+  if (n > 0) memcpy(buffer, rbuf_.begin() + rbegin_, n);
+  rbegin_ += n;
+  if (rbegin_ == rend_) {
+    rbegin_ = rend_ = 0;
+    if (rbuf_.size() > kReadBufferBytes) rbuf_ = kj::heapArray<kj::byte>(kReadBufferBytes);
+  }
+  return n;
+}
+
+kj::Promise<size_t> UvSocketStream::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
+  return readSome(static_cast<kj::byte*>(buffer), minBytes, maxBytes);
+}
+
+kj::Promise<size_t> UvSocketStream::readSome(kj::byte* buffer, size_t minBytes, size_t maxBytes) {
+  // The caller's buffer is written only when the read completes: until then the bytes stay in
+  // ours, so a read cancelled while it waits loses nothing.
+  reading_ = true;
+  for (;;) {
+    if (buffered() >= minBytes || eof_) {
+      size_t n = take(buffer, maxBytes);
+      rearm();  // arms READABLE after the first read, or again once a full buffer has room
+      return n;
+    }
+    if (readErrno_ != 0) KJ_FAIL_SYSCALL("recv", readErrno_);
+    reserve(minBytes);
+    if (!mayHaveMore_) break;
+    fill();
+  }
+  readMin_ = minBytes;
+  return whenReady(UV_READABLE).then([this, buffer, minBytes, maxBytes]() {
+    return readSome(buffer, minBytes, maxBytes);
+  });
 }
 
 kj::Promise<void> UvSocketStream::write(const void* buffer, size_t size) {
@@ -186,14 +270,16 @@ kj::Promise<void> UvSocketStream::writeSome(kj::Array<kj::ArrayPtr<const kj::byt
                                             size_t first) {
   // The caller keeps the bytes alive until the promise resolves (kj::AsyncOutputStream
   // contract); we keep only the piece list, advanced in place as bytes go out.
+  constexpr size_t kMaxIov = 64;  // well under IOV_MAX; more pieces go in the next sendmsg
   while (first < pieces.size()) {
-    std::vector<iovec> iov;
-    for (size_t i = first; i < pieces.size() && iov.size() < IOV_MAX; ++i) {
-      iov.push_back({const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()});
+    iovec iov[kMaxIov];
+    size_t count = 0;
+    for (size_t i = first; i < pieces.size() && count < kMaxIov; ++i) {
+      iov[count++] = {const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()};
     }
     msghdr msg{};
-    msg.msg_iov = iov.data();
-    msg.msg_iovlen = iov.size();
+    msg.msg_iov = iov;
+    msg.msg_iovlen = count;
     ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0) {
       if (errno == EINTR) continue;

@@ -70,10 +70,27 @@ class KjOnUv {
 };
 
 // A stream over a connected socket fd, driven by one uv_poll_t. Writes use MSG_NOSIGNAL, so a
-// peer that went away yields a DISCONNECTED exception, never SIGPIPE. Reads of 0 bytes are EOF.
-// Runs on the loop thread only.
+// peer that went away yields a DISCONNECTED exception, never SIGPIPE. Reads of 0 bytes are EOF
+// (so is ECONNRESET: the peer is gone).
+//
+// Reads are buffered: one recv() per readable event into a buffer (kReadBufferBytes, grown only
+// while one read needs more than that in one piece, shrunk back once empty), and every tryRead
+// is served from the buffer first, so a burst of Cap'n Proto messages (8-byte header, then the
+// body, each its own tryRead) costs one syscall, not two or three. A recv that came back short
+// means the socket is drained, so the next read waits for the poll instead of trying again to
+// meet an EAGAIN. Bytes reach the caller's buffer only when its read completes: a read that is
+// cancelled (its promise dropped) loses nothing, the next read gets the bytes.
+// Once reading has begun the poll stays armed for READABLE for the stream's lifetime (a readiness
+// wait costs no epoll_ctl), except while the buffer is full with nobody reading (then it is
+// re-armed by the next read) and after EOF or a read error (kept and reported to every later
+// read once the buffered bytes are consumed). WRITABLE is armed only while a write is blocked.
+// The stream carries bytes only: no fds (recv() without control data; the kernel drops any fd
+// a peer tries to pass).
+// Runs on the loop thread only. No exception leaves a libuv callback.
 class UvSocketStream final : public kj::AsyncIoStream {
  public:
+  static constexpr size_t kReadBufferBytes = 64 * 1024;
+
   UvSocketStream(uv_loop_t* loop, OwnFd fd);
   ~UvSocketStream() noexcept(false);
 
@@ -86,8 +103,22 @@ class UvSocketStream final : public kj::AsyncIoStream {
 
   int fd() const { return fd_.get(); }
 
+  // Counters, for tests and benchmarks: recv() calls made, and those that found nothing
+  // (EAGAIN).
+  uint64_t recvCalls() const { return recvCalls_; }
+  uint64_t recvEagains() const { return recvEagains_; }
+  // Bytes received but not yet handed to a reader.
+  size_t buffered() const { return rend_ - rbegin_; }
+  // The events the poll is armed for now (UV_READABLE | UV_WRITABLE), and how many times the
+  // arming changed (each change is an epoll_ctl).
+  int armedEvents() const { return armed_; }
+  uint64_t pollChanges() const { return pollChanges_; }
+
  private:
-  kj::Promise<size_t> readSome(kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done);
+  kj::Promise<size_t> readSome(kj::byte* buffer, size_t minBytes, size_t maxBytes);
+  size_t take(kj::byte* buffer, size_t maxBytes);
+  void reserve(size_t bytes);
+  void fill();
   kj::Promise<void> writeSome(kj::Array<kj::ArrayPtr<const kj::byte>> pieces, size_t first);
   kj::Promise<void> whenReady(int event);
   void rearm();
@@ -98,6 +129,19 @@ class UvSocketStream final : public kj::AsyncIoStream {
   kj::Own<kj::PromiseFulfiller<void>> readable_;
   kj::Own<kj::PromiseFulfiller<void>> writable_;
   int armed_ = 0;
+
+  // The read buffer: bytes [rbegin_, rend_) of rbuf_ are received and not yet read.
+  kj::Array<kj::byte> rbuf_;
+  size_t rbegin_ = 0;
+  size_t rend_ = 0;
+  size_t readMin_ = 0;         // the waiting read's need (buffered bytes that let it complete)
+  bool reading_ = false;       // a read was ever issued: READABLE stays armed from then on
+  bool mayHaveMore_ = true;    // the last recv filled the buffer: the socket may hold more
+  bool eof_ = false;           // recv returned 0 (or ECONNRESET)
+  int readErrno_ = 0;          // recv failed with this (reported once the buffer is consumed)
+  uint64_t recvCalls_ = 0;
+  uint64_t recvEagains_ = 0;
+  uint64_t pollChanges_ = 0;
 };
 
 // Sleeps until `ms` from now on the uv loop. Dropping the promise cancels the timer.

@@ -5,14 +5,18 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <doctest/doctest.h>
 #include <functional>
+#include <memory>
 #include <kj/debug.h>
 #include <kj/vector.h>
 #include <string>
@@ -104,6 +108,64 @@ kj::Promise<void> readAll(UvSocketStream& stream, kj::byte* out, size_t n, size_
     KJ_REQUIRE(got > 0, "unexpected EOF", n);
     return readAll(stream, out + got, n - got, chunk);
   });
+}
+
+// Writes all `n` bytes to a blocking fd.
+void writeFully(int fd, const void* data, size_t n) {
+  auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    REQUIRE(w > 0);
+    p += w;
+    n -= size_t(w);
+  }
+}
+
+// Runs the loop (in turns of at most 1 ms) until `done()` or `ms` have passed; says whether
+// `done()` became true.
+bool runUntil(uv_loop_t* loop, kj::WaitScope& ws, const std::function<bool()>& done, double ms) {
+  auto start = vsup::monoNow();
+  while (!done()) {
+    if (elapsedMs(start) > ms) return false;
+    uvSleep(loop, 1).wait(ws);
+  }
+  return true;
+}
+
+// Bytes queued in a socket's receive buffer (not yet taken by recv).
+int queuedBytes(int fd) {
+  int n = -1;
+  REQUIRE(::ioctl(fd, FIONREAD, &n) == 0);
+  return n;
+}
+
+// A stream of messages shaped like Cap'n Proto's on the wire: an 8-byte header (segment count
+// minus one, then the segment's size in words), then the body. Message i has (i % 7 + 1) words,
+// filled with bytes derived from i.
+std::vector<kj::byte> capnpShapedMessages(size_t count) {
+  std::vector<kj::byte> wire;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t header[2] = {0, uint32_t(i % 7 + 1)};
+    auto* h = reinterpret_cast<const kj::byte*>(header);
+    wire.insert(wire.end(), h, h + sizeof header);
+    for (size_t j = 0; j < header[1] * 8; ++j) wire.push_back(kj::byte((i * 13 + j) & 0xff));
+  }
+  return wire;
+}
+
+// Reads `count` messages of capnpShapedMessages() the way capnp does (header, then body, each a
+// tryRead with minBytes == maxBytes) and checks every byte.
+void readCapnpShapedMessages(UvSocketStream& stream, kj::WaitScope& ws, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t header[2] = {99, 99};
+    REQUIRE(stream.tryRead(header, 8, 8).wait(ws) == 8);
+    REQUIRE(header[0] == 0);
+    REQUIRE(header[1] == uint32_t(i % 7 + 1));
+    std::vector<kj::byte> body(header[1] * 8);
+    REQUIRE(stream.tryRead(body.data(), body.size(), body.size()).wait(ws) == body.size());
+    for (size_t j = 0; j < body.size(); ++j) REQUIRE(body[j] == kj::byte((i * 13 + j) & 0xff));
+  }
 }
 
 }  // namespace
@@ -463,6 +525,257 @@ TEST_CASE("a cancelled read leaves the data for the next read") {
   CHECK(settle(a.tryRead(buf, 4, sizeof buf).ignoreResult(), loop.get(), ws, 1000).kind ==
         Outcome::Resolved);
   CHECK(std::string(buf, 4) == "next");
+}
+
+// ---------------------------------------------------------------------------------------------
+// UvSocketStream: the read buffer and the poll that stays armed.
+
+TEST_CASE("a burst of whole messages costs one recv: every header and body comes from the buffer") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  auto wire = capnpShapedMessages(100);
+  REQUIRE(wire.size() < UvSocketStream::kReadBufferBytes);
+  writeFully(sp.a.get(), wire.data(), wire.size());
+  readCapnpShapedMessages(reader, ws, 100);
+  CHECK(reader.recvCalls() == 1);
+  CHECK(reader.recvEagains() == 0);
+  CHECK(reader.buffered() == 0);
+  // The buffer is empty and the last recv was short: the next read waits for the poll instead
+  // of asking the socket again just to meet an EAGAIN.
+  uint32_t header[2] = {};
+  auto next = reader.tryRead(header, 8, 8);
+  Timer later(loop.get(), 10, [&] { writeFully(sp.a.get(), wire.data(), 8); });
+  CHECK(next.wait(ws) == 8);
+  CHECK(reader.recvCalls() == 2);
+  CHECK(reader.recvEagains() == 0);
+}
+
+TEST_CASE("reads that wait cost no poll re-arming: READABLE stays armed across round trips") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream a(loop.get(), std::move(sp.a));
+  UvSocketStream b(loop.get(), std::move(sp.b));
+  for (int i = 0; i < 200; ++i) {
+    char got[4] = {};
+    auto atB = b.tryRead(got, 4, 4);  // issued first: it waits for READABLE
+    a.write("ping", 4).wait(ws);
+    REQUIRE(atB.wait(ws) == 4);
+    REQUIRE(std::string(got, 4) == "ping");
+    auto atA = a.tryRead(got, 4, 4);
+    b.write("pong", 4).wait(ws);
+    REQUIRE(atA.wait(ws) == 4);
+    REQUIRE(std::string(got, 4) == "pong");
+  }
+  // Armed once, at the first read; never stopped and restarted per wait.
+  CHECK(a.pollChanges() == 1);
+  CHECK(b.pollChanges() == 1);
+  CHECK(a.armedEvents() == UV_READABLE);
+  CHECK(b.armedEvents() == UV_READABLE);
+  // One recv per message, no EAGAIN but the very first read's (nothing had been sent yet).
+  CHECK(b.recvCalls() == 201);
+  CHECK(b.recvEagains() == 1);
+}
+
+TEST_CASE("a message that arrives a byte at a time is assembled into one read") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  int peer = sp.a.get();
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  auto wire = capnpShapedMessages(3);  // 8 + 8, 8 + 16, 8 + 24 bytes
+  size_t sent = 0;
+  // A repeating 1 ms timer writes the next byte.
+  auto tick = UvHandle<uv_timer_t>::make([&](uv_timer_t* t) { uv_timer_init(loop.get(), t); });
+  std::function<void()> writeOne = [&] {
+    if (sent < wire.size()) writeFully(peer, &wire[sent++], 1);
+    if (sent == wire.size()) uv_timer_stop(tick.get());
+  };
+  tick->data = &writeOne;
+  uv_timer_start(
+      tick.get(), [](uv_timer_t* t) { (*static_cast<std::function<void()>*>(t->data))(); }, 1,
+      1);
+  readCapnpShapedMessages(reader, ws, 3);
+  CHECK(sent == wire.size());
+  CHECK(reader.recvCalls() >= 10);  // it really came in pieces
+  CHECK(reader.buffered() == 0);
+}
+
+TEST_CASE("a read larger than the buffer gets every byte, and the buffer shrinks back after") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  const size_t total = (3u << 20) + 8 + 5;
+  auto data = patternBytes(total);
+  // A blocking writer in small pieces, so the body arrives over many readable events.
+  std::thread writer([&, fd = sp.a.get()] {
+    for (size_t off = 0; off < total; off += 4093) {
+      writeFully(fd, data.data() + off, std::min<size_t>(4093, total - off));
+    }
+  });
+  std::vector<kj::byte> got(total);
+  auto header = reader.tryRead(got.data(), 8, 8);
+  auto all = header.then([&](size_t n) {
+    KJ_REQUIRE(n == 8);
+    return reader.tryRead(got.data() + 8, 3u << 20, 3u << 20);
+  }).then([&](size_t n) {
+    KJ_REQUIRE(n == 3u << 20);
+    return reader.tryRead(got.data() + 8 + (3u << 20), 5, 5);
+  }).then([&](size_t n) { KJ_REQUIRE(n == 5); });
+  Outcome o = settle(kj::mv(all), loop.get(), ws, 20000);
+  writer.join();
+  CHECK(o.kind == Outcome::Resolved);
+  CHECK(o.description == "");
+  CHECK(got == data);
+  CHECK(reader.buffered() == 0);
+  // Small messages still work once the big buffer is gone.
+  writeFully(sp.a.get(), "tail!", 5);
+  char tail[5];
+  CHECK(reader.tryRead(tail, 5, 5).wait(ws) == 5);
+  CHECK(std::string(tail, 5) == "tail!");
+}
+
+TEST_CASE("EOF in the middle of a message: the read returns the bytes before it, then 0") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  auto wire = capnpShapedMessages(3);  // message 2: 8-byte header, 24-byte body
+  const size_t second = 8 + 8 + 8 + 16;
+  // Two whole messages, then the third's header and 5 of its 24 body bytes, then EOF.
+  SUBCASE("the EOF is already there when the read is issued") {
+    writeFully(sp.a.get(), wire.data(), second + 8 + 5);
+    sp.a.reset();
+    readCapnpShapedMessages(reader, ws, 2);
+  }
+  std::unique_ptr<Timer> part, close;  // outlive the subcase: the close comes after its reads
+  SUBCASE("the EOF arrives while the read waits") {
+    part = std::make_unique<Timer>(
+        loop.get(), 5, [&] { writeFully(sp.a.get(), wire.data(), second + 8 + 5); });
+    close = std::make_unique<Timer>(loop.get(), 15, [&] { sp.a.reset(); });
+    readCapnpShapedMessages(reader, ws, 2);
+  }
+  uint32_t header[2] = {};
+  CHECK(reader.tryRead(header, 8, 8).wait(ws) == 8);
+  CHECK(header[1] == 3);
+  kj::byte body[24] = {};
+  CHECK(reader.tryRead(body, 24, 24).wait(ws) == 5);
+  for (size_t j = 0; j < 5; ++j) CHECK(body[j] == kj::byte((2 * 13 + j) & 0xff));
+  CHECK(reader.tryRead(body, 1, 24).wait(ws) == 0);
+  CHECK(reader.tryRead(body, 1, 24).wait(ws) == 0);
+  // Nothing left to wait for: the poll is no longer armed (a level-triggered EOF would
+  // otherwise wake the loop on every turn).
+  CHECK(reader.armedEvents() == 0);
+}
+
+TEST_CASE("a read cancelled after part of its bytes arrived loses none of them") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  int peer = sp.a.get();
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  char dropped[10] = {};
+  {
+    auto pending = reader.tryRead(dropped, 10, 10);
+    writeFully(peer, "0123", 4);
+    // Until the socket has handed those 4 bytes to the stream.
+    REQUIRE(runUntil(loop.get(), ws, [&] { return queuedBytes(reader.fd()) == 0; }, 2000));
+  }  // cancelled with 4 of its 10 bytes received
+  writeFully(peer, "456789", 6);
+  char got[10] = {};
+  Outcome o = settle(reader.tryRead(got, 10, 10).then([](size_t n) { KJ_REQUIRE(n == 10, n); }),
+                     loop.get(), ws, 2000);
+  CHECK(o.kind == Outcome::Resolved);
+  CHECK(std::string(got, 10) == "0123456789");
+}
+
+TEST_CASE("with nobody reading, the stream buffers up to its capacity, then stops polling") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  const size_t total = 3 * UvSocketStream::kReadBufferBytes + 7;
+  auto data = patternBytes(total);
+  std::thread writer([&, fd = sp.a.get()] { writeFully(fd, data.data(), total); });
+  std::vector<kj::byte> got(total);
+  REQUIRE(reader.tryRead(got.data(), 1, 1).wait(ws) == 1);  // reading has begun
+  // No read is pending: the poll keeps filling the buffer until it is full, then lets go of
+  // READABLE (a level-triggered poll left armed would spin).
+  REQUIRE(runUntil(
+      loop.get(), ws,
+      [&] { return reader.buffered() == UvSocketStream::kReadBufferBytes; }, 5000));
+  CHECK(reader.armedEvents() == 0);
+  // Reading resumes it, and every byte arrives in order.
+  auto rest = readAll(reader, got.data() + 1, total - 1, 10000);
+  Outcome o = settle(kj::mv(rest), loop.get(), ws, 20000);
+  writer.join();
+  CHECK(o.kind == Outcome::Resolved);
+  CHECK(got == data);
+  CHECK(reader.armedEvents() == UV_READABLE);
+}
+
+TEST_CASE("an fd passed by a peer (SCM_RIGHTS) is dropped, not leaked, and the bytes stay in order") {
+  // The stream carries bytes only; a peer that passes an fd anyway must not plant it in us.
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  int before = openFdCount();
+  int pipefd[2];
+  REQUIRE(::pipe2(pipefd, O_CLOEXEC) == 0);
+  {
+    char bytes[3] = {'a', 'b', 'c'};
+    iovec iov{bytes, sizeof bytes};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &pipefd[0], sizeof(int));
+    REQUIRE(::sendmsg(sp.a.get(), &msg, 0) == 3);
+  }
+  ::close(pipefd[0]);
+  ::close(pipefd[1]);
+  writeFully(sp.a.get(), "def", 3);
+  char got[6] = {};
+  REQUIRE(readAll(reader, reinterpret_cast<kj::byte*>(got), 6, 6)
+              .then([] { return true; })
+              .exclusiveJoin(uvSleep(loop.get(), 2000).then([] { return false; }))
+              .wait(ws));
+  CHECK(std::string(got, 6) == "abcdef");
+  CHECK(openFdCount() == before);
+}
+
+TEST_CASE("after abortRead a pending read ends with 0 bytes instead of waiting") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  auto& ws = kj.waitScope();
+  SocketPair sp;
+  UvSocketStream reader(loop.get(), std::move(sp.b));
+  char buf[8];
+  auto pending = reader.tryRead(buf, 1, sizeof buf);
+  ws.poll();
+  reader.abortRead();
+  auto n = pending.then([](size_t got) { return int(got); })
+               .exclusiveJoin(uvSleep(loop.get(), 2000).then([] { return -1; }))
+               .wait(ws);
+  CHECK(n == 0);
 }
 
 TEST_CASE("creating and destroying 200 streams leaves the fd count unchanged") {
