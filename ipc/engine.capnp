@@ -33,6 +33,14 @@ enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
 # Why the engine refused a request (engine::RejectCode).
 enum RejectCode { none @0; contextLengthExceeded @1; emptyPrompt @2; }
 
+# What submitMany answers for one request: the same as submit's results, or `refused` (non-empty)
+# where submit would have thrown (stopping, failed, a duplicate id): the request was not taken.
+struct SubmitOutcome {
+  rejected @0 :Text;
+  rejectCode @1 :RejectCode;
+  refused @2 :Text;
+}
+
 struct TokenDelta {
   requestId @0 :Text;
   text @1 :Text;
@@ -93,6 +101,11 @@ interface Engine {
   abort @2 (id :Text) -> ();                    # the final delta (finish = abort) follows via the sink
   # The serving figures of the whole engine (all API servers' requests), for /metrics.
   stats @3 () -> (stats :EngineStats);
+  # submit for several requests in one call (what the API server took in one turn of its loop):
+  # each RPC costs three messages and a wakeup or two of each process, so a burst of requests
+  # pays them once. Taken in list order, exactly as that many submit calls would be; outcomes[i]
+  # answers requests[i].
+  submitMany @4 (requests :List(GenerateRequest)) -> (outcomes :List(SubmitOutcome));
 }
 
 struct SeqStep {

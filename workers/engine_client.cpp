@@ -56,6 +56,30 @@ kj::Exception cleaned(kj::Exception&& e) {
   return out;
 }
 
+// Where a submit's answer lands. Only completion goes through the fulfiller (GCC 12 warns,
+// falsely, about a fulfiller of an optional with a string inside); the value waits here.
+struct SubmitSlot {
+  kj::Own<kj::PromiseFulfiller<void>> fulfiller;
+  std::optional<engine::Rejection> rejection;
+  void fulfill(std::optional<engine::Rejection> r) {
+    rejection = std::move(r);
+    fulfiller->fulfill();
+  }
+  void reject(kj::Exception&& e) { fulfiller->reject(kj::mv(e)); }
+};
+
+// A submit waiting for the end of this turn of the loop, when every request submitted in it goes
+// to the engine in one call.
+struct QueuedSubmit {
+  engine::GenerateRequest request;
+  std::shared_ptr<SubmitSlot> slot;  // shared by a call's success and error paths
+};
+
+std::optional<engine::Rejection> rejectionOf(engine::RejectCode code, kj::StringPtr message) {
+  if (code == engine::RejectCode::None && message.size() == 0) return std::nullopt;
+  return engine::Rejection{code, message};
+}
+
 }  // namespace
 
 struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
@@ -70,6 +94,9 @@ struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
 
   ~Impl() noexcept(false) {
     target->callbacks = nullptr;
+    answered->closed = true;
+    answered->clear();
+    queued.clear();  // their promises break
     // The tasks wait on the link (its disconnect, abort calls): they go before it does.
     tasks = nullptr;
     engine.reset();
@@ -86,9 +113,83 @@ struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
   std::string logPrefix;
   Callbacks callbacks;
   std::shared_ptr<SinkTarget> target;
+  // The engine's answers to submits, kept until the next submit goes out, so that their Finish
+  // messages follow that call instead of each waking engine-core on its own. Shared with the
+  // submits' continuations, which may run after this Impl is gone (then they keep nothing).
+  struct Answered {
+    bool closed = false;
+    std::vector<kj::Own<capnp::Response<schema::Engine::SubmitResults>>> responses;
+    std::vector<kj::Own<capnp::Response<schema::Engine::SubmitManyResults>>> manyResponses;
+    void clear() {
+      responses.clear();
+      manyResponses.clear();
+    }
+  };
+  std::shared_ptr<Answered> answered = std::make_shared<Answered>();
   std::unique_ptr<ipc::RpcLink> link;
   std::optional<schema::Engine::Client> engine;
+  std::vector<QueuedSubmit> queued;  // submitted in this turn of the loop
+  // The engine serves submitMany (asked once, at connect: an engine that predates it, such as a
+  // test's fake, answers UNIMPLEMENTED and gets one submit per request).
+  std::shared_ptr<bool> manySupported = std::make_shared<bool>(false);
   kj::Own<kj::TaskSet> tasks;
+
+  void keep(capnp::Response<schema::Engine::SubmitResults>&& r) {
+    if (!answered->closed) answered->responses.push_back(kj::heap(kj::mv(r)));
+  }
+  void keep(capnp::Response<schema::Engine::SubmitManyResults>&& r) {
+    if (!answered->closed) answered->manyResponses.push_back(kj::heap(kj::mv(r)));
+  }
+
+  // Every request queued in this turn, in one call (one alone: a plain submit).
+  void flush() {
+    std::vector<QueuedSubmit> batch = std::move(queued);
+    queued.clear();
+    if (batch.empty()) return;  // flushed already (by an abort)
+    if (batch.size() == 1 || !*manySupported) {
+      for (auto& q : batch) submitOne(std::move(q));
+      return;
+    }
+    auto call = engine->submitManyRequest();
+    auto list = call.initRequests(unsigned(batch.size()));
+    for (unsigned i = 0; i < batch.size(); ++i) encode(batch[i].request, list[i]);
+    auto answer = call.send();
+    answered->clear();  // their Finish messages follow this call
+    auto shared = std::make_shared<std::vector<QueuedSubmit>>(std::move(batch));
+    tasks->add(answer.then(
+        [this, shared](capnp::Response<schema::Engine::SubmitManyResults>&& r) {
+          auto outcomes = r.getOutcomes();
+          for (unsigned i = 0; i < shared->size(); ++i) {
+            SubmitSlot& f = *(*shared)[i].slot;
+            if (i >= outcomes.size()) {
+              f.reject(KJ_EXCEPTION(FAILED, "the engine answered no outcome for this request"));
+            } else if (outcomes[i].getRefused().size() != 0) {
+              f.reject(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                     kj::str(outcomes[i].getRefused())));
+            } else {
+              f.fulfill(rejectionOf(decode(outcomes[i].getRejectCode()), outcomes[i].getRejected()));
+            }
+          }
+          keep(kj::mv(r));
+        },
+        [shared](kj::Exception&& e) {
+          kj::Exception failure = cleaned(kj::mv(e));
+          for (auto& q : *shared) q.slot->reject(kj::cp(failure));
+        }));
+  }
+
+  void submitOne(QueuedSubmit q) {
+    auto call = engine->submitRequest();
+    encode(q.request, call.initRequest());
+    auto answer = call.send();
+    answered->clear();  // their Finish messages follow this call
+    tasks->add(answer.then(
+        [this, f = q.slot](capnp::Response<schema::Engine::SubmitResults>&& r) {
+          f->fulfill(rejectionOf(decode(r.getRejectCode()), r.getRejected()));
+          keep(kj::mv(r));
+        },
+        [f = q.slot](kj::Exception&& e) { f->reject(cleaned(kj::mv(e))); }));
+  }
 };
 
 EngineClient::EngineClient(uv_loop_t* loop, std::string logPrefix, Callbacks callbacks)
@@ -107,7 +208,16 @@ kj::Promise<EngineInfo> EngineClient::connect(OwnFd socket) {
   }));
   auto attach = impl_->engine->attachRequest();
   attach.setSink(kj::heap<Sink>(impl_->target));
-  return attach.send().then(
+  kj::Promise<capnp::Response<schema::Engine::AttachResults>> attached = attach.send();
+  // Pipelined with attach: an empty submitMany says whether the engine serves it.
+  auto probe = impl_->engine->submitManyRequest();
+  probe.initRequests(0);
+  auto probed = probe.send().then(
+      [many = impl_->manySupported](capnp::Response<schema::Engine::SubmitManyResults>&&) {
+        *many = true;
+      },
+      [](kj::Exception&&) {});
+  return probed.then([attached = kj::mv(attached)]() mutable { return kj::mv(attached); }).then(
       [](capnp::Response<schema::Engine::AttachResults>&& r) {
         EngineInfo info;
         info.maxModelLen = r.getMaxModelLen();
@@ -122,21 +232,23 @@ kj::Promise<std::optional<engine::Rejection>> EngineClient::submit(
   if (!impl_->engine) {
     return KJ_EXCEPTION(FAILED, "EngineClient: not connected to the engine");
   }
-  auto call = impl_->engine->submitRequest();
-  encode(request, call.initRequest());
-  return call.send().then(
-      [](capnp::Response<schema::Engine::SubmitResults>&& r) -> std::optional<engine::Rejection> {
-        engine::RejectCode code = decode(r.getRejectCode());
-        if (code == engine::RejectCode::None && r.getRejected().size() == 0) return std::nullopt;
-        return engine::Rejection{code, r.getRejected()};
-      },
-      [](kj::Exception&& e) -> std::optional<engine::Rejection> {
-        kj::throwFatalException(cleaned(kj::mv(e)));
-      });
+  // Sent at the end of this turn of the loop, with every other request submitted in it.
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  auto slot = std::make_shared<SubmitSlot>();
+  slot->fulfiller = kj::mv(paf.fulfiller);
+  impl_->queued.push_back(QueuedSubmit{request, slot});
+  if (impl_->queued.size() == 1) {
+    Impl* impl = impl_.get();
+    impl_->tasks->add(kj::evalLater([impl]() { impl->flush(); }));
+  }
+  return paf.promise.then([slot]() { return std::move(slot->rejection); });
 }
 
 void EngineClient::abort(const std::string& id) {
   if (!impl_->engine) return;
+  // A request still waiting for the end of the turn goes out first: the engine must see its
+  // submit before its abort.
+  impl_->flush();
   auto call = impl_->engine->abortRequest();
   call.setId(id);
   impl_->tasks->add(call.send().ignoreResult());

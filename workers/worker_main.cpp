@@ -69,8 +69,12 @@ int workerMain(int argc, char** argv) {
             region->reset();  // mapped: the fd is not needed any more
             return runner;
           })
-          .then([st](std::unique_ptr<engine::ModelRunner> runner) {
+          .then([st, config](std::unique_ptr<engine::ModelRunner> runner) {
             st->setRunner(std::move(runner));
+            // The sim at token-ms 0 computes a step in microseconds and never blocks (its ranks
+            // share no collective): the hop to the compute thread and back would cost more.
+            const auto* sim = std::get_if<engine::SimConfig>(&config.backend);
+            st->setStepsOnLoop(sim != nullptr && sim->tokenMs == 0);
             vsup::log().info("[engine] {}: loaded", st->node());
           });
     });

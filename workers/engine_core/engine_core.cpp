@@ -30,6 +30,10 @@ kj::Exception failed(const std::string& why) {
 class EngineSession final : public schema::Engine::Server, public DeltaSink {
  public:
   EngineSession(EngineCore& core, kj::TaskSet& tasks) : core_(core), tasks_(tasks) {}
+  ~EngineSession() override {
+    answered_->closed = true;
+    answered_->response = nullptr;
+  }
   size_t index = 0;
 
   void deltas(const std::vector<engine::TokenDelta>& list) override {
@@ -37,7 +41,14 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
     auto request = sink_->deltasRequest();
     auto out = request.initDeltas(unsigned(list.size()));
     for (unsigned i = 0; i < list.size(); ++i) encode(list[i], out[i]);
-    tasks_.add(request.send().ignoreResult());
+    auto answer = request.send();
+    // The API server's answer to the previous call is let go only now, so its Finish message
+    // follows this call instead of waking the API server on its own just after it answered.
+    answered_->response = nullptr;
+    tasks_.add(answer.then(
+        [answered = answered_](capnp::Response<schema::TokenSink::DeltasResults>&& r) {
+          if (!answered->closed) answered->response = kj::heap(kj::mv(r));
+        }));
   }
 
   void engineFailed(const std::string& reason) override {
@@ -64,6 +75,37 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
         });
   }
 
+  kj::Promise<void> submitMany(SubmitManyContext context) override {
+    struct Outcome {
+      std::optional<engine::Rejection> rejected;
+      std::string refused;
+    };
+    auto requests = context.getParams().getRequests();
+    auto outcomes = std::make_shared<std::vector<Outcome>>(requests.size());
+    kj::Vector<kj::Promise<void>> each;
+    for (unsigned i = 0; i < requests.size(); ++i) {
+      each.add(core_.submit(index, decode(requests[i]))
+                   .then([outcomes, i](std::optional<engine::Rejection> r) {
+                           (*outcomes)[i].rejected = std::move(r);
+                         },
+                         [outcomes, i](kj::Exception&& e) {
+                           (*outcomes)[i].refused = ipc::userMessage(e);
+                         }));
+    }
+    return kj::joinPromises(each.releaseAsArray()).then([context, outcomes]() mutable {
+      auto out = context.getResults().initOutcomes(unsigned(outcomes->size()));
+      for (unsigned i = 0; i < outcomes->size(); ++i) {
+        const Outcome& o = (*outcomes)[i];
+        if (!o.refused.empty()) {
+          out[i].setRefused(o.refused);
+        } else if (o.rejected) {
+          out[i].setRejected(o.rejected->message);
+          out[i].setRejectCode(encode(o.rejected->code));
+        }
+      }
+    });
+  }
+
   kj::Promise<void> abort(AbortContext context) override {
     core_.abort(context.getParams().getId());
     return kj::READY_NOW;
@@ -78,6 +120,13 @@ class EngineSession final : public schema::Engine::Server, public DeltaSink {
   EngineCore& core_;
   kj::TaskSet& tasks_;
   std::optional<schema::TokenSink::Client> sink_;
+  // The last deltas call's answer, shared with the calls' continuations (which may run after
+  // this session is gone: then they keep nothing).
+  struct Answered {
+    bool closed = false;
+    kj::Own<capnp::Response<schema::TokenSink::DeltasResults>> response;
+  };
+  std::shared_ptr<Answered> answered_ = std::make_shared<Answered>();
 };
 
 EngineCore::EngineCore(uv_loop_t* loop, supervisor::ChildRuntime& runtime,

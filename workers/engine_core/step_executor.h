@@ -6,7 +6,10 @@
 //    a sampling pass behind; one still silent is hung or stopped (a stopped rank that had
 //    passed the step's last collective leaves its peers nothing to time out on);
 //  - the whole step takes longer than `stepTimeoutMs`.
-// Waiting for every rank with a plain join would hang on a stopped rank forever.
+// Waiting for every rank with a plain join would hang on a stopped rank forever. Both bounds
+// share one timer, made once and re-armed per step (armed for the step timeout, moved to the
+// straggler bound when the first rank answers if that comes sooner), so a step costs no timer
+// handle of its own.
 //
 // Runs on engine-core's loop thread. One step at a time.
 #pragma once
@@ -20,8 +23,10 @@
 
 #include <kj/async.h>
 
+#include "base/clock.h"
 #include "engine/engine.h"
 #include "ipc/engine.capnp.h"
+#include "ipc/uv_handle.h"
 
 namespace vsup::workers {
 
@@ -56,12 +61,15 @@ class StepExecutor {
   struct StepState;
   void rankAnswered(size_t rank);
   void fail(const std::string& why);
+  void arm(MonoNs at);
+  void timerFired();
 
   uv_loop_t* loop_;
   std::vector<std::unique_ptr<RankClient>> ranks_;
   Options options_;
   bool running_ = false;
   std::unique_ptr<StepState> current_;
+  UvHandle<uv_timer_t> timer_;  // the running step's deadline (timeout or straggler bound)
 };
 
 }  // namespace vsup::workers

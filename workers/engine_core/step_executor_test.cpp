@@ -152,6 +152,32 @@ TEST_CASE("a slow rank within the straggler bound does not fail the step, and th
   CHECK(second[1].tokens.size() == 3);
 }
 
+TEST_CASE("the step timeout still fails a step whose straggler bound would come later") {
+  Fixture f;
+  auto ex = f.executor({FakeRank::Mode::Answer, FakeRank::Mode::Silent}, {10, 0}, 150, 10000);
+  double took = 0;
+  std::string why = f.failure(*ex, stepWith(4, 1), &took);
+  CHECK(why.find("step 4: a rank did not answer within 150 ms") != std::string::npos);
+  CHECK(took >= 150);
+  CHECK(took < 5000);
+}
+
+TEST_CASE("the step timeout is re-armed for every step: steps that together exceed it pass") {
+  Fixture f;
+  auto ex = f.executor({FakeRank::Mode::Answer, FakeRank::Mode::Answer}, {0, 40}, 120, 1000);
+  MonoNs t0 = monoNow();
+  for (uint64_t step = 1; step <= 5; ++step) {
+    auto out = ex->run(stepWith(step, 1)).wait(f.kj->waitScope());
+    CHECK(out.size() == 2);
+  }
+  CHECK(vsup::testing::elapsedMs(t0) >= 150);  // longer than one step timeout, in total
+  // And a failing step after them still fails at its own timeout.
+  auto silent = f.executor({FakeRank::Mode::Silent}, {0}, 80, 1000);
+  double took = 0;
+  CHECK(f.failure(*silent, stepWith(6, 1), &took).find("within 80 ms") != std::string::npos);
+  CHECK(took >= 80);
+}
+
 TEST_CASE("ranks that disagree are caught when the step is applied, not here") {
   // The executor only collects; checkRankOutputs (engine/types) judges the outputs.
   engine::StepInput in = stepWith(5, 1);

@@ -15,6 +15,16 @@ namespace {
 
 namespace schema = ipc::schema;
 
+// A step's answer: the runner's output and the KV transfers finished by now.
+void answer(capnp::CallContext<schema::Worker::StepParams, schema::Worker::StepResults>& context,
+            RankState& state, engine::StepOutput output) {
+  if (kv::KvConnectorWorker* kv = state.kv()) {
+    kv->pending(monoNow());  // retires what has finished by now
+    output.kvDone = kv->takeFinished();
+  }
+  encode(output, context.getResults().initOutput());
+}
+
 class WorkerService final : public schema::Worker::Server {
  public:
   explicit WorkerService(RankState& state) : state_(state) {}
@@ -31,17 +41,23 @@ class WorkerService final : public schema::Worker::Server {
     KJ_REQUIRE(runner != nullptr, "step before the rank finished loading");
     RankState* state = &state_;
     uint64_t step = input.step;
+    if (state_.stepsOnLoop()) {
+      // No hop: the answer goes out from this very dispatch.
+      try {
+        answer(context, state_, runner->execute(input));
+        return kj::READY_NOW;
+      } catch (const std::exception& e) {
+        vsup::log().error("[engine] {}: step {} failed: {}", state_.node(), step, e.what());
+        return KJ_EXCEPTION(FAILED, e.what());
+      }
+    }
     return state_.compute()
         .run<engine::StepOutput>([runner, input = std::move(input)]() {
           return runner->execute(input);
         })
         .then(
             [context, state](engine::StepOutput output) mutable {
-              if (kv::KvConnectorWorker* kv = state->kv()) {
-                kv->pending(monoNow());  // retires what has finished by now
-                output.kvDone = kv->takeFinished();
-              }
-              encode(output, context.getResults().initOutput());
+              answer(context, *state, std::move(output));
             },
             [node = state_.node(), step](kj::Exception&& e) {
               vsup::log().error("[engine] {}: step {} failed: {}", node, step,
@@ -49,6 +65,7 @@ class WorkerService final : public schema::Worker::Server {
               kj::throwFatalException(kj::mv(e));
             });
   }
+
 
  private:
   RankState& state_;

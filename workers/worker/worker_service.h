@@ -1,6 +1,9 @@
 // One tensor-parallel rank's service (its Node.service, the Worker interface): engine-core calls
 // step() on every rank for every step. The rank's ModelRunner computes on the rank's compute
-// thread, so the loop thread keeps answering the parent (status, shutdown, liveness) meanwhile.
+// thread, so the loop thread keeps answering the parent (status, shutdown, liveness) meanwhile;
+// a rank whose steps cost next to nothing (RankState::stepsOnLoop: the sim engine at token-ms 0)
+// computes them on the loop thread instead, since the two thread hops would cost more than the
+// step.
 // The rank's KV connector (if any) starts the transfers a step announces, reports the finished
 // ones back with each answer, and defers the rank's shutdown while transfers are pending.
 //
@@ -39,6 +42,10 @@ class RankState {
   engine::ModelRunner* runner() const { return runner_.get(); }
   void setRunner(std::unique_ptr<engine::ModelRunner> runner) { runner_ = std::move(runner); }
   kv::KvConnectorWorker* kv() const { return kv_.get(); }
+  // Steps run on the loop thread, not the compute thread. Only for a runner whose execute()
+  // never blocks and takes microseconds (no collective, no simulated compute time).
+  bool stepsOnLoop() const { return stepsOnLoop_; }
+  void setStepsOnLoop(bool onLoop) { stepsOnLoop_ = onLoop; }
   // engine-core's one KV deadline for all ranks, once it announced it (0 before).
   MonoNs kvGiveUpAt = 0;
 
@@ -47,6 +54,7 @@ class RankState {
   std::unique_ptr<kv::KvConnectorWorker> kv_;
   std::unique_ptr<engine::ModelRunner> runner_;
   std::unique_ptr<ComputeThread> compute_;
+  bool stepsOnLoop_ = false;
 };
 
 // The Worker capability over `state` (borrowed: it outlives the service).

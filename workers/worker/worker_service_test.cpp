@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 
 #include "ipc/rpc_link.h"
 #include "ipc/test_util.h"
@@ -32,6 +33,10 @@ class FakeRunner final : public engine::ModelRunner {
 
   engine::StepOutput execute(const engine::StepInput& input) override {
     ++calls;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ranOn_ = std::this_thread::get_id();
+    }
     if (mode_ == Mode::Throw) throw std::runtime_error("collective: peer rank 1 died");
     if (mode_ == Mode::BlockUntilCancel) {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -51,6 +56,10 @@ class FakeRunner final : public engine::ModelRunner {
     wake_.notify_all();
   }
 
+  std::thread::id ranOn() {  // the thread of the last execute()
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ranOn_;
+  }
   std::atomic<int> calls{0};
   std::atomic<bool> entered{false};
 
@@ -59,6 +68,7 @@ class FakeRunner final : public engine::ModelRunner {
   std::mutex mutex_;
   std::condition_variable wake_;
   bool cancelled_ = false;
+  std::thread::id ranOn_;
 };
 
 // A KV connector whose transfers finish when the test says so.
@@ -137,6 +147,34 @@ TEST_CASE("a step runs on the runner and its output comes back to engine-core") 
   CHECK(out.step == 7);
   CHECK(out.tokens == std::vector<int32_t>{101, 102});
   CHECK(rank.runner->calls == 1);
+}
+
+TEST_CASE("steps compute on the compute thread, or on the loop thread when stepsOnLoop is set") {
+  Rank rank(FakeRunner::Mode::Answer, true);
+  engine::StepOutput out = rank.step(stepOf(1, {1})).wait(rank.kj->waitScope());
+  CHECK(out.tokens == std::vector<int32_t>{101});
+  CHECK(rank.runner->ranOn() != std::this_thread::get_id());
+
+  rank.state->setStepsOnLoop(true);
+  rank.kv->finishNext = {"a"};
+  out = rank.step(stepOf(2, {4, 5})).wait(rank.kj->waitScope());
+  CHECK(rank.runner->ranOn() == std::this_thread::get_id());
+  // The same answer as from the compute thread, finished KV transfers included.
+  CHECK(out.step == 2);
+  CHECK(out.tokens == std::vector<int32_t>{104, 105});
+  CHECK(out.kvDone == std::vector<std::string>{"a"});
+  CHECK(rank.runner->calls == 2);
+}
+
+TEST_CASE("a runner that throws on the loop thread fails the step with its message") {
+  Rank rank(FakeRunner::Mode::Throw);
+  rank.state->setStepsOnLoop(true);
+  std::string why;
+  rank.step(stepOf(1, {1}))
+      .then([](engine::StepOutput) {}, [&why](kj::Exception&& e) { why = e.getDescription().cStr(); })
+      .wait(rank.kj->waitScope());
+  CHECK(why.find("collective: peer rank 1 died") != std::string::npos);
+  CHECK(rank.runner->ranOn() == std::this_thread::get_id());
 }
 
 TEST_CASE("a runner that throws fails the step with its message") {
