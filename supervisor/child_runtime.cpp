@@ -112,6 +112,7 @@ void ChildRuntime::reportDeferral(const std::string& node, const Deferral& defer
 
 kj::Promise<void> ChildRuntime::start(SupervisorSpec spec, std::string config) {
   crashIfInjected(name_, "start");
+  pauseIfInjected(name_, "start");
   startConfig_ = std::move(config);
   kj::Promise<void> ready = start_ ? start_(spec) : kj::Promise<void>(kj::READY_NOW);
   return ready.then(

@@ -1,5 +1,6 @@
 #include "supervisor/fault_injection.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -40,6 +41,14 @@ void crashIfInjected(const std::string& node, const std::string& point) {
                point.c_str());
   std::fflush(stderr);
   ::_exit(1);
+}
+
+void pauseIfInjected(const std::string& node, const std::string& point) {
+  if (!faultInjected(node, "pause@" + point)) return;
+  std::fprintf(stderr, "%s: injected pause at %s (VSUP_TEST_FAULT): stopped until SIGCONT\n",
+               node.c_str(), point.c_str());
+  std::fflush(stderr);
+  ::raise(SIGSTOP);
 }
 
 }  // namespace vsup::supervisor

@@ -5,6 +5,9 @@
 //
 // Each entry is NODE:ACTION, NODE being the node's name in the tree. Actions:
 //   crash@start        exit 1 when the parent asks the node to start
+//   pause@start        stop (SIGSTOP itself) when the parent asks the node to start, before it
+//                      starts anything; SIGCONT resumes the start: a load that takes exactly as
+//                      long as the test wants
 //   crash@stepN        exit 1 when engine-core or a rank reaches step N (N >= 1)
 //   crash@deltaN       exit 1 when an API server receives its Nth batch of tokens
 //   crash@drain        exit 1 when the node is told to stop taking requests (quiesce)
@@ -22,5 +25,9 @@ bool faultInjected(const std::string& node, const std::string& action);
 
 // Exits the process with status 1 (after a line on stderr) when `node` has "crash@" + `point`.
 void crashIfInjected(const std::string& node, const std::string& point);
+
+// Stops the process (SIGSTOP, after a line on stderr) when `node` has "pause@" + `point`;
+// returns once it has been continued (SIGCONT).
+void pauseIfInjected(const std::string& node, const std::string& point);
 
 }  // namespace vsup::supervisor

@@ -1,6 +1,5 @@
 #include "supervisor/orphan_guard.h"
 
-#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -34,20 +33,25 @@ OrphanGuard::OrphanGuard(const std::string& vsupExe) {
 
 OrphanGuard::~OrphanGuard() {
   if (!process_) return;
+  dismiss();
+  if (process_->running()) process_->killAndReap();
+}
+
+void OrphanGuard::dismiss() {
+  if (!lifeline_) return;
+  // The goodbye first: should the SIGKILL not be delivered before the guard reads, it still
+  // exits without killing anything.
   send('q', 0);
   lifeline_.reset();
-  // The guard exits as soon as it reads the goodbye and EOF; it never ignores us for long.
-  pollfd p{process_->pidfd(), POLLIN, 0};
-  if (::poll(&p, 1, 1000) <= 0) {
-    vsup::log().warn("[supervisor] orphan guard (pid {}) did not exit: killing it", process_->pid());
-  }
-  process_->killAndReap();
+  // The guard is its own process group (and the only process in it).
+  process_->killGroup();
 }
 
 void OrphanGuard::add(pid_t pgid) { send('+', pgid); }
 void OrphanGuard::remove(pid_t pgid) { send('-', pgid); }
 
 void OrphanGuard::send(char op, pid_t pgid) {
+  if (!lifeline_) return;  // dismissed
   char line[32];
   int n = std::snprintf(line, sizeof line, "%c%d\n", op, int(pgid));
   // A few bytes on a socket nobody else writes to: never short unless the guard is gone, and

@@ -14,6 +14,13 @@
 // the unit at once (systemd's KillMode=control-group), the guard outlives the shutdown it
 // protects and ends only with its lifeline (or its supervisor's SIGKILL, after the goodbye).
 //
+// Ending it: once the supervisor has reaped its children there is nothing left to protect, and
+// dismiss() ends the guard at once (goodbye, lifeline closed, SIGKILL: nothing is killed but the
+// guard) without waiting for it: the guard may still be loading its executable then (a
+// supervisor that shuts down just after it started), and waiting for it to read the goodbye cost
+// the whole shutdown that load. The destructor reaps it (dismissing it first): at once when its
+// pidfd is readable already.
+//
 // Runs on the loop thread only. Messages are sent with MSG_NOSIGNAL | MSG_DONTWAIT: a dead
 // guard never raises SIGPIPE in the host.
 #pragma once
@@ -32,7 +39,7 @@ class OrphanGuard {
  public:
   // Spawns `vsupExe __guard`. Throws vsup::Error when it cannot.
   explicit OrphanGuard(const std::string& vsupExe);
-  // Says goodbye (nothing is killed), closes the lifeline and reaps the guard.
+  // dismiss(), then reaps the guard (blocking: a SIGKILLed process is gone within moments).
   ~OrphanGuard();
   OrphanGuard(const OrphanGuard&) = delete;
   OrphanGuard& operator=(const OrphanGuard&) = delete;
@@ -40,6 +47,13 @@ class OrphanGuard {
   void add(pid_t pgid);
   void remove(pid_t pgid);
   pid_t pid() const { return process_ ? process_->pid() : 0; }
+
+  // Ends the guard's protection and the guard (see above); returns at once. Idempotent; add()
+  // and remove() are no-ops afterwards.
+  void dismiss();
+  // The guard's pidfd (readable once it exited): for a caller that waits for its end on its
+  // loop, then destroys it (the reap does not block then).
+  int pidfd() const { return process_ ? process_->pidfd() : -1; }
 
  private:
   void send(char op, pid_t pgid);

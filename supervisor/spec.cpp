@@ -83,6 +83,17 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
            "liveness pings need a vsup-aware child (vsup_aware = true, or type = "
            "\"supervisor\"): a plain process has no control connection to answer them");
     }
+    if (child.startConcurrently && !child.vsupAware && child.ready == Readiness::None) {
+      fail(origin, cw, "start_concurrently",
+           "the child has no readiness to wait for (ready = \"none\" and not vsup-aware: it is "
+           "ready once spawned, so the next child never waits for it); give ready = \"notify\" "
+           "or drop the field");
+    }
+    if (child.startConcurrently && depth > 1) {
+      fail(origin, cw, "start_concurrently",
+           "only children of the root supervisor can start concurrently (a sub-supervisor's "
+           "spec travels over the control protocol, which does not carry this field yet)");
+    }
     for (const auto& [key, value] : child.env) {
       if (key.empty() || key.find('=') != std::string::npos) {
         fail(origin, cw, "env", "invalid variable name '" + key + "'");

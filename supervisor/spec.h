@@ -50,6 +50,20 @@ struct ChildSpec {
   bool significant = false;
   Readiness ready = Readiness::None;
   int64_t startTimeoutMs = 10000;  // -1: none. Applies to ready = notify and vsup-aware starts
+  // Starting: children start in spec order, each once the one before it is ready. A child with
+  // startConcurrently does not hold the next one back: the next child is spawned as soon as this
+  // one is (for a child that takes long to become ready while those after it need not wait:
+  // engine-core loading its model while the API servers start and answer 503 "starting"). The
+  // supervisor's start still completes only once every child is ready, and fails exactly as a
+  // serial start does when any child fails to
+  // start, dies before it is ready or misses its start timeout, whichever child it is, and
+  // whether or not the children after it are still starting (they are stopped with the rest).
+  // The stop order stays the reverse of the spec order; restarts (one_for_all, rest_for_one)
+  // start their children one after the other as ever. Only for a child with a readiness to
+  // wait for (ready = notify, or vsup-aware); a plain child is ready when spawned. TOML:
+  // start_concurrently. Children of the root supervisor only, for now (the control protocol that
+  // carries a sub-supervisor's spec to it does not carry this field yet).
+  bool startConcurrently = false;
   // Hung-child detection (vsup-aware children only): while the child runs, its supervisor calls
   // Node.ping every livenessIntervalMs; a child that has not answered one within
   // livenessTimeoutMs (and a 100 ms grace) is hung: it is logged as unresponsive, SIGKILLed

@@ -160,7 +160,13 @@ Supervisor::Supervisor(uv_loop_t* loop, SupervisorSpec spec, SupervisorOptions o
   done_ = paf.promise.fork();
   notify_ = std::make_unique<NotifySocket>(
       loop_, [this](pid_t sender, const NotifyMessage& m) { onNotify(sender, m); });
-  if (!options_.selfExe.empty()) guard_ = std::make_unique<OrphanGuard>(options_.selfExe);
+  if (!options_.selfExe.empty()) {
+    guard_ = std::make_unique<OrphanGuard>(options_.selfExe);
+    // Armed by retireGuard() (made here: the shutdown is then spared its syscalls).
+    guardExit_ = UvHandle<uv_poll_t>::make(
+        [&](uv_poll_t* h) { uv_poll_init(loop_, h, guard_->pidfd()); });
+    guardExit_->data = this;
+  }
   for (size_t i = 0; i < spec_.children.size(); ++i) {
     auto c = std::make_unique<Child>();
     c->spec = spec_.children[i];
@@ -201,7 +207,7 @@ kj::Promise<void> Supervisor::start() {
   // Starting is the first serialized operation: exits of already-started children queue behind
   // it and are handled once the whole tree is up (or has failed).
   enqueue([this]() {
-    return startAll(0).then(
+    return startAll().then(
         [this]() {
           if (phase_ != Phase::Starting) return;
           phase_ = Phase::Running;
@@ -227,10 +233,43 @@ kj::Promise<void> Supervisor::start() {
   return kj::mv(paf.promise);
 }
 
-kj::Promise<void> Supervisor::startAll(size_t index) {
-  if (index >= children_.size()) return kj::READY_NOW;
+// The children started concurrently (spec.h, startConcurrently) whose readiness the start
+// awaits at its end, and the first failure among them, which fails the start at once.
+struct Supervisor::ConcurrentStarts {
+  kj::Vector<kj::ForkedPromise<void>> ready;
+  kj::Vector<kj::Promise<void>> watches;  // each passes its child's failure to `failed`
+  kj::Own<kj::PromiseFulfiller<void>> failed;
+};
+
+kj::Promise<void> Supervisor::startAll() {
+  auto concurrent = kj::heap<ConcurrentStarts>();
+  auto failure = kj::newPromiseAndFulfiller<void>();
+  concurrent->failed = kj::mv(failure.fulfiller);
+  ConcurrentStarts* raw = concurrent.get();
+  // `failure` never resolves; it rejects with the first concurrently started child's failure.
+  return startFrom(0, raw).exclusiveJoin(kj::mv(failure.promise)).attach(kj::mv(concurrent));
+}
+
+kj::Promise<void> Supervisor::startFrom(size_t index, ConcurrentStarts* concurrent) {
+  if (index >= children_.size()) {
+    // Every child is spawned, and the serial ones are ready: now the concurrent ones.
+    kj::Vector<kj::Promise<void>> all;
+    for (auto& ready : concurrent->ready) all.add(ready.addBranch());
+    return kj::joinPromises(all.releaseAsArray());
+  }
   Child& c = *children_[index];
-  return startChild(c).then([this, index]() { return startAll(index + 1); });
+  if (!c.spec.startConcurrently) {
+    return startChild(c).then(
+        [this, index, concurrent]() { return startFrom(index + 1, concurrent); });
+  }
+  // Spawned now (startChild spawns before it returns); the next child does not wait for it.
+  kj::ForkedPromise<void> started = startChild(c).fork();
+  // Eager: nothing else pulls on this branch, and its failure must fail the start now.
+  concurrent->watches.add(started.addBranch().eagerlyEvaluate([concurrent](kj::Exception&& e) {
+    if (concurrent->failed->isWaiting()) concurrent->failed->reject(kj::mv(e));
+  }));
+  concurrent->ready.add(kj::mv(started));
+  return startFrom(index + 1, concurrent);
 }
 
 std::vector<std::string> Supervisor::childEnvironment(const Child& c) const {
@@ -465,6 +504,10 @@ void Supervisor::watchExit(Child& c) {
   auto paf = kj::newPromiseAndFulfiller<void>();
   c.exitFulfiller = kj::mv(paf.fulfiller);
   c.exitPromise = paf.promise.fork();
+  pollExit(c);
+}
+
+void Supervisor::pollExit(Child& c) {
   c.exitPoll = UvHandle<uv_poll_t>::make(
       [&](uv_poll_t* h) { uv_poll_init(loop_, h, c.proc->pidfd()); });
   c.exitPoll->data = &c;
@@ -481,6 +524,9 @@ kj::Promise<void> Supervisor::exited(Child& c) {
 }
 
 void Supervisor::onExit(Child& c) {
+  // The poll goes before the reap closes the pidfd (libuv: never close the fd of an active
+  // handle); it is made again after a spurious wake-up.
+  c.exitPoll.reset();
   std::optional<ExitStatus> status;
   try {
     status = c.proc->tryReap();
@@ -488,8 +534,10 @@ void Supervisor::onExit(Child& c) {
     vsup::log().error("[supervisor] {}: reaping {} failed: {}", spec_.name, c.spec.name, e.what());
     status = c.proc->killAndReap();
   }
-  if (!status) return;  // spurious wake-up
-  c.exitPoll.reset();
+  if (!status) {
+    pollExit(c);  // spurious wake-up
+    return;
+  }
   c.liveness = nullptr;  // (a uv callback: never inside the ping loop itself)
   // A child that dies while starting is a start failure, handled by startChild alone.
   bool wasStarting = c.state == Child::State::Starting;
@@ -498,6 +546,12 @@ void Supervisor::onExit(Child& c) {
   if (guard_) guard_->remove(pid);
   c.lastExit = *status;
   c.state = Child::State::Stopped;
+  // A ready = notify child that never said READY=1: its start fails with its exit status (the
+  // exit watch of startChild says the same; whichever is seen first, the message is this one).
+  if (c.readyFulfiller && c.readyFulfiller->isWaiting()) {
+    c.readyFulfiller->reject(toKj("child '" + c.spec.name + "' exited before it was ready (" +
+                                  status->describe() + ")"));
+  }
   c.readyFulfiller = nullptr;
   // (Once the shutdown began, the start that would report it is cancelled: a child that dies
   // unasked while starting is then an unexpected death like any other.)
@@ -757,7 +811,7 @@ void Supervisor::beginShutdown(MonoNs deadline) {
                    vsup::log().info("[shutdown] {}: done in {} ({})", spec_.name,
                                     millis(monoNow() - shutdownStartedAt_), how);
                    notify_.reset();
-                   guard_.reset();
+                   retireGuard();
                    doneFulfiller_->fulfill();
                  })
                  .eagerlyEvaluate([this](kj::Exception&& e) {
@@ -770,6 +824,21 @@ void Supervisor::beginShutdown(MonoNs deadline) {
                    outcome_ = Outcome::Escalated;
                    doneFulfiller_->fulfill();
                  });
+}
+
+// Every child is reaped: the guard has nothing left to protect. Dismissed now and reaped once it
+// has exited (or by the destructor): the shutdown does not wait for it, and it may still be
+// loading its executable (a tree stopped just after it started).
+void Supervisor::retireGuard() {
+  if (!guard_) return;
+  guard_->dismiss();
+  uv_poll_start(guardExit_.get(), UV_READABLE, [](uv_poll_t* h, int, int) {
+    auto* self = static_cast<Supervisor*>(h->data);
+    if (self == nullptr) return;
+    // Exited (its pidfd is readable): the poll goes first, then the reap closes the pidfd.
+    self->guardExit_.reset();
+    self->guard_.reset();
+  });
 }
 
 kj::Promise<void> Supervisor::stopRange(size_t from, size_t to) {

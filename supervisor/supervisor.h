@@ -25,6 +25,7 @@
 #include <kj/async.h>
 
 #include "base/clock.h"
+#include "ipc/uv_handle.h"
 #include "supervisor/spec.h"
 #include "supervisor/status.h"
 
@@ -72,9 +73,10 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
 
-  // Starts the children in spec order, each after the previous one is ready. Resolves when all
-  // are ready; on failure, rejects with a message naming the child, after the already-started
-  // children were stopped in reverse order. Call once.
+  // Starts the children in spec order, each after the previous one is ready (after it is
+  // spawned, for a child with startConcurrently). Resolves when all are ready; on failure (of
+  // any child, one started concurrently included), rejects with a message naming the child,
+  // after the already-started children were stopped in reverse order. Call once.
   kj::Promise<void> start();
 
   // Ordered shutdown: children stopped in reverse start order, one at a time, the whole of it
@@ -158,13 +160,16 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   enum class Phase { Idle, Starting, Running, ShuttingDown, Terminated };
 
   void taskFailed(kj::Exception&& exception) override;
-  kj::Promise<void> startAll(size_t index);
+  struct ConcurrentStarts;
+  kj::Promise<void> startAll();
+  kj::Promise<void> startFrom(size_t index, ConcurrentStarts* concurrent);
   kj::Promise<void> startChild(Child& c);
   kj::Promise<void> stopChild(Child& c);
   kj::Promise<void> stopRange(size_t from, size_t to);  // reverse order, [from, to)
   kj::Promise<void> waitStopDeadline(Child& c);
   kj::Promise<void> exited(Child& c);
   void watchExit(Child& c);
+  void pollExit(Child& c);
   void onExit(Child& c);
   void onUnexpectedExit(Child& c, bool success);
   kj::Promise<std::string> notReadyIn(Child& c);
@@ -182,6 +187,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   void enqueue(kj::Function<kj::Promise<void>()> op);
   void beginShutdown(MonoNs deadline);
   void terminateSelf(Outcome outcome, const std::string& why);
+  void retireGuard();
   void shorten(MonoNs deadline);
   void setStopDeadline(Child& c, MonoNs deadline);
   void sendStopRequest(Child& c);
@@ -197,6 +203,7 @@ class Supervisor final : public kj::TaskSet::ErrorHandler {
   SupervisorOptions options_;
   std::unique_ptr<class NotifySocket> notify_;
   std::unique_ptr<class OrphanGuard> guard_;  // only with options_.selfExe
+  UvHandle<uv_poll_t> guardExit_;  // reaps the dismissed guard (retireGuard())
   std::list<std::unique_ptr<class OutputCollector>> collectors_;
   std::vector<std::unique_ptr<Child>> children_;
   Phase phase_ = Phase::Idle;

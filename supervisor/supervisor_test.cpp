@@ -33,6 +33,7 @@
 #include "supervisor/node_codec.h"
 #include "supervisor/output_collector.h"
 #include "supervisor/public/supervisor.h"
+#include "supervisor/topology.h"
 
 namespace vsup::supervisor {
 namespace {
@@ -930,6 +931,193 @@ TEST_CASE("vsup::Supervisor follows OTP: a failed addChild adds nothing; restart
     CHECK_THROWS_WITH_AS(call(), doctest::Contains("has terminated"), vsup::Error);
   }
   CHECK(noChildren());
+}
+
+}  // namespace vsup::supervisor
+
+namespace vsup::supervisor {
+namespace {
+
+// The probe's event log ("<ns> <name> <event> <pid>" lines): when `name` logged `event`
+// (0: never).
+int64_t eventAt(const std::string& log, const std::string& name, const std::string& event) {
+  std::istringstream in(log);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    int64_t ns = 0;
+    std::string who, what;
+    fields >> ns >> who >> what;
+    if (who == name && what == event) return ns;
+  }
+  return 0;
+}
+
+ChildSpec notifyProbe(const std::string& name, const std::string& log,
+                      std::vector<std::string> extra) {
+  ChildSpec c = worker(name, {probe(), "--name", name, "--log", log});
+  c.command.insert(c.command.end(), extra.begin(), extra.end());
+  c.ready = Readiness::Notify;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("start_concurrently: the next child starts before this one is ready; the start ends "
+          "when all are ready; the stop order is the reverse of the spec order") {
+  vsup::setLogLevel("off");
+  TempPath log("concurrent");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "cs";
+  ChildSpec slow = notifyProbe("slow", log.path, {"--ready-after", "400"});
+  slow.startConcurrently = true;
+  spec.children.push_back(slow);
+  spec.children.push_back(notifyProbe("fast", log.path, {"--ready-after", "0"}));
+  spec.children.push_back(notifyProbe("plain", log.path, {"--ready-after", "0"}));
+  Supervisor sup(t.loop(), spec);
+  sup.start().wait(t.ws());
+  MonoNs startedAt = monoNow();
+  std::string events = readFile(log.path);
+  int64_t slowReady = eventAt(events, "slow", "ready");
+  int64_t fastStart = eventAt(events, "fast", "start");
+  int64_t plainStart = eventAt(events, "plain", "start");
+  REQUIRE(slowReady != 0);
+  REQUIRE(fastStart != 0);
+  REQUIRE(plainStart != 0);
+  CHECK_MESSAGE(fastStart < slowReady, events);   // not held back by slow's readiness
+  CHECK_MESSAGE(plainStart < slowReady, events);  // nor is the one after it
+  CHECK(eventAt(events, "fast", "ready") < plainStart);  // fast is serial: plain waited for it
+  CHECK(startedAt >= eventAt(events, "plain", "ready"));
+  CHECK(startedAt >= slowReady);  // start() waited for every child, slow included
+  auto status = sup.status().wait(t.ws());
+  REQUIRE(status.children.size() == 3);
+  for (const auto& c : status.children) CHECK(c.state == NodeState::Running);
+  sup.shutdown(kNoDeadline).wait(t.ws());
+  CHECK(sup.outcome() == Outcome::Clean);
+  events = readFile(log.path);
+  int64_t plainExit = eventAt(events, "plain", "exit");
+  int64_t fastTerm = eventAt(events, "fast", "term");
+  int64_t fastExit = eventAt(events, "fast", "exit");
+  int64_t slowTerm = eventAt(events, "slow", "term");
+  REQUIRE(plainExit != 0);
+  REQUIRE(fastExit != 0);
+  REQUIRE(slowTerm != 0);
+  // Reverse spec order, one at a time.
+  CHECK_MESSAGE(plainExit < fastTerm, events);
+  CHECK_MESSAGE(fastExit < slowTerm, events);
+  CHECK(noChildren());
+}
+
+TEST_CASE("start_concurrently: a concurrently started child that dies before it is ready fails "
+          "the start at once, naming it, and nothing is left running") {
+  vsup::setLogLevel("off");
+  TempPath log("concurrent-dies");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "cd";
+  ChildSpec dies = notifyProbe("dies", log.path, {"--exit-after", "150", "--exit-code", "7"});
+  dies.startConcurrently = true;
+  spec.children.push_back(dies);
+  // Never ready: a serial start would wait here for its whole start timeout.
+  ChildSpec waiting = notifyProbe("waiting", log.path, {});
+  waiting.startTimeoutMs = 60000;
+  spec.children.push_back(waiting);
+  Supervisor sup(t.loop(), spec);
+  MonoNs t0 = monoNow();
+  std::string error = startError(sup, t);
+  CHECK_MESSAGE(error.find("'dies'") != std::string::npos, error);
+  CHECK_MESSAGE(error.find("exited before it was ready (code 7)") != std::string::npos, error);
+  CHECK(monoNow() - t0 < 10000 * kNsPerMs);  // at once, not at waiting's start timeout
+  CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
+  // waiting had been started (while dies was starting) and was stopped by the failure.
+  std::string events = readFile(log.path);
+  CHECK_MESSAGE(eventAt(events, "waiting", "start") != 0, events);
+  CHECK_MESSAGE(eventAt(events, "waiting", "term") != 0, events);
+  CHECK(noChildren());
+}
+
+TEST_CASE("start_concurrently: a concurrently started child that misses its start timeout fails "
+          "the start, naming it and start_timeout") {
+  vsup::setLogLevel("off");
+  TempPath log("concurrent-late");
+  TestLoop t;
+  SupervisorSpec spec;
+  spec.name = "cl";
+  ChildSpec late = notifyProbe("late", log.path, {});
+  late.startConcurrently = true;
+  late.startTimeoutMs = 200;
+  spec.children.push_back(late);
+  spec.children.push_back(notifyProbe("after", log.path, {"--ready-after", "0"}));
+  Supervisor sup(t.loop(), spec);
+  std::string error = startError(sup, t);
+  CHECK_MESSAGE(error.find("'late' did not become ready within 200ms (start_timeout)") !=
+                    std::string::npos,
+                error);
+  CHECK(sup.terminated().wait(t.ws()) == Outcome::StartFailed);
+  CHECK(noChildren());
+}
+
+TEST_CASE("start_concurrently is validated: a child with no readiness, or below the root, is "
+          "refused naming the child and the field") {
+  auto error = [](bool notify, bool nested) {
+    SupervisorSpec spec;
+    spec.name = "v";
+    ChildSpec c = worker("w", {"sleep", "1"});
+    c.startConcurrently = true;
+    if (notify) c.ready = Readiness::Notify;
+    if (nested) {
+      ChildSpec sub;
+      sub.name = "sub";
+      sub.type = ChildType::Supervisor;
+      sub.supervisor.emplace();
+      sub.supervisor->name = "sub";
+      sub.supervisor->children.push_back(c);
+      spec.children.push_back(sub);
+    } else {
+      spec.children.push_back(c);
+    }
+    try {
+      validate(spec, "spec");
+    } catch (const vsup::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(error(true, false) == "");
+  std::string plain = error(false, false);
+  CHECK(plain.find("child 'v/w'") != std::string::npos);
+  CHECK(plain.find("field 'start_concurrently'") != std::string::npos);
+  CHECK(plain.find("no readiness") != std::string::npos);
+  std::string nested = error(true, true);
+  CHECK(nested.find("child 'v/sub/w'") != std::string::npos);
+  CHECK(nested.find("root supervisor") != std::string::npos);
+}
+
+TEST_CASE("start_concurrently in a topology file") {
+  SupervisorSpec spec = parseTopology(R"(
+name = "t"
+[[children]]
+name = "a"
+command = ["sleep", "1"]
+ready = "notify"
+start_concurrently = true
+[[children]]
+name = "b"
+command = ["sleep", "1"]
+)",
+                                      "t.toml");
+  REQUIRE(spec.children.size() == 2);
+  CHECK(spec.children[0].startConcurrently);
+  CHECK_FALSE(spec.children[1].startConcurrently);
+  std::string error;
+  try {
+    parseTopology("[[children]]\nname = \"a\"\ncommand = [\"x\"]\nstart_concurrently = 1\n",
+                  "t.toml");
+  } catch (const vsup::Error& e) {
+    error = e.what();
+  }
+  CHECK(error.find("start_concurrently") != std::string::npos);
 }
 
 }  // namespace vsup::supervisor

@@ -98,7 +98,7 @@ const std::set<std::string> kSupervisorKeys = {"name", "strategy", "intensity", 
                                                "auto_shutdown", "children"};
 const std::set<std::string> kChildKeys = {
     "name", "command", "env", "restart", "shutdown", "type", "significant", "ready",
-    "start_timeout", "vsup_aware", "liveness_timeout", "liveness_interval",
+    "start_timeout", "start_concurrently", "vsup_aware", "liveness_timeout", "liveness_interval",
     // supervisor children also take the supervisor keys
     "strategy", "intensity", "period", "auto_shutdown", "children"};
 
@@ -122,7 +122,8 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
     if (!kChildKeys.count(k)) {
       p.fail(&node, k,
              "unknown key (accepted: name, command, env, restart, shutdown, type, significant, "
-             "ready, start_timeout, vsup_aware, liveness_timeout, liveness_interval; and for "
+             "ready, start_timeout, start_concurrently, vsup_aware, liveness_timeout, "
+             "liveness_interval; and for "
              "type = \"supervisor\": strategy, intensity, period, auto_shutdown, children)");
     }
   }
@@ -186,6 +187,9 @@ ChildSpec parseChild(const std::string& origin, const std::string& parentPath,
                    " (accepted: milliseconds >= 0 or \"infinity\")");
       }
     }
+  }
+  if (const toml::node* n = t.get("start_concurrently")) {
+    child.startConcurrently = getBool(p, *n, "start_concurrently");
   }
   if (const toml::node* n = t.get("liveness_timeout")) {
     if (n->is_string() && *n->value<std::string>() == "off") {

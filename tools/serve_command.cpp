@@ -5,7 +5,10 @@
 //   │   ├── worker-tp0 … tpN-1     one per tensor-parallel rank
 //   └── api-server-0 … M-1         HTTP front ends accepting from one listening socket
 //
-// API servers start after engine-core, so they stop before it. The root's own intensity is 0:
+// API servers start while engine-core loads (start_concurrently): each listens at once and
+// answers /health 503 "starting" (and inference 503) until engine-core, ready, answers its
+// attach; the root is ready when all are. They come after engine-core in the spec, so they
+// stop before it. The root's own intensity is 0:
 // no partial restart; any unexpected death shuts the tree down and `vsup run` exits non-zero.
 // Each API server talks to engine-core over its own socketpair, made here and inherited by
 // both at spawn (no path on disk).
@@ -206,6 +209,8 @@ int serve(const ServeOptions& o) {
                                                     : o.workerStartTimeout + 60);
   core.livenessTimeoutMs = o.livenessTimeout > 0 ? ms(o.livenessTimeout) : -1;
   core.livenessIntervalMs = ms(o.livenessInterval);
+  // Loading the model (its ranks' weights) does not hold the API servers back.
+  core.startConcurrently = true;
   spec.children.push_back(core);
 
   for (uint32_t i = 0; i < o.apiServerCount; ++i) {
@@ -232,7 +237,13 @@ int serve(const ServeOptions& o) {
     api.inheritFds = {apiEnds[i].get(), listener.get()};
     if (!o.apiKey.empty()) api.env.emplace_back("VSUP_API_KEY", o.apiKey);
     api.shutdown = ShutdownPolicy::timeout(budget.apiServerStopMs);
-    api.startTimeoutMs = ms(o.apiServerStartTimeout);
+    // An API server is ready once engine-core answers its attach, i.e. once engine-core is
+    // ready: its start includes engine-core's, which fails first (and names the cause) when
+    // engine-core is the one that does not come up.
+    api.startTimeoutMs =
+        core.startTimeoutMs < 0 ? -1 : core.startTimeoutMs + ms(o.apiServerStartTimeout);
+    // Every API server listens while engine-core loads, not only the first.
+    api.startConcurrently = true;
     api.livenessTimeoutMs = o.livenessTimeout > 0 ? ms(o.livenessTimeout) : -1;
     api.livenessIntervalMs = ms(o.livenessInterval);
     spec.children.push_back(api);

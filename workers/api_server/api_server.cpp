@@ -43,6 +43,11 @@ using engine::FinishReason;
 // behind a load balancer that has taken this replica out retries elsewhere, so waiting longer
 // gains nothing; 1 s rather than 0 keeps a client that comes back here directly from spinning.
 constexpr const char* kRetryAfterSeconds = "1";
+
+// The 503's message while engine-core loads (listening, not attached yet).
+constexpr const char* kEngineStarting =
+    "the engine is starting (loading the model): retry shortly";
+
 // How long a scrape waits for the engine's figures before it serves the last ones it had.
 constexpr uint64_t kStatsTimeoutMs = 1000;
 // drain(): how long the final close may take to serve what has arrived and end every
@@ -237,8 +242,10 @@ class ApiServer::Impl final : private kj::TaskSet::ErrorHandler {
 };
 
 kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
-  return engine_.connect(std::move(engine)).then([this](EngineInfo info) {
-    maxModelLen_ = info.maxModelLen;
+  // Listening first, attaching second: engine-core answers the attach only once its ranks are
+  // ready (it may be loading its weights now), and until then /health says 503 "starting" and
+  // an inference request gets 503 "the engine is starting" rather than a refused connection.
+  try {
     http::ServerOptions o;
     o.host = options_.host;
     o.port = options_.port;
@@ -262,12 +269,34 @@ kj::Promise<void> ApiServer::Impl::start(OwnFd engine) {
       if (idle_ && idle_->isWaiting()) idle_->fulfill();
     });
     server_->listen();
-    if (outOfRotation_) server_->setDraining();  // taken out of rotation while attaching
-    // The engine may have failed while we attached: Failed is final.
-    if (state_ == ApiState::Starting) state_ = ApiState::Ready;
-    vsup::log().info("[api] {}: listening on {}:{}", options_.name, options_.host,
-                     server_->port());
-  });
+  } catch (const std::exception& e) {
+    server_.reset();
+    return KJ_EXCEPTION(FAILED, e.what());
+  }
+  if (outOfRotation_) server_->setDraining();  // taken out of rotation before it listened
+  vsup::log().info("[api] {}: listening on {}:{}; attaching to the engine", options_.name,
+                   options_.host, server_->port());
+  return engine_.connect(std::move(engine))
+      .then(
+          [this](EngineInfo info) -> kj::Promise<void> {
+            maxModelLen_ = info.maxModelLen;
+            // The engine may have failed (or a shutdown begun) while we attached: those stay.
+            if (state_ == ApiState::Starting) state_ = ApiState::Ready;
+            vsup::log().info("[api] {}: attached to the engine: serving", options_.name);
+            return kj::READY_NOW;
+          },
+          [this](kj::Exception&& e) -> kj::Promise<void> {
+            if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
+            // engine-core went away while it was loading: its own start failure (or its exit)
+            // is what fails the tree's start, and says why; this start stays pending until the
+            // supervisor stops this server (or its start timeout passes), so that the cause,
+            // not this consequence, is what is reported.
+            if (state_ != ApiState::Failed) state_ = ApiState::Failed;
+            vsup::log().error("[api] {}: engine-core closed the connection before it attached "
+                              "(it failed to start?): /health is now 503",
+                              options_.name);
+            return kj::NEVER_DONE;
+          });
 }
 
 void ApiServer::Impl::leaveRotation() {
@@ -438,6 +467,11 @@ void ApiServer::Impl::handle(http::Request&& request, std::shared_ptr<http::Resp
   }
   if (path == "/v1/models") {
     if (method != "GET") return bad();
+    // Before the attach the engine's max_model_len is unknown: the model is not served yet.
+    if (state_ == ApiState::Starting) {
+      return sendError(*response, api::unavailable(kEngineStarting), requestId,
+                       {{"Retry-After", kRetryAfterSeconds}});
+    }
     return sendJson(*response, 200,
                     api::renderModels(servedNames_, options_.model, maxModelLen_, unixNow()),
                     requestId);
@@ -493,10 +527,11 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
       vsup::log().info("[api] {}: request {} refused: 503 (server {})", options_.name,
                        requestId, nameOf(state_));
     }
-    return sendError(*response,
-                     api::unavailable(stopping ? std::string("server is shutting down")
-                                               : std::string("server is ") + nameOf(state_)),
-                     requestId, {{"Retry-After", kRetryAfterSeconds}, {"Connection", "close"}});
+    std::string why = stopping                         ? std::string("server is shutting down")
+                      : state_ == ApiState::Starting ? std::string(kEngineStarting)
+                                                     : std::string("server is ") + nameOf(state_);
+    return sendError(*response, api::unavailable(why), requestId,
+                     {{"Retry-After", kRetryAfterSeconds}, {"Connection", "close"}});
   }
   auto parsed = api::parseCompletionRequest(request.body, chat, limits_);
   if (auto* error = std::get_if<api::ApiError>(&parsed)) {

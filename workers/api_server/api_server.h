@@ -6,7 +6,7 @@
 // Endpoints: POST /v1/completions and /v1/chat/completions (the model named may be any of the
 // served names; the response carries the name asked for), GET /v1/models (every served name,
 // root = options.model, the engine's max_model_len), GET /health (200 {"status":"ready"}; else
-// 503 {"status":"draining"|"stopping"|"failed","in_flight":N}), GET|POST /ping (the same as
+// 503 {"status":"starting"|"draining"|"stopping"|"failed","in_flight":N}), GET|POST /ping (the same as
 // /health, as SageMaker and vLLM have it), GET /live (200 while the process works, 503 once
 // Failed), GET /version ({"version":VSUP_VERSION}), GET /metrics (workers/api_server/metrics.h;
 // the engine's figures are asked of it on each scrape, and when it cannot answer within 1 s the
@@ -24,7 +24,10 @@
 // fails, or its connection is reset: http_server.h) has its engine requests aborted; one that
 // only half-closes after its request gets its answer.
 //
-// Life: start() attaches to the engine, then listens ("ready"). leaveRotation() only turns
+// Life: start() listens, then attaches to the engine; until engine-core answers the attach (it
+// answers once its ranks have loaded the model) /health says 503 "starting", and an inference
+// request or /v1/models gets 503 with `Retry-After: 1` and the OpenAI error body ("the engine is
+// starting"); then "ready". leaveRotation() only turns
 // /health (and /ping) 503 "draining": every request is served as before. From quiesce() on,
 // the listener stays open and every connection is answered (http_server.h has the guarantee and
 // the kernel's remaining window): an inference request gets 503 with `Connection: close`,
@@ -60,7 +63,7 @@ namespace vsup::workers {
 
 // What /health reports (and /metrics' vsup_ready: 1 only when Ready and in rotation).
 enum class ApiState {
-  Starting,  // not listening yet
+  Starting,  // listening, not attached to the engine yet (it is loading)
   Ready,     // serving
   Draining,  // quiesced: finishing the requests in flight
   Stopping,  // the drain hook runs: about to exit
@@ -104,9 +107,10 @@ class ApiServer final {
   ApiServer(const ApiServer&) = delete;
   ApiServer& operator=(const ApiServer&) = delete;
 
-  // Connects to engine-core over `engine` (a connected socket), attaches, then listens. Resolves
-  // once listening (state Ready); rejects if attaching fails or the address cannot be bound
-  // (the message then names host:port and the errno text). Call once.
+  // Listens (state Starting), then connects to engine-core over `engine` (a connected socket)
+  // and attaches. Resolves once attached (state Ready); rejects if the address cannot be bound
+  // (the message then names host:port and the errno text; nothing listens then) or attaching
+  // fails. Call once.
   kj::Promise<void> start(OwnFd engine);
 
   // Stop taking inference requests now (they get 503; the listener stays open) and drain until

@@ -26,6 +26,7 @@
 
 #include "base/log.h"
 #include "ipc/test_util.h"
+#include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
 #include "workers/api_server/fake_engine.h"
 #include "workers/http/http_test_util.h"
@@ -159,6 +160,111 @@ void holdRequests(FakeEngine& f) { f.script = {}; }
 }  // namespace
 
 TEST_SUITE("unit") {
+
+// An engine-core that is still loading: it answers the attach only when the test says so.
+class LoadingEngine final : public vsup::ipc::schema::Engine::Server {
+ public:
+  explicit LoadingEngine(kj::Promise<void> loaded) : loaded_(loaded.fork()) {}
+
+ protected:
+  kj::Promise<void> attach(AttachContext context) override {
+    return loaded_.addBranch().then([context]() mutable {
+      context.getResults().setMaxModelLen(512);
+      context.getResults().setChatFormat("plain");
+    });
+  }
+
+ private:
+  kj::ForkedPromise<void> loaded_;
+};
+
+TEST_CASE("api server: it listens while the engine loads: /health 503 starting, inference and "
+          "/v1/models 503 'the engine is starting', ready once the attach is answered") {
+  TestLoop loop;
+  vsup::ipc::KjOnUv kj{loop.get()};
+  LoopBridge bridge{loop.get()};
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  auto loaded = kj::newPromiseAndFulfiller<void>();
+  auto link = vsup::ipc::RpcLink::serve(loop.get(), vsup::OwnFd(sv[0]),
+                                        kj::heap<LoadingEngine>(kj::mv(loaded.promise)),
+                                        vsup::ipc::dataReaderOptions());
+  ApiServerOptions o;
+  o.name = "api-test";
+  o.port = 0;
+  auto api = std::make_unique<ApiServer>(loop.get(), o);
+  bool started = false;
+  kj::Promise<void> start = api->start(vsup::OwnFd(sv[1])).then([&] { started = true; })
+                                .eagerlyEvaluate(nullptr);
+  uint16_t port = api->port();
+  REQUIRE(port != 0);  // listening before the attach
+  CHECK(api->state() == ApiState::Starting);
+  bridge.runClient([&] {
+    Client c(port);
+    c.send(get("/health"));
+    Reply health = c.requireRead();
+    CHECK(health.status == 503);
+    CHECK(json::parse(health.body)["status"] == "starting");
+    c.send(post("/v1/completions", completion(false)));
+    Reply refused = c.requireRead();
+    CHECK(refused.status == 503);
+    CHECK(refused.header("retry-after") == "1");
+    json error = errorOf(refused);
+    CHECK(error["message"].get<std::string>().find("the engine is starting") != std::string::npos);
+    Client m(port);
+    m.send(get("/v1/models"));
+    Reply models = m.requireRead();
+    CHECK(models.status == 503);
+    CHECK(errorOf(models)["message"].get<std::string>().find("starting") != std::string::npos);
+    bool early = true;
+    bridge.call([&] { early = started; });
+    CHECK_FALSE(early);  // start() resolves only once attached
+    // engine-core has loaded: it answers the attach.
+    bridge.call([&] { loaded.fulfiller->fulfill(); });
+    auto deadline = std::chrono::steady_clock::now() + kWait;
+    int status = 0;
+    while (std::chrono::steady_clock::now() < deadline) {
+      Client h(port);
+      h.send(get("/health"));
+      Reply r = h.requireRead();
+      status = r.status;
+      if (status == 200) {
+        CHECK(json::parse(r.body)["status"] == "ready");
+        break;
+      }
+      CHECK(json::parse(r.body)["status"] == "starting");
+    }
+    CHECK(status == 200);
+  });
+  start.wait(kj.waitScope());
+  CHECK(started);
+  CHECK(api->state() == ApiState::Ready);
+  api.reset();
+  link.reset();
+}
+
+TEST_CASE("api server: an address it cannot bind fails start() before any attach, and nothing "
+          "listens") {
+  TestLoop loop;
+  vsup::ipc::KjOnUv kj{loop.get()};
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  vsup::OwnFd engineEnd(sv[0]);  // nobody answers on it: the attach would never end
+  ApiServerOptions o;
+  o.name = "api-test";
+  o.host = "203.0.113.1";  // TEST-NET-3: not an address of this machine
+  o.port = 0;
+  auto api = std::make_unique<ApiServer>(loop.get(), o);
+  std::string why;
+  try {
+    api->start(vsup::OwnFd(sv[1])).wait(kj.waitScope());
+  } catch (const kj::Exception& e) {
+    why = e.getDescription().cStr();
+  }
+  CHECK(why.find("203.0.113.1") != std::string::npos);
+  CHECK(api->port() == 0);
+  CHECK(api->state() == ApiState::Starting);
+}
 
 TEST_CASE("api server: a streaming completion carries the engine's deltas and ends with [DONE]") {
   Harness h;
