@@ -1,42 +1,52 @@
-// CPU engine throughput (LlamaShard::forward, fp32 on OpenBLAS) for a preset model at TP = 1
-// and 2, each next to a floor measured in the same run:
+// CPU engine throughput (LlamaShard::forward, fp32) for a preset or a model directory at the
+// given TP sizes, each row next to a floor measured in the same run:
 //
 //   decode, batch B  B sequences with a 16-token prompt already in the KV cache; one step is one
 //                    forward() of B one-token Seqs, all wanting logits (no sampling: forward
 //                    only), from position 16 on. tokens/s = B × steps / time.
-//                    Floor: the weights the step's matrix products read (every layer's qkv, o,
-//                    gate/up and down, plus this rank's lm_head rows; not the embedding table,
-//                    which is only row-gathered, nor the norms) ÷ read bandwidth, measured by a
-//                    kernel summing a buffer of that size, four passes back to back, on the same
-//                    threads (at TP 2 both ranks read at once, as they do in a step).
-//                    Floor tokens/s = B / (bytes / bandwidth).
+//                    Floor: one read of the weights the step's matrix products read (every
+//                    layer's qkv, o, gate/up and down, plus this rank's lm_head rows; not the
+//                    embedding table, which is only row-gathered, nor the norms), timed as the
+//                    fastest of three ways of streaming those bytes on the rank's threads (at TP
+//                    2 both ranks at once, as in a step): a kernel summing a buffer of that
+//                    size, OpenBLAS sgemv over matrices of the shard's shapes, and the engine's
+//                    own batched gemv (kernels/batched_gemv.h) at one token over the same
+//                    matrices (a batch-1 step's products alone, each way). Each is four passes
+//                    back to back, as steps follow one another. A batch-B step reads the same
+//                    weights, so its floor is B tokens per that time: the bound for an engine
+//                    that reads each weight once per step, whatever the batch.
 //   prefill, T       one sequence of T tokens from position 0, logits for its last token.
-//                    Floor: the same matrix products alone, called as the engine calls them
-//                    (cblas_sgemm on T × H · Wᵀ for each matrix of each layer, then lm_head for
-//                    the last token only), on matrices of the same shapes.
+//                    Floor: the same matrix products alone, as OpenBLAS does them (cblas_sgemm on
+//                    T × H · Wᵀ for each matrix of each layer, then lm_head for the last token
+//                    only), on matrices of the same shapes.
 //
-// The "BLAS alone" column times those same BLAS calls for decode too (gemv at batch 1, sgemm
-// above): measured ÷ BLAS alone says how much of a step is outside the matrix products, and BLAS
-// alone ÷ floor how close OpenBLAS itself gets to memory bandwidth.
+// The "OpenBLAS alone" column times OpenBLAS on each row's matrix products (sgemv at batch 1,
+// sgemm above): for decode at batch > 1 it is what the engine would do with sgemm alone (sgemm
+// at a small M repacks the weights on every call); measured ÷ it says how much the engine gains
+// or loses against it.
 //
 // Each TP runs as TP rank processes (this program again, with --rank), joined by the engine's
-// shared-memory collective; each rank gives OpenBLAS max(1, nproc / TP) threads. Rank 0 prints
-// the rows: step times are those of the slower rank, floors those of the slower rank (a step
-// ends when both have). Medians of --runs repetitions; each repetition measures the bandwidth,
-// then for each case its BLAS calls alone and then the engine, so that load from elsewhere hits
-// floors and measurements alike.
+// shared-memory collective; each rank computes on --threads threads (default max(1, nproc / TP)),
+// which it gives to OpenBLAS and to the engine. Rank 0 prints the rows: step times and floors
+// are those of the slower rank (a step ends when both have). Medians of --runs repetitions;
+// each repetition measures the floors, then for each case OpenBLAS alone and then the engine, so
+// that load from elsewhere hits floors and measurements alike.
 //
-// Rows of decode at batch > 1 also say how many tokens/s the matrix products' arithmetic allows
-// at the best sgemm rate of the prefill rows: from about 16 tokens a step is compute-bound, and
-// the bandwidth floor is out of reach by construction.
+//   build/bench/cpu_engine_bench [--model vsup-tiny-25m|DIR] [--tp 1,2] [--threads N]
+//       [--batches 1,8,32] [--prefill 128,512,2048] [--runs 5] [--quick] [--json]
 //
-//   build/bench/cpu_engine_bench [--model vsup-tiny-25m] [--tp 1,2] [--runs 5] [--quick]
-//
+// Prefill lengths past the model's context are left out of the default list (with a note) and
+// refused when asked for. --json: one JSON object on stdout (the table then goes to stderr):
+// per TP ("tp1", "tp2", ...) the ratios decode_b<B>_vs_floor and prefill_<T>_vs_sgemm, and the
+// raw numbers (decode_b<B>_tok_s, decode_b<B>_floor_tok_s, decode_b<B>_openblas_tok_s,
+// prefill_<T>_tok_s, prefill_<T>_sgemm_tok_s, floor_read_gb_s, floor_sgemv_gb_s,
+// floor_batched_gemv_gb_s, ...).
 // --quick: one short repetition with small sizes (a smoke test of a few seconds; its numbers
 // mean nothing).
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -47,7 +57,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -60,6 +72,7 @@
 #include "engine/llama_config.h"
 #include "engine/llama_model.h"
 #include "engine/weights.h"
+#include "kernels/batched_gemv.h"
 
 extern char** environ;
 
@@ -82,7 +95,7 @@ struct Sizes {
   int runs = 5;
   int decodeSteps = 32;
   std::vector<int32_t> batches{1, 8, 32};
-  std::vector<int32_t> prefillTokens{128, 512};
+  std::vector<int32_t> prefillTokens{128, 512, 2048};
 };
 
 Sizes quickSizes() {
@@ -181,8 +194,8 @@ class BandwidthProbe {
 
 // --- The matrix products alone --------------------------------------------------------------
 
-// Exactly what llama_model.cpp's matmul() calls, through the same run-time-loaded OpenBLAS:
-// y[T, out] = x[T, in] · w[out, in]ᵀ, gemv for one row.
+// The products as OpenBLAS alone does them, through the same run-time-loaded library as the
+// engine: y[T, out] = x[T, in] · w[out, in]ᵀ, sgemv for one row, sgemm for more.
 void matmul(float* y, const float* x, int64_t T, const float* w, int64_t out, int64_t in) {
   if (T == 1) {
     blas::sgemv(CblasRowMajor, CblasNoTrans, blasint(out), blasint(in), 1.0f, w, blasint(in), x, 1,
@@ -229,13 +242,22 @@ class ShardMatrices {
     return 2.0 * (double(T) * perToken + double(logitRows * vocabShard_ * H_));
   }
 
+  // One token's products read by the engine's own kernel (kernels::BatchedGemv at T = 1): the
+  // third way of streaming the weights once.
+  void runGemv(vsup::kernels::BatchedGemv& gemv) {
+    ensureScratch(1);
+    for (const Layer& l : layers_) {
+      gemv.run(y_.data(), qkvDim_, x_.data(), H_, 1, l.qkv.data(), qkvDim_, H_);
+      gemv.run(y_.data(), H_, x_.data(), attnDim_, 1, l.o.data(), H_, attnDim_);
+      gemv.run(y_.data(), 2 * mlp_, x_.data(), H_, 1, l.gateUp.data(), 2 * mlp_, H_);
+      gemv.run(y_.data(), H_, x_.data(), mlp_, 1, l.down.data(), H_, mlp_);
+    }
+    gemv.run(y_.data(), vocabShard_, x_.data(), H_, 1, lmHead_.data(), vocabShard_, H_);
+  }
+
   // The forward pass's products for T tokens, then lm_head for `logitRows` rows.
   void run(int64_t T, int64_t logitRows) {
-    int64_t widest = std::max({H_, attnDim_, 2 * mlp_, qkvDim_, vocabShard_});
-    if (x_.size() < size_t(T * widest)) {
-      x_.assign(size_t(T * widest), 0.01f);
-      y_.assign(size_t(T * widest), 0.0f);
-    }
+    ensureScratch(T);
     for (const Layer& l : layers_) {
       matmul(y_.data(), x_.data(), T, l.qkv.data(), qkvDim_, H_);
       matmul(y_.data(), x_.data(), T, l.o.data(), H_, attnDim_);
@@ -249,6 +271,13 @@ class ShardMatrices {
   struct Layer {
     std::vector<float> qkv, o, gateUp, down;
   };
+  void ensureScratch(int64_t T) {
+    int64_t widest = std::max({H_, attnDim_, 2 * mlp_, qkvDim_, vocabShard_});
+    if (x_.size() < size_t(T * widest)) {
+      x_.assign(size_t(T * widest), 0.01f);
+      y_.assign(size_t(T * widest), 0.0f);
+    }
+  }
   int64_t H_, qkvDim_, attnDim_, mlp_, vocabShard_;
   std::vector<Layer> layers_;
   std::vector<float> lmHead_;
@@ -261,19 +290,34 @@ class ShardMatrices {
 // forward), one entry per run.
 struct Row {
   std::string name;
+  std::string key;        // the JSON names' stem: decode_b8, prefill_512
   int64_t tokensPerUnit;  // decode: B per step; prefill: T per forward
   bool prefill;
   std::vector<double> measured, blas, floor;
 };
 
-int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const Sizes& sizes) {
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const int threads = int(std::max(1u, cores / tp));
-  // LlamaShard leaves this to its owner (the CPU backend's runner sets it the same way): without it each rank
-  // would run nproc BLAS threads.
+// What one rank process is told by the parent.
+struct RankArgs {
+  uint32_t tp = 1;
+  uint32_t rank = 0;
+  int threads = 1;
+  int collectiveFd = -1;
+  int resultFd = -1;  // rank 0: where the rows go as JSON (the parent prints them)
+  bool tableToStderr = false;
+};
+
+// OpenBLAS's idle workers spin (sched_yield) for about 0.1 s after a call before they sleep;
+// until then a thread of anything else timed would share a core with one of them.
+void letBlasSettle() { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
+
+int runRank(const ModelSource& model, const RankArgs& a, const Sizes& sizes) {
+  const uint32_t tp = a.tp, rank = a.rank;
+  const int threads = a.threads;
+  // LlamaShard leaves OpenBLAS's threads to its owner (the CPU backend's runner sets them the
+  // same way, and gives the shard the same count): without it each rank would run nproc.
   blas::setThreads(threads);
 
-  vsup::OwnFd region(fd);  // inherited from the parent
+  vsup::OwnFd region(a.collectiveFd);  // inherited from the parent
   std::unique_ptr<Collective> collective =
       tp == 1 ? makeSingleRankCollective() : joinSharedCollective(region.get(), rank, tp, 60000);
   region.reset();  // mapped: the descriptor is no longer needed
@@ -293,7 +337,7 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
   KvCacheShape cache;
   cache.blockSize = kBlockSize;
   cache.numBlocks = maxBatch * decodeBlocks + prefillBlocks;
-  LlamaShard shard(c, rank, tp, *weights, cache, *collective);
+  LlamaShard shard(c, rank, tp, *weights, cache, *collective, threads);
   ShardMatrices mirror(c, tp);
 
   // What the matrix products read must be what the shard holds less the embedding and norms.
@@ -313,9 +357,9 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
   }
   std::vector<int32_t> prefillTable;
   for (int32_t b = 0; b < prefillBlocks; ++b) prefillTable.push_back(maxBatch * decodeBlocks + b);
-  auto tokenAt = [](int64_t i) { return int32_t((i * 37 + 11) % 256); };
-  std::vector<int32_t> prompts(static_cast<size_t>(maxPrefill));
-  for (int32_t i = 0; i < maxPrefill; ++i) prompts[size_t(i)] = tokenAt(i);
+  auto tokenAt = [&](int64_t i) { return int32_t((i * 37 + 11) % std::min<int64_t>(c.vocabSize, 256)); };
+  std::vector<int32_t> prompts(static_cast<size_t>(std::max(maxPrefill, kDecodePrompt + maxBatch)));
+  for (size_t i = 0; i < prompts.size(); ++i) prompts[i] = tokenAt(int64_t(i));
 
   // Every decode sequence's prompt, into the cache (not timed; each run then decodes positions
   // kDecodePrompt.. again, overwriting the same slots).
@@ -335,20 +379,41 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
   }
 
   std::vector<Row> rows;
-  for (int32_t b : sizes.batches)
-    rows.push_back({"decode, batch " + std::to_string(b), b, false, {}, {}, {}});
-  for (int32_t t : sizes.prefillTokens)
-    rows.push_back({"prefill, " + std::to_string(t) + " tokens", t, true, {}, {}, {}});
-  std::vector<double> readBw, copyBw;
+  for (int32_t b : sizes.batches) {
+    rows.push_back({"decode, batch " + std::to_string(b), "decode_b" + std::to_string(b), b,
+                    false, {}, {}, {}});
+  }
+  for (int32_t t : sizes.prefillTokens) {
+    rows.push_back({"prefill, " + std::to_string(t) + " tokens", "prefill_" + std::to_string(t), t,
+                    true, {}, {}, {}});
+  }
+  // Per run: the two ways of streaming the step's weights (seconds per pass), and the copy
+  // bandwidth (for comparison with other measurements of the machine only).
+  std::vector<double> readPass, sgemvPass, gemvPass, copyBw;
+  vsup::kernels::BatchedGemv gemv(threads);
+  constexpr int kPasses = 4;
 
   for (int run = 0; run < sizes.runs; ++run) {
-    // OpenBLAS's idle workers spin (sched_yield) for about 0.1 s after a call before they sleep;
-    // until then the probe's second thread would share a core with one of them.
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    letBlasSettle();
     barrier();
-    readBw.push_back(probe.read(threads, 4));
+    readPass.push_back(double(stepBytes) / probe.read(threads, kPasses));
     barrier();
     copyBw.push_back(probe.copy(threads));
+    barrier();
+    {
+      mirror.run(1, 1);  // wakes OpenBLAS's threads, untimed
+      auto t0 = Clock::now();
+      for (int p = 0; p < kPasses; ++p) mirror.run(1, 1);
+      sgemvPass.push_back(seconds(Clock::now() - t0) / kPasses);
+    }
+    barrier();
+    {
+      mirror.runGemv(gemv);
+      auto t0 = Clock::now();
+      for (int p = 0; p < kPasses; ++p) mirror.runGemv(gemv);
+      gemvPass.push_back(seconds(Clock::now() - t0) / kPasses);
+    }
+    const double floorStep = std::min({readPass.back(), sgemvPass.back(), gemvPass.back()});
     for (Row& row : rows) {
       barrier();
       if (row.prefill) {
@@ -372,9 +437,10 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
         auto t0 = Clock::now();
         for (int step = 0; step < sizes.decodeSteps; ++step) mirror.run(B, B);
         row.blas.push_back(seconds(Clock::now() - t0) / sizes.decodeSteps);
-        row.floor.push_back(double(stepBytes) / readBw.back());
+        row.floor.push_back(floorStep);
         std::vector<int32_t> next(static_cast<size_t>(B));
         std::vector<LlamaShard::Seq> batch(static_cast<size_t>(B));
+        letBlasSettle();
         barrier();
         t0 = Clock::now();
         for (int step = 0; step < sizes.decodeSteps; ++step) {
@@ -395,8 +461,10 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
     }
   }
 
-  // Every rank's medians to rank 0: [read, copy, bytes, then measured, blas, floor per row].
-  std::vector<float> mine{float(median(readBw)), float(median(copyBw)), float(stepBytes)};
+  // Every rank's medians to rank 0: [read pass, sgemv pass, gemv pass, copy, bytes, then
+  // measured, blas, floor per row].
+  std::vector<float> mine{float(median(readPass)), float(median(sgemvPass)),
+                          float(median(gemvPass)), float(median(copyBw)), float(stepBytes)};
   for (const Row& row : rows) {
     mine.push_back(float(median(row.measured)));
     mine.push_back(float(median(row.blas)));
@@ -406,6 +474,7 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
   collective->allGather(mine.data(), mine.size(), all.data());
   if (rank != 0) return 0;
 
+  // Times: the slower rank's; bandwidths: the slower rank's.
   auto worst = [&](size_t i) {
     float w = 0;
     for (uint32_t r = 0; r < tp; ++r) w = std::max(w, all[r * mine.size() + i]);
@@ -416,37 +485,61 @@ int runRank(const ModelSource& model, uint32_t tp, uint32_t rank, int fd, const 
     for (uint32_t r = 1; r < tp; ++r) w = std::min(w, all[r * mine.size() + i]);
     return double(w);
   };
-  const double read = slowestBandwidth(0), copy = slowestBandwidth(1);
-  const double mb = worst(2) / 1e6;
-  // The best sgemm rate of the prefill rows bounds a decode step too once the batch is large
-  // enough to be compute-bound (from about 16 tokens here): said next to the bandwidth floor.
-  double bestFlops = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if (rows[i].prefill) {
-      bestFlops = std::max(bestFlops, mirror.flops(rows[i].tokensPerUnit, 1) / worst(5 + 3 * i));
-    }
-  }
+  const double bytes = double(stepBytes);
+  const double readGbs = bytes / worst(0) / 1e9, sgemvGbs = bytes / worst(1) / 1e9;
+  const double gemvGbs = bytes / worst(2) / 1e9;
+  const double copyGbs = slowestBandwidth(3) / 1e9;
+  const char* fastest = readGbs >= std::max(sgemvGbs, gemvGbs)
+                            ? "read"
+                            : (sgemvGbs >= gemvGbs ? "sgemv" : "batched gemv");
+  constexpr size_t kFirstRow = 5;
+  auto at = [&](size_t row, size_t what) { return worst(kFirstRow + 3 * row + what); };
+  FILE* table = a.tableToStderr ? stderr : stdout;
+  nlohmann::json result;
+  result["threads_per_rank"] = threads;
+  result["step_weight_mb"] = bytes / 1e6;
+  result["floor_read_gb_s"] = readGbs;
+  result["floor_sgemv_gb_s"] = sgemvGbs;
+  result["floor_batched_gemv_gb_s"] = gemvGbs;
+  result["floor_from"] = fastest;
+  result["copy_gb_s"] = copyGbs;
   for (size_t i = 0; i < rows.size(); ++i) {
     const Row& row = rows[i];
     const double tokens = double(row.tokensPerUnit);
-    const double measured = tokens / worst(3 + 3 * i);
-    const double blas = tokens / worst(4 + 3 * i);
-    const double floor = tokens / worst(5 + 3 * i);
+    const double measured = tokens / at(i, 0);
+    const double blas = tokens / at(i, 1);
+    const double floor = tokens / at(i, 2);
     char from[200];
     if (row.prefill) {
       std::snprintf(from, sizeof from, "sgemm on the same shapes: %.0f GFLOP/s",
-                    mirror.flops(row.tokensPerUnit, 1) / worst(5 + 3 * i) / 1e9);
-    } else if (row.tokensPerUnit == 1 || bestFlops == 0) {
-      std::snprintf(from, sizeof from, "%.1f MB/step ÷ read %.1f GB/s (copy %.1f)", mb, read / 1e9,
-                    copy / 1e9);
+                    mirror.flops(row.tokensPerUnit, 1) / at(i, 2) / 1e9);
+      result[row.key + "_vs_sgemm"] = measured / floor;
+      result[row.key + "_sgemm_tok_s"] = floor;
     } else {
-      std::snprintf(from, sizeof from, "same; at the prefill sgemm rate, compute allows %.0f tok/s",
-                    bestFlops / (mirror.flops(row.tokensPerUnit, row.tokensPerUnit) / tokens));
+      std::snprintf(from, sizeof from,
+                    "%.1f MB/step once at %.1f GB/s (%s; read %.1f, sgemv %.1f, batched gemv "
+                    "%.1f, copy %.1f)",
+                    bytes / 1e6, bytes / at(i, 2) / 1e9, fastest, readGbs, sgemvGbs, gemvGbs,
+                    copyGbs);
+      result[row.key + "_vs_floor"] = measured / floor;
+      result[row.key + "_floor_tok_s"] = floor;
+      result[row.key + "_openblas_tok_s"] = blas;
     }
-    std::printf("| %u | %s | %.0f | %.0f | %.2f | %.0f | %s |\n", tp, row.name.c_str(), measured,
-                floor, measured / floor, blas, from);
+    result[row.key + "_tok_s"] = measured;
+    std::fprintf(table, "| %u | %s | %.0f | %.0f | %.2f | %.0f | %s |\n", tp, row.name.c_str(),
+                 measured, floor, measured / floor, blas, from);
   }
-  std::fflush(stdout);
+  std::fflush(table);
+  if (a.resultFd >= 0) {
+    std::string text = result.dump();
+    vsup::OwnFd out(a.resultFd);
+    for (size_t done = 0; done < text.size();) {
+      ssize_t n = ::write(out.get(), text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) throw std::runtime_error("writing the rank's results failed");
+      done += size_t(n);
+    }
+  }
   static_cast<void>(probe.sink());
   return 0;
 }
@@ -489,23 +582,30 @@ std::string loadAverage() {
   return one;
 }
 
-// Runs `tp` rank processes of this program and waits for them. Returns false if one failed.
-bool runRanks(uint32_t tp, const std::vector<std::string>& forwarded) {
-  // Above 3, so that dup2 onto 3 in the child really copies it (and clears close-on-exec).
+// Runs `tp` rank processes of this program and waits for them. Returns false if one failed;
+// otherwise, with `result`, the JSON object rank 0 wrote.
+bool runRanks(uint32_t tp, const std::vector<std::string>& forwarded, nlohmann::json* result) {
+  // Both above 4, so that dup2 onto 3 and 4 in the child really copies them (and clears
+  // close-on-exec), and neither is overwritten by the other's dup2.
   vsup::OwnFd created(createSharedCollective(tp));
   vsup::OwnFd shared(VSUP_SYSCALL(::fcntl(created.get(), F_DUPFD_CLOEXEC, 10)));
   created.reset();
+  vsup::OwnFd memfd(VSUP_SYSCALL(::memfd_create("cpu_engine_bench_result", MFD_CLOEXEC)));
+  vsup::OwnFd results(VSUP_SYSCALL(::fcntl(memfd.get(), F_DUPFD_CLOEXEC, 10)));
+  memfd.reset();
   std::vector<pid_t> pids;
   for (uint32_t r = 0; r < tp; ++r) {
     std::vector<std::string> args = forwarded;
     args.insert(args.end(),
                 {"--tp", std::to_string(tp), "--rank", std::to_string(r), "--collective-fd", "3"});
+    if (r == 0) args.insert(args.end(), {"--result-fd", "4"});
     std::vector<char*> cargs;
     for (auto& a : args) cargs.push_back(a.data());
     cargs.push_back(nullptr);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, shared.get(), 3);
+    if (r == 0) posix_spawn_file_actions_adddup2(&actions, results.get(), 4);
     pid_t pid = 0;
     int rc = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, cargs.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
@@ -519,7 +619,23 @@ bool runRanks(uint32_t tp, const std::vector<std::string>& forwarded) {
     ::waitpid(pid, &status, 0);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ok = false;
   }
-  return ok;
+  if (!ok || result == nullptr) return ok;
+  std::string text;
+  char buffer[4096];
+  for (off_t at = 0;;) {
+    ssize_t n = VSUP_SYSCALL(::pread(results.get(), buffer, sizeof buffer, at));
+    if (n == 0) break;
+    text.append(buffer, size_t(n));
+    at += n;
+  }
+  *result = nlohmann::json::parse(text);
+  return true;
+}
+
+std::string joined(const std::vector<int32_t>& v) {
+  std::string s;
+  for (int32_t x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
+  return s;
 }
 
 }  // namespace
@@ -528,49 +644,132 @@ int main(int argc, char** argv) {
   CLI::App app{"cpu_engine_bench: CPU engine decode and prefill tokens/s against their floors"};
   std::string modelName = kDefaultModel;
   std::vector<uint32_t> tps{1, 2};
+  std::vector<int32_t> batches, prefill;
   int runs = 5;
-  bool quick = false;
+  int threads = 0;
+  bool quick = false, json = false;
   int64_t rank = -1;
-  int fd = -1;
+  int fd = -1, resultFd = -1;
   app.add_option("--model", modelName, "a preset or a model directory");
   app.add_option("--tp", tps, "tensor-parallel sizes, e.g. 1,2")
       ->delimiter(',')
       ->check(CLI::Range(1u, 64u));
+  app.add_option("--threads", threads,
+                 "compute threads per rank (OpenBLAS and the engine); default max(1, nproc / TP)")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--batches", batches, "decode batch sizes, e.g. 1,8,32 (the default)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--prefill", prefill,
+                 "prefill lengths in tokens, e.g. 128,512,2048 (the default, less those past the "
+                 "model's context)")
+      ->delimiter(',')
+      ->check(CLI::Range(2, 1 << 20));
   app.add_option("--runs", runs, "repetitions (medians are reported)")->check(CLI::Range(1, 1000));
   app.add_flag("--quick", quick, "one short repetition with small sizes (smoke test)");
-  app.add_option("--rank", rank)->group("");         // internal: one rank process
-  app.add_option("--collective-fd", fd)->group("");  // internal
+  app.add_flag("--json", json, "one JSON object on stdout (the table goes to stderr)");
+  app.add_option("--rank", rank)->group("");            // internal: one rank process
+  app.add_option("--collective-fd", fd)->group("");     // internal
+  app.add_option("--result-fd", resultFd)->group("");   // internal: rank 0's JSON
   CLI11_PARSE(app, argc, argv);
   try {
     ModelSource model = resolveModel(modelName, "auto", false);
+    const LlamaConfig& c = model.config;
     Sizes sizes = quick ? quickSizes() : Sizes{};
     if (!quick) sizes.runs = runs;
-    if (rank >= 0) {
-      return runRank(model, tps.at(0), uint32_t(rank), fd, sizes);
+    if (!batches.empty()) sizes.batches = batches;
+    const int64_t context = c.maxPositions;
+    if (!prefill.empty()) {
+      for (int32_t t : prefill) {
+        if (t > context) {
+          throw std::invalid_argument("--prefill " + std::to_string(t) + ": longer than model " +
+                                      model.name + "'s context (" + std::to_string(context) +
+                                      " positions)");
+        }
+      }
+      sizes.prefillTokens = prefill;
+    } else {
+      std::vector<int32_t> fit;
+      for (int32_t t : sizes.prefillTokens) {
+        if (t <= context) fit.push_back(t);
+      }
+      if (fit.size() != sizes.prefillTokens.size() && rank < 0) {
+        std::fprintf(stderr,
+                     "cpu_engine_bench: prefill rows past model %s's context (%lld positions) "
+                     "left out\n",
+                     model.name.c_str(), static_cast<long long>(context));
+      }
+      if (fit.empty()) fit.push_back(int32_t(std::min<int64_t>(context, 128)));
+      sizes.prefillTokens = fit;
     }
-    for (uint32_t tp : tps) model.config.checkTensorParallel(tp);
-
+    if (kDecodePrompt + sizes.decodeSteps > context) {
+      throw std::invalid_argument("model " + model.name + "'s context (" +
+                                  std::to_string(context) + " positions) is shorter than the " +
+                                  std::to_string(kDecodePrompt + sizes.decodeSteps) +
+                                  " positions the decode rows use");
+    }
     const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    std::printf("Machine: %s, %u cores, load average %s at start; %s.\n", cpuModel().c_str(), cores,
-                loadAverage().c_str(), openblasDescription().c_str());
-    std::printf(
-        "Model %s (%s weights), fp32, KV block size %d; decode after a %d-token prompt, "
-        "%d steps, forward only (no sampling). OpenBLAS threads per rank = max(1, %u / TP). "
-        "Medians of %d runs.\n\n",
-        model.name.c_str(), model.dummyWeights ? "dummy" : "safetensors", kBlockSize, kDecodePrompt,
-        sizes.decodeSteps, cores, sizes.runs);
-    std::printf(
-        "| TP | case | measured tok/s | floor tok/s | ratio | BLAS calls alone tok/s "
-        "| floor from |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---|\n");
-    std::fflush(stdout);
+    auto threadsFor = [&](uint32_t tp) {
+      return threads > 0 ? threads : int(std::max(1u, cores / tp));
+    };
+    if (rank >= 0) {
+      RankArgs a;
+      a.tp = tps.at(0);
+      a.rank = uint32_t(rank);
+      a.threads = threadsFor(a.tp);
+      a.collectiveFd = fd;
+      a.resultFd = resultFd;
+      a.tableToStderr = json;
+      return runRank(model, a, sizes);
+    }
+    for (uint32_t tp : tps) c.checkTensorParallel(tp);
+
+    FILE* table = json ? stderr : stdout;
+    const std::string machine = cpuModel(), openblas = openblasDescription();
+    const std::string loadStart = loadAverage();
+    std::fprintf(table, "Machine: %s, %u cores, load average %s at start; %s.\n", machine.c_str(),
+                 cores, loadStart.c_str(), openblas.c_str());
+    std::string threadsText = threads > 0 ? std::to_string(threads)
+                                          : "max(1, " + std::to_string(cores) + " / TP)";
+    std::fprintf(table,
+                 "Model %s (%s weights), fp32, KV block size %d; decode after a %d-token prompt, "
+                 "%d steps, forward only (no sampling). Threads per rank (OpenBLAS and the "
+                 "engine) = %s. Medians of %d runs.\n\n",
+                 model.name.c_str(), model.dummyWeights ? "dummy" : "safetensors", kBlockSize,
+                 kDecodePrompt, sizes.decodeSteps, threadsText.c_str(), sizes.runs);
+    std::fprintf(table,
+                 "| TP | case | measured tok/s | floor tok/s | ratio | OpenBLAS alone tok/s "
+                 "| floor from |\n");
+    std::fprintf(table, "|---|---|---:|---:|---:|---:|---|\n");
+    std::fflush(table);
     std::vector<std::string> forwarded{argv[0], "--model", modelName, "--runs",
-                                       std::to_string(sizes.runs)};
+                                       std::to_string(sizes.runs), "--batches",
+                                       joined(sizes.batches), "--prefill",
+                                       joined(sizes.prefillTokens)};
+    if (threads > 0) forwarded.insert(forwarded.end(), {"--threads", std::to_string(threads)});
     if (quick) forwarded.push_back("--quick");
+    if (json) forwarded.push_back("--json");
+    nlohmann::json out;
+    out["machine"] = machine;
+    out["cores"] = cores;
+    out["openblas"] = openblas;
+    out["model"] = model.name;
+    out["weights"] = model.dummyWeights ? "dummy" : "safetensors";
+    out["runs"] = sizes.runs;
+    out["decode_steps"] = sizes.decodeSteps;
+    out["load_average_start"] = loadStart;
     bool ok = true;
-    for (uint32_t tp : tps) ok = runRanks(tp, forwarded) && ok;
-    // Other tenants' load shows up as a TP 2 "BLAS alone" that falls to half of TP 1's.
-    std::printf("\nLoad average at the end: %s.\n", loadAverage().c_str());
+    for (uint32_t tp : tps) {
+      nlohmann::json one;
+      bool done = runRanks(tp, forwarded, &one);
+      if (done) out["tp" + std::to_string(tp)] = one;
+      ok = done && ok;
+    }
+    // Other tenants' load shows up as a TP 2 "OpenBLAS alone" that falls to half of TP 1's.
+    const std::string loadEnd = loadAverage();
+    std::fprintf(table, "\nLoad average at the end: %s.\n", loadEnd.c_str());
+    out["load_average_end"] = loadEnd;
+    if (json) std::printf("%s\n", out.dump(1).c_str());
     if (!ok) std::fprintf(stderr, "cpu_engine_bench: a rank process failed\n");
     return ok ? 0 : 1;
   } catch (const std::exception& e) {

@@ -61,8 +61,11 @@ class CpuRunner final : public ModelRunner {
     const uint32_t tp = config.common.tensorParallelSize;
     // The machine's cores, shared between the ranks: more BLAS threads than that would only
     // make the ranks preempt one another between collectives.
+    // The shard's own threads (the batched gemv of decode steps) are the same share: OpenBLAS's
+    // (prompts) and the shard's take turns, never run at once.
     unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    blas::setThreads(int(std::max(1u, cores / tp)));
+    const int threads = int(std::max(1u, cores / tp));
+    blas::setThreads(threads);
     std::unique_ptr<WeightSource> weights =
         plan.model.dummyWeights ? makeDummyWeights(cpuConfigOf(config).weightSeed)
                                 : openSafetensors(plan.model.directory);
@@ -70,7 +73,7 @@ class CpuRunner final : public ModelRunner {
     cache.numBlocks = plan.numBlocks;
     cache.blockSize = config.common.blockSize;
     shard_ = std::make_unique<LlamaShard>(plan.model.config, rank, tp, *weights, cache,
-                                          *collective_);
+                                          *collective_, threads);
   }
 
   StepOutput execute(const StepInput& input) override {

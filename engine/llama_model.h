@@ -1,6 +1,8 @@
 // One tensor-parallel rank's shard of a Llama-architecture transformer, with its part of the
-// paged KV cache, computing in fp32 on the CPU (OpenBLAS for the matrix products, kernels/ for
-// the rest).
+// paged KV cache, computing in fp32 on the CPU: the matrix products of up to 32 tokens (decode
+// steps) through kernels::BatchedGemv, which reads each weight once per step for the whole
+// batch, on threads the shard owns; larger ones (prompts) through OpenBLAS's sgemm; kernels/
+// for the rest.
 //
 // Megatron-style split over `tp` ranks: q/k/v and gate/up are column-parallel (this rank holds
 // numHeads/tp query heads, numKvHeads/tp KV heads and intermediateSize/tp MLP columns), o and
@@ -8,7 +10,8 @@
 // output projection (lm_head) is vocab-parallel (each rank computes its slice of the logits,
 // then all-gathers). Every rank ends a forward pass with the same full-vocabulary logits.
 //
-// Thread: one compute thread calls forward(); not thread-safe.
+// Thread: one compute thread calls forward(); not thread-safe. The shard's gemv workers (threads
+// - 1 of them) live as long as it does and are joined by its destructor.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +22,7 @@
 #include "engine/llama_config.h"
 #include "engine/prefill_attention.h"
 #include "engine/weights.h"
+#include "kernels/batched_gemv.h"
 #include "kernels/cpu_kernels.h"
 
 namespace vsup::engine {
@@ -35,9 +39,11 @@ int32_t kvBlocksFor(const LlamaConfig& config, uint32_t tp, int32_t blockSize, i
 class LlamaShard {
  public:
   // Loads this rank's shard from `weights` (throws std::runtime_error naming the tensor) and
-  // allocates and touches its KV cache. Borrows `collective`, which must outlive it.
+  // allocates and touches its KV cache. Borrows `collective`, which must outlive it. `threads`:
+  // the threads the matrix products of small batches run on (the calling thread and
+  // threads - 1 workers the shard owns; give it the same share of the cores as OpenBLAS).
   LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp, const WeightSource& weights,
-             KvCacheShape cache, Collective& collective);
+             KvCacheShape cache, Collective& collective, int threads = 1);
   ~LlamaShard();
   LlamaShard(const LlamaShard&) = delete;
   LlamaShard& operator=(const LlamaShard&) = delete;
@@ -87,6 +93,7 @@ class LlamaShard {
   // Scratch, reused between steps.
   std::vector<float> x_, h_, qkvOut_, attn_, proj_, gu_, scores_, lastRows_, shardLogits_, gathered_;
   PrefillAttention prefillAttention_;
+  std::unique_ptr<kernels::BatchedGemv> gemv_;  // the matrix products of small batches
 };
 
 }  // namespace vsup::engine
