@@ -648,7 +648,11 @@ def test_a_stopped_rank_times_out_the_collective_fails_the_stream_and_is_killed(
         assert error_events(stream.events), f"no error event: {stream.events[-3:]}"
         assert stream.events[-1] == "[DONE]", stream.events[-3:]
         assert told >= 0.9, f"the client was told {told:.2f}s after the hang, before the timeout"
-        assert "timed out after 1000 ms" in s.stderr(), s.stderr()
+        # Either detector may fire first, both on the 1000 ms collective timeout: worker-tp0,
+        # waiting on the stopped rank inside a collective, or engine-core, when the stop came
+        # after the step's last collective and worker-tp0 answered alone.
+        assert re.search(r"timed out after 1000 ms|did not answer step \d+ within 1000 ms",
+                         s.stderr()), s.stderr()
         code = s.wait_exit(15)
         assert code == 5, s.stderr()
         # The tree itself must not leave the stopped rank behind (nothing here resumes it).

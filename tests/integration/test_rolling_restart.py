@@ -15,7 +15,9 @@ Two ways to take a replica out, both run:
   races the SIGTERM. Here vsup's own behaviour keeps clients whole: /health turns 503 at once,
   in-flight requests finish, and every request that reaches the replica while it drains is
   answered 503 with `Connection: close` (never reset: the listener stays open until the drain
-  ends), which HAProxy replays on the other replica (`retry-on 503`).
+  ends), which HAProxy replays on the other replica (`retry-on 503`). A request that crosses
+  the close of an idle keep-alive connection at the drain's end is replayed too
+  (`retry-on empty-response`): vsup never read it.
 
 Either way the old tree must exit 0 with nothing left behind, a new one is started on the same
 port, HAProxy must see it UP, and it must serve load before the other replica is rolled.
@@ -76,7 +78,13 @@ RETRY_ON = {
     # whose request was sent), none of which it has handed to the engine, so replaying them on
     # the other replica is safe. HAProxy can replay a request only if it still holds its body:
     # `option http-buffer-request` below.
-    "sigterm": "conn-failure 503",
+    # `empty-response`: when the drain ends, the replica closes its idle keep-alive connections
+    # (FIN, then it reads and discards for a while, so nothing is reset). A request HAProxy sends
+    # on one of them at that very moment, before its next health check has seen the 503, gets
+    # no answer; vsup had not read it (it answers every request that reached it before the
+    # close), so replaying it is safe. Without this HAProxy closes a reused client connection
+    # silently instead (its way of handing the keep-alive race to the client), about 1 run in 15.
+    "sigterm": "conn-failure empty-response 503",
 }
 
 
