@@ -38,9 +38,15 @@ bool UvEventPort::wait() {
   KJ_DEFER(kjDriving_ = false);
   // Blocking wait (outside uv_run): the wake-up handle must count, or uv_run would return at
   // once whenever nothing else is active and KJ would call wait() again in a busy loop.
+  // KJ waits only when its queue is empty, so the pump has nothing to do meanwhile; left
+  // active, an idle handle makes every UV_RUN_ONCE poll with a zero timeout, and the wait
+  // would spin (a blocking kj::Promise::wait() on a supervisor stop burned a core).
+  const bool pumpArmed = uv_is_active(reinterpret_cast<uv_handle_t*>(pump_.get())) != 0;
+  if (pumpArmed) uv_idle_stop(pump_.get());
   uv_ref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
   uv_run(loop_, UV_RUN_ONCE);
   uv_unref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
+  if (pumpArmed) schedulePump();
   return woken_.exchange(false);
 }
 

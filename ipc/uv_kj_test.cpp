@@ -289,6 +289,28 @@ TEST_CASE("a blocking wait for a cross-thread event sleeps instead of spinning")
   CHECK_MESSAGE(cpu < 50.0, "wait() burnt ", cpu, " ms of CPU in ", wall, " ms");
 }
 
+TEST_CASE("a blocking wait after a cross-thread wake-up sleeps instead of spinning") {
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  const kj::Executor& executor = kj::getCurrentThreadExecutor();
+  // A cross-thread call lands first: its wake-up arms the pump, which only uv_run's own idle
+  // phase would disarm. Then a blocking wait for a timer 200 ms away: the armed pump must not
+  // turn each of its uv_run turns into a zero-timeout poll.
+  std::atomic<bool> ran{false};
+  std::thread other([&] { executor.executeSync([&] { ran = true; }); });
+  while (!ran) kj.waitScope().poll();
+  other.join();
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  Timer timer(loop.get(), 200, [&] { paf.fulfiller->fulfill(); });
+  auto start = vsup::monoNow();
+  double cpu0 = threadCpuMs();
+  paf.promise.wait(kj.waitScope());
+  double cpu = threadCpuMs() - cpu0;
+  double wall = elapsedMs(start);
+  CHECK(wall >= 190.0);
+  CHECK_MESSAGE(cpu < 50.0, "wait() burnt ", cpu, " ms of CPU in ", wall, " ms");
+}
+
 TEST_CASE("a cross-thread call reaches KJ while the host's uv_run is running") {
   TestLoop loop;
   KjOnUv kj(loop.get());
