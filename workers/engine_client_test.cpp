@@ -218,6 +218,65 @@ TEST_CASE("engine client: a refused submit rejects the promise; so does one befo
   CHECK(failureOf(h.client->submit(request("a")), h.ws()) == "engine-core is stopping");
 }
 
+TEST_CASE("engine client: requests submitted in one turn go in one submitMany call, each "
+          "answered in its own slot") {
+  Harness h;
+  h.fake.serveSubmitMany = true;
+  h.fake.reject = [](const GenerateRequest& r) -> std::optional<Rejection> {
+    if (r.id != "b") return std::nullopt;
+    return Rejection{RejectCode::ContextLengthExceeded, "b is too long"};
+  };
+  h.connect();
+  auto a = h.client->submit(request("a"));
+  auto b = h.client->submit(request("b"));
+  auto c = h.client->submit(request("c"));
+  CHECK_FALSE(a.wait(h.ws()).has_value());
+  auto rb = b.wait(h.ws());
+  REQUIRE(rb.has_value());
+  CHECK(rb->code == RejectCode::ContextLengthExceeded);
+  CHECK(rb->message == "b is too long");
+  CHECK_FALSE(c.wait(h.ws()).has_value());
+  // The probe at connect (empty), then the three in one call; none went as a plain submit.
+  CHECK(h.fake.log.submitManyCalls() == std::vector<size_t>{0, 3});
+  CHECK(h.fake.log.submits() == std::vector<std::string>{"a", "b", "c"});
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(), [&] {
+    return h.rec.finish("a") == FinishReason::Stop && h.rec.finish("c") == FinishReason::Stop;
+  }));
+  CHECK(h.rec.text("a") == "Hello!");
+  CHECK(h.rec.text("c") == "Hello!");
+  CHECK(h.rec.finish("b") == FinishReason::None);  // rejected: never played
+  // One request alone in its turn: no batch of one.
+  CHECK_FALSE(h.client->submit(request("d")).wait(h.ws()).has_value());
+  CHECK(h.fake.log.submitManyCalls() == std::vector<size_t>{0, 3});
+  CHECK(h.fake.log.submits().back() == "d");
+}
+
+TEST_CASE("engine client: a batch the engine refuses rejects every request with its sentence") {
+  Harness h;
+  h.fake.serveSubmitMany = true;
+  h.connect();
+  h.fake.refuse = true;
+  auto a = h.client->submit(request("a"));
+  auto b = h.client->submit(request("b"));
+  CHECK(failureOf(kj::mv(a), h.ws()) == "engine-core is stopping");
+  CHECK(failureOf(kj::mv(b), h.ws()) == "engine-core is stopping");
+  CHECK(h.fake.log.submitManyCalls() == std::vector<size_t>{0, 2});
+}
+
+TEST_CASE("engine client: an engine without submitMany gets one submit per request of a turn") {
+  Harness h;  // the fake answers submitMany UNIMPLEMENTED, as an engine that predates it
+  h.connect();
+  auto a = h.client->submit(request("a"));
+  auto b = h.client->submit(request("b"));
+  CHECK_FALSE(a.wait(h.ws()).has_value());
+  CHECK_FALSE(b.wait(h.ws()).has_value());
+  CHECK(h.fake.log.submitManyCalls().empty());
+  CHECK(h.fake.log.submits() == std::vector<std::string>{"a", "b"});
+  REQUIRE(h.rec.waitFor(h.loop.get(), h.ws(), [&] {
+    return h.rec.finish("a") == FinishReason::Stop && h.rec.finish("b") == FinishReason::Stop;
+  }));
+}
+
 TEST_CASE("engine client: abort reaches the engine, and its final delta comes back") {
   Harness h;
   h.fake.script = {};  // held until aborted

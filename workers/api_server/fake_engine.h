@@ -59,6 +59,10 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
       std::lock_guard lock(mu_);
       return statsCalls_;
     }
+    std::vector<size_t> submitManyCalls() const {  // each submitMany call's request count
+      std::lock_guard lock(mu_);
+      return submitManyCalls_;
+    }
     // Waits (at most 5 s) until `pred` holds over this log; the predicate runs under the lock.
     bool waitUntil(const std::function<bool(const Log&)>& pred) const {
       std::unique_lock lock(mu_);
@@ -85,6 +89,7 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     std::vector<std::string> aborts_;
     int answered_ = 0;
     int statsCalls_ = 0;
+    std::vector<size_t> submitManyCalls_;
   };
 
   // How the fake answers. Set before the client submits.
@@ -93,6 +98,9 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
   // Non-empty: submit answers with this rejection (nothing is queued).
   std::function<std::optional<engine::Rejection>(const engine::GenerateRequest&)> reject;
   bool refuse = false;  // submit throws, as engine-core does when stopping or failed
+  // Serves Engine.submitMany as engine-core does (each request as a submit, `refused` where
+  // submit throws). False: it answers UNIMPLEMENTED, as an engine that predates it.
+  bool serveSubmitMany = false;
   // Each accepted request plays these pieces of text, one engine step (one deltas call, a few
   // ms apart) each, the last with finish = stop. Empty: the request is held until the test
   // sends its deltas (send(), finish()).
@@ -170,19 +178,31 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     }
     kj::Promise<void> submit(SubmitContext context) override {
       engine::GenerateRequest r = workers::decode(context.getParams().getRequest());
-      fake_.log.update([&] {
-        fake_.log.submits_.push_back(r.id);
-        fake_.log.requests_.push_back(r);
-      });
-      if (fake_.refuse) return KJ_EXCEPTION(FAILED, "engine-core is stopping");
-      if (fake_.reject) {
-        if (auto rejection = fake_.reject(r)) {
-          context.getResults().setRejected(rejection->message);
-          context.getResults().setRejectCode(workers::encode(rejection->code));
-          return kj::READY_NOW;
+      if (fake_.refuse) {
+        take(r);
+        return KJ_EXCEPTION(FAILED, "engine-core is stopping");
+      }
+      if (auto rejection = take(r)) {
+        context.getResults().setRejected(rejection->message);
+        context.getResults().setRejectCode(workers::encode(rejection->code));
+      }
+      return kj::READY_NOW;
+    }
+    kj::Promise<void> submitMany(SubmitManyContext context) override {
+      if (!fake_.serveSubmitMany) return KJ_EXCEPTION(UNIMPLEMENTED, "submitMany");
+      auto requests = context.getParams().getRequests();
+      fake_.log.update([&] { fake_.log.submitManyCalls_.push_back(requests.size()); });
+      auto out = context.getResults().initOutcomes(requests.size());
+      for (unsigned i = 0; i < requests.size(); ++i) {
+        engine::GenerateRequest r = workers::decode(requests[i]);
+        if (fake_.refuse) {
+          take(r);
+          out[i].setRefused("engine-core is stopping");
+        } else if (auto rejection = take(r)) {
+          out[i].setRejected(rejection->message);
+          out[i].setRejectCode(workers::encode(rejection->code));
         }
       }
-      fake_.play(r.id, 0);
       return kj::READY_NOW;
     }
     kj::Promise<void> abort(AbortContext context) override {
@@ -204,6 +224,20 @@ class FakeEngine final : public kj::TaskSet::ErrorHandler {
     }
 
    private:
+    // Logs a submitted request and, unless refused or rejected, plays its script.
+    std::optional<engine::Rejection> take(const engine::GenerateRequest& r) {
+      fake_.log.update([&] {
+        fake_.log.submits_.push_back(r.id);
+        fake_.log.requests_.push_back(r);
+      });
+      if (fake_.refuse) return std::nullopt;
+      if (fake_.reject) {
+        if (auto rejection = fake_.reject(r)) return rejection;
+      }
+      fake_.play(r.id, 0);
+      return std::nullopt;
+    }
+
     FakeEngine& fake_;
   };
 
