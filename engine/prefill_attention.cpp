@@ -9,6 +9,7 @@
 #include <string>
 
 #include "engine/blas.h"
+#include "kernels/exp_approx.h"
 
 // The softmax loops are built three times (target_clones, as kernels/cpu_kernels.cpp does) and
 // the dynamic loader picks one for the CPU; under ASan or TSan one plain build (their runtimes
@@ -43,35 +44,16 @@ VSUP_INLINE Vec16 load(const float* p) {
 VSUP_INLINE void store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
 VSUP_INLINE Vec16 splat(float x) { return Vec16{} + x; }
 
-// exp(x), 16 lanes at once: the same Cephes range reduction and degree-6 polynomial as the
-// kernels' scalar expApprox (relative error under 2.5e-7 on [-87, 88.37]); below -87 (and -inf)
-// gives 0, at or above 88.38 +inf, NaN stays NaN.
+// exp(x), 16 lanes at once (kernels/exp_approx.h, the body the kernels' scalar expApprox uses):
+// below -87 (and -inf) gives 0, at or above 88.38 +inf, NaN stays NaN.
 VSUP_INLINE Vec16 expVec(Vec16 x) {
-  const Vec16 lo = splat(-87.0f);
-  const Vec16 hi = splat(88.5f);  // rounds to n = 128, whose exponent bits are those of +inf
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec16 lo = splat(kernels::kExpLo);
+  const Vec16 hi = splat(kernels::kExpHi);
   Vec16 xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const Vec16 t = xc * kLog2e + kRound;
-  const Vec16 n = t - kRound;
-  Vec16 r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  Vec16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec16 y = p * (r * r) + r + 1.0f;
-  const Vec16i e = std::bit_cast<Vec16i>(t) - std::bit_cast<int32_t>(kRound);
-  const Vec16i scaleBits = (e + 127) << 23;
-  const Vec16 scaled = y * std::bit_cast<Vec16>(scaleBits);
+  const Vec16 scaled = kernels::expClamped<Vec16, Vec16i>(xc);
   const Vec16i keep = x >= lo;  // all ones or zero per lane
-  const Vec16i out = std::bit_cast<Vec16i>(scaled) & keep;
-  return std::bit_cast<Vec16>(out);
+  return std::bit_cast<Vec16>(std::bit_cast<Vec16i>(scaled) & keep);
 }
 
 VSUP_INLINE float maxLanes(Vec16 v) {

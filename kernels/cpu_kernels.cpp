@@ -10,6 +10,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/exp_approx.h"
+
 // How these loops vectorize without -ffast-math: GCC will not reorder a floating-point reduction
 // (`s += a[i] * b[i]`), so every reduction here keeps an explicit array of independent lanes
 // (`acc[j] += ...`, j < kLanes) that the vectorizer maps onto one or more vector registers, and
@@ -46,39 +48,14 @@ VSUP_INLINE float selectFloat(bool c, float a, float b) {
                               (std::bit_cast<uint32_t>(b) & ~mask));
 }
 
-// exp(x) for float, written so that it vectorizes (no libm call, no branch): Cephes' expf range
-// reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, and 2^n assembled in the
-// exponent bits. Relative error under 2.5e-7 for x in [-87, 88.37] (the siluMul test checks it
-// against double exp over that whole range). Outside it: x < -87 gives 0 (the true value is below
-// 1.7e-38, so the absolute error is smaller still, and no denormal is ever produced), x >= 88.38
+// exp(x) for float (kernels/exp_approx.h). Outside [-87, 88.37]: x < -87 gives 0, x >= 88.38
 // gives +inf (the true value overflows float from 88.72), NaN gives NaN. The edges are folded in
-// without a branch: the clamp is a select, n = 128 yields the exponent bits of +inf, and the low
-// side is a multiply by 0.
+// without a branch: the clamp is a select and the low side is a multiply by 0.
 VSUP_INLINE float expApprox(float x) {
-  constexpr float kLo = -87.0f;
-  constexpr float kHi = 88.5f;  // rounds to n = 128, whose exponent bits are those of +inf
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 split in two so n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = selectFloat(x < kLo, kLo, selectFloat(x > kHi, kHi, x));
-  const float t = xc * kLog2e + kRound;
-  const float n = t - kRound;
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * (r * r) + r + 1.0f;
-  // n is in [-126, 128]: 2^n is a normal float, or +inf for 128.
-  const int32_t e = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
-  const float scale = std::bit_cast<float>((e + 127) << 23);
+  const float xc = selectFloat(x < kExpLo, kExpLo, selectFloat(x > kExpHi, kExpHi, x));
   // 0 below the range (and for -inf); a NaN x stays NaN through y (the clamp passes it on).
-  const float keep = static_cast<float>(x >= kLo);
-  return y * scale * keep;
+  const float keep = static_cast<float>(x >= kExpLo);
+  return expClamped<float, int32_t>(xc) * keep;
 }
 
 // Sums kLanes lanes in a fixed tree (the same order in every clone). Written with GCC's generic
