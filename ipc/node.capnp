@@ -26,6 +26,7 @@ struct ChildSpec {
   startConfig @11 :Data;          # opaque to vsup: sent to the child (vsup-aware) in Node.start
   livenessTimeoutMs @12 :Int64 = -1;   # -1: no liveness pings
   livenessIntervalMs @13 :Int64 = 1000;
+  startConcurrently @14 :Bool;    # the next child is spawned without waiting for this one's ready
 
   enum Restart { permanent @0; transient @1; temporary @2; }
   enum ChildType { worker @0; supervisor @1; }

@@ -54,6 +54,7 @@ void encode(const SupervisorSpec& spec, schema::SupervisorSpec::Builder out) {
     b.setLivenessTimeoutMs(c.livenessTimeoutMs);
     b.setLivenessIntervalMs(c.livenessIntervalMs);
     b.setVsupAware(c.vsupAware);
+    b.setStartConcurrently(c.startConcurrently);
     if (c.supervisor) encode(*c.supervisor, b.initSupervisor());
     if (!c.startConfig.empty()) {
       b.setStartConfig(asData(c.startConfig));
@@ -89,6 +90,7 @@ SupervisorSpec decode(schema::SupervisorSpec::Reader in) {
     child.livenessTimeoutMs = c.getLivenessTimeoutMs();
     child.livenessIntervalMs = c.getLivenessIntervalMs();
     child.vsupAware = c.getVsupAware();
+    child.startConcurrently = c.getStartConcurrently();
     if (c.hasSupervisor()) child.supervisor = decode(c.getSupervisor());
     if (c.hasStartConfig()) child.startConfig = fromData(c.getStartConfig());
     spec.children.push_back(std::move(child));

@@ -89,11 +89,6 @@ void validateSupervisor(const SupervisorSpec& spec, const std::string& origin,
            "ready once spawned, so the next child never waits for it); give ready = \"notify\" "
            "or drop the field");
     }
-    if (child.startConcurrently && depth > 1) {
-      fail(origin, cw, "start_concurrently",
-           "only children of the root supervisor can start concurrently (a sub-supervisor's "
-           "spec travels over the control protocol, which does not carry this field yet)");
-    }
     for (const auto& [key, value] : child.env) {
       if (key.empty() || key.find('=') != std::string::npos) {
         fail(origin, cw, "env", "invalid variable name '" + key + "'");

@@ -61,8 +61,7 @@ struct ChildSpec {
   // The stop order stays the reverse of the spec order; restarts (one_for_all, rest_for_one)
   // start their children one after the other as ever. Only for a child with a readiness to
   // wait for (ready = notify, or vsup-aware); a plain child is ready when spawned. TOML:
-  // start_concurrently. Children of the root supervisor only, for now (the control protocol that
-  // carries a sub-supervisor's spec to it does not carry this field yet).
+  // start_concurrently. At any depth: a sub-supervisor's spec carries it to its `vsup node`.
   bool startConcurrently = false;
   // Hung-child detection (vsup-aware children only): while the child runs, its supervisor calls
   // Node.ping every livenessIntervalMs; a child that has not answered one within

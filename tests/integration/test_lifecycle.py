@@ -39,6 +39,29 @@ def test_children_start_in_order_each_after_the_previous_is_ready(tree):
     assert tree.wait_exit() == 0
 
 
+def test_start_concurrently_below_the_root_reaches_the_sub_supervisor(tree):
+    # root -> mid -> (slow: ready after 400 ms, start_concurrently; fast; last). mid is a
+    # `vsup node` that gets its spec over the control protocol: the field must travel with it.
+    tree.start({"children": [
+        {"name": "mid", "type": "supervisor", "start_timeout": 10000, "children": [
+            worker(tree, "slow", "--ready-after", 400, ready="notify", start_timeout=5000,
+                   start_concurrently=True),
+            worker(tree, "fast", "--ready-after", 0, ready="notify", start_timeout=5000),
+            worker(tree, "last", "--ready-after", 0, ready="notify", start_timeout=5000),
+        ]},
+    ]})
+    tree.wait_log(r"\[supervisor\] root: all 1 children ready")
+    slow_ready = tree.only("slow", "ready").ns
+    assert tree.only("fast", "start").ns < slow_ready, f"fast waited for slow\n{tree.diagnostics()}"
+    assert tree.only("last", "start").ns < slow_ready, tree.diagnostics()
+    assert tree.only("last", "start").ns > tree.only("fast", "ready").ns  # fast is serial
+    # mid is ready only once all three are, slow included.
+    assert tree.find_log(r"\[supervisor\] mid: all 3 children ready"), tree.diagnostics()
+    tree.signal(signal.SIGTERM)
+    assert tree.wait_exit() == 0
+    assert_stopped_one_at_a_time_in_reverse(tree, ["slow", "fast", "last"])
+
+
 def test_sigterm_stops_children_in_reverse_order_one_at_a_time_and_exits_0(tree):
     tree.start({"children": [worker(tree, n) for n in "abc"]})
     tree.wait_log(r"\[supervisor\] root: all 3 children ready")
