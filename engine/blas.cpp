@@ -2,7 +2,9 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -12,11 +14,13 @@ namespace {
 using SgemmFn = decltype(&cblas_sgemm);
 using SgemvFn = decltype(&cblas_sgemv);
 using ThreadsFn = decltype(&openblas_set_num_threads);
+using NameFn = char* (*)();
 
 struct Library {
   SgemmFn sgemm = nullptr;
   SgemvFn sgemv = nullptr;
   ThreadsFn setThreads = nullptr;
+  NameFn coreName = nullptr;  // optional: not every OpenBLAS build exports it
 };
 
 // Loaded once and never unloaded (its threads may still run at exit).
@@ -38,6 +42,7 @@ const Library& library() {
     lib.sgemm = reinterpret_cast<SgemmFn>(::dlsym(handle, "cblas_sgemm"));
     lib.sgemv = reinterpret_cast<SgemvFn>(::dlsym(handle, "cblas_sgemv"));
     lib.setThreads = reinterpret_cast<ThreadsFn>(::dlsym(handle, "openblas_set_num_threads"));
+    lib.coreName = reinterpret_cast<NameFn>(::dlsym(handle, "openblas_get_corename"));
     if (lib.sgemm == nullptr || lib.sgemv == nullptr || lib.setThreads == nullptr) {
       error = "libopenblas.so.0 lacks cblas_sgemm, cblas_sgemv or openblas_set_num_threads";
       lib = Library{};
@@ -62,5 +67,50 @@ void sgemv(CBLAS_ORDER order, CBLAS_TRANSPOSE ta, blasint m, blasint n, float al
 }
 
 void setThreads(int threads) { library().setThreads(threads); }
+
+std::string coreName() {
+  const Library& lib = library();
+  const char* name = lib.coreName != nullptr ? lib.coreName() : nullptr;
+  return name != nullptr ? std::string(name) : std::string();
+}
+
+CpuFeatures CpuFeatures::host() {
+  CpuFeatures f;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
+  f.avx512dq = __builtin_cpu_supports("avx512dq");
+  f.avx512cd = __builtin_cpu_supports("avx512cd");
+#endif
+  return f;
+}
+
+std::string betterCoreType(const std::string& core, const CpuFeatures& cpu) {
+  // OpenBLAS's x86-64 cores whose sgemm kernels use neither AVX2 nor FMA (its generic fallback,
+  // Prescott, included).
+  static const std::set<std::string> kOld = {
+      "Prescott", "Core2",   "Penryn",    "Dunnington", "Nehalem",   "Atom",
+      "Sandybridge", "Opteron", "Opteron_SSE3", "Barcelona", "Bobcat", "Bulldozer",
+      "Piledriver", "Steamroller", "Excavator", "Katmai", "Coppermine", "Northwood"};
+  if (kOld.count(core) == 0 || !cpu.avx2 || !cpu.fma) return "";
+  const bool avx512 =
+      cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512dq && cpu.avx512cd;
+  return avx512 ? "SkylakeX" : "Haswell";
+}
+
+std::string coreTypeAdvice() {
+  if (::getenv("OPENBLAS_CORETYPE") != nullptr) return "";
+  const std::string core = coreName();
+  const std::string better = betterCoreType(core, CpuFeatures::host());
+  if (better.empty()) return "";
+  return "OpenBLAS runs its " + core + " kernels on this CPU, which has " +
+         (better == "SkylakeX" ? "AVX-512" : "AVX2 and FMA") +
+         ": its matrix products (prompts) run at about half the speed they could; start vsup "
+         "with OPENBLAS_CORETYPE=" + better + " in its environment (every rank inherits it)";
+}
 
 }  // namespace vsup::engine::blas

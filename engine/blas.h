@@ -6,6 +6,8 @@
 
 #include <cblas.h>
 
+#include <string>
+
 namespace vsup::engine::blas {
 
 // Throws std::runtime_error naming the library when it cannot be loaded. Thread-safe.
@@ -16,5 +18,27 @@ void sgemv(CBLAS_ORDER order, CBLAS_TRANSPOSE ta, blasint m, blasint n, float al
            const float* a, blasint lda, const float* x, blasint incx, float beta, float* y,
            blasint incy);
 void setThreads(int threads);
+
+// The kernels OpenBLAS picked for this CPU (openblas_get_corename: "Haswell", "SkylakeX",
+// "Prescott", ...), or "" when the library does not say. Loads the library.
+std::string coreName();
+
+// The CPU features OpenBLAS's kernel families need.
+struct CpuFeatures {
+  bool avx2 = false, fma = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512cd = false;
+  static CpuFeatures host();  // this machine's (CPUID)
+};
+
+// A DYNAMIC_ARCH OpenBLAS picks its kernels from a table of the CPUs it knows and falls back to
+// an older core on one it does not (0.3.21 runs its Prescott SSE3 kernels on some AVX-512 Xeons,
+// where its sgemm is then about half as fast). When `core` is such a core without AVX2 and FMA
+// while `cpu` has them: the OPENBLAS_CORETYPE that uses them ("SkylakeX" with AVX-512 F, BW,
+// VL, DQ and CD; otherwise "Haswell"). Otherwise "" (the pick is fine, or nothing is better).
+std::string betterCoreType(const std::string& core, const CpuFeatures& cpu);
+
+// betterCoreType for this process's OpenBLAS on this machine, as one sentence to log; "" when
+// there is nothing to say, or OPENBLAS_CORETYPE is already set.
+std::string coreTypeAdvice();
 
 }  // namespace vsup::engine::blas

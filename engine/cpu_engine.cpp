@@ -76,6 +76,13 @@ class CpuRunner final : public ModelRunner {
                                           *collective_, threads);
   }
 
+  std::vector<std::string> warnings() const override {
+    if (rank_ != 0) return {};  // one rank says it for the tree: they share the machine
+    std::string advice = blas::coreTypeAdvice();
+    if (advice.empty()) return {};
+    return {advice};
+  }
+
   StepOutput execute(const StepInput& input) override {
     StepOutput out;
     out.step = input.step;

@@ -5,10 +5,12 @@
 
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <functional>
 #include <stdexcept>
 #include <string>
 
+#include "engine/blas.h"
 #include "engine/llama_config.h"
 #include "engine/llama_model.h"
 #include "engine/core/scheduler.h"
@@ -168,3 +170,53 @@ TEST_CASE("backendFor picks the configured backend and refuses one this build la
 }
 
 }  // namespace vsup::engine
+
+TEST_CASE("betterCoreType: a pre-AVX2 OpenBLAS core on an AVX2 or AVX-512 CPU gets the one "
+          "that uses them; a fitting pick, or a CPU without them, gets nothing") {
+  using vsup::engine::blas::betterCoreType;
+  using vsup::engine::blas::CpuFeatures;
+  CpuFeatures sse;  // nothing past SSE
+  CpuFeatures avx2;
+  avx2.avx2 = avx2.fma = true;
+  CpuFeatures avx512 = avx2;
+  avx512.avx512f = avx512.avx512bw = avx512.avx512vl = avx512.avx512dq = avx512.avx512cd = true;
+  CpuFeatures knights = avx2;  // AVX-512 F and CD only (Xeon Phi): not SkylakeX's set
+  knights.avx512f = knights.avx512cd = true;
+  // The fallback on a CPU OpenBLAS does not know.
+  CHECK(betterCoreType("Prescott", avx512) == "SkylakeX");
+  CHECK(betterCoreType("Prescott", avx2) == "Haswell");
+  CHECK(betterCoreType("Prescott", knights) == "Haswell");
+  CHECK(betterCoreType("Sandybridge", avx2) == "Haswell");  // AVX without FMA
+  CHECK(betterCoreType("Nehalem", avx512) == "SkylakeX");
+  // Nothing better to run: the CPU lacks AVX2/FMA.
+  CHECK(betterCoreType("Prescott", sse) == "");
+  // A pick that already uses them stays (on this Zen 4, Haswell runs sgemm as fast as SkylakeX).
+  for (const char* fine : {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"}) {
+    CHECK(betterCoreType(fine, avx512) == "");
+  }
+  CHECK(betterCoreType("", avx512) == "");  // a library that does not say
+}
+
+TEST_CASE("OpenBLAS names its core here, and a user's OPENBLAS_CORETYPE silences the advice") {
+  using namespace vsup::engine::blas;
+  CHECK_FALSE(coreName().empty());  // Debian's OpenBLAS exports openblas_get_corename
+  const char* before = ::getenv("OPENBLAS_CORETYPE");
+  std::string saved = before != nullptr ? before : "";
+  ::setenv("OPENBLAS_CORETYPE", "Prescott", 1);
+  CHECK(coreTypeAdvice() == "");
+  if (before != nullptr) {
+    ::setenv("OPENBLAS_CORETYPE", saved.c_str(), 1);
+  } else {
+    ::unsetenv("OPENBLAS_CORETYPE");
+  }
+  // Without it, the advice is what betterCoreType says of this machine's pick.
+  std::string expected = betterCoreType(coreName(), CpuFeatures::host());
+  if (before == nullptr) {
+    const std::string advice = coreTypeAdvice();
+    if (expected.empty()) {
+      CHECK(advice == "");
+    } else {
+      CHECK(advice.find("OPENBLAS_CORETYPE=" + expected) != std::string::npos);
+    }
+  }
+}

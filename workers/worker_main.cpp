@@ -70,6 +70,9 @@ int workerMain(int argc, char** argv) {
             return runner;
           })
           .then([st, config](std::unique_ptr<engine::ModelRunner> runner) {
+            for (const std::string& w : runner->warnings()) {
+              vsup::log().warn("[engine] {}: {}", st->node(), w);
+            }
             st->setRunner(std::move(runner));
             // The sim at token-ms 0 computes a step in microseconds and never blocks (its ranks
             // share no collective): the hop to the compute thread and back would cost more.

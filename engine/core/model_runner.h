@@ -3,6 +3,9 @@
 // detokenizing) is the backend-agnostic Scheduler's, in engine-core.
 #pragma once
 
+#include <string>
+#include <vector>
+
 #include "engine/engine.h"
 
 namespace vsup::engine {
@@ -18,6 +21,9 @@ class ModelRunner {
   // Makes a running or later execute() fail at once instead of waiting for peer ranks (this
   // rank is being torn down). Thread-safe: called from the rank's loop thread.
   virtual void cancel() = 0;
+  // What the operator should know about how this runner will run (a slow library path it
+  // detected, say), one sentence each; the rank logs them as warnings once it is loaded.
+  virtual std::vector<std::string> warnings() const { return {}; }
 };
 
 }  // namespace vsup::engine
