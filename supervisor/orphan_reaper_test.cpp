@@ -164,6 +164,20 @@ bool becomesOurChild(pid_t pid, int ms) {
   }
 }
 
+// Polls until `pid` runs `command` (its /proc cmdline's first argument), bounded. A pass skips a
+// process whose command line reads empty, as it does while the process is inside execve (its old
+// memory gone, the new one not yet set up): a test that wants a pass to kill must wait for that.
+bool runsCommand(pid_t pid, const std::string& command, int ms) {
+  auto deadline = vsup::deadlineAfterMs(ms);
+  for (;;) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+    std::string first;
+    if (in && std::getline(in, first, '\0') && first == command) return true;
+    if (vsup::msUntil(deadline) <= 0) return false;
+    ::usleep(1000);
+  }
+}
+
 // Runs passes until `done()` or the bound; true when done.
 template <typename Done>
 bool passUntil(OrphanReaper& reaper, Done done, int ms) {
@@ -304,6 +318,7 @@ TEST_CASE("OrphanReaper kills an orphan that escaped its process group at once, 
   auto deadline = vsup::deadlineAfterMs(5000);
   while (::getpgid(orphan) == parent.pid() && vsup::msUntil(deadline) > 0) ::usleep(1000);
   REQUIRE(::getpgid(orphan) == orphan);
+  REQUIRE(runsCommand(orphan, "sleep", 5000));  // setsid(1) has exec'd it
   OrphanReaper reaper("test");
   // Alive and escaped: SIGKILLed by the first pass (once: a second pass does not kill again).
   reaper.reapOnce();
@@ -355,6 +370,7 @@ TEST_CASE("OrphanReaper kills an orphan that leads its own group together with i
   REQUIRE(becomesOurChild(leader, 5000));
   REQUIRE(::getpgid(leader) == leader);
   REQUIRE(::getpgid(member) == leader);
+  REQUIRE(runsCommand(leader, "sleep", 5000));  // it wrote the pids just before its exec
   OrphanReaper reaper("test");
   reaper.reapOnce();
   CHECK(reaper.killed() == 1);
