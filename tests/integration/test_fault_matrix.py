@@ -74,8 +74,15 @@ CONFIGS = {
     # starting fails the start (exit 3), named, without a signal from outside.
     "cpu": ("--engine", "cpu", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB",
             "--collective-timeout-ms", "500", "--kv-shutdown-timeout", "0",
-            "--engine-start-timeout", "4", "--worker-start-timeout", "2",
-            "--api-server-start-timeout", "2", *_COMMON),
+            "--engine-start-timeout", "4", "--worker-start-timeout", "2", *_COMMON),
+    # The cpu tree with an API server start timeout of 2 s past engine-core's 4 (30 by default):
+    # a hung API server fails the start within 6 s. Only for the API servers' own starting lines:
+    # where a rank hangs, engine-core's failure must come first (and name the rank) while the API
+    # servers still wait for it.
+    "cpuapi": ("--engine", "cpu", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB",
+               "--collective-timeout-ms", "500", "--kv-shutdown-timeout", "0",
+               "--engine-start-timeout", "4", "--worker-start-timeout", "2",
+               "--api-server-start-timeout", "2", *_COMMON),
 }
 
 # A client waits longer than any bound in the table (test_serving's clients give up after 30 s,
@@ -219,8 +226,8 @@ worker-tp1   tearing-down SIGKILL         skip rank-no-window
 worker-tp1   tearing-down SIGSTOP         skip rank-no-window
 worker-tp1   tearing-down crash            5 -             3 -      -            sim    -    -
 worker-tp1   tearing-down ignore-shutdown  4 -             8 -      -            sim    -    -
-api-server-0 starting     SIGKILL          3 -             5 -      -            cpu    -    -
-api-server-0 starting     SIGSTOP          3 -            16 503    unresponsive cpu    -    -
+api-server-0 starting     SIGKILL          3 -             5 -      -            cpuapi -    -
+api-server-0 starting     SIGSTOP          3 -            16 503    unresponsive cpuapi -    -
 api-server-0 starting     crash            3 -             5 -      -            sim    -    -
 api-server-0 starting     ignore-shutdown skip at-drain
 api-server-0 serving      SIGKILL          5 closed/abort  6 503    -            sim    -    -
@@ -235,8 +242,8 @@ api-server-0 tearing-down SIGKILL         skip api-gone
 api-server-0 tearing-down SIGSTOP         skip api-gone
 api-server-0 tearing-down crash            5 -             4 -      -            sim    -    -
 api-server-0 tearing-down ignore-shutdown skip at-drain
-api-server-1 starting     SIGKILL          3 -             5 -      -            cpu    -    -
-api-server-1 starting     SIGSTOP          3 -            16 503    unresponsive cpu    -    -
+api-server-1 starting     SIGKILL          3 -             5 -      -            cpuapi -    -
+api-server-1 starting     SIGSTOP          3 -            16 503    unresponsive cpuapi -    -
 api-server-1 starting     crash            3 -             5 -      -            sim    -    -
 api-server-1 starting     ignore-shutdown skip at-drain
 api-server-1 serving      SIGKILL          5 closed/abort  6 503    -            sim    -    -
