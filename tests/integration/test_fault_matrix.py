@@ -60,6 +60,9 @@ def _common(drain: str = "1") -> tuple[str, ...]:
 
 _COMMON = _common()
 _SIM = ("--engine", "sim", "--model", "vsup-sim", "--sim-token-ms", "20")
+_CPU = ("--engine", "cpu", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB",
+        "--collective-timeout-ms", "500", "--kv-shutdown-timeout", "0",
+        "--engine-start-timeout", "4", "--worker-start-timeout", "2", *_COMMON)
 CONFIGS = {
     "sim": (*_SIM, "--kv-shutdown-timeout", "0", *_COMMON),
     # A 2 s drain: a rank's crash@step40 (0.8 s after the first token) lands inside it.
@@ -72,17 +75,12 @@ CONFIGS = {
     # to signal it while starting (the API servers, started alongside engine-core, wait that long
     # for it too); the ranks all-reduce through a memfd. Short start timeouts: a node hung while
     # starting fails the start (exit 3), named, without a signal from outside.
-    "cpu": ("--engine", "cpu", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB",
-            "--collective-timeout-ms", "500", "--kv-shutdown-timeout", "0",
-            "--engine-start-timeout", "4", "--worker-start-timeout", "2", *_COMMON),
+    "cpu": _CPU,
     # The cpu tree with an API server start timeout of 2 s past engine-core's 4 (30 by default):
     # a hung API server fails the start within 6 s. Only for the API servers' own starting lines:
     # where a rank hangs, engine-core's failure must come first (and name the rank) while the API
     # servers still wait for it.
-    "cpuapi": ("--engine", "cpu", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB",
-               "--collective-timeout-ms", "500", "--kv-shutdown-timeout", "0",
-               "--engine-start-timeout", "4", "--worker-start-timeout", "2",
-               "--api-server-start-timeout", "2", *_COMMON),
+    "cpuapi": (*_CPU, "--api-server-start-timeout", "2"),
 }
 
 # A client waits longer than any bound in the table (test_serving's clients give up after 30 s,
