@@ -74,38 +74,25 @@ std::string coreName() {
   return name != nullptr ? std::string(name) : std::string();
 }
 
-CpuFeatures CpuFeatures::host() {
-  CpuFeatures f;
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  f.avx2 = __builtin_cpu_supports("avx2");
-  f.fma = __builtin_cpu_supports("fma");
-  f.avx512f = __builtin_cpu_supports("avx512f");
-  f.avx512bw = __builtin_cpu_supports("avx512bw");
-  f.avx512vl = __builtin_cpu_supports("avx512vl");
-  f.avx512dq = __builtin_cpu_supports("avx512dq");
-  f.avx512cd = __builtin_cpu_supports("avx512cd");
-#endif
-  return f;
-}
-
-std::string betterCoreType(const std::string& core, const CpuFeatures& cpu) {
+std::string betterCoreType(const std::string& core, kernels::GemvIsa best) {
   // OpenBLAS's x86-64 cores whose sgemm kernels use neither AVX2 nor FMA (its generic fallback,
   // Prescott, included).
   static const std::set<std::string> kOld = {
       "Prescott", "Core2",   "Penryn",    "Dunnington", "Nehalem",   "Atom",
       "Sandybridge", "Opteron", "Opteron_SSE3", "Barcelona", "Bobcat", "Bulldozer",
       "Piledriver", "Steamroller", "Excavator", "Katmai", "Coppermine", "Northwood"};
-  if (kOld.count(core) == 0 || !cpu.avx2 || !cpu.fma) return "";
-  const bool avx512 =
-      cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512dq && cpu.avx512cd;
-  return avx512 ? "SkylakeX" : "Haswell";
+  if (kOld.count(core) == 0) return "";
+  switch (best) {
+    case kernels::GemvIsa::kAvx512: return "SkylakeX";
+    case kernels::GemvIsa::kAvx2: return "Haswell";
+    default: return "";
+  }
 }
 
 std::string coreTypeAdvice() {
   if (::getenv("OPENBLAS_CORETYPE") != nullptr) return "";
   const std::string core = coreName();
-  const std::string better = betterCoreType(core, CpuFeatures::host());
+  const std::string better = betterCoreType(core, kernels::gemvIsas().back());
   if (better.empty()) return "";
   return "OpenBLAS runs its " + core + " kernels on this CPU, which has " +
          (better == "SkylakeX" ? "AVX-512" : "AVX2 and FMA") +

@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "kernels/batched_gemv.h"
+
 namespace vsup::engine::blas {
 
 // Throws std::runtime_error naming the library when it cannot be loaded. Thread-safe.
@@ -23,19 +25,14 @@ void setThreads(int threads);
 // "Prescott", ...), or "" when the library does not say. Loads the library.
 std::string coreName();
 
-// The CPU features OpenBLAS's kernel families need.
-struct CpuFeatures {
-  bool avx2 = false, fma = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512cd = false;
-  static CpuFeatures host();  // this machine's (CPUID)
-};
-
 // A DYNAMIC_ARCH OpenBLAS picks its kernels from a table of the CPUs it knows and falls back to
 // an older core on one it does not (0.3.21 runs its Prescott SSE3 kernels on some AVX-512 Xeons,
 // where its sgemm is then about half as fast). When `core` is such a core without AVX2 and FMA
-// while `cpu` has them: the OPENBLAS_CORETYPE that uses them ("SkylakeX" with AVX-512 F, BW,
-// VL, DQ and CD; otherwise "Haswell"). Otherwise "" (the pick is fine, or nothing is better).
-std::string betterCoreType(const std::string& core, const CpuFeatures& cpu);
+// while the CPU's best instruction set (`best`, the last of kernels::gemvIsas(): x86-64-v3 has
+// AVX2 and FMA, v4 adds AVX-512 F, BW, CD, DQ and VL) has them: the OPENBLAS_CORETYPE that uses
+// them ("SkylakeX" for v4, "Haswell" for v3). Otherwise "" (the pick is fine, or nothing is
+// better).
+std::string betterCoreType(const std::string& core, kernels::GemvIsa best);
 
 // betterCoreType for this process's OpenBLAS on this machine, as one sentence to log; "" when
 // there is nothing to say, or OPENBLAS_CORETYPE is already set.
