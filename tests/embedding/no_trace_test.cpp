@@ -28,6 +28,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <future>
 #include <map>
 #include <memory>
@@ -202,6 +203,33 @@ struct SigState {
   bool operator==(const SigState&) const = default;
 };
 
+// The threads of this process that are not exiting. A thread the kernel has begun to take down
+// (PF_EXITING in its stat flags, set first thing in its exit, before pthread_join can return)
+// still shows in /proc/self/task for a moment after it was joined; it is not counted, so a
+// thread joined by an earlier case never shows as one more or one less.
+int liveThreadCount() {
+  constexpr unsigned long kPfExiting = 0x4;
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/task");
+  REQUIRE(d != nullptr);
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(std::string("/proc/self/task/") + e->d_name + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    size_t paren = stat.rfind(')');
+    if (paren == std::string::npos) continue;  // gone since the readdir
+    // After the command's ')': state (field 3), then ppid, pgrp, session, tty, tpgid, flags (9).
+    std::istringstream fields(stat.substr(paren + 1));
+    std::string state;
+    long skip = 0;
+    unsigned long flags = 0;
+    fields >> state >> skip >> skip >> skip >> skip >> skip >> flags;
+    if ((flags & kPfExiting) == 0) ++n;
+  }
+  ::closedir(d);
+  return n;
+}
+
 struct HostSnapshot {
   std::map<int, std::string> fds;  // fd -> readlink target
   int threads = 0;
@@ -226,7 +254,7 @@ struct HostSnapshot {
     }
     ::closedir(d);
 
-    s.threads = std::atoi(statusField("Threads").c_str());
+    s.threads = liveThreadCount();
 
     siginfo_t info;
     std::memset(&info, 0, sizeof info);
