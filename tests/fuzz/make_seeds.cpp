@@ -1,4 +1,4 @@
-// Writes the binary seeds of the node_codec and control fuzz targets (the text seeds of the other
+// Writes the binary seeds of the node_codec, control and kv_protocol fuzz targets (the text seeds of the other
 // targets are written by hand). Run it again when ipc/node.capnp changes:
 //   ninja -C build tests/fuzz/fuzz_make_seeds && build/tests/fuzz/fuzz_make_seeds tests/fuzz/corpus
 // It overwrites only the seed-* files it makes; reproducers (regression-*) are left alone.
@@ -25,6 +25,7 @@
 #include "ipc/node.capnp.h"
 #include "ipc/rpc_link.h"
 #include "ipc/uv_kj.h"
+#include "kvconnector/kv_protocol.h"
 #include "supervisor/node_codec.h"
 
 namespace {
@@ -214,6 +215,33 @@ void controlSeeds(const std::string& dir) {
   }
 }
 
+// kv_protocol seeds: one conversation of each side, each frame type at least once, behind the
+// target's selector byte (0: one piece; 5: pieces of 6 bytes).
+void kvProtocolSeeds(const std::string& dir) {
+  using namespace vsup::kv;
+  KvCompat compat;
+  compat.model = "vsup-tiny-25m";
+  compat.dtype = "f32";
+  compat.layers = 4;
+  compat.kvHeads = 4;
+  compat.headDim = 64;
+  compat.blockSize = 16;
+  compat.tpSize = 2;
+  std::string decodeSide = encode(Hello{compat, 1, "engine-3f2a", Transport::Tcp}) +
+                           encode(Pull{7, "cmpl-1-0", {3, 9, 12}}) +
+                           encode(Done{"cmpl-1-0", false}) + encode(Done{"cmpl-2-0", true});
+  std::string prefillSide =
+      encode(Welcome{"engine-3f2a", 1, 1 << 20}) + encode(PullReady{7, 3 * 65536}) +
+      encode(DoneOk{"cmpl-1-0"}) +
+      encode(ErrorMsg{ErrorCode::LeaseExpired, 8, "cmpl-2-0", "lease cmpl-2-0 expired"});
+  for (auto [name, bytes] : {std::pair{"decode", decodeSide}, std::pair{"prefill", prefillSide}}) {
+    std::string one = std::string(1, '\0') + bytes;
+    writeFile(dir + "/seed-" + name, one.data(), one.size());
+    std::string pieces = std::string(1, '\5') + bytes;
+    writeFile(dir + "/seed-" + name + "-pieces", pieces.data(), pieces.size());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -224,5 +252,6 @@ int main(int argc, char** argv) {
   const std::string corpus = argv[1];
   nodeCodecSeeds(corpus + "/node_codec");
   controlSeeds(corpus + "/control");
+  kvProtocolSeeds(corpus + "/kv_protocol");
   return 0;
 }

@@ -1,0 +1,337 @@
+// The KV data plane over real sockets, both transports: a KvServer on a real abstract Unix
+// socket and a real TCP port serves a memfd cache to KvPullers in the same process.
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <random>
+
+#include "kvconnector/kv_transport.h"
+
+namespace vsup::kv {
+namespace {
+
+int openFds() {
+  int n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+  return n - 1;
+}
+
+engine::KvCacheLayout layout(int32_t blocks) {
+  engine::KvCacheLayout l;
+  l.layers = 3;
+  l.kvHeads = 2;
+  l.headDim = 8;
+  l.blockSize = 4;
+  l.numBlocks = blocks;
+  return l;
+}
+
+KvCompat compat() {
+  KvCompat c;
+  c.model = "test-model";
+  c.dtype = "f32";
+  c.layers = 3;
+  c.kvHeads = 2;
+  c.headDim = 8;
+  c.blockSize = 4;
+  c.tpSize = 1;
+  return c;
+}
+
+// The ended leases the book reported, awaited with a timeout.
+struct Ended {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<EndedLease> all;
+  void add(const std::vector<EndedLease>& e) {
+    std::lock_guard lock(mu);
+    all.insert(all.end(), e.begin(), e.end());
+    cv.notify_all();
+  }
+  bool waitFor(size_t n) {
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(5), [&] { return all.size() >= n; });
+  }
+};
+
+// A prefill rank: a memfd cache of random bytes served on an abstract socket and a TCP port.
+struct Agent {
+  Ended ended;
+  engine::KvCacheLayout l = layout(16);
+  OwnFd region = engine::createKvCacheRegion(l.totalBytes());
+  engine::KvCacheMapping map{region.get(), l.totalBytes(), "the test cache"};
+  LeaseBook book;
+  std::string name = "vsup-kv-test/" + std::to_string(::getpid()) + "/" + std::to_string(next++);
+  uint16_t port = 0;
+  std::unique_ptr<KvServer> server;
+  static inline int next = 0;
+
+  explicit Agent(int64_t leaseMs = 10000)
+      : book(leaseMs * kNsPerMs, [this](const std::vector<EndedLease>& e) { ended.add(e); }) {
+    std::mt19937 rng(7);
+    auto* words = reinterpret_cast<uint32_t*>(map.data());
+    for (int64_t i = 0; i < l.totalBytes() / 4; ++i) words[i] = rng();
+    OwnFd tcp = listenTcp("127.0.0.1", 0);
+    port = boundPort(tcp.get());
+    KvSource s{l, map.data(), region.get(), "engine-a", 0, compat()};
+    server = std::make_unique<KvServer>(s, book, listenUnixAbstract(name), std::move(tcp));
+  }
+  ~Agent() { server->stop(); }
+
+  OwnFd connect(Transport t) {
+    MonoNs deadline = monoNow() + 2000 * kNsPerMs;
+    return t == Transport::Shm ? connectUnixAbstract(name, deadline)
+                               : connectTcp("127.0.0.1", port, deadline);
+  }
+  KvPuller puller(Transport t, const std::string& engineId = "engine-a", KvCompat c = compat()) {
+    return KvPuller(connect(t), t, c, 0, engineId, layout(24), monoNow() + 2000 * kNsPerMs);
+  }
+};
+
+// For the tests that speak the protocol by hand: a blocking socket.
+OwnFd blocking(OwnFd fd) {
+  int flags = ::fcntl(fd.get(), F_GETFL);
+  REQUIRE(::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) == 0);
+  return fd;
+}
+
+MonoNs soon() { return monoNow() + 2000 * kNsPerMs; }
+
+std::optional<ErrorCode> refusedWith(const std::function<void()>& f, std::string* what = nullptr) {
+  try {
+    f();
+  } catch (const KvTransferError& e) {
+    if (what != nullptr) *what = e.what();
+    return e.code();
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+TEST_CASE("a pull copies exactly the leased blocks into the destination blocks, over shm and tcp") {
+  int fdsBefore = openFds();
+  for (Transport t : {Transport::Shm, Transport::Tcp}) {
+    std::string transport = transportName(t);
+    CAPTURE(transport);
+    {
+      Agent a;
+      a.book.grant("req-1", {2, 9, 15});
+      engine::KvCacheLayout dl = layout(24);
+      engine::KvCacheMapping dst(-1, dl.totalBytes(), "the destination");
+      KvPuller p = a.puller(t);
+      CHECK(p.peerEngineId() == "engine-a");
+      uint64_t moved = p.pull("req-1", {2, 9, 15}, {20, 0, 7}, dst.data(), dl, soon());
+      CHECK(moved == uint64_t(3 * a.l.blockBytes()));
+      std::vector<std::pair<int32_t, int32_t>> pairs{{2, 20}, {9, 0}, {15, 7}};
+      for (int32_t c = 0; c < a.l.chunksPerBlock(); ++c) {
+        for (auto [from, to] : pairs) {
+          CHECK(std::memcmp(dst.data() + dl.chunkOffset(c, to), a.map.data() + a.l.chunkOffset(c, from),
+                            size_t(a.l.chunkBytes())) == 0);
+        }
+        // Every other destination chunk is untouched.
+        std::vector<std::byte> zero(size_t(dl.chunkBytes()));
+        for (int32_t b : {1, 8, 19, 23}) {
+          CHECK(std::memcmp(dst.data() + dl.chunkOffset(c, b), zero.data(), zero.size()) == 0);
+        }
+      }
+      REQUIRE(a.ended.waitFor(1));
+      CHECK(a.ended.all[0].id == "req-1");
+      CHECK(a.ended.all[0].reason == LeaseEnd::Done);
+      auto counts = a.book.counts();
+      CHECK(counts.live == 0);
+      CHECK(counts.done == 1);
+      CHECK(counts.bytesSent == moved);
+      // The lease is over: pulling it again is refused, never served.
+      std::string what;
+      CHECK(refusedWith([&] { p.pull("req-1", {2}, {1}, dst.data(), dl, soon()); }, &what) ==
+            ErrorCode::UnknownLease);
+      CHECK(what.find("has ended (done)") != std::string::npos);
+    }
+  }
+  CHECK(openFds() == fdsBefore);  // sockets, the memfds and the server's threads are all gone
+}
+
+TEST_CASE("a pull is refused, with the reason, for what it must not read") {
+  for (Transport t : {Transport::Shm, Transport::Tcp}) {
+    std::string transport = transportName(t);
+    CAPTURE(transport);
+    Agent a;
+    a.book.grant("req-1", {2, 3});
+    engine::KvCacheLayout dl = layout(24);
+    engine::KvCacheMapping dst(-1, dl.totalBytes(), "the destination");
+    KvPuller p = a.puller(t);
+    std::string what;
+    CHECK(refusedWith([&] { p.pull("nope", {2}, {0}, dst.data(), dl, soon()); }, &what) ==
+          ErrorCode::UnknownLease);
+    CHECK(what.find("lease nope is unknown") != std::string::npos);
+    CHECK(refusedWith([&] { p.pull("req-1", {2, 4}, {0, 1}, dst.data(), dl, soon()); }, &what) ==
+          ErrorCode::OutsideLease);
+    CHECK(what.find("block 4 is not one of lease req-1's") != std::string::npos);
+    // The connection stays usable after a refusal.
+    CHECK(p.pull("req-1", {3}, {0}, dst.data(), dl, soon()) == uint64_t(a.l.blockBytes()));
+    a.book.stopAdmitting();
+    a.book.grant("req-2", {5});
+    CHECK(refusedWith([&] { p.pull("req-2", {5}, {0}, dst.data(), dl, soon()); }) ==
+          ErrorCode::ShuttingDown);
+    CHECK(a.book.counts().pullsRefused == 3);
+  }
+}
+
+TEST_CASE("a restarted or incompatible peer is refused at the handshake, naming why") {
+  for (Transport t : {Transport::Shm, Transport::Tcp}) {
+    std::string transport = transportName(t);
+    CAPTURE(transport);
+    Agent a;
+    std::string what;
+    CHECK(refusedWith([&] { a.puller(t, "engine-old"); }, &what) == ErrorCode::EngineRestarted);
+    CHECK(what.find("remote engine restarted") != std::string::npos);
+    KvCompat other = compat();
+    other.tpSize = 2;
+    CHECK(refusedWith([&] { a.puller(t, "", other); }, &what) == ErrorCode::Incompatible);
+    CHECK(what.find("tensor-parallel size: this instance 1, the peer 2") != std::string::npos);
+    KvPuller any = a.puller(t, "");  // no engine expected: any is accepted
+    CHECK(any.peerEngineId() == "engine-a");
+  }
+}
+
+TEST_CASE("bytes read from a lease that expired during the pull are refused at Done") {
+  for (Transport t : {Transport::Shm, Transport::Tcp}) {
+    std::string transport = transportName(t);
+    CAPTURE(transport);
+    Agent a(20);  // 20 ms leases
+    a.book.grant("req-1", {1});
+    // By hand, to hold the pull open past the lease: Hello, Pull, the data, then wait, Done.
+    OwnFd fd = blocking(a.connect(t));
+    auto sendAll = [&](const std::string& s) {
+      REQUIRE(::send(fd.get(), s.data(), s.size(), MSG_NOSIGNAL) == ssize_t(s.size()));
+    };
+    FrameDecoder d;
+    auto next = [&]() {
+      Message m;
+      char buf[65536];
+      while (!d.next(m)) {
+        ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+        REQUIRE(n > 0);
+        d.feed(buf, size_t(n));
+      }
+      return m;
+    };
+    sendAll(encode(Hello{compat(), 0, "engine-a", t}));
+    REQUIRE(std::holds_alternative<Welcome>(next()));
+    sendAll(encode(Pull{1, "req-1", {1}}));
+    Message ready = next();
+    REQUIRE(std::holds_alternative<PullReady>(ready));
+    MonoNs pulledAt = monoNow();
+    while (monoNow() < pulledAt + 40 * kNsPerMs) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // the lease runs out
+    }
+    sendAll(encode(Done{"req-1", false}));
+    // Over TCP the block's bytes come first; skip them.
+    Message m;
+    if (t == Transport::Tcp) {
+      size_t left = size_t(std::get<PullReady>(ready).bytes);
+      std::vector<char> sink(left);
+      left -= d.takeRaw(sink.data(), left);
+      while (left > 0) {
+        ssize_t n = ::recv(fd.get(), sink.data(), left, 0);
+        REQUIRE(n > 0);
+        left -= size_t(n);
+      }
+    }
+    m = next();
+    REQUIRE(std::holds_alternative<ErrorMsg>(m));
+    CHECK(std::get<ErrorMsg>(m).code == ErrorCode::LeaseExpired);
+    REQUIRE(a.ended.waitFor(1));
+    CHECK(a.ended.all[0].reason == LeaseEnd::Expired);
+  }
+}
+
+TEST_CASE("a connection that drops mid-lease releases it; give-up releases it too") {
+  for (Transport t : {Transport::Shm, Transport::Tcp}) {
+    std::string transport = transportName(t);
+    CAPTURE(transport);
+    Agent a;
+    a.book.grant("req-1", {1});
+    a.book.grant("req-2", {2});
+    {
+      OwnFd fd = blocking(a.connect(t));
+      std::string s = encode(Hello{compat(), 0, "", t}) + encode(Pull{1, "req-1", {1}});
+      REQUIRE(::send(fd.get(), s.data(), s.size(), MSG_NOSIGNAL) == ssize_t(s.size()));
+      // Wait for the pull to be bound before closing: its PullReady has arrived.
+      FrameDecoder d;
+      Message m;
+      int frames = 0;
+      char buf[4096];
+      while (frames < 2) {
+        ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+        REQUIRE(n > 0);
+        d.feed(buf, size_t(n));
+        try {
+          while (frames < 2 && d.next(m)) ++frames;
+        } catch (const ProtocolError&) {
+          FAIL("the agent sent a bad frame");
+        }
+      }
+    }
+    REQUIRE(a.ended.waitFor(1));
+    CHECK(a.ended.all[0].id == "req-1");
+    CHECK(a.ended.all[0].reason == LeaseEnd::Disconnected);
+    KvPuller p = a.puller(t);
+    p.giveUp("req-2", soon());
+    REQUIRE(a.ended.waitFor(2));
+    CHECK(a.ended.all[1].id == "req-2");
+    CHECK(a.ended.all[1].reason == LeaseEnd::GaveUp);
+  }
+}
+
+TEST_CASE("garbage gets one BadFrame error and the connection closed; the agent serves on") {
+  Agent a;
+  OwnFd fd = blocking(a.connect(Transport::Tcp));
+  std::string junk = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+  REQUIRE(::send(fd.get(), junk.data(), junk.size(), MSG_NOSIGNAL) > 0);
+  FrameDecoder d;
+  Message m;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+    REQUIRE(n > 0);
+    d.feed(buf, size_t(n));
+    if (d.next(m)) break;
+  }
+  REQUIRE(std::holds_alternative<ErrorMsg>(m));
+  CHECK(std::get<ErrorMsg>(m).code == ErrorCode::BadFrame);
+  CHECK(std::get<ErrorMsg>(m).message.find("VSKV") != std::string::npos);
+  CHECK(::recv(fd.get(), buf, sizeof buf, 0) == 0);  // closed after it
+  a.book.grant("req-1", {1});
+  engine::KvCacheLayout dl = layout(24);
+  engine::KvCacheMapping dst(-1, dl.totalBytes(), "the destination");
+  CHECK(a.puller(Transport::Tcp).pull("req-1", {1}, {1}, dst.data(), dl, soon()) > 0);
+}
+
+TEST_CASE("shared memory is never offered over TCP") {
+  Agent a;
+  std::string what;
+  CHECK(refusedWith([&] {
+          KvPuller(a.connect(Transport::Tcp), Transport::Shm, compat(), 0, "", layout(24), soon());
+        }, &what) == ErrorCode::BadFrame);
+  CHECK(what.find("Unix socket only") != std::string::npos);
+}
+
+TEST_CASE("connecting where nobody listens fails at once, naming the address") {
+  std::string what;
+  try {
+    connectUnixAbstract("vsup-kv-test/nobody", soon());
+  } catch (const KvTransferError& e) {
+    what = e.what();
+  }
+  CHECK(what.find("@vsup-kv-test/nobody") != std::string::npos);
+}
+
+}  // namespace vsup::kv
