@@ -15,6 +15,7 @@ enum class Type : uint16_t {
   Done = 5,
   DoneOk = 6,
   Error = 7,
+  PullEnd = 8,
 };
 
 class Writer {
@@ -140,6 +141,7 @@ const char* typeName(uint16_t t) {
     case Type::Done: return "Done";
     case Type::DoneOk: return "DoneOk";
     case Type::Error: return "Error";
+    case Type::PullEnd: return "PullEnd";
   }
   return "unknown";
 }
@@ -186,6 +188,12 @@ Message decodePayload(uint16_t type, const char* p, size_t n) {
       m = pr;
       break;
     }
+    case Type::PullEnd: {
+      PullEnd pe;
+      pe.pullId = r.u64("pull id");
+      m = pe;
+      break;
+    }
     case Type::Done: {
       Done d;
       d.leaseId = r.str("lease id");
@@ -209,7 +217,7 @@ Message decodePayload(uint16_t type, const char* p, size_t n) {
       break;
     }
     default:
-      throw ProtocolError("bad frame: type " + std::to_string(type) + " is unknown (1..7)");
+      throw ProtocolError("bad frame: type " + std::to_string(type) + " is unknown (1..8)");
   }
   r.end();
   return m;
@@ -300,6 +308,9 @@ std::string encode(const Message& message) {
           type = Type::PullReady;
           w.u64(m.pullId);
           w.u64(m.bytes);
+        } else if constexpr (std::is_same_v<M, PullEnd>) {
+          type = Type::PullEnd;
+          w.u64(m.pullId);
         } else if constexpr (std::is_same_v<M, Done>) {
           type = Type::Done;
           w.str(m.leaseId, "lease id");

@@ -15,11 +15,20 @@
 //   Hello{compat, rank, engine id?, transport} ──►  checks compat (a mismatch names the field)
 //                                         ◄── Welcome{engine id, rank, region bytes} [+ memfd]
 //   Pull{pull id, lease id, blocks} ────────►  every block in the lease? extends the lease
-//                                         ◄── PullReady{pull id, bytes} [+ bytes over TCP]
-//   Done{lease id, gave up?} ───────────────►  the lease was live throughout? releases it
+//                                         ◄── PullReady{pull id, bytes}
+//   TCP:                                  ◄── the bytes, then PullEnd{pull id}: the lease was
+//                                             still live once they were all sent
+//   Done{lease id, gave up?} ───────────────►  releases the lease
 //                                         ◄── DoneOk{lease id}, or Error{LeaseExpired}
-// Any request may instead be answered with Error{code, ...}; the connection stays usable except
-// after BadFrame and Incompatible, which the sender follows by closing it.
+// Over TCP a pull is one round trip: the data is good once PullEnd arrives, and Done's answer is
+// read later (it only ends the lease). Over shared memory the puller copies as soon as it has
+// sent Pull, then sends Done, and the data is good once PullReady and DoneOk both arrive: the
+// lease was granted before its id was handed out (the prefill side's rule), and it was still
+// live at Done, so it was live during the whole copy. Either way, bytes of a lease that expired
+// during the pull are never used.
+// Any request may instead be answered with Error{code, ...} (a pull's with its pull id, Done's
+// with pull id 0); the connection stays usable except after BadFrame and Incompatible, which the
+// sender follows by closing it.
 #pragma once
 
 #include <cstddef>
@@ -98,6 +107,10 @@ struct PullReady {
   uint64_t bytes = 0;  // over TCP, exactly this many raw bytes follow
   bool operator==(const PullReady&) const = default;
 };
+struct PullEnd {
+  uint64_t pullId = 0;
+  bool operator==(const PullEnd&) const = default;
+};
 struct Done {
   std::string leaseId;
   bool gaveUp = false;  // the decode side will not pull this lease (an abort, a failure)
@@ -115,7 +128,7 @@ struct ErrorMsg {
   bool operator==(const ErrorMsg&) const = default;
 };
 
-using Message = std::variant<Hello, Welcome, Pull, PullReady, Done, DoneOk, ErrorMsg>;
+using Message = std::variant<Hello, Welcome, Pull, PullReady, PullEnd, Done, DoneOk, ErrorMsg>;
 
 class ProtocolError : public std::runtime_error {
  public:

@@ -26,6 +26,7 @@ std::vector<Message> everyMessage() {
           Pull{42, "cmpl-7-0", {0, 5, 2147483647}},
           Pull{43, "empty", {}},
           PullReady{42, 123456789},
+          PullEnd{42},
           Done{"cmpl-7-0", false},
           Done{"cmpl-8-0", true},
           DoneOk{"cmpl-7-0"},

@@ -361,6 +361,18 @@ void LeaseBook::dropConnection(LeaseTable::ConnId conn) {
   tell(std::move(ended));
 }
 
+bool LeaseBook::stillLive(const std::string& id, LeaseTable::ConnId conn) {
+  std::vector<EndedLease> ended;
+  bool live;
+  {
+    std::lock_guard lock(mu_);
+    ended = table_.expire(monoNow());
+    live = table_.isLive(id) && table_.boundTo(id) == conn;
+  }
+  tell(std::move(ended));
+  return live;
+}
+
 void LeaseBook::countSent(uint64_t bytes) {
   std::lock_guard lock(mu_);
   bytesSent_ += bytes;
@@ -498,6 +510,13 @@ class Session {
         }
       }
       sendIov(fd_.get(), iov, ioDeadline(), "KV blocks");
+      // Read from the mapping while the lease was live only if it is live still.
+      if (!leases_.stillLive(p.leaseId, conn_)) {
+        leases_.countRefused();
+        return reply(ErrorMsg{ErrorCode::LeaseExpired, p.pullId, p.leaseId,
+                              "lease " + p.leaseId + " expired while its blocks were sent"});
+      }
+      reply(PullEnd{p.pullId});
     }
     leases_.countSent(bytes);
   }
@@ -657,6 +676,20 @@ KvPuller::~KvPuller() {
 void KvPuller::send(const Message& m, MonoNs deadline) { sendFrame(fd_.get(), m, deadline); }
 
 Message KvPuller::receive(MonoNs deadline) {
+  for (;;) {
+    Message m = receiveAny(deadline);
+    bool doneAnswer = std::holds_alternative<DoneOk>(m) ||
+                      (std::holds_alternative<ErrorMsg>(m) && std::get<ErrorMsg>(m).pullId == 0 &&
+                       !std::get<ErrorMsg>(m).leaseId.empty());
+    if (doneAnswer && doneAnswersDue_ > 0) {
+      --doneAnswersDue_;  // an earlier Done's: the lease it ended is no business of this call
+      continue;
+    }
+    return m;
+  }
+}
+
+Message KvPuller::receiveAny(MonoNs deadline) {
   Message m;
   char buf[4096];
   while (!decoder_.next(m)) {
@@ -690,77 +723,104 @@ uint64_t KvPuller::pull(const std::string& leaseId, const std::vector<int32_t>& 
   }
   uint64_t pullId = nextPull_++;
   std::string context = "pulling lease " + leaseId;
-  send(Pull{pullId, leaseId, remoteBlocks}, deadline);
-  Message m = receive(deadline);
-  if (const auto* e = std::get_if<ErrorMsg>(&m)) throw refusal(*e, context);
-  const auto* ready = std::get_if<PullReady>(&m);
   uint64_t bytes = uint64_t(dstLayout.blockBytes()) * remoteBlocks.size();
-  if (ready == nullptr || ready->pullId != pullId || ready->bytes != bytes) {
-    throw KvTransferError(context + ": the KV agent's answer does not match the pull");
-  }
   size_t chunk = size_t(dstLayout.chunkBytes());
   int32_t chunks = dstLayout.chunksPerBlock();
+  auto checkReady = [&](const Message& m) {
+    if (const auto* e = std::get_if<ErrorMsg>(&m)) throw refusal(*e, context);
+    const auto* ready = std::get_if<PullReady>(&m);
+    if (ready == nullptr || ready->pullId != pullId || ready->bytes != bytes) {
+      throw KvTransferError(context + ": the KV agent's answer does not match the pull");
+    }
+  };
+  send(Pull{pullId, leaseId, remoteBlocks}, deadline);
   if (transport_ == Transport::Shm) {
+    // Copy at once; whether the copy is good is known from the two answers.
     for (size_t i = 0; i < remoteBlocks.size(); ++i) {
       for (int32_t c = 0; c < chunks; ++c) {
         std::memcpy(dst + dstLayout.chunkOffset(c, localBlocks[i]),
                     peerBase_ + peerLayout_.chunkOffset(c, remoteBlocks[i]), chunk);
       }
     }
-  } else {
-    std::vector<iovec> iov;
-    iov.reserve(localBlocks.size() * size_t(chunks));
-    for (int32_t b : localBlocks) {
-      for (int32_t c = 0; c < chunks; ++c) iov.push_back({dst + dstLayout.chunkOffset(c, b), chunk});
+    send(Done{leaseId, false}, deadline);
+    Message ready = receive(deadline);
+    ++doneAnswersDue_;
+    try {
+      checkReady(ready);
+    } catch (...) {
+      flush(deadline);  // the Done's answer, which is of no use now
+      throw;
     }
-    size_t first = 0;
-    // Bytes that arrived with the PullReady frame first, then straight from the socket.
-    while (first < iov.size() && decoder_.buffered() > 0) {
-      size_t k = decoder_.takeRaw(iov[first].iov_base, iov[first].iov_len);
+    --doneAnswersDue_;
+    Message d = receiveAny(deadline);
+    if (const auto* e = std::get_if<ErrorMsg>(&d)) throw refusal(*e, context);
+    const auto* ok = std::get_if<DoneOk>(&d);
+    if (ok == nullptr || ok->leaseId != leaseId) {
+      throw KvTransferError(context + ": the KV agent's answer to Done does not match");
+    }
+    return bytes;
+  }
+  checkReady(receive(deadline));
+  std::vector<iovec> iov;
+  iov.reserve(localBlocks.size() * size_t(chunks));
+  for (int32_t b : localBlocks) {
+    for (int32_t c = 0; c < chunks; ++c) iov.push_back({dst + dstLayout.chunkOffset(c, b), chunk});
+  }
+  size_t first = 0;
+  // Bytes that arrived with the PullReady frame first, then straight from the socket.
+  while (first < iov.size() && decoder_.buffered() > 0) {
+    size_t k = decoder_.takeRaw(iov[first].iov_base, iov[first].iov_len);
+    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
+    iov[first].iov_len -= k;
+    if (iov[first].iov_len == 0) ++first;
+  }
+  while (first < iov.size()) {
+    msghdr msg{};
+    msg.msg_iov = iov.data() + first;
+    msg.msg_iovlen = std::min(kMaxIov, iov.size() - first);
+    ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        if (!waitFor(fd_.get(), POLLIN, deadline)) throw KvTransferError(context + ": timed out");
+        continue;
+      }
+      throw KvTransferError(context + ": " + std::strerror(errno));
+    }
+    if (n == 0) throw KvTransferError(context + ": the KV agent closed the connection mid-pull");
+    auto left = size_t(n);
+    while (left > 0) {
+      size_t k = std::min(left, iov[first].iov_len);
       iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
       iov[first].iov_len -= k;
+      left -= k;
       if (iov[first].iov_len == 0) ++first;
     }
-    while (first < iov.size()) {
-      msghdr msg{};
-      msg.msg_iov = iov.data() + first;
-      msg.msg_iovlen = std::min(kMaxIov, iov.size() - first);
-      ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_DONTWAIT);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN) {
-          if (!waitFor(fd_.get(), POLLIN, deadline)) throw KvTransferError(context + ": timed out");
-          continue;
-        }
-        throw KvTransferError(context + ": " + std::strerror(errno));
-      }
-      if (n == 0) throw KvTransferError(context + ": the KV agent closed the connection mid-pull");
-      auto left = size_t(n);
-      while (left > 0) {
-        size_t k = std::min(left, iov[first].iov_len);
-        iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-        iov[first].iov_len -= k;
-        left -= k;
-        if (iov[first].iov_len == 0) ++first;
-      }
-    }
   }
-  send(Done{leaseId, false}, deadline);
-  Message d = receive(deadline);
-  if (const auto* e = std::get_if<ErrorMsg>(&d)) throw refusal(*e, context);
-  const auto* ok = std::get_if<DoneOk>(&d);
-  if (ok == nullptr || ok->leaseId != leaseId) {
-    throw KvTransferError(context + ": the KV agent's answer to Done does not match");
+  Message end = receive(deadline);
+  if (const auto* e = std::get_if<ErrorMsg>(&end)) throw refusal(*e, context);
+  const auto* pe = std::get_if<PullEnd>(&end);
+  if (pe == nullptr || pe->pullId != pullId) {
+    throw KvTransferError(context + ": the KV agent did not end the pull it started");
   }
+  send(Done{leaseId, false}, deadline);  // its answer is read with the next message
+  ++doneAnswersDue_;
   return bytes;
 }
 
 void KvPuller::giveUp(const std::string& leaseId, MonoNs deadline) {
   try {
     send(Done{leaseId, true}, deadline);
-    receive(deadline);
+    ++doneAnswersDue_;
   } catch (const std::exception&) {
     // Best effort: a peer that is gone ends the lease itself (Disconnected or Expired).
+  }
+}
+
+void KvPuller::flush(MonoNs deadline) {
+  while (doneAnswersDue_ > 0) {
+    receiveAny(deadline);
+    --doneAnswersDue_;
   }
 }
 

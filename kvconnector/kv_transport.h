@@ -91,6 +91,8 @@ class LeaseBook {
   std::optional<EndedLease> end(const std::string& id, LeaseEnd reason, LeaseTable::ConnId conn,
                                 LeaseTable::PullCheck* refusal);
   void dropConnection(LeaseTable::ConnId conn);
+  // Whether lease `id` is live (past expiries ended first) and bound to `conn`.
+  bool stillLive(const std::string& id, LeaseTable::ConnId conn);
   void countSent(uint64_t bytes);
   void countRefused();
   bool admitting() const { return admitting_; }
@@ -163,18 +165,25 @@ class KvPuller {
   const std::string& peerEngineId() const { return peerEngineId_; }
 
   // Copies lease `leaseId`'s blocks `remoteBlocks` into `localBlocks` (same count) of the
-  // cache at `dst` laid out as `dstLayout` (same chunk size as the peer's). Then tells the peer
-  // Done, and succeeds only if it confirms the lease was live until then: bytes read from a
-  // lease that expired mid-pull are never used. Throws KvTransferError (the peer's refusal, a
-  // timeout at `deadline`, the connection lost). Returns the bytes moved.
+  // cache at `dst` laid out as `dstLayout` (same chunk size as the peer's), and ends the lease
+  // (Done). One round trip (kv_protocol.h says how): succeeds only once the peer has confirmed
+  // that the lease was live during the whole copy, so bytes of a lease that expired mid-pull are
+  // never used. Throws KvTransferError (the peer's refusal, a timeout at `deadline`, the
+  // connection lost); the destination blocks' contents are then undefined. Returns the bytes
+  // moved.
   uint64_t pull(const std::string& leaseId, const std::vector<int32_t>& remoteBlocks,
                 const std::vector<int32_t>& localBlocks, std::byte* dst,
                 const engine::KvCacheLayout& dstLayout, MonoNs deadline);
   // Tells the peer this lease will not be pulled (best effort: errors are swallowed).
   void giveUp(const std::string& leaseId, MonoNs deadline);
+  // Waits until the peer has answered every Done sent so far (a TCP pull and giveUp do not wait
+  // for it). Throws KvTransferError at `deadline`.
+  void flush(MonoNs deadline);
 
  private:
+  // The next message that is not the answer to an earlier Done.
   Message receive(MonoNs deadline);
+  Message receiveAny(MonoNs deadline);
   void send(const Message& m, MonoNs deadline);
 
   OwnFd fd_;
@@ -185,6 +194,7 @@ class KvPuller {
   const std::byte* peerBase_ = nullptr;  // Shm: the peer's region, mapped read-only
   int64_t peerBytes_ = 0;
   uint64_t nextPull_ = 1;
+  size_t doneAnswersDue_ = 0;
 };
 
 }  // namespace vsup::kv

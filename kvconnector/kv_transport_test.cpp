@@ -2,6 +2,7 @@
 // socket and a real TCP port serves a memfd cache to KvPullers in the same process.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <numeric>
 #include <random>
 
 #include "kvconnector/kv_transport.h"
@@ -22,23 +24,23 @@ int openFds() {
   return n - 1;
 }
 
-engine::KvCacheLayout layout(int32_t blocks) {
+engine::KvCacheLayout layout(int32_t blocks, int32_t headDim = 8) {
   engine::KvCacheLayout l;
   l.layers = 3;
   l.kvHeads = 2;
-  l.headDim = 8;
+  l.headDim = headDim;
   l.blockSize = 4;
   l.numBlocks = blocks;
   return l;
 }
 
-KvCompat compat() {
+KvCompat compat(int32_t headDim = 8) {
   KvCompat c;
   c.model = "test-model";
   c.dtype = "f32";
   c.layers = 3;
   c.kvHeads = 2;
-  c.headDim = 8;
+  c.headDim = uint32_t(headDim);
   c.blockSize = 4;
   c.tpSize = 1;
   return c;
@@ -63,7 +65,8 @@ struct Ended {
 // A prefill rank: a memfd cache of random bytes served on an abstract socket and a TCP port.
 struct Agent {
   Ended ended;
-  engine::KvCacheLayout l = layout(16);
+  int32_t headDim;
+  engine::KvCacheLayout l = layout(16, headDim);
   OwnFd region = engine::createKvCacheRegion(l.totalBytes());
   engine::KvCacheMapping map{region.get(), l.totalBytes(), "the test cache"};
   LeaseBook book;
@@ -72,14 +75,15 @@ struct Agent {
   std::unique_ptr<KvServer> server;
   static inline int next = 0;
 
-  explicit Agent(int64_t leaseMs = 10000)
-      : book(leaseMs * kNsPerMs, [this](const std::vector<EndedLease>& e) { ended.add(e); }) {
+  explicit Agent(int64_t leaseMs = 10000, int32_t dim = 8)
+      : headDim(dim),
+        book(leaseMs * kNsPerMs, [this](const std::vector<EndedLease>& e) { ended.add(e); }) {
     std::mt19937 rng(7);
     auto* words = reinterpret_cast<uint32_t*>(map.data());
     for (int64_t i = 0; i < l.totalBytes() / 4; ++i) words[i] = rng();
     OwnFd tcp = listenTcp("127.0.0.1", 0);
     port = boundPort(tcp.get());
-    KvSource s{l, map.data(), region.get(), "engine-a", 0, compat()};
+    KvSource s{l, map.data(), region.get(), "engine-a", 0, compat(headDim)};
     server = std::make_unique<KvServer>(s, book, listenUnixAbstract(name), std::move(tcp));
   }
   ~Agent() { server->stop(); }
@@ -88,6 +92,18 @@ struct Agent {
     MonoNs deadline = monoNow() + 2000 * kNsPerMs;
     return t == Transport::Shm ? connectUnixAbstract(name, deadline)
                                : connectTcp("127.0.0.1", port, deadline);
+  }
+  // A TCP connection whose receive buffer is tiny, so that a large pull stalls the sender.
+  OwnFd connectNarrow() {
+    OwnFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    int small = 4096;
+    REQUIRE(::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small) == 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    return fd;
   }
   KvPuller puller(Transport t, const std::string& engineId = "engine-a", KvCompat c = compat()) {
     return KvPuller(connect(t), t, c, 0, engineId, layout(24), monoNow() + 2000 * kNsPerMs);
@@ -201,56 +217,95 @@ TEST_CASE("a restarted or incompatible peer is refused at the handshake, naming 
   }
 }
 
-TEST_CASE("bytes read from a lease that expired during the pull are refused at Done") {
-  for (Transport t : {Transport::Shm, Transport::Tcp}) {
-    std::string transport = transportName(t);
-    CAPTURE(transport);
-    Agent a(20);  // 20 ms leases
-    a.book.grant("req-1", {1});
-    // By hand, to hold the pull open past the lease: Hello, Pull, the data, then wait, Done.
-    OwnFd fd = blocking(a.connect(t));
-    auto sendAll = [&](const std::string& s) {
-      REQUIRE(::send(fd.get(), s.data(), s.size(), MSG_NOSIGNAL) == ssize_t(s.size()));
-    };
-    FrameDecoder d;
-    auto next = [&]() {
-      Message m;
-      char buf[65536];
-      while (!d.next(m)) {
-        ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
-        REQUIRE(n > 0);
-        d.feed(buf, size_t(n));
-      }
-      return m;
-    };
-    sendAll(encode(Hello{compat(), 0, "engine-a", t}));
-    REQUIRE(std::holds_alternative<Welcome>(next()));
-    sendAll(encode(Pull{1, "req-1", {1}}));
-    Message ready = next();
-    REQUIRE(std::holds_alternative<PullReady>(ready));
-    MonoNs pulledAt = monoNow();
-    while (monoNow() < pulledAt + 40 * kNsPerMs) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // the lease runs out
-    }
-    sendAll(encode(Done{"req-1", false}));
-    // Over TCP the block's bytes come first; skip them.
-    Message m;
-    if (t == Transport::Tcp) {
-      size_t left = size_t(std::get<PullReady>(ready).bytes);
-      std::vector<char> sink(left);
-      left -= d.takeRaw(sink.data(), left);
-      while (left > 0) {
-        ssize_t n = ::recv(fd.get(), sink.data(), left, 0);
-        REQUIRE(n > 0);
-        left -= size_t(n);
-      }
-    }
-    m = next();
-    REQUIRE(std::holds_alternative<ErrorMsg>(m));
-    CHECK(std::get<ErrorMsg>(m).code == ErrorCode::LeaseExpired);
-    REQUIRE(a.ended.waitFor(1));
-    CHECK(a.ended.all[0].reason == LeaseEnd::Expired);
+// Speaks the protocol by hand on a blocking socket.
+struct RawPeer {
+  OwnFd fd;
+  FrameDecoder d;
+  void send(const Message& m) {
+    std::string s = encode(m);
+    REQUIRE(::send(fd.get(), s.data(), s.size(), MSG_NOSIGNAL) == ssize_t(s.size()));
   }
+  Message next() {
+    Message m;
+    char buf[65536];
+    while (!d.next(m)) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+      REQUIRE(n > 0);
+      d.feed(buf, size_t(n));
+    }
+    return m;
+  }
+  void skipRaw(size_t left) {
+    std::vector<char> sink(65536);
+    left -= d.takeRaw(sink.data(), std::min(left, d.buffered()));
+    while (left > 0) {
+      ssize_t n = ::recv(fd.get(), sink.data(), std::min(left, sink.size()), 0);
+      REQUIRE(n > 0);
+      left -= size_t(n);
+    }
+  }
+};
+
+void waitPast(MonoNs from, int64_t ms) {
+  while (monoNow() < from + ms * kNsPerMs) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // the lease runs out meanwhile
+  }
+}
+
+TEST_CASE("shm: a copy is good only if the lease is still live at Done") {
+  Agent a(20);  // 20 ms leases
+  a.book.grant("req-1", {1});
+  RawPeer p{blocking(a.connect(Transport::Shm)), {}};
+  p.send(Hello{compat(), 0, "engine-a", Transport::Shm});
+  REQUIRE(std::holds_alternative<Welcome>(p.next()));
+  p.send(Pull{1, "req-1", {1}});
+  REQUIRE(std::holds_alternative<PullReady>(p.next()));
+  waitPast(monoNow(), 40);  // the copy took longer than the lease
+  p.send(Done{"req-1", false});
+  Message m = p.next();
+  REQUIRE(std::holds_alternative<ErrorMsg>(m));
+  CHECK(std::get<ErrorMsg>(m).code == ErrorCode::LeaseExpired);
+  REQUIRE(a.ended.waitFor(1));
+  CHECK(a.ended.all[0].reason == LeaseEnd::Expired);
+}
+
+TEST_CASE("tcp: blocks whose lease expired while they were sent end with an error, not PullEnd") {
+  Agent a(20, 4096);  // 20 ms leases; 768 KiB blocks, 12 MiB in all
+  std::vector<int32_t> all(16);
+  std::iota(all.begin(), all.end(), 0);
+  a.book.grant("req-1", all);
+  RawPeer p{a.connectNarrow(), {}};
+  p.send(Hello{compat(4096), 0, "engine-a", Transport::Tcp});
+  REQUIRE(std::holds_alternative<Welcome>(p.next()));
+  p.send(Pull{1, "req-1", all});
+  Message ready = p.next();
+  REQUIRE(std::holds_alternative<PullReady>(ready));
+  waitPast(monoNow(), 40);  // the sender stalls on our full window past the lease
+  p.skipRaw(size_t(std::get<PullReady>(ready).bytes));
+  Message m = p.next();
+  REQUIRE(std::holds_alternative<ErrorMsg>(m));
+  CHECK(std::get<ErrorMsg>(m).code == ErrorCode::LeaseExpired);
+  CHECK(std::get<ErrorMsg>(m).pullId == 1);
+  CHECK(std::get<ErrorMsg>(m).message.find("expired while its blocks were sent") !=
+        std::string::npos);
+  REQUIRE(a.ended.waitFor(1));
+  CHECK(a.ended.all[0].reason == LeaseEnd::Expired);
+}
+
+TEST_CASE("tcp: a pull that finishes inside its lease ends with PullEnd") {
+  Agent a;
+  a.book.grant("req-1", {1, 2});
+  RawPeer p{blocking(a.connect(Transport::Tcp)), {}};
+  p.send(Hello{compat(), 0, "", Transport::Tcp});
+  REQUIRE(std::holds_alternative<Welcome>(p.next()));
+  p.send(Pull{9, "req-1", {1, 2}});
+  Message ready = p.next();
+  REQUIRE(std::holds_alternative<PullReady>(ready));
+  CHECK(std::get<PullReady>(ready).bytes == uint64_t(2 * a.l.blockBytes()));
+  p.skipRaw(size_t(std::get<PullReady>(ready).bytes));
+  Message end = p.next();
+  REQUIRE(std::holds_alternative<PullEnd>(end));
+  CHECK(std::get<PullEnd>(end).pullId == 9);
 }
 
 TEST_CASE("a connection that drops mid-lease releases it; give-up releases it too") {

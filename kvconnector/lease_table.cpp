@@ -86,6 +86,12 @@ std::optional<EndedLease> LeaseTable::end(const std::string& id, LeaseEnd reason
     }
     return std::nullopt;
   }
+  if (reason == LeaseEnd::Done && (conn == 0 || it->second.conn != conn)) {
+    if (refusal != nullptr) {
+      *refusal = {Refusal::Unknown, "lease " + id + " was not pulled on this connection"};
+    }
+    return std::nullopt;
+  }
   return finish(it, reason);
 }
 

@@ -62,7 +62,8 @@ class LeaseTable {
   // Moves the expiry to `until` if that is later; false when the lease is not live.
   bool extend(const std::string& id, MonoNs until);
   // Ends a live lease (Done or GaveUp) on behalf of `conn`; nullopt when it is not live (the
-  // refusal says why) or bound to another connection.
+  // refusal says why) or bound to another connection. Done needs the lease bound to `conn` (a
+  // pull of it succeeded there); GaveUp is accepted from any connection for an unbound lease.
   std::optional<EndedLease> end(const std::string& id, LeaseEnd reason, ConnId conn,
                                 PullCheck* refusal = nullptr);
   // Ends every lease bound to `conn` (Disconnected).
@@ -76,6 +77,11 @@ class LeaseTable {
   size_t live() const { return leases_.size(); }
   size_t pulling() const;  // live leases bound to a connection
   bool isLive(const std::string& id) const { return leases_.count(id) != 0; }
+  // The connection a live lease is bound to (0: none, or not live).
+  ConnId boundTo(const std::string& id) const {
+    auto it = leases_.find(id);
+    return it == leases_.end() ? 0 : it->second.conn;
+  }
   // How many leases ended for each reason, since construction.
   uint64_t endedCount(LeaseEnd reason) const { return ended_[size_t(reason)]; }
   uint64_t granted() const { return granted_; }

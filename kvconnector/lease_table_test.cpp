@@ -103,7 +103,10 @@ TEST_CASE("grants are checked, and a re-granted id is live again") {
   CHECK_THROWS_AS(t.grant("a", {}, t0), std::invalid_argument);
   t.grant("a", {1}, t0);
   CHECK_THROWS_WITH_AS(t.grant("a", {2}, t0), "lease a is already live", std::invalid_argument);
-  REQUIRE(t.end("a", LeaseEnd::Done, 0).has_value());
+  LeaseTable::PullCheck why;
+  CHECK_FALSE(t.end("a", LeaseEnd::Done, 5, &why).has_value());  // never pulled: not done
+  CHECK(why.message == "lease a was not pulled on this connection");
+  REQUIRE(t.end("a", LeaseEnd::GaveUp, 0).has_value());
   t.grant("a", {2}, t0);
   CHECK(t.beginPull("a", {2}, 1, t0).refusal == LeaseTable::Refusal::None);
   CHECK_THROWS_AS(LeaseTable(0), std::invalid_argument);
@@ -114,10 +117,10 @@ TEST_CASE("ended leases are remembered up to the limit, the oldest forgotten fir
   for (size_t i = 0; i <= LeaseTable::kRememberEnded; ++i) {
     std::string id = "r" + std::to_string(i);
     t.grant(id, {1}, t0);
-    REQUIRE(t.end(id, LeaseEnd::Done, 0).has_value());
+    REQUIRE(t.end(id, LeaseEnd::GaveUp, 0).has_value());
   }
   CHECK(t.beginPull("r0", {1}, 1, t0).message == "lease r0 is unknown to this agent");
-  CHECK(t.beginPull("r1", {1}, 1, t0).message == "lease r1 has ended (done)");
+  CHECK(t.beginPull("r1", {1}, 1, t0).message == "lease r1 has ended (gave up)");
 }
 
 }  // namespace vsup::kv

@@ -231,7 +231,7 @@ void kvProtocolSeeds(const std::string& dir) {
                            encode(Pull{7, "cmpl-1-0", {3, 9, 12}}) +
                            encode(Done{"cmpl-1-0", false}) + encode(Done{"cmpl-2-0", true});
   std::string prefillSide =
-      encode(Welcome{"engine-3f2a", 1, 1 << 20}) + encode(PullReady{7, 3 * 65536}) +
+      encode(Welcome{"engine-3f2a", 1, 1 << 20}) + encode(PullReady{7, 3 * 65536}) + encode(PullEnd{7}) +
       encode(DoneOk{"cmpl-1-0"}) +
       encode(ErrorMsg{ErrorCode::LeaseExpired, 8, "cmpl-2-0", "lease cmpl-2-0 expired"});
   for (auto [name, bytes] : {std::pair{"decode", decodeSide}, std::pair{"prefill", prefillSide}}) {
