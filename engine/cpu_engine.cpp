@@ -56,7 +56,7 @@ CpuPlan planCpuEngine(const EngineConfig& config, bool needTokenizer = true) {
 class CpuRunner final : public ModelRunner {
  public:
   CpuRunner(const EngineConfig& config, const CpuPlan& plan, uint32_t rank,
-            std::unique_ptr<Collective> collective)
+            std::unique_ptr<Collective> collective, int kvCacheFd)
       : rank_(rank), collective_(std::move(collective)) {
     const uint32_t tp = config.common.tensorParallelSize;
     // The machine's cores, shared between the ranks: more BLAS threads than that would only
@@ -72,6 +72,7 @@ class CpuRunner final : public ModelRunner {
     KvCacheShape cache;
     cache.numBlocks = plan.numBlocks;
     cache.blockSize = config.common.blockSize;
+    cache.regionFd = kvCacheFd;
     shard_ = std::make_unique<LlamaShard>(plan.model.config, rank, tp, *weights, cache,
                                           *collective_, threads);
   }
@@ -155,6 +156,9 @@ class CpuBackend final : public Backend {
                    std::to_string(cpu.numBlocks) + " blocks of " + std::to_string(o.blockSize) +
                    " tokens per rank";
     plan.sharedCollective = o.tensorParallelSize > 1;
+    plan.kvLayout = kvCacheLayout(c, o.tensorParallelSize, o.blockSize, cpu.numBlocks);
+    plan.modelKvHeads = uint32_t(c.numKvHeads);
+    plan.modelId = cpu.model.name;
     return plan;
   }
 
@@ -163,14 +167,14 @@ class CpuBackend final : public Backend {
   }
 
   std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
-                                          int collectiveFd) const override {
+                                          RankFds fds) const override {
     // A rank computes on token ids only: it needs no tokenizer.json.
     CpuPlan plan = planCpuEngine(config, /*needTokenizer=*/false);
     const uint32_t tp = config.common.tensorParallelSize;
     std::unique_ptr<Collective> collective =
         tp == 1 ? makeSingleRankCollective()
-                : joinSharedCollective(collectiveFd, rank, tp, config.common.collectiveTimeoutMs);
-    return std::make_unique<CpuRunner>(config, plan, rank, std::move(collective));
+                : joinSharedCollective(fds.collective, rank, tp, config.common.collectiveTimeoutMs);
+    return std::make_unique<CpuRunner>(config, plan, rank, std::move(collective), fds.kvCache);
   }
 };
 

@@ -133,7 +133,7 @@ TEST_CASE("a cpu runner serves the core scheduler's steps: greedy text is the sa
     EnginePlan plan = cpuBackend().plan(c);
     std::shared_ptr<const Tokenizer> tokenizer = cpuBackend().tokenizer(c);
     core::Scheduler s(plan.scheduler, tokenizer);
-    std::unique_ptr<ModelRunner> runner = cpuBackend().makeRunner(c, 0, -1);
+    std::unique_ptr<ModelRunner> runner = cpuBackend().makeRunner(c, 0, {});
     core::TokenizedRequest t;
     t.request.id = "r";
     t.request.prompt = "hello";

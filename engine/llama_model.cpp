@@ -65,6 +65,17 @@ int64_t kvBytesPerBlock(const LlamaConfig& c, uint32_t tp, int32_t blockSize) {
          int64_t(sizeof(float));
 }
 
+KvCacheLayout kvCacheLayout(const LlamaConfig& c, uint32_t tp, int32_t blockSize,
+                            int32_t numBlocks) {
+  KvCacheLayout l;
+  l.layers = int32_t(c.numLayers);
+  l.kvHeads = int32_t(c.kvHeadsPerRank(tp));
+  l.headDim = int32_t(c.headDim);
+  l.blockSize = blockSize;
+  l.numBlocks = numBlocks;
+  return l;
+}
+
 int32_t kvBlocksFor(const LlamaConfig& c, uint32_t tp, int32_t blockSize, int64_t budgetBytes) {
   int64_t blocks = budgetBytes / kvBytesPerBlock(c, tp, blockSize);
   return int32_t(std::min<int64_t>(blocks, 1 << 30));
@@ -118,24 +129,22 @@ LlamaShard::LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp,
   layout_.blockSize = cache.blockSize;
   layout_.numKvHeads = int(kvHeads_);
   layout_.headDim = int(hd);
-  kvBytes_ = size_t(kvBytesPerBlock(c, tp, cache.blockSize)) * size_t(cache.numBlocks);
-  if (kvBytes_ > 0) {
-    void* p = ::mmap(nullptr, kvBytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      throw std::system_error(errno, std::generic_category(),
-                              "mmap of the KV cache (" + std::to_string(kvBytes_) + " bytes)");
-    }
+  kvLayout_ = kvCacheLayout(c, tp, cache.blockSize, cache.numBlocks);
+  if (cache.numBlocks > 0) {
+    // Shared with this rank's KV agent when engine-core made a region; private otherwise.
+    kvMap_ = KvCacheMapping(cache.regionFd, kvLayout_.totalBytes(),
+                            cache.regionFd >= 0 ? "the KV cache region (fd " +
+                                                      std::to_string(cache.regionFd) + ")"
+                                                : std::string("the KV cache"));
     // Touch it now, with huge pages where the kernel allows: first-touch faults would otherwise
     // land in the first requests' steps.
-    ::madvise(p, kvBytes_, MADV_HUGEPAGE);
-    std::memset(p, 0, kvBytes_);
-    kv_ = static_cast<float*>(p);
+    ::madvise(kvMap_.data(), size_t(kvLayout_.totalBytes()), MADV_HUGEPAGE);
+    std::memset(kvMap_.data(), 0, size_t(kvLayout_.totalBytes()));
+    kv_ = reinterpret_cast<float*>(kvMap_.data());
   }
 }
 
-LlamaShard::~LlamaShard() {
-  if (kv_ != nullptr) ::munmap(kv_, kvBytes_);
-}
+LlamaShard::~LlamaShard() = default;
 
 int64_t LlamaShard::weightBytes() const {
   size_t n = embed_.size() + lmHead_.size() + finalNorm_.size();
@@ -207,8 +216,7 @@ void LlamaShard::forward(const std::vector<Seq>& batch, std::vector<float>& logi
     }
   }
   const float scale = 1.0f / std::sqrt(float(hd));
-  const size_t perCache = size_t(cache_.numBlocks) * size_t(cache_.blockSize) *
-                          size_t(kvHeads_) * size_t(hd);
+  const size_t perCache = size_t(kvLayout_.planeElements());
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
     float* kCache = kv_ + (2 * li) * perCache;

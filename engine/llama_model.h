@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/collective.h"
+#include "engine/kv_cache.h"
 #include "engine/llama_config.h"
 #include "engine/prefill_attention.h"
 #include "engine/weights.h"
@@ -30,7 +31,12 @@ namespace vsup::engine {
 struct KvCacheShape {
   int32_t numBlocks = 0;
   int32_t blockSize = 16;
+  int regionFd = -1;  // a KV cache region (kv_cache.h) to compute in, borrowed; -1: private memory
 };
+
+// One rank's cache as bytes (kv_cache.h): what LlamaShard computes in.
+KvCacheLayout kvCacheLayout(const LlamaConfig& config, uint32_t tp, int32_t blockSize,
+                            int32_t numBlocks);
 
 // Bytes of KV cache one block takes on one rank, and how many blocks fit in `budgetBytes`.
 int64_t kvBytesPerBlock(const LlamaConfig& config, uint32_t tp, int32_t blockSize);
@@ -87,8 +93,9 @@ class LlamaShard {
   std::vector<Layer> layers_;
   KvCacheShape cache_;
   kernels::PagedLayout layout_;
-  float* kv_ = nullptr;  // [layer][k|v][block][slot][kvHead][headDim], mmap'd
-  size_t kvBytes_ = 0;
+  KvCacheLayout kvLayout_;
+  KvCacheMapping kvMap_;  // [layer][k|v][block][slot][kvHead][headDim]
+  float* kv_ = nullptr;   // kvMap_'s floats
   kernels::RopeTable rope_;
   // Scratch, reused between steps.
   std::vector<float> x_, h_, qkvOut_, attn_, proj_, gu_, scores_, lastRows_, shardLogits_, gathered_;

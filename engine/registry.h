@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "engine/config.h"
 #include "engine/core/model_runner.h"
 #include "engine/core/scheduler.h"
+#include "engine/kv_cache.h"
 #include "engine/prompt.h"
 #include "engine/tokenizer.h"
 
@@ -48,6 +50,18 @@ struct EnginePlan {
   std::string chatFormatNote;     // why, when the model's own template was not usable
   std::string summary;            // the log line engine-core writes once started
   bool sharedCollective = false;  // ranks all-reduce through a region engine-core creates
+  // Each rank's KV cache as bytes, for a backend whose cache can be transferred to a peer
+  // instance (--kv-connector vsup); unset for one whose cannot (the sim engine).
+  std::optional<KvCacheLayout> kvLayout;
+  uint32_t modelKvHeads = 0;  // the model's KV heads (a rank holds kvLayout->kvHeads of them)
+  std::string modelId;        // what a peer instance must be serving too: the --model name
+};
+
+// The fds a rank's runner is given, borrowed for makeRunner(): the runner maps them and keeps
+// only the mappings, so the caller closes them once makeRunner returns (or throws). -1: none.
+struct RankFds {
+  int collective = -1;  // the region of EnginePlan::sharedCollective
+  int kvCache = -1;     // the rank's KV cache region (kv_cache.h), when engine-core made one
 };
 
 // One backend. Methods are const and thread-safe; plan() and makeRunner() may read files.
@@ -59,12 +73,10 @@ class Backend {
   // model, a TP size that does not divide the heads, a KV budget below one sequence).
   virtual EnginePlan plan(const EngineConfig& config) const = 0;
   virtual std::shared_ptr<const Tokenizer> tokenizer(const EngineConfig& config) const = 0;
-  // This rank's runner: loads its shard (weights, KV cache). `collectiveFd` is the region of
-  // EnginePlan::sharedCollective (-1 otherwise), borrowed for the call: the runner maps it and
-  // keeps only the mapping, so the caller closes the fd once makeRunner returns (or throws).
-  // Runs on the rank's compute thread.
+  // This rank's runner: loads its shard (weights, KV cache), in the regions of `fds`. Runs on
+  // the rank's compute thread.
   virtual std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
-                                                  int collectiveFd) const = 0;
+                                                  RankFds fds) const = 0;
 };
 
 // The backend of `config` (engineName(config)). Throws as requireEngineBuilt(). Heavy: linked

@@ -202,7 +202,7 @@ class SimBackend final : public Backend {
   }
 
   std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
-                                          int /*collectiveFd: ranks never communicate*/)
+                                          RankFds /*none: ranks never communicate*/)
       const override {
     validate(config);
     const auto* sim = std::get_if<SimConfig>(&config.backend);

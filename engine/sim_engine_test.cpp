@@ -357,7 +357,7 @@ TEST_CASE("the sim backend's tokenizer and runner work together through its plan
   c.common.kvCacheBytes = 4096;
   EnginePlan p = simBackend().plan(c);
   Scheduler s(p.scheduler, simBackend().tokenizer(c));
-  std::unique_ptr<ModelRunner> r = simBackend().makeRunner(c, 0, -1);
+  std::unique_ptr<ModelRunner> r = simBackend().makeRunner(c, 0, {});
   TokenizedRequest t;
   t.request = request("r", "hi there", 4);
   t.promptTokens = simBackend().tokenizer(c)->encode("hi there");

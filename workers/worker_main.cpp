@@ -65,7 +65,9 @@ int workerMain(int argc, char** argv) {
       auto region = std::make_shared<OwnFd>(collectiveFd);
       return st->compute()
           .run<std::unique_ptr<engine::ModelRunner>>([config, rank, region]() {
-            auto runner = engine::backendFor(config).makeRunner(config, rank, region->get());
+            engine::RankFds fds;
+            fds.collective = region->get();
+            auto runner = engine::backendFor(config).makeRunner(config, rank, fds);
             region->reset();  // mapped: the fd is not needed any more
             return runner;
           })
