@@ -49,7 +49,8 @@ const char* engineName(const EngineConfig& config) {
 }
 
 int64_t kvHoldMs(const KvConfig& kv) {
-  if (kv.connector == "none") return 0;
+  // The vsup connector holds the blocks of its requests only, until their leases end.
+  if (kv.connector != "sim") return 0;
   double ms = kv.shutdownTimeoutS * 1000 + double(kv.simTransferMs);
   return std::max<int64_t>(1000, ms > 1e12 ? int64_t(1e12) : int64_t(ms));
 }
@@ -73,10 +74,27 @@ void validate(const EngineConfig& config) {
                                 std::to_string(c.kvCacheBytes));
   }
   requireRange<int64_t>("--collective-timeout-ms", c.collectiveTimeoutMs, 100, 3600000);
-  if (c.kv.connector != "none" && c.kv.connector != "sim") {
-    throw std::invalid_argument("--kv-connector must be none or sim, got '" + c.kv.connector +
-                                "'");
+  auto oneOf = [](const char* flag, const std::string& v, std::initializer_list<const char*> ok) {
+    std::string list;
+    for (const char* o : ok) {
+      if (v == o) return;
+      list += std::string(list.empty() ? "" : ", ") + o;
+    }
+    throw std::invalid_argument(std::string(flag) + " must be one of " + list + ", got '" + v + "'");
+  };
+  oneOf("--kv-connector", c.kv.connector, {"none", "sim", "vsup"});
+  oneOf("--kv-role", c.kv.role, {"prefill", "decode", "both"});
+  oneOf("--kv-transport", c.kv.transport, {"auto", "shm", "tcp"});
+  oneOf("--kv-load-failure", c.kv.loadFailure, {"fail", "recompute"});
+  if (c.kv.host.empty() || c.kv.host.size() > 253) {
+    throw std::invalid_argument("--kv-host must be a host name or address, got '" + c.kv.host + "'");
   }
+  if (c.kv.connector == "vsup" && (c.kv.port == 0 || int(c.kv.port) + int(c.tensorParallelSize) - 1 > 65535)) {
+    throw std::invalid_argument("--kv-port " + std::to_string(c.kv.port) + ": the agents listen on " +
+                                "--kv-port + rank, which must be 1..65535 for every rank");
+  }
+  requireSeconds("--kv-lease-s", c.kv.leaseS, 0.1, 3600);
+  requireSeconds("--kv-transfer-timeout", c.kv.transferTimeoutS, 0.1, 3600);
   requireSeconds("--kv-shutdown-timeout", c.kv.shutdownTimeoutS, 0, 3600);
   requireRange<uint64_t>("--sim-kv-transfer-ms", c.kv.simTransferMs, 0, 3600000);
   if (const auto* sim = std::get_if<SimConfig>(&config.backend)) {

@@ -27,9 +27,17 @@ struct CudaConfig {};
 
 // The KV connector (KV transfer to a peer instance).
 struct KvConfig {
-  std::string connector = "none";  // none, sim
+  std::string connector = "none";  // none, sim, vsup
   uint64_t simTransferMs = 200;    // sim: how long each transfer takes
-  double shutdownTimeoutS = 10;    // how long a rank may defer its shutdown for transfers
+  double shutdownTimeoutS = 10;    // how long a rank (its KV agent) may defer its shutdown
+  // vsup (docs/architecture.md, "KV transfer"):
+  std::string role = "both";          // prefill, decode, both
+  std::string host = "127.0.0.1";     // where the agents listen; remote_host in answers
+  uint16_t port = 14579;              // rank R's agent listens on port + R
+  std::string transport = "auto";     // auto (shm on the same host, else tcp), shm, tcp
+  double leaseS = 30;                 // a finished prefill's blocks wait this long for a pull
+  double transferTimeoutS = 10;       // a decode request waits this long for its blocks
+  std::string loadFailure = "fail";   // fail, recompute: what a failed pull does to the request
 };
 
 struct CommonConfig {

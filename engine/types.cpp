@@ -25,6 +25,7 @@ const char* nameOf(RejectCode code) {
     case RejectCode::None: return "";
     case RejectCode::ContextLengthExceeded: return "context_length_exceeded";
     case RejectCode::EmptyPrompt: return "empty_prompt";
+    case RejectCode::KvTransferInvalid: return "invalid_kv_transfer_params";
   }
   return "";
 }

@@ -53,12 +53,29 @@ struct ChatMessage {
   bool operator==(const ChatMessage&) const = default;
 };
 
+// vLLM's kv_transfer_params, the disaggregated prefill/decode protocol routers speak
+// (docs/architecture.md, "KV transfer"). To a prefill instance: doRemoteDecode (compute the
+// prompt, keep its blocks for a decode instance). From it, on the final delta, and then to a
+// decode instance: doRemotePrefill with where the blocks are.
+struct KvParams {
+  bool doRemoteDecode = false;
+  bool doRemotePrefill = false;
+  std::string remoteEngineId;
+  std::string remoteRequestId;
+  std::vector<int32_t> remoteBlockIds;
+  std::string remoteHost;
+  uint16_t remotePort = 0;
+  uint32_t tpSize = 0;
+  bool operator==(const KvParams&) const = default;
+};
+
 struct GenerateRequest {
   std::string id;          // unique per request (the API server makes it: "cmpl-...")
   std::string prompt;      // a completion's text, encoded as it is
   std::vector<ChatMessage> messages;  // a chat: rendered by engine-core in the model's format;
                                       // prompt is then empty
   SamplingParams sampling;
+  std::optional<KvParams> kv;  // kv_transfer_params, when the request has them
 };
 
 enum class FinishReason { None, Stop, Length, Abort, Error };
@@ -70,8 +87,10 @@ enum class RejectCode {
   None,                   // accepted
   ContextLengthExceeded,  // prompt + max_tokens longer than the context
   EmptyPrompt,            // the prompt encodes to no tokens
+  KvTransferInvalid,      // kv_transfer_params this instance cannot honour
 };
-// The OpenAI error code ("context_length_exceeded", "empty_prompt"); None: "".
+// The OpenAI error code ("context_length_exceeded", "empty_prompt",
+// "invalid_kv_transfer_params"); None: "".
 const char* nameOf(RejectCode code);
 
 struct Rejection {
@@ -88,6 +107,9 @@ struct TokenDelta {
   int64_t completionTokens = 0;  // so far, including this delta
   FinishReason finish = FinishReason::None;
   std::string error;  // set with FinishReason::Error
+  // A prefill instance's final delta of a doRemoteDecode request: where a decode instance
+  // pulls its blocks from (doRemotePrefill set).
+  std::optional<KvParams> kvParams;
 };
 
 }  // namespace vsup::engine

@@ -21,6 +21,19 @@ struct GenerateRequest {
   topK @8 :Int32;
   messages @9 :List(ChatMessage);
   maxTokensToContext @10 :Bool;   # maxTokens is a ceiling: lowered to what the context leaves
+  kv @11 :KvParams;               # kv_transfer_params; unset: none
+}
+
+# engine::KvParams: vLLM's kv_transfer_params (disaggregated prefill/decode).
+struct KvParams {
+  doRemoteDecode @0 :Bool;
+  doRemotePrefill @1 :Bool;
+  remoteEngineId @2 :Text;
+  remoteRequestId @3 :Text;
+  remoteBlockIds @4 :List(Int32);
+  remoteHost @5 :Text;
+  remotePort @6 :UInt16;
+  tpSize @7 :UInt32;
 }
 
 struct ChatMessage {
@@ -31,7 +44,7 @@ struct ChatMessage {
 enum FinishReason { none @0; stop @1; length @2; abort @3; error @4; }
 
 # Why the engine refused a request (engine::RejectCode).
-enum RejectCode { none @0; contextLengthExceeded @1; emptyPrompt @2; }
+enum RejectCode { none @0; contextLengthExceeded @1; emptyPrompt @2; kvTransferInvalid @3; }
 
 # What submitMany answers for one request: the same as submit's results, or `refused` (non-empty)
 # where submit would have thrown (stopping, failed, a duplicate id): the request was not taken.
@@ -48,6 +61,7 @@ struct TokenDelta {
   completionTokens @3 :Int64;
   finish @4 :FinishReason;
   error @5 :Text;
+  kvParams @6 :KvParams;    # a prefill instance's final delta: where its blocks are; unset: none
 }
 
 # Implemented by the API server: engine-core sends every delta for this server's requests,
@@ -159,6 +173,13 @@ struct EngineConfig {
     sim @13 :SimConfig;
     cuda @14 :Void;
   }
+  kvRole @15 :Text;
+  kvHost @16 :Text;
+  kvPort @17 :UInt16;
+  kvTransport @18 :Text;
+  kvLeaseS @19 :Float64;
+  kvTransferTimeoutS @20 :Float64;
+  kvLoadFailure @21 :Text;
   struct CpuConfig {
     loadFormat @0 :Text;
     weightSeed @1 :UInt64;
@@ -171,4 +192,71 @@ struct EngineConfig {
 # A tensor-parallel rank (its Node.service). Every rank takes part in every step.
 interface Worker {
   step @0 (input :StepInput) -> (output :StepOutput);
+}
+
+# A KV agent's start configuration (vsup __kv-agent, one per rank beside worker-tpR, under
+# engine-core), in Node.start: which rank's cache it serves or fills, and everything a peer
+# must agree with (kvconnector/kv_protocol.h, KvCompat).
+struct KvAgentConfig {
+  rank @0 :UInt32;
+  role @1 :Text;               # prefill, decode, both
+  host @2 :Text;               # where it listens (prefill, both)
+  port @3 :UInt16;             # the instance's --kv-port; this rank listens on port + rank
+  transport @4 :Text;          # auto, shm, tcp (how it pulls)
+  leaseMs @5 :Int64;
+  transferTimeoutMs @6 :Int64;
+  engineId @7 :Text;
+  layers @8 :Int32;
+  kvHeads @9 :Int32;           # on this rank
+  headDim @10 :Int32;
+  blockSize @11 :Int32;
+  numBlocks @12 :Int32;
+  dtype @13 :Text;
+  model @14 :Text;
+  modelKvHeads @15 :UInt32;
+  tpSize @16 :UInt32;
+}
+
+struct KvLease {
+  id @0 :Text;
+  blocks @1 :List(Int32);
+}
+
+struct KvEnded {
+  id @0 :Text;
+  reason @1 :Text;             # done, gave up, disconnected, expired, abandoned
+}
+
+struct KvAgentStats {
+  live @0 :UInt64;
+  pulling @1 :UInt64;
+  granted @2 :UInt64;
+  done @3 :UInt64;
+  gaveUp @4 :UInt64;
+  disconnected @5 :UInt64;
+  expired @6 :UInt64;
+  abandoned @7 :UInt64;
+  bytesSent @8 :UInt64;
+  pullsServed @9 :UInt64;
+  pullsRefused @10 :UInt64;
+  pullsDone @11 :UInt64;
+  pullsFailed @12 :UInt64;
+  bytesPulled @13 :UInt64;
+}
+
+# A KV agent (its Node.service), called by engine-core only.
+interface KvAgent {
+  # Prefill: lease these blocks to decode instances. Returns once the leases are live, so that
+  # their ids may be handed out.
+  grant @0 (leases :List(KvLease)) -> ();
+  # Prefill: the leases that ended since the last call; waits until there is at least one.
+  nextEnded @1 () -> (ended :List(KvEnded));
+  # Decode: copies a prefill instance's blocks of one request into this rank's blocks
+  # `localBlocks`, from the agent of the same rank at remotePort + rank. `error` is empty on
+  # success; else what failed, and `code` the refusal's name when the peer refused.
+  pull @2 (remoteEngineId :Text, remoteRequestId :Text, remoteHost :Text, remotePort :UInt16,
+           remoteBlocks :List(Int32), localBlocks :List(Int32)) -> (error :Text, code :Text, bytes :UInt64);
+  # Decode: tells the prefill instance that this request's blocks will not be pulled.
+  giveUp @3 (remoteEngineId :Text, remoteRequestId :Text, remoteHost :Text, remotePort :UInt16) -> ();
+  stats @4 () -> (stats :KvAgentStats);
 }

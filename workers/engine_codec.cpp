@@ -32,6 +32,32 @@ void encode(const engine::GenerateRequest& in, schema::GenerateRequest::Builder 
     messages[i].setRole(in.messages[i].role);
     messages[i].setContent(in.messages[i].content);
   }
+  if (in.kv) encode(*in.kv, out.initKv());
+}
+
+void encode(const engine::KvParams& in, schema::KvParams::Builder out) {
+  out.setDoRemoteDecode(in.doRemoteDecode);
+  out.setDoRemotePrefill(in.doRemotePrefill);
+  out.setRemoteEngineId(in.remoteEngineId);
+  out.setRemoteRequestId(in.remoteRequestId);
+  auto blocks = out.initRemoteBlockIds(unsigned(in.remoteBlockIds.size()));
+  for (unsigned i = 0; i < in.remoteBlockIds.size(); ++i) blocks.set(i, in.remoteBlockIds[i]);
+  out.setRemoteHost(in.remoteHost);
+  out.setRemotePort(in.remotePort);
+  out.setTpSize(in.tpSize);
+}
+
+engine::KvParams decode(schema::KvParams::Reader in) {
+  engine::KvParams p;
+  p.doRemoteDecode = in.getDoRemoteDecode();
+  p.doRemotePrefill = in.getDoRemotePrefill();
+  p.remoteEngineId = in.getRemoteEngineId();
+  p.remoteRequestId = in.getRemoteRequestId();
+  for (int32_t b : in.getRemoteBlockIds()) p.remoteBlockIds.push_back(b);
+  p.remoteHost = in.getRemoteHost();
+  p.remotePort = in.getRemotePort();
+  p.tpSize = in.getTpSize();
+  return p;
 }
 
 engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
@@ -46,6 +72,7 @@ engine::GenerateRequest decode(schema::GenerateRequest::Reader in) {
   r.sampling.topK = in.getTopK();
   for (auto s : in.getStop()) r.sampling.stop.emplace_back(s);
   for (auto m : in.getMessages()) r.messages.push_back({m.getRole(), m.getContent()});
+  if (in.hasKv()) r.kv = decode(in.getKv());
   return r;
 }
 
@@ -56,6 +83,7 @@ void encode(const engine::TokenDelta& in, schema::TokenDelta::Builder out) {
   out.setCompletionTokens(in.completionTokens);
   out.setFinish(static_cast<schema::FinishReason>(in.finish));
   out.setError(in.error);
+  if (in.kvParams) encode(*in.kvParams, out.initKvParams());
 }
 
 engine::TokenDelta decode(schema::TokenDelta::Reader in) {
@@ -66,6 +94,7 @@ engine::TokenDelta decode(schema::TokenDelta::Reader in) {
   d.completionTokens = in.getCompletionTokens();
   d.finish = static_cast<engine::FinishReason>(in.getFinish());
   d.error = in.getError();
+  if (in.hasKvParams()) d.kvParams = decode(in.getKvParams());
   return d;
 }
 
@@ -220,6 +249,7 @@ schema::RejectCode encode(engine::RejectCode code) {
     case engine::RejectCode::None: return schema::RejectCode::NONE;
     case engine::RejectCode::ContextLengthExceeded: return schema::RejectCode::CONTEXT_LENGTH_EXCEEDED;
     case engine::RejectCode::EmptyPrompt: return schema::RejectCode::EMPTY_PROMPT;
+    case engine::RejectCode::KvTransferInvalid: return schema::RejectCode::KV_TRANSFER_INVALID;
   }
   return schema::RejectCode::NONE;
 }
@@ -229,6 +259,7 @@ engine::RejectCode decode(schema::RejectCode code) {
     case schema::RejectCode::NONE: return engine::RejectCode::None;
     case schema::RejectCode::CONTEXT_LENGTH_EXCEEDED: return engine::RejectCode::ContextLengthExceeded;
     case schema::RejectCode::EMPTY_PROMPT: return engine::RejectCode::EmptyPrompt;
+    case schema::RejectCode::KV_TRANSFER_INVALID: return engine::RejectCode::KvTransferInvalid;
   }
   // A code from a newer peer: still a rejection, with its message.
   return engine::RejectCode::EmptyPrompt;
@@ -250,6 +281,13 @@ std::string encodeEngineConfig(const engine::EngineConfig& config) {
   out.setKvConnector(c.kv.connector);
   out.setKvSimTransferMs(c.kv.simTransferMs);
   out.setKvShutdownTimeoutS(c.kv.shutdownTimeoutS);
+  out.setKvRole(c.kv.role);
+  out.setKvHost(c.kv.host);
+  out.setKvPort(c.kv.port);
+  out.setKvTransport(c.kv.transport);
+  out.setKvLeaseS(c.kv.leaseS);
+  out.setKvTransferTimeoutS(c.kv.transferTimeoutS);
+  out.setKvLoadFailure(c.kv.loadFailure);
   auto backend = out.initBackend();
   if (auto* cpu = std::get_if<engine::CpuConfig>(&config.backend)) {
     auto b = backend.initCpu();
@@ -290,6 +328,13 @@ engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
     c.kv.connector = in.getKvConnector();
     c.kv.simTransferMs = in.getKvSimTransferMs();
     c.kv.shutdownTimeoutS = in.getKvShutdownTimeoutS();
+    c.kv.role = in.getKvRole();
+    c.kv.host = in.getKvHost();
+    c.kv.port = in.getKvPort();
+    c.kv.transport = in.getKvTransport();
+    c.kv.leaseS = in.getKvLeaseS();
+    c.kv.transferTimeoutS = in.getKvTransferTimeoutS();
+    c.kv.loadFailure = in.getKvLoadFailure();
     auto backend = in.getBackend();
     switch (backend.which()) {
       case schema::EngineConfig::Backend::CPU: {

@@ -13,6 +13,8 @@ namespace vsup::workers {
 
 void encode(const engine::GenerateRequest& in, ipc::schema::GenerateRequest::Builder out);
 engine::GenerateRequest decode(ipc::schema::GenerateRequest::Reader in);
+void encode(const engine::KvParams& in, ipc::schema::KvParams::Builder out);
+engine::KvParams decode(ipc::schema::KvParams::Reader in);
 void encode(const engine::TokenDelta& in, ipc::schema::TokenDelta::Builder out);
 engine::TokenDelta decode(ipc::schema::TokenDelta::Reader in);
 void encode(const engine::StepInput& in, ipc::schema::StepInput::Builder out);

@@ -81,8 +81,30 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
       ->check(CLI::Range(int64_t(100), int64_t(3600000)));
   opt(app.add_option("--sim-token-ms", f.sim.tokenMs, "sim engine: milliseconds per step"))
       ->check(CLI::Range(uint64_t(0), uint64_t(600000)));
-  opt(app.add_option("--kv-connector", f.common.kv.connector, "none or sim"))
-      ->check(CLI::IsMember({"none", "sim"}));
+  opt(app.add_option("--kv-connector", f.common.kv.connector,
+                     "none; vsup (KV transfer between prefill and decode instances); sim (tests)"))
+      ->check(CLI::IsMember({"none", "sim", "vsup"}));
+  opt(app.add_option("--kv-role", f.common.kv.role,
+                     "vsup connector: prefill (answers kv_transfer_params), decode (pulls), both"))
+      ->check(CLI::IsMember({"prefill", "decode", "both"}));
+  opt(app.add_option("--kv-host", f.common.kv.host,
+                     "vsup connector: the address the KV agents listen on and advertise"));
+  opt(app.add_option("--kv-port", f.common.kv.port,
+                     "vsup connector: rank R's KV agent listens on this port + R"))
+      ->check(CLI::Range(1, 65535));
+  opt(app.add_option("--kv-transport", f.common.kv.transport,
+                     "vsup connector: auto (shared memory on the same host, else TCP), shm, tcp"))
+      ->check(CLI::IsMember({"auto", "shm", "tcp"}));
+  opt(app.add_option("--kv-lease-s", f.common.kv.leaseS,
+                     "vsup connector: seconds a finished prefill's blocks wait to be pulled"))
+      ->check(finiteRange(0.1, 3600, "seconds"));
+  opt(app.add_option("--kv-transfer-timeout", f.common.kv.transferTimeoutS,
+                     "vsup connector: seconds a decode request waits for its blocks"))
+      ->check(finiteRange(0.1, 3600, "seconds"));
+  opt(app.add_option("--kv-load-failure", f.common.kv.loadFailure,
+                     "vsup connector: fail (the request ends with an error) or recompute "
+                     "(a local prefill) when its blocks cannot be pulled"))
+      ->check(CLI::IsMember({"fail", "recompute"}));
   opt(app.add_option("--sim-kv-transfer-ms", f.common.kv.simTransferMs,
                      "sim KV connector: each finished request's transfer takes this long"))
       ->check(CLI::Range(uint64_t(0), uint64_t(3600000)));

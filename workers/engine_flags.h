@@ -27,7 +27,8 @@ struct EngineFlags {
 
 // Adds the positional MODEL and --engine, --model, --tensor-parallel-size, --max-num-seqs, --load-format, --seed,
 // --max-num-batched-tokens, --max-model-len, --kv-cache-memory, --block-size,
-// --collective-timeout-ms, --sim-token-ms, --kv-connector, --sim-kv-transfer-ms and
+// --collective-timeout-ms, --sim-token-ms, --kv-connector, --kv-role, --kv-host, --kv-port,
+// --kv-transport, --kv-lease-s, --kv-transfer-timeout, --kv-load-failure, --sim-kv-transfer-ms and
 // --kv-shutdown-timeout, each with its help text and default. Returns them.
 std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& flags);
 

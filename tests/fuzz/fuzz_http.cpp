@@ -174,7 +174,7 @@ class App {
                                           format.value_or(vsup::engine::ChatFormat::Plain));
     }
     if (!call.stream) {
-      api::CompletionResult result{chat, id, kCreated, call.model, {}, {3, 5}};
+      api::CompletionResult result{chat, id, kCreated, call.model, {}, {3, 5}, {}};
       for (size_t i = 0; i < texts.size(); ++i) {
         result.choices.push_back({int(i), texts[i], vsup::engine::FinishReason::Length});
       }

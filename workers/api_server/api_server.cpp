@@ -124,6 +124,9 @@ api::ApiError rejectionError(const engine::Rejection& r) {
   if (r.code == engine::RejectCode::ContextLengthExceeded) {
     return api::invalidRequest(r.message, "max_tokens", engine::nameOf(r.code));
   }
+  if (r.code == engine::RejectCode::KvTransferInvalid) {
+    return api::invalidRequest(r.message, "kv_transfer_params", engine::nameOf(r.code));
+  }
   return api::invalidRequest(r.message, "", engine::nameOf(r.code));
 }
 
@@ -133,6 +136,7 @@ struct Pending {
   api::CompletionCall call;
   std::string id;
   std::string requestId;      // X-Request-Id: the client's, else `id`; the id in log lines
+  std::optional<engine::KvParams> kvParams;  // a prefill instance's answer (the final delta's)
   MonoNs arrived = 0;
   int64_t created = 0;
   std::vector<std::string> engineIds;
@@ -570,6 +574,7 @@ void ApiServer::Impl::handleCompletion(const http::Request& request,
     g.prompt = p->call.prompts[i];
     g.messages = std::move(p->call.messages);  // a chat's only choice; nothing reads them after
     g.sampling = p->call.sampling;
+    g.kv = p->call.kv;
     if (chat && !p->call.maxTokensGiven) {
       allowRestOfContext(g.sampling, maxModelLen_);
     }
@@ -630,6 +635,7 @@ void ApiServer::Impl::onDelta(const engine::TokenDelta& d) {
   p.promptTokens[index] = d.promptTokens;
   p.completionTokens[index] = d.completionTokens;
   if (d.finish == FinishReason::Error) p.error = d.error.empty() ? "engine error" : d.error;
+  if (d.kvParams) p.kvParams = d.kvParams;
   if (p.call.stream && d.finish != FinishReason::Error &&
       (!d.text.empty() || d.finish != FinishReason::None)) {
     startStream(p);
@@ -712,6 +718,10 @@ void ApiServer::Impl::complete(const std::string& id) {
   logEnd(*p, "200");
   if (p->call.stream) {
     startStream(*p);
+    if (p->kvParams) {
+      p->response->write(api::sseEvent(api::renderKvParamsChunk(
+          p->call.chat, p->id, p->created, p->call.model, *p->kvParams)));
+    }
     if (p->call.includeUsage) {
       p->response->write(api::sseEvent(
           api::renderUsageChunk(p->call.chat, p->id, p->created, p->call.model, usage)));
@@ -729,6 +739,7 @@ void ApiServer::Impl::complete(const std::string& id) {
     result.choices.push_back({int(i), p->text[i], p->finish[i]});
   }
   result.usage = usage;
+  result.kvTransferParams = p->kvParams;
   sendJson(*p->response, 200, api::renderCompletion(result), p->requestId);
 }
 

@@ -341,6 +341,79 @@ std::optional<ApiError> parseSampling(const json& root, CompletionCall& call) {
   return std::nullopt;
 }
 
+std::optional<ApiError> parseKvTransferParams(const json& root, CompletionCall& call) {
+  const json* v = member(root, "kv_transfer_params");
+  if (v == nullptr) return std::nullopt;
+  const std::string base = "kv_transfer_params";
+  if (!v->is_object()) return mustBe(base, "an object", *v, "invalid_type");
+  engine::KvParams kv;
+  auto flag = [&](const char* name, bool& out) -> std::optional<ApiError> {
+    if (const json* f = member(*v, name)) {
+      if (!f->is_boolean()) return mustBe(base + "." + name, "a boolean", *f, "invalid_type");
+      out = f->get<bool>();
+    }
+    return std::nullopt;
+  };
+  if (auto e = flag("do_remote_decode", kv.doRemoteDecode)) return e;
+  if (auto e = flag("do_remote_prefill", kv.doRemotePrefill)) return e;
+  if (kv.doRemoteDecode && kv.doRemotePrefill) {
+    return invalidRequest("'kv_transfer_params' cannot ask for both do_remote_decode and "
+                          "do_remote_prefill", base, "invalid_value");
+  }
+  if (!kv.doRemoteDecode && !kv.doRemotePrefill) return std::nullopt;  // nothing asked
+  if (call.prompts.size() > 1) {
+    return invalidRequest("'kv_transfer_params' needs a single prompt, got " +
+                              std::to_string(call.prompts.size()),
+                          "prompt", "invalid_value");
+  }
+  if (kv.doRemotePrefill) {
+    auto text = [&](const char* name, std::string& out) -> std::optional<ApiError> {
+      const json* f = member(*v, name);
+      if (f == nullptr) return missing(base + "." + name);
+      if (!f->is_string() || f->get_ref<const std::string&>().empty() || f->get_ref<const std::string&>().size() > 4096) {
+        return mustBe(base + "." + name, "a non-empty string", *f, "invalid_type");
+      }
+      out = f->get<std::string>();
+      return std::nullopt;
+    };
+    auto integer = [&](const char* name, int64_t lo, int64_t hi) -> std::variant<int64_t, ApiError> {
+      const json* f = member(*v, name);
+      if (f == nullptr) return missing(base + "." + name);
+      std::optional<int64_t> n = asInteger(*f);
+      if (!n || *n < lo || *n > hi) {
+        return mustBe(base + "." + name,
+                      "an integer from " + std::to_string(lo) + " to " + std::to_string(hi), *f);
+      }
+      return *n;
+    };
+    if (auto e = text("remote_engine_id", kv.remoteEngineId)) return e;
+    if (auto e = text("remote_request_id", kv.remoteRequestId)) return e;
+    if (auto e = text("remote_host", kv.remoteHost)) return e;
+    auto port = integer("remote_port", 1, 65535);
+    if (auto* e = std::get_if<ApiError>(&port)) return *e;
+    kv.remotePort = uint16_t(std::get<int64_t>(port));
+    auto tp = integer("tp_size", 1, 64);
+    if (auto* e = std::get_if<ApiError>(&tp)) return *e;
+    kv.tpSize = uint32_t(std::get<int64_t>(tp));
+    const json* blocks = member(*v, "remote_block_ids");
+    if (blocks == nullptr) return missing(base + ".remote_block_ids");
+    if (!blocks->is_array() || blocks->empty() || blocks->size() > 65536) {
+      return mustBe(base + ".remote_block_ids", "a non-empty array of at most 65536 block ids",
+                    *blocks, "invalid_type");
+    }
+    for (size_t i = 0; i < blocks->size(); ++i) {
+      std::optional<int64_t> b = asInteger((*blocks)[i]);
+      if (!b || *b < 0 || *b > std::numeric_limits<int32_t>::max()) {
+        return mustBe(base + ".remote_block_ids[" + std::to_string(i) + "]",
+                      "an integer 0 or more", (*blocks)[i]);
+      }
+      kv.remoteBlockIds.push_back(int32_t(*b));
+    }
+  }
+  call.kv = std::move(kv);
+  return std::nullopt;
+}
+
 std::optional<ApiError> parseOptions(const json& root, CompletionCall& call) {
   if (const json* v = member(root, "n")) {
     const std::optional<int64_t> n = asInteger(*v);
@@ -508,12 +581,40 @@ std::variant<CompletionCall, ApiError> parseCompletionRequest(std::string_view b
   if (!error) error = parseMaxTokens(root, chat, limits, call);
   if (!error) error = parseSampling(root, call);
   if (!error) error = parseOptions(root, call);
+  if (!error) error = parseKvTransferParams(root, call);
   if (error) return *std::move(error);
   return call;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Responses
+
+namespace {
+ojson kvParamsJson(const engine::KvParams& p) {
+  ojson o = ojson::object();
+  o["do_remote_decode"] = p.doRemoteDecode;
+  o["do_remote_prefill"] = p.doRemotePrefill;
+  o["remote_engine_id"] = p.remoteEngineId;
+  o["remote_request_id"] = p.remoteRequestId;
+  o["remote_block_ids"] = p.remoteBlockIds;
+  o["remote_host"] = p.remoteHost;
+  o["remote_port"] = p.remotePort;
+  o["tp_size"] = p.tpSize;
+  return o;
+}
+}  // namespace
+
+std::string renderKvTransferParams(const engine::KvParams& params) {
+  return dumpJson(kvParamsJson(params));
+}
+
+std::string renderKvParamsChunk(bool chat, std::string_view id, int64_t created,
+                                std::string_view model, const engine::KvParams& params) {
+  ojson out = envelope(chat ? "chat.completion.chunk" : "text_completion", id, created, model);
+  out["choices"] = ojson::array();
+  out["kv_transfer_params"] = kvParamsJson(params);
+  return dumpJson(out);
+}
 
 std::string renderCompletion(const CompletionResult& result) {
   ojson out = envelope(result.chat ? "chat.completion" : "text_completion", result.id,
@@ -536,6 +637,7 @@ std::string renderCompletion(const CompletionResult& result) {
   }
   out["choices"] = std::move(choices);
   out["usage"] = usageJson(result.usage);
+  if (result.kvTransferParams) out["kv_transfer_params"] = kvParamsJson(*result.kvTransferParams);
   return dumpJson(out);
 }
 

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -95,6 +96,7 @@ struct CompletionCall {
   bool includeUsage = false;  // stream_options.include_usage; only ever true with stream
   bool echo = false;          // echo is not supported: a request with echo true is refused,
                               // so this is always false in a returned call
+  std::optional<engine::KvParams> kv;  // kv_transfer_params (disaggregated prefill/decode)
 };
 
 // The largest number of prompts accepted in one completions request.
@@ -124,6 +126,12 @@ inline constexpr int kMaxJsonDepth = 32;
 //   stream                 bool
 //   stream_options         {"include_usage": bool}; only with stream true
 //   user                   string, ignored
+//   kv_transfer_params     vLLM's disaggregated prefill/decode fields, one prompt only:
+//                          {"do_remote_decode": true} to a prefill instance, or
+//                          {"do_remote_prefill": true, "remote_engine_id", "remote_request_id",
+//                          "remote_block_ids": [int >= 0, ...], "remote_host", "remote_port"
+//                          (1..65535), "tp_size" (>= 1)} to a decode instance (every field
+//                          required); other keys are ignored
 // Refused when set to anything but their default, because the engine cannot honour them:
 //   logprobs, top_logprobs, best_of, echo, suffix, tools, functions, presence_penalty,
 //   frequency_penalty, logit_bias, response_format (only {"type":"text"}, the default, is
@@ -158,12 +166,14 @@ struct CompletionResult {
   std::string model;
   std::vector<Choice> choices;
   Usage usage;
+  std::optional<engine::KvParams> kvTransferParams;  // a prefill instance's answer
 };
 
 // The non-streaming response body.
 // Completions: {"id","object":"text_completion","created","model",
 //               "choices":[{"index","text","logprobs":null,"finish_reason"}],
 //               "usage":{"prompt_tokens","completion_tokens","total_tokens"}}
+//              and "kv_transfer_params":{...} when set (renderKvTransferParams)
 // Chat:        "object":"chat.completion", choices [{"index",
 //               "message":{"role":"assistant","content"},"logprobs":null,"finish_reason"}]
 std::string renderCompletion(const CompletionResult& result);
@@ -182,6 +192,14 @@ std::string renderStreamChunk(bool chat, std::string_view id, int64_t created,
 // "choices":[] and "usage":{"prompt_tokens","completion_tokens","total_tokens"}.
 std::string renderUsageChunk(bool chat, std::string_view id, int64_t created,
                              std::string_view model, const Usage& usage);
+
+// kv_transfer_params as vLLM's prefill instances answer them: {"do_remote_decode":false,
+// "do_remote_prefill":true,"remote_engine_id","remote_request_id","remote_block_ids",
+// "remote_host","remote_port","tp_size"}.
+std::string renderKvTransferParams(const engine::KvParams& params);
+// A streamed chunk with no choices that carries kv_transfer_params, sent before [DONE].
+std::string renderKvParamsChunk(bool chat, std::string_view id, int64_t created,
+                                std::string_view model, const engine::KvParams& params);
 
 // "data: " + json + "\n\n". The JSON must be one line (everything rendered here is).
 std::string sseEvent(std::string_view json);

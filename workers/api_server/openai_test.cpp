@@ -586,7 +586,7 @@ TEST_CASE("a completion response has the official text_completion shape") {
       1700000000,
       "m",
       {{0, "hello", FinishReason::Length}, {1, "bye", FinishReason::Stop}},
-      {3, 5}};
+      {3, 5}, {}};
   const json body = json::parse(renderCompletion(result));
   CHECK(body["id"] == "cmpl-1");
   CHECK(body["object"] == "text_completion");
@@ -610,7 +610,7 @@ TEST_CASE("a completion response has the official text_completion shape") {
 
 TEST_CASE("a chat response has the official chat.completion shape") {
   const CompletionResult result{
-      true, "chatcmpl-1", 1700000000, "m", {{0, "hi there", FinishReason::Stop}}, {4, 2}};
+      true, "chatcmpl-1", 1700000000, "m", {{0, "hi there", FinishReason::Stop}}, {4, 2}, {}};
   const json body = json::parse(renderCompletion(result));
   CHECK(body["object"] == "chat.completion");
   CHECK(body["id"] == "chatcmpl-1");
@@ -625,7 +625,7 @@ TEST_CASE("a chat response has the official chat.completion shape") {
 
 TEST_CASE("finish reasons render as the engine names, and None as null") {
   const auto finishOf = [](FinishReason finish) {
-    const CompletionResult result{false, "c", 0, "m", {{0, "", finish}}, {}};
+    const CompletionResult result{false, "c", 0, "m", {{0, "", finish}}, {}, {}};
     return json::parse(renderCompletion(result))["choices"][0]["finish_reason"];
   };
   CHECK(finishOf(FinishReason::None).is_null());
@@ -710,9 +710,9 @@ TEST_CASE("unicode and control characters survive rendering") {
   text += '\0';
   for (char c = 1; c < 0x20; ++c) text += c;
   text += "\x7f end";
-  const CompletionResult completion{false, "c", 0, "m", {{0, text, FinishReason::Stop}}, {}};
+  const CompletionResult completion{false, "c", 0, "m", {{0, text, FinishReason::Stop}}, {}, {}};
   CHECK(json::parse(renderCompletion(completion))["choices"][0]["text"] == text);
-  const CompletionResult chat{true, "c", 0, "m", {{0, text, FinishReason::Stop}}, {}};
+  const CompletionResult chat{true, "c", 0, "m", {{0, text, FinishReason::Stop}}, {}, {}};
   CHECK(json::parse(renderCompletion(chat))["choices"][0]["message"]["content"] == text);
   CHECK(json::parse(renderStreamChunk(false, "c", 0, "m", {0, text, FinishReason::None},
                                       false))["choices"][0]["text"] == text);
@@ -779,10 +779,79 @@ TEST_CASE("a request may name any served model; the call keeps the name asked fo
 
 TEST_CASE("rendered keys keep the OpenAI order") {
   const std::string text =
-      renderCompletion({false, "c", 1, "m", {{0, "x", FinishReason::Stop}}, {1, 1}});
+      renderCompletion({false, "c", 1, "m", {{0, "x", FinishReason::Stop}}, {1, 1}, {}});
   CHECK(text.rfind(R"({"id":"c","object":"text_completion","created":1,"model":"m","choices":)",
                    0) == 0);
 }
 
 }  // namespace
+
+TEST_CASE("kv_transfer_params: a prefill asks for remote decode, a decode names where the blocks are") {
+  CompletionCall p = parseOk(
+      R"({"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_decode":true,"x":1}})");
+  REQUIRE(p.kv.has_value());
+  CHECK(p.kv->doRemoteDecode);
+  CHECK_FALSE(p.kv->doRemotePrefill);
+  CompletionCall d = parseOk(R"({"model":"m","prompt":"hi","kv_transfer_params":{
+      "do_remote_prefill":true,"remote_engine_id":"e1","remote_request_id":"cmpl-1-0",
+      "remote_block_ids":[3,0,7],"remote_host":"10.0.0.2","remote_port":14579,"tp_size":2}})");
+  REQUIRE(d.kv.has_value());
+  CHECK(d.kv->remoteBlockIds == std::vector<int32_t>{3, 0, 7});
+  CHECK(d.kv->remotePort == 14579);
+  CHECK(d.kv->tpSize == 2);
+  CHECK(d.kv->remoteHost == "10.0.0.2");
+  // Neither flag set, or null: nothing is asked.
+  CHECK_FALSE(parseOk(R"({"model":"m","prompt":"hi","kv_transfer_params":{}})").kv.has_value());
+  CHECK_FALSE(parseOk(R"({"model":"m","prompt":"hi","kv_transfer_params":null})").kv.has_value());
+}
+
+TEST_CASE("kv_transfer_params: each bad field is named") {
+  ApiError e = parseError(R"({"model":"m","prompt":"hi","kv_transfer_params":[1]})");
+  CHECK(e.param == "kv_transfer_params");
+  e = parseError(R"({"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_prefill":true,
+      "remote_engine_id":"e","remote_request_id":"r","remote_host":"h","tp_size":1,
+      "remote_block_ids":[1]}})");
+  CHECK(e.param == "kv_transfer_params.remote_port");
+  CHECK(e.code == "missing_required_parameter");
+  e = parseError(R"({"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_prefill":true,
+      "remote_engine_id":"e","remote_request_id":"r","remote_host":"h","tp_size":1,
+      "remote_port":70000,"remote_block_ids":[1]}})");
+  CHECK(e.param == "kv_transfer_params.remote_port");
+  CHECK(e.message.find("from 1 to 65535") != std::string::npos);
+  e = parseError(R"({"model":"m","prompt":"hi","kv_transfer_params":{"do_remote_prefill":true,
+      "remote_engine_id":"e","remote_request_id":"r","remote_host":"h","tp_size":1,
+      "remote_port":5,"remote_block_ids":[1,-2]}})");
+  CHECK(e.param == "kv_transfer_params.remote_block_ids[1]");
+  e = parseError(
+      R"({"model":"m","prompt":["a","b"],"kv_transfer_params":{"do_remote_decode":true}})");
+  CHECK(e.param == "prompt");
+  e = parseError(R"({"model":"m","prompt":"a","kv_transfer_params":{"do_remote_decode":1}})");
+  CHECK(e.param == "kv_transfer_params.do_remote_decode");
+  e = parseError(R"({"model":"m","prompt":"a","kv_transfer_params":{"do_remote_decode":true,
+      "do_remote_prefill":true}})");
+  CHECK(e.param == "kv_transfer_params");
+}
+
+TEST_CASE("a prefill's answer carries kv_transfer_params, whole and streamed") {
+  engine::KvParams p;
+  p.doRemotePrefill = true;
+  p.remoteEngineId = "e1";
+  p.remoteRequestId = "cmpl-1-0";
+  p.remoteBlockIds = {4, 5};
+  p.remoteHost = "127.0.0.1";
+  p.remotePort = 14579;
+  p.tpSize = 1;
+  CompletionResult r{false, "c", 1, "m", {{0, "x", FinishReason::Length}}, {3, 1}, p};
+  auto body = nlohmann::json::parse(renderCompletion(r));
+  CHECK(body["kv_transfer_params"]["remote_block_ids"] == nlohmann::json::array({4, 5}));
+  CHECK(body["kv_transfer_params"]["do_remote_prefill"] == true);
+  CHECK(body["kv_transfer_params"]["do_remote_decode"] == false);
+  CHECK(body["kv_transfer_params"]["remote_port"] == 14579);
+  auto chunk = nlohmann::json::parse(renderKvParamsChunk(false, "c", 1, "m", p));
+  CHECK(chunk["choices"].empty());
+  CHECK(chunk["kv_transfer_params"]["remote_engine_id"] == "e1");
+  r.kvTransferParams.reset();
+  CHECK_FALSE(nlohmann::json::parse(renderCompletion(r)).contains("kv_transfer_params"));
+}
+
 }  // namespace vsup::api
