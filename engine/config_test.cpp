@@ -55,7 +55,25 @@ TEST_CASE("validate accepts the defaults and refuses each value out of range, na
       {[](EngineConfig& c) { c.common.collectiveTimeoutMs = 99; },
        "--collective-timeout-ms must be 100..3600000, got 99"},
       {[](EngineConfig& c) { c.common.kv.connector = "nixl"; },
-       "--kv-connector must be none or sim, got 'nixl'"},
+       "--kv-connector must be one of none, sim, vsup, got 'nixl'"},
+      {[](EngineConfig& c) { c.common.kv.role = "both2"; },
+       "--kv-role must be one of prefill, decode, both, got 'both2'"},
+      {[](EngineConfig& c) { c.common.kv.transport = "rdma"; },
+       "--kv-transport must be one of auto, shm, tcp, got 'rdma'"},
+      {[](EngineConfig& c) { c.common.kv.loadFailure = "retry"; },
+       "--kv-load-failure must be one of fail, recompute, got 'retry'"},
+      {[](EngineConfig& c) { c.common.kv.host = ""; },
+       "--kv-host must be a host name or address, got ''"},
+      {[](EngineConfig& c) {
+         c.common.kv.connector = "vsup";
+         c.common.tensorParallelSize = 2;
+         c.common.kv.port = 65535;
+       },
+       "--kv-port 65535: the agents listen on --kv-port + rank, which must be 1..65535 for every rank"},
+      {[](EngineConfig& c) { c.common.kv.leaseS = 0; },
+       "--kv-lease-s must be 0.1..3600 seconds, got 0"},
+      {[](EngineConfig& c) { c.common.kv.transferTimeoutS = 1e9; },
+       "--kv-transfer-timeout must be 0.1..3600 seconds, got 1e+09"},
       {[](EngineConfig& c) { c.backend = SimConfig{600001}; },
        "--sim-token-ms must be 0..600000, got 600001"},
   };
