@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 
 namespace vsup::engine::core {
 namespace {
@@ -28,6 +29,9 @@ struct Scheduler::Sequence {
   StopTextStream text{{}};
   bool running = false;
   uint64_t serial = 0;  // which admission this is: an id may come back after an abort
+  bool holdForRemote = false;  // doRemoteDecode: hold the blocks at the end
+  bool needsLoad = false;      // doRemotePrefill: the KV is still to be pulled
+  uint64_t loadToken = 0;      // the load in flight (0: none)
 };
 
 Scheduler::Scheduler(SchedulerConfig config, std::shared_ptr<const Tokenizer> tokenizer)
@@ -70,7 +74,25 @@ std::optional<Rejection> Scheduler::admit(TokenizedRequest request) {
                          std::to_string(maxTokens) +
                          " for the completion). Please reduce the prompt or max_tokens."};
   }
+  const std::optional<KvParams>& kv = request.request.kv;
+  if (kv && kv->doRemotePrefill) {
+    int32_t need = blocks_.blocksFor(promptLen);
+    if (int64_t(kv->remoteBlockIds.size()) != need) {
+      return Rejection{RejectCode::KvTransferInvalid,
+                       "kv_transfer_params.remote_block_ids has " +
+                           std::to_string(kv->remoteBlockIds.size()) + " block(s), but the " +
+                           std::to_string(promptLen) + "-token prompt fills " +
+                           std::to_string(need) + " block(s) of " +
+                           std::to_string(blocks_.blockSize()) +
+                           " tokens (was the prompt sent to the prefill instance the same?)"};
+    }
+  }
   auto s = std::make_unique<Sequence>();
+  if (kv && kv->doRemoteDecode) {
+    s->holdForRemote = true;
+    request.request.sampling.maxTokens = 1;  // the decode instance generates the rest
+  }
+  s->needsLoad = kv && kv->doRemotePrefill;
   s->tokens = std::move(request.promptTokens);
   s->promptLen = int32_t(promptLen);
   s->seed = request.request.sampling.seed.value_or(config_.defaultSeed.value_or(hashId(id)));
@@ -92,6 +114,16 @@ bool Scheduler::abort(const std::string& id, TokenDelta* final) {
     final->completionTokens = it->second->generated;
     final->finish = FinishReason::Abort;
   }
+  uint64_t token = it->second->loadToken;
+  if (token != 0) {
+    // The load may be writing these blocks: they stay out of the free list until it ends.
+    std::string holdId = "kv-load:" + std::to_string(token);
+    if (!blocks_.hold(id, holdId, kNoDeadline).empty()) orphanLoads_[token] = holdId;
+    loads_.erase(token);
+    newLoads_.erase(std::remove_if(newLoads_.begin(), newLoads_.end(),
+                                   [&](const KvLoad& l) { return l.token == token; }),
+                    newLoads_.end());
+  }
   remove(id);
   return true;
 }
@@ -108,12 +140,13 @@ StepInput Scheduler::nextStep() {
     auto it = byId_.find(id);
     if (it == byId_.end() || !it->second->running) continue;
     Sequence& s = *it->second;
+    if (s.loadToken != 0) continue;  // its KV is being pulled
     int64_t n = std::min<int64_t>(int64_t(s.tokens.size()) - s.computed, budget);
     if (n <= 0) continue;
     bool scheduled = true;
     while (!blocks_.reserve(id, s.computed + n)) {
       preempted = true;
-      std::string victim = running_.back();
+      std::string victim = newestPreemptible();  // never a loading one: a load writes its blocks
       preempt(victim);
       if (victim == id) {
         scheduled = false;
@@ -129,6 +162,18 @@ StepInput Scheduler::nextStep() {
   while (!preempted && !waiting_.empty() && running_.size() < config_.maxNumSeqs && budget > 0) {
     const std::string id = waiting_.front();
     Sequence& s = *byId_.at(id);
+    if (s.needsLoad) {
+      // Its prompt's blocks, to be filled by a pull; it computes once they are.
+      if (!blocks_.reserve(id, s.promptLen)) break;
+      s.running = true;
+      s.needsLoad = false;
+      s.loadToken = ++nextLoad_;
+      running_.push_back(id);
+      waiting_.pop_front();
+      loads_[s.loadToken] = id;
+      newLoads_.push_back(KvLoad{s.loadToken, id, *s.request.kv, blocks_.table(id)});
+      continue;
+    }
     int64_t n = std::min<int64_t>(int64_t(s.tokens.size()) - s.computed, budget);
     if (!blocks_.reserve(id, s.computed + n)) break;
     s.running = true;
@@ -183,8 +228,9 @@ StepResult Scheduler::complete(const std::vector<StepOutput>& ranks) {
     // A hold under this id that is still pending (an earlier request with the same id whose
     // transfer has not finished) keeps its lease; this request's blocks are simply freed, so
     // that one id never names two transfers at once.
-    if (config_.kvHoldMs > 0 && blocks_.heldBlocks(q.id).empty()) {
-      MonoNs until = monoNow() + config_.kvHoldMs * kNsPerMs;
+    if ((config_.kvHoldMs > 0 || s.holdForRemote) && blocks_.heldBlocks(q.id).empty()) {
+      // A remote decode's lease ends when the prefill instance's agents say so, never here.
+      MonoNs until = s.holdForRemote ? kNoDeadline : monoNow() + config_.kvHoldMs * kNsPerMs;
       std::vector<BlockId> held = blocks_.hold(q.id, q.id, until);
       if (!held.empty()) result.held.push_back(KvTransfer{q.id, std::move(held)});
     }
@@ -193,6 +239,49 @@ StepResult Scheduler::complete(const std::vector<StepOutput>& ranks) {
   current_.seqs.clear();  // applied: completing this step again is a caller error
   currentSerials_.clear();
   return result;
+}
+
+std::vector<KvLoad> Scheduler::takeKvLoads() { return std::exchange(newLoads_, {}); }
+
+void Scheduler::kvLoaded(uint64_t token) {
+  if (auto o = orphanLoads_.find(token); o != orphanLoads_.end()) {
+    blocks_.releaseHold(o->second);  // aborted meanwhile: the blocks are free now
+    orphanLoads_.erase(o);
+    return;
+  }
+  auto it = loads_.find(token);
+  if (it == loads_.end()) return;
+  Sequence& s = *byId_.at(it->second);
+  loads_.erase(it);
+  s.loadToken = 0;
+  // Every prompt position's KV is in place; the last prompt token is computed again, here, to
+  // get the logits its first token is sampled from.
+  s.computed = s.promptLen - 1;
+}
+
+std::optional<TokenDelta> Scheduler::kvLoadFailed(uint64_t token, bool recompute,
+                                                  const std::string& why) {
+  if (orphanLoads_.count(token) != 0) {
+    kvLoaded(token);  // the same: release what the aborted request left
+    return std::nullopt;
+  }
+  auto it = loads_.find(token);
+  if (it == loads_.end()) return std::nullopt;
+  std::string id = it->second;
+  Sequence& s = *byId_.at(id);
+  loads_.erase(it);
+  s.loadToken = 0;
+  if (recompute) {
+    s.computed = 0;  // a local prefill, in the blocks it already has
+    return std::nullopt;
+  }
+  TokenDelta d;
+  d.requestId = id;
+  d.promptTokens = s.promptLen;
+  d.finish = FinishReason::Error;
+  d.error = why;
+  remove(id);
+  return d;
 }
 
 bool Scheduler::releaseHold(const std::string& requestId) { return blocks_.releaseHold(requestId); }
@@ -206,6 +295,7 @@ SchedulerStats Scheduler::stats() const {
   st.waiting = waiting_.size();
   st.running = running_.size();
   st.holds = blocks_.holdCount();
+  st.loading = loads_.size();
   st.preemptions = preemptions_;
   return st;
 }
@@ -227,6 +317,13 @@ void Scheduler::remove(const std::string& id) {
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
   running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
   byId_.erase(id);
+}
+
+std::string Scheduler::newestPreemptible() const {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    if (byId_.at(*it)->loadToken == 0) return *it;
+  }
+  return {};
 }
 
 SeqStep Scheduler::stepFor(const Sequence& s, int32_t n) const {

@@ -61,12 +61,22 @@ struct StepResult {
   std::vector<KvTransfer> held;
 };
 
+// A decode request whose prompt's KV is to be pulled from a prefill instance: its blocks are
+// reserved, and engine-core fills them (the KV agents) before the request computes anything.
+struct KvLoad {
+  uint64_t token = 0;  // names this load in kvLoaded / kvLoadFailed
+  std::string requestId;
+  KvParams remote;
+  std::vector<BlockId> blocks;  // this instance's blocks, one per remote block, in order
+};
+
 struct SchedulerStats {
   int32_t totalBlocks = 0;
   int32_t freeBlocks = 0;
   size_t waiting = 0;
   size_t running = 0;
   size_t holds = 0;
+  size_t loading = 0;  // requests waiting for their KV from a prefill instance
   uint64_t preemptions = 0;
 };
 
@@ -92,6 +102,19 @@ class Scheduler {
   // when the ranks disagree or sampled a token outside the vocabulary.
   StepResult complete(const std::vector<StepOutput>& ranks);
 
+  // Disaggregated prefill/decode (KvParams). A doRemoteDecode request computes one token
+  // (max_tokens 1) and its blocks are then held, with no expiry, until releaseHold(): its
+  // finished step lists it in StepResult::held. A doRemotePrefill request is admitted only
+  // with one remote block per block of its prompt; when it is scheduled its blocks are
+  // reserved and it is handed out once by takeKvLoads(), and it computes nothing (and is
+  // never preempted) until its load ends: kvLoaded() leaves only the last prompt token to
+  // compute; kvLoadFailed() makes it a local prefill (recompute) or ends it with an error
+  // (its final delta returned). An aborted loading request keeps its blocks until its load
+  // ends, since the load may still be writing them.
+  std::vector<KvLoad> takeKvLoads();
+  void kvLoaded(uint64_t token);
+  std::optional<TokenDelta> kvLoadFailed(uint64_t token, bool recompute, const std::string& why);
+
   // KV holds (kvHoldMs > 0): release one when the transfer is done, expire the overdue ones.
   bool releaseHold(const std::string& requestId);
   std::vector<std::string> expireHolds(MonoNs now);
@@ -107,6 +130,7 @@ class Scheduler {
   void preempt(const std::string& id);
   void remove(const std::string& id);
   SeqStep stepFor(const Sequence& s, int32_t n) const;
+  std::string newestPreemptible() const;
   int64_t cacheTokens() const { return int64_t(blocks_.totalBlocks()) * blocks_.blockSize(); }
 
   SchedulerConfig config_;
@@ -121,6 +145,10 @@ class Scheduler {
   uint64_t step_ = 0;
   uint64_t preemptions_ = 0;
   uint64_t admissions_ = 0;
+  std::vector<KvLoad> newLoads_;                 // reserved, not yet handed out
+  std::map<uint64_t, std::string> loads_;        // load token -> the request loading
+  std::map<uint64_t, std::string> orphanLoads_;  // aborted while loading: token -> its hold
+  uint64_t nextLoad_ = 0;
 };
 
 }  // namespace vsup::engine::core

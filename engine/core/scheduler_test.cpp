@@ -259,6 +259,8 @@ class FakeRanks {
   // The holds reported and not released by the test (expired ones included).
   const std::map<std::string, std::vector<int32_t>>& held() const { return held_; }
   void forgetHold(const std::string& id) { held_.erase(id); }
+  // A request that ended outside complete() (a failed load returns its final delta itself).
+  void forgetRequest(const std::string& id) { sequence_.erase(id); }
 
  private:
   void record(const TokenDelta& d) {
@@ -1081,6 +1083,154 @@ TEST_CASE("a request that ends while an earlier request's hold under its id is p
   CHECK(ranks.scheduler().blocks().heldBlocks("r") == first);
   CHECK(ranks.stats().freeBlocks == freeWithOneHold);
   CHECK(ranks.releaseHold("r"));
+}
+
+}  // namespace vsup::engine::core
+
+// ---------------------------------------------------------------------------------------------
+// Disaggregated prefill/decode (KvParams)
+
+namespace vsup::engine::core {
+namespace {
+
+GenerateRequest remoteDecode(const std::string& id, const std::string& prompt) {
+  GenerateRequest r = request(id, prompt, 50);
+  r.kv = KvParams{};
+  r.kv->doRemoteDecode = true;
+  return r;
+}
+
+GenerateRequest remotePrefill(const std::string& id, const std::string& prompt, size_t blocks) {
+  GenerateRequest r = request(id, prompt, 3);
+  KvParams p;
+  p.doRemotePrefill = true;
+  p.remoteEngineId = "e";
+  p.remoteRequestId = "remote-" + id;
+  for (size_t i = 0; i < blocks; ++i) p.remoteBlockIds.push_back(int32_t(100 + i));
+  p.remoteHost = "h";
+  p.remotePort = 1;
+  p.tpSize = 1;
+  r.kv = p;
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("a remote-decode request computes one token and holds its prompt's blocks, with no expiry") {
+  FakeRanks ranks({});
+  ranks.admit(remoteDecode("p", "abcdefghij"));  // 10 tokens: 3 blocks of 4
+  ranks.runToEnd(byPosition());
+  CHECK(ranks.outcome("p").finish == FinishReason::Length);
+  CHECK(ranks.outcome("p").completionTokens == 1);  // max_tokens 50 was lowered to 1
+  REQUIRE(ranks.held().count("p") == 1);
+  CHECK(ranks.held().at("p").size() == 3);
+  CHECK(ranks.scheduler().expireHolds(kNoDeadline - 1).empty());  // only its lease's end frees it
+  CHECK(ranks.releaseHold("p"));
+}
+
+TEST_CASE("a remote-prefill request needs one remote block per block of its prompt") {
+  FakeRanks ranks({});
+  auto rejected = ranks.tryAdmit(remotePrefill("d", "abcdefghij", 2));
+  REQUIRE(rejected.has_value());
+  CHECK(rejected->code == RejectCode::KvTransferInvalid);
+  CHECK(rejected->message.find("has 2 block(s), but the 10-token prompt fills 3 block(s) of 4") !=
+        std::string::npos);
+}
+
+TEST_CASE("a loaded request computes only its last prompt token, then generates") {
+  FakeRanks ranks({});
+  ranks.admit(remotePrefill("d", "abcdefghij", 3));
+  ranks.admit(request("local", "xy", 2));
+  StepInput first = ranks.next();
+  REQUIRE(first.seqs.size() == 1);  // the local one only: "d" waits for its KV
+  CHECK(first.seqs[0].id == "local");
+  std::vector<KvLoad> loads = ranks.scheduler().takeKvLoads();
+  REQUIRE(loads.size() == 1);
+  CHECK(loads[0].requestId == "d");
+  CHECK(loads[0].remote.remoteRequestId == "remote-d");
+  CHECK(loads[0].blocks.size() == 3);
+  CHECK(loads[0].blocks == ranks.scheduler().blocks().table("d"));
+  CHECK(ranks.stats().loading == 1);
+  CHECK(ranks.scheduler().takeKvLoads().empty());  // handed out once
+  ranks.complete(first, ranks.answer(first, byPosition()));
+  StepInput second = ranks.next();
+  for (const SeqStep& q : second.seqs) CHECK(q.id != "d");
+  ranks.complete(second, ranks.answer(second, byPosition()));
+  ranks.scheduler().kvLoaded(loads[0].token);
+  CHECK(ranks.stats().loading == 0);
+  StepInput third = ranks.next();
+  auto d = std::find_if(third.seqs.begin(), third.seqs.end(), [](const SeqStep& q) { return q.id == "d"; });
+  REQUIRE(d != third.seqs.end());
+  CHECK(d->startPos == 9);
+  CHECK(d->tokens == std::vector<int32_t>{'j'});
+  CHECK(d->sample);
+  CHECK(d->blockTable == loads[0].blocks);  // computed in the blocks the load filled
+  ranks.complete(third, ranks.answer(third, byPosition()));
+  ranks.runToEnd(byPosition());
+  CHECK(ranks.outcome("d").finish == FinishReason::Length);
+  CHECK(ranks.outcome("d").completionTokens == 3);
+}
+
+TEST_CASE("a failed load ends the request with its error, or makes it a local prefill") {
+  FakeRanks ranks({});
+  ranks.admit(remotePrefill("fail", "abcdefgh", 2));
+  ranks.admit(remotePrefill("again", "abcdefgh", 2));
+  ranks.next();
+  std::vector<KvLoad> loads = ranks.scheduler().takeKvLoads();
+  REQUIRE(loads.size() == 2);
+  auto final = ranks.scheduler().kvLoadFailed(loads[0].token, false, "remote engine restarted");
+  REQUIRE(final.has_value());
+  CHECK(final->finish == FinishReason::Error);
+  CHECK(final->error == "remote engine restarted");
+  CHECK(final->requestId == "fail");
+  ranks.forgetRequest("fail");
+  CHECK_FALSE(ranks.scheduler().kvLoadFailed(loads[1].token, true, "timed out").has_value());
+  StepInput in = ranks.next();
+  REQUIRE(in.seqs.size() == 1);
+  CHECK(in.seqs[0].id == "again");
+  CHECK(in.seqs[0].startPos == 0);  // the whole prompt, here
+  CHECK(in.seqs[0].tokens.size() == 8);
+  ranks.complete(in, ranks.answer(in, byPosition()));
+  ranks.runToEnd(byPosition());
+  CHECK(ranks.outcome("again").completionTokens == 3);
+}
+
+TEST_CASE("an aborted loading request keeps its blocks until its load ends") {
+  FakeRanks ranks({.blocks = 8});
+  ranks.admit(remotePrefill("d", "abcdefgh", 2));
+  ranks.next();
+  std::vector<KvLoad> loads = ranks.scheduler().takeKvLoads();
+  REQUIRE(loads.size() == 1);
+  TokenDelta final;
+  REQUIRE(ranks.abort("d", &final));
+  CHECK(final.finish == FinishReason::Abort);
+  CHECK(ranks.stats().freeBlocks == 6);  // the load may still be writing them
+  for (int32_t b : loads[0].blocks) CHECK(ranks.scheduler().blocks().refCount(b) == 1);
+  ranks.scheduler().kvLoaded(loads[0].token);
+  CHECK(ranks.stats().freeBlocks == 8);
+  ranks.scheduler().kvLoaded(loads[0].token);  // a second report changes nothing
+  CHECK(ranks.stats().freeBlocks == 8);
+}
+
+TEST_CASE("a loading request is never preempted for another's blocks") {
+  // 6 blocks of 4: the load takes 2, the local request grows until it needs the rest.
+  FakeRanks ranks({.blocks = 6, .maxModelLen = 24});
+  ranks.admit(remotePrefill("d", "abcdefgh", 2));
+  ranks.next();
+  std::vector<KvLoad> loads = ranks.scheduler().takeKvLoads();
+  REQUIRE(loads.size() == 1);
+  ranks.admit(request("grow", "ab", 20));  // 22 positions: 6 blocks, more than are left
+  for (int i = 0; i < 40 && ranks.scheduler().inFlight() > 1; ++i) {
+    StepInput in = ranks.next();
+    for (const SeqStep& q : in.seqs) CHECK(q.id != "d");
+    CHECK(ranks.scheduler().blocks().table("d") == loads[0].blocks);
+    ranks.complete(in, ranks.answer(in, byPosition()));
+    if (ranks.outcome("grow").finish != FinishReason::None) break;
+  }
+  CHECK(ranks.scheduler().blocks().table("d") == loads[0].blocks);
+  ranks.scheduler().kvLoaded(loads[0].token);
+  ranks.runToEnd(byPosition());
+  CHECK(ranks.outcome("d").finish == FinishReason::Length);
 }
 
 }  // namespace vsup::engine::core
