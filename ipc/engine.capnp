@@ -215,6 +215,7 @@ struct KvAgentConfig {
   model @14 :Text;
   modelKvHeads @15 :UInt32;
   tpSize @16 :UInt32;
+  shutdownTimeoutMs @17 :Int64;  # how long its shutdown may defer while leases are held
 }
 
 struct KvLease {

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -185,6 +186,41 @@ KvTransferError refusal(const ErrorMsg& e, const std::string& context) {
 }
 
 }  // namespace
+
+bool isLocalHost(const std::string& host) {
+  addrinfo* res = nullptr;
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return false;
+  ifaddrs* ifs = nullptr;
+  if (::getifaddrs(&ifs) != 0) ifs = nullptr;
+  bool local = false;
+  for (addrinfo* a = res; a != nullptr && !local; a = a->ai_next) {
+    if (a->ai_family == AF_INET) {
+      in_addr want = reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr;
+      if ((ntohl(want.s_addr) >> 24) == 127) local = true;
+      for (ifaddrs* i = ifs; i != nullptr && !local; i = i->ifa_next) {
+        if (i->ifa_addr != nullptr && i->ifa_addr->sa_family == AF_INET &&
+            reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr == want.s_addr) {
+          local = true;
+        }
+      }
+    } else if (a->ai_family == AF_INET6) {
+      in6_addr want = reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr;
+      if (IN6_IS_ADDR_LOOPBACK(&want)) local = true;
+      for (ifaddrs* i = ifs; i != nullptr && !local; i = i->ifa_next) {
+        if (i->ifa_addr != nullptr && i->ifa_addr->sa_family == AF_INET6 &&
+            std::memcmp(&reinterpret_cast<sockaddr_in6*>(i->ifa_addr)->sin6_addr, &want,
+                        sizeof want) == 0) {
+          local = true;
+        }
+      }
+    }
+  }
+  if (ifs != nullptr) ::freeifaddrs(ifs);
+  ::freeaddrinfo(res);
+  return local;
+}
 
 std::string shmSocketName(uint16_t port, uint32_t rank) {
   return "vsup-kv/" + std::to_string(port) + "/tp" + std::to_string(rank);

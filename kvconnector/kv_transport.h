@@ -35,6 +35,10 @@ namespace vsup::kv {
 // The abstract Unix socket name of prefill rank `rank` whose agents listen on TCP port `port`.
 std::string shmSocketName(uint16_t port, uint32_t rank);
 
+// Whether `host` names this machine: a loopback address, or one of its interfaces' addresses
+// (what --kv-transport auto uses shared memory for). False when it does not resolve.
+bool isLocalHost(const std::string& host);
+
 // Listening sockets (close-on-exec, non-blocking accept). Throw vsup::SysError naming the address.
 OwnFd listenTcp(const std::string& host, uint16_t port);
 OwnFd listenUnixAbstract(const std::string& name);

@@ -379,6 +379,14 @@ TEST_CASE("shared memory is never offered over TCP") {
   CHECK(what.find("Unix socket only") != std::string::npos);
 }
 
+TEST_CASE("loopback and this machine's own addresses are local; others are not") {
+  CHECK(isLocalHost("127.0.0.1"));
+  CHECK(isLocalHost("localhost"));
+  CHECK(isLocalHost("::1"));
+  CHECK_FALSE(isLocalHost("192.0.2.1"));  // TEST-NET-1: nobody's
+  CHECK_FALSE(isLocalHost("no-such-host.invalid"));
+}
+
 TEST_CASE("connecting where nobody listens fails at once, naming the address") {
   std::string what;
   try {

@@ -70,6 +70,9 @@ int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "__guard") return supervisor::orphanGuardMain();
   if (argc >= 2 && std::string(argv[1]) == "__engine-core") return workers::engineCoreMain(argc - 1, argv + 1);
   if (argc >= 2 && std::string(argv[1]) == "__worker") return workers::workerMain(argc - 1, argv + 1);
+  if (argc >= 2 && std::string(argv[1]) == "__kv-agent") {
+    return workers::kvAgentMain(argc - 1, argv + 1);
+  }
   if (argc >= 2 && std::string(argv[1]) == "__api-server") return workers::apiServerMain(argc - 1, argv + 1);
 
   CLI::App app{"vsup: OTP-style supervision trees for LLM inference serving"};

@@ -8,5 +8,6 @@ namespace vsup::workers {
 int engineCoreMain(int argc, char** argv);
 int workerMain(int argc, char** argv);
 int apiServerMain(int argc, char** argv);
+int kvAgentMain(int argc, char** argv);
 
 }  // namespace vsup::workers

@@ -25,8 +25,10 @@ int workerMain(int argc, char** argv) {
   CLI::App app{"vsup tensor-parallel worker (started by engine-core)"};
   uint32_t rank = 0;
   int collectiveFd = -1;
+  int kvCacheFd = -1;
   app.add_option("--rank", rank)->required();
   app.add_option("--collective-fd", collectiveFd, "the shared region of the ranks' collectives");
+  app.add_option("--kv-cache-fd", kvCacheFd, "the KV cache region shared with the rank's KV agent");
   CLI11_PARSE(app, argc, argv);
   // Test-only fault injection (README, "Fault injection"): this rank dies during start-up.
   if (const char* fail = std::getenv("VSUP_TEST_FAIL_WORKER_START");
@@ -38,7 +40,8 @@ int workerMain(int argc, char** argv) {
   return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
     auto holder = std::make_unique<std::unique_ptr<RankState>>();
     std::unique_ptr<RankState>* state = holder.get();
-    runtime.onStart([state, rank, collectiveFd, loop, &runtime](const supervisor::SupervisorSpec&) {
+    runtime.onStart([state, rank, collectiveFd, kvCacheFd, loop,
+                     &runtime](const supervisor::SupervisorSpec&) {
       engine::EngineConfig config;
       try {
         config = decodeEngineConfig(runtime.startConfig());
@@ -63,12 +66,15 @@ int workerMain(int argc, char** argv) {
       // Loading (weights, KV cache) runs on the compute thread; the rank is ready when it is
       // done, and a loading error fails its start with the message (naming file and tensor).
       auto region = std::make_shared<OwnFd>(collectiveFd);
+      auto kvRegion = std::make_shared<OwnFd>(kvCacheFd);
       return st->compute()
-          .run<std::unique_ptr<engine::ModelRunner>>([config, rank, region]() {
+          .run<std::unique_ptr<engine::ModelRunner>>([config, rank, region, kvRegion]() {
             engine::RankFds fds;
             fds.collective = region->get();
+            fds.kvCache = kvRegion->get();
             auto runner = engine::backendFor(config).makeRunner(config, rank, fds);
-            region->reset();  // mapped: the fd is not needed any more
+            region->reset();  // mapped: the fds are not needed any more
+            kvRegion->reset();
             return runner;
           })
           .then([st, config](std::unique_ptr<engine::ModelRunner> runner) {

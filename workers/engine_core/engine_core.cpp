@@ -13,6 +13,9 @@
 #include "supervisor/fault_injection.h"
 #include "supervisor/process.h"
 #include "workers/engine_codec.h"
+#include "workers/kv_agent/kv_agent.h"
+
+#include <sys/random.h>
 
 namespace vsup::workers {
 
@@ -22,6 +25,24 @@ namespace {
 
 kj::Exception failed(const std::string& why) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
+}
+
+// A fresh engine id for every start: a prefill instance restarted on the same port is a new
+// engine, and a decode instance holding the old one's parameters is told so at once.
+std::string newEngineId() {
+  uint8_t raw[8];
+  size_t got = 0;
+  while (got < sizeof raw) {
+    ssize_t n = ::getrandom(raw + got, sizeof raw - got, 0);
+    if (n > 0) got += size_t(n);
+  }
+  static const char* hex = "0123456789abcdef";
+  std::string id = "vsup-";
+  for (uint8_t b : raw) {
+    id += hex[b >> 4];
+    id += hex[b & 15];
+  }
+  return id;
 }
 
 }  // namespace
@@ -177,12 +198,62 @@ kj::Promise<void> EngineCore::start() {
   tokenizing_ = std::make_unique<ComputeThread>();
 
   uint32_t tp = config_.common.tensorParallelSize;
-  int64_t kvMs = kv_ ? int64_t(config_.common.kv.shutdownTimeoutS * 1000) : 0;
+  int64_t kvMs = config_.common.kv.connector != "none"
+                     ? int64_t(config_.common.kv.shutdownTimeoutS * 1000)
+                     : 0;
+  if (vsupKv()) {
+    try {
+      if (!plan_.kvLayout) {
+        throw std::invalid_argument(std::string("--kv-connector vsup needs an engine whose KV "
+                                                "cache can be transferred (--engine cpu), not ") +
+                                    engine::engineName(config_));
+      }
+      for (uint32_t r = 0; r < tp; ++r) {
+        kvRegions_.push_back(engine::createKvCacheRegion(plan_.kvLayout->totalBytes()));
+      }
+    } catch (const std::exception& e) {
+      return failed(e.what());
+    }
+    engineId_ = newEngineId();
+  }
   supervisor::SupervisorSpec spec;
   spec.name = runtime_.name();
   spec.intensity = 0;  // no partial restart: a dead rank fails the engine
   std::string exe = supervisor::selfExecutable();
   std::string rankConfig = encodeEngineConfig(config_);
+  // The KV agents first: the ranks stop first, and an agent may go on serving reads of its
+  // rank's blocks while it defers (the region outlives the rank: the agent maps it too).
+  for (uint32_t r = 0; r < tp && vsupKv(); ++r) {
+    KvAgentSettings s;
+    s.rank = r;
+    s.role = config_.common.kv.role;
+    s.host = config_.common.kv.host;
+    s.port = config_.common.kv.port;
+    s.transport = config_.common.kv.transport;
+    s.leaseMs = int64_t(config_.common.kv.leaseS * 1000);
+    s.transferTimeoutMs = int64_t(config_.common.kv.transferTimeoutS * 1000);
+    s.shutdownTimeoutMs = kvMs;
+    s.engineId = engineId_;
+    s.layout = *plan_.kvLayout;
+    s.compat.model = plan_.modelId;
+    s.compat.dtype = s.layout.dtype;
+    s.compat.layers = uint32_t(s.layout.layers);
+    s.compat.kvHeads = plan_.modelKvHeads;
+    s.compat.headDim = uint32_t(s.layout.headDim);
+    s.compat.blockSize = uint32_t(s.layout.blockSize);
+    s.compat.tpSize = tp;
+    supervisor::ChildSpec c;
+    c.name = "kv-agent-tp" + std::to_string(r);
+    c.vsupAware = true;
+    c.command = {exe, "__kv-agent", "--kv-cache-fd", "4"};
+    c.inheritFds.push_back(kvRegions_[r].get());
+    c.startConfig = encodeKvAgentConfig(s);
+    c.livenessTimeoutMs = rankOptions_.livenessTimeoutMs;
+    c.livenessIntervalMs = rankOptions_.livenessIntervalMs;
+    c.shutdown = supervisor::ShutdownPolicy::timeout(
+        supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
+    spec.children.push_back(std::move(c));
+  }
   for (uint32_t r = 0; r < tp; ++r) {
     supervisor::ChildSpec c;
     c.name = "worker-tp" + std::to_string(r);
@@ -192,6 +263,11 @@ kj::Promise<void> EngineCore::start() {
     if (collectiveRegion_) {
       c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
       c.command.insert(c.command.end(), {"--collective-fd", "4"});
+    }
+    if (!kvRegions_.empty()) {
+      c.inheritFds.push_back(kvRegions_[r].get());
+      c.command.insert(c.command.end(),
+                       {"--kv-cache-fd", std::to_string(3 + c.inheritFds.size())});
     }
     c.startTimeoutMs = rankOptions_.startTimeoutMs;  // loading a model's weights
     c.livenessTimeoutMs = rankOptions_.livenessTimeoutMs;
@@ -219,6 +295,7 @@ kj::Promise<void> EngineCore::start() {
                   .eagerlyEvaluate(nullptr);
   return ranks_->start().then([this, tp]() {
     collectiveRegion_ = OwnFd();  // every rank has it mapped
+    kvRegions_.clear();           // every rank and agent has it mapped
     auto clients = std::make_shared<std::vector<std::unique_ptr<RankClient>>>(tp);
     kj::Vector<kj::Promise<void>> caps;
     for (uint32_t r = 0; r < tp; ++r) {
@@ -227,7 +304,26 @@ kj::Promise<void> EngineCore::start() {
                      (*clients)[r] = makeRpcRank(cap.castAs<schema::Worker>());
                    }));
     }
-    return kj::joinPromises(caps.releaseAsArray()).then([this, clients, tp]() {
+    auto agents = std::make_shared<std::vector<std::optional<schema::KvAgent::Client>>>(
+        vsupKv() ? tp : 0);
+    for (uint32_t r = 0; r < agents->size(); ++r) {
+      caps.add(ranks_->service("kv-agent-tp" + std::to_string(r))
+                   .then([agents, r](capnp::Capability::Client cap) {
+                     (*agents)[r] = cap.castAs<schema::KvAgent>();
+                   }));
+    }
+    return kj::joinPromises(caps.releaseAsArray()).then([this, clients, agents, tp]() {
+      for (auto& a : *agents) agents_.push_back(kj::mv(*a));
+      for (size_t i = 0; i < agents_.size() && config_.common.kv.role != "decode"; ++i) {
+        watchLeases(i);
+      }
+      if (vsupKv()) {
+        vsup::log().info("[engine] {}: KV connector vsup, role {}, engine id {}, agents on "
+                         "{}:{}..{}",
+                         runtime_.name(), config_.common.kv.role, engineId_,
+                         config_.common.kv.host, config_.common.kv.port,
+                         config_.common.kv.port + tp - 1);
+      }
       StepExecutor::Options o;
       o.stepTimeoutMs = config_.common.stepTimeoutMs;
       o.stragglerMs = config_.common.collectiveTimeoutMs;
@@ -375,9 +471,38 @@ kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
       });
 }
 
+std::optional<engine::Rejection> EngineCore::checkKvParams(const engine::GenerateRequest& r) const {
+  if (!r.kv) return std::nullopt;
+  const engine::KvConfig& kv = config_.common.kv;
+  std::string here = "this instance runs with --kv-connector " + kv.connector +
+                     (kv.connector == "vsup" ? " --kv-role " + kv.role : std::string());
+  if (r.kv->doRemoteDecode && (kv.connector != "vsup" || kv.role == "decode")) {
+    return engine::Rejection{engine::RejectCode::KvTransferInvalid,
+                             "kv_transfer_params.do_remote_decode needs a prefill instance "
+                             "(--kv-connector vsup --kv-role prefill or both); " + here};
+  }
+  if (r.kv->doRemotePrefill) {
+    if (kv.connector != "vsup" || kv.role == "prefill") {
+      return engine::Rejection{engine::RejectCode::KvTransferInvalid,
+                               "kv_transfer_params.do_remote_prefill needs a decode instance "
+                               "(--kv-connector vsup --kv-role decode or both); " + here};
+    }
+    if (r.kv->tpSize != config_.common.tensorParallelSize) {
+      return engine::Rejection{
+          engine::RejectCode::KvTransferInvalid,
+          "kv_transfer_params.tp_size " + std::to_string(r.kv->tpSize) +
+              " is not this instance's --tensor-parallel-size " +
+              std::to_string(config_.common.tensorParallelSize) +
+              " (prefill and decode must split the KV heads alike)"};
+    }
+  }
+  return std::nullopt;
+}
+
 std::optional<engine::Rejection> EngineCore::admitTokenized(engine::core::TokenizedRequest t) {
   std::string id = t.request.id;
-  std::optional<engine::Rejection> rejected = scheduler_->admit(std::move(t));
+  std::optional<engine::Rejection> rejected = checkKvParams(t.request);
+  if (!rejected) rejected = scheduler_->admit(std::move(t));
   if (rejected) {
     router_.forget(id);  // not queued: nothing will be routed for it
     serving_.forget(id);
@@ -391,7 +516,10 @@ void EngineCore::abort(const std::string& id) {
   engine::TokenDelta final;
   final.requestId = id;
   final.finish = engine::FinishReason::Abort;
-  if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) route({final});
+  if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) {
+    route({final});
+    wake();  // its blocks are free: a waiting request may fit now
+  }
 }
 
 void EngineCore::sessionLost(size_t index) {
@@ -438,6 +566,14 @@ kj::Promise<void> EngineCore::loop() {
     finalKvStep_ = false;
   } else {
     input = scheduler_->nextStep();
+    for (engine::core::KvLoad& load : scheduler_->takeKvLoads()) startLoad(std::move(load));
+    if (input.seqs.empty() && kvPending_.empty()) {
+      // In flight, and nothing to compute: loads still pulling, or requests waiting for blocks
+      // that holds keep. A load's end, a released hold or a new request wakes the loop.
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      workAvailable_ = kj::mv(paf.fulfiller);
+      return paf.promise.then([this]() { return loop(); });
+    }
   }
   supervisor::crashIfInjected(runtime_.name(), "step" + std::to_string(input.step));
   input.kvTransfers = std::move(kvPending_);
@@ -465,6 +601,19 @@ kj::Promise<void> EngineCore::loop() {
 
 void EngineCore::applyStep(std::vector<engine::StepOutput> outputs) {
   engine::core::StepResult result = scheduler_->complete(outputs);
+  if (!result.held.empty() && vsupKv()) {
+    // Remote-decode requests: their final deltas go out once every agent holds the lease, so
+    // that no decode instance can ask for blocks before they are leased.
+    std::set<std::string> heldIds;
+    for (const auto& h : result.held) heldIds.insert(h.requestId);
+    std::vector<engine::TokenDelta> now, finals;
+    for (auto& d : result.deltas) {
+      (heldIds.count(d.requestId) != 0 ? finals : now).push_back(std::move(d));
+    }
+    route(now);
+    grantLeases(std::move(result.held), std::move(finals));
+    return;
+  }
   if (!result.held.empty()) {
     std::vector<std::string> finished;
     for (const auto& h : result.held) finished.push_back(h.requestId);
@@ -480,6 +629,123 @@ void EngineCore::applyStep(std::vector<engine::StepOutput> outputs) {
     }
   }
   route(result.deltas);
+}
+
+void EngineCore::grantLeases(std::vector<engine::KvTransfer> held,
+                             std::vector<engine::TokenDelta> finals) {
+  kj::Vector<kj::Promise<void>> grants;
+  for (auto& agent : agents_) {
+    auto req = agent.grantRequest();
+    auto list = req.initLeases(unsigned(held.size()));
+    for (unsigned i = 0; i < held.size(); ++i) {
+      list[i].setId(held[i].requestId);
+      auto blocks = list[i].initBlocks(unsigned(held[i].blocks.size()));
+      for (unsigned b = 0; b < held[i].blocks.size(); ++b) blocks.set(b, held[i].blocks[b]);
+    }
+    grants.add(req.send().ignoreResult());
+  }
+  auto shared = std::make_shared<std::pair<std::vector<engine::KvTransfer>,
+                                           std::vector<engine::TokenDelta>>>(std::move(held),
+                                                                             std::move(finals));
+  tasks_.add(kj::joinPromises(grants.releaseAsArray())
+                 .then(
+                     [this, shared]() {
+                       std::map<std::string, const engine::KvTransfer*> byId;
+                       for (const auto& h : shared->first) byId[h.requestId] = &h;
+                       for (auto& d : shared->second) {
+                         const engine::KvTransfer* h = byId.at(d.requestId);
+                         engine::KvParams p;
+                         p.doRemotePrefill = true;
+                         p.remoteEngineId = engineId_;
+                         p.remoteRequestId = h->requestId;
+                         p.remoteBlockIds = h->blocks;
+                         p.remoteHost = config_.common.kv.host;
+                         p.remotePort = config_.common.kv.port;
+                         p.tpSize = config_.common.tensorParallelSize;
+                         d.kvParams = std::move(p);
+                       }
+                       route(shared->second);
+                     },
+                     [this, shared](kj::Exception&& e) {
+                       // An agent would not hold them: the blocks are of no use to anyone.
+                       std::string why = "the KV agents could not lease the blocks: " +
+                                         ipc::userMessage(e);
+                       for (const auto& h : shared->first) scheduler_->releaseHold(h.requestId);
+                       for (auto& d : shared->second) {
+                         d.finish = engine::FinishReason::Error;
+                         d.error = why;
+                       }
+                       route(shared->second);
+                       wake();
+                     }));
+}
+
+void EngineCore::watchLeases(size_t agent) {
+  tasks_.add(agents_[agent].nextEndedRequest().send().then(
+      [this, agent](capnp::Response<schema::KvAgent::NextEndedResults> r) {
+        bool freed = false;
+        for (auto e : r.getEnded()) {
+          std::string id = e.getId();
+          // A lease ends on every rank's agent; its blocks are free once the last one says so.
+          if (++leaseEnds_[id] < agents_.size()) continue;
+          leaseEnds_.erase(id);
+          freed = scheduler_->releaseHold(id) || freed;
+        }
+        if (freed) wake();
+        watchLeases(agent);
+      }));
+}
+
+void EngineCore::startLoad(engine::core::KvLoad load) {
+  kj::Vector<kj::Promise<std::string>> pulls;
+  for (auto& agent : agents_) {
+    auto req = agent.pullRequest();
+    req.setRemoteEngineId(load.remote.remoteEngineId);
+    req.setRemoteRequestId(load.remote.remoteRequestId);
+    req.setRemoteHost(load.remote.remoteHost);
+    req.setRemotePort(load.remote.remotePort);
+    auto remote = req.initRemoteBlocks(unsigned(load.remote.remoteBlockIds.size()));
+    for (unsigned i = 0; i < load.remote.remoteBlockIds.size(); ++i) {
+      remote.set(i, load.remote.remoteBlockIds[i]);
+    }
+    auto local = req.initLocalBlocks(unsigned(load.blocks.size()));
+    for (unsigned i = 0; i < load.blocks.size(); ++i) local.set(i, load.blocks[i]);
+    pulls.add(req.send().then(
+        [](capnp::Response<schema::KvAgent::PullResults> r) { return std::string(r.getError()); },
+        [](kj::Exception&& e) { return "the KV agent failed: " + ipc::userMessage(e); }));
+  }
+  auto remote = std::make_shared<engine::KvParams>(std::move(load.remote));
+  uint64_t token = load.token;
+  tasks_.add(kj::joinPromises(pulls.releaseAsArray())
+                 .then([this, token, remote](kj::Array<std::string> errors) {
+                   std::string error;
+                   for (const auto& e : errors) {
+                     if (!e.empty()) error = e;
+                   }
+                   if (error.empty()) {
+                     scheduler_->kvLoaded(token);
+                     wake();
+                     return;
+                   }
+                   // Tell the prefill side at once, so its blocks need not wait for the lease.
+                   for (auto& agent : agents_) {
+                     auto req = agent.giveUpRequest();
+                     req.setRemoteEngineId(remote->remoteEngineId);
+                     req.setRemoteRequestId(remote->remoteRequestId);
+                     req.setRemoteHost(remote->remoteHost);
+                     req.setRemotePort(remote->remotePort);
+                     tasks_.add(req.send().ignoreResult());
+                   }
+                   bool recompute = config_.common.kv.loadFailure == "recompute";
+                   std::string why = "KV transfer from " + remote->remoteHost + ":" +
+                                     std::to_string(remote->remotePort) + " failed: " + error;
+                   vsup::log().warn("[engine] {}: {}{}", runtime_.name(), why,
+                                    recompute ? "; computing the prompt here" : "");
+                   if (auto final = scheduler_->kvLoadFailed(token, recompute, why)) {
+                     route({*final});
+                   }
+                   wake();
+                 }));
 }
 
 void EngineCore::route(const std::vector<engine::TokenDelta>& deltas) {

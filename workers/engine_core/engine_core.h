@@ -35,6 +35,7 @@
 #include "engine/core/serving_stats.h"
 #include "engine/registry.h"
 #include "engine/stats.h"
+#include "ipc/engine.capnp.h"
 #include "ipc/rpc_link.h"
 #include "kvconnector/kv_connector.h"
 #include "supervisor/child_runtime.h"
@@ -98,6 +99,12 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   size_t endAll(engine::FinishReason finish, const std::string& error);
   void fail(const std::string& why);
   bool kvWorkLeft() const { return !kvPending_.empty() || finalKvStep_; }
+  // The vsup KV connector (docs/architecture.md, "KV transfer").
+  bool vsupKv() const { return config_.common.kv.connector == "vsup"; }
+  std::optional<engine::Rejection> checkKvParams(const engine::GenerateRequest& r) const;
+  void grantLeases(std::vector<engine::KvTransfer> held, std::vector<engine::TokenDelta> finals);
+  void watchLeases(size_t agent);
+  void startLoad(engine::core::KvLoad load);
 
   uv_loop_t* loop_;
   supervisor::ChildRuntime& runtime_;
@@ -110,6 +117,10 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::unique_ptr<ComputeThread> tokenizing_;  // prompts are encoded here, off the loop
   std::set<std::string> beingTokenized_;       // submitted, not yet admitted
   OwnFd collectiveRegion_;                     // until every rank has mapped it
+  std::vector<OwnFd> kvRegions_;               // one per rank, until rank and agent have it
+  std::string engineId_;                       // drawn at every start: a peer's remote_engine_id
+  std::vector<ipc::schema::KvAgent::Client> agents_;  // one per rank (vsup connector)
+  std::map<std::string, size_t> leaseEnds_;    // lease → agents that reported its end
   std::unique_ptr<supervisor::Supervisor> ranks_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;
