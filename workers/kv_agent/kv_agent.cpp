@@ -182,6 +182,11 @@ kv::KvPuller& KvAgent::peer(const engine::KvParams& remote, MonoNs deadline) {
                                           shm ? kv::Transport::Shm : kv::Transport::Tcp,
                                           settings_.compat, settings_.rank,
                                           remote.remoteEngineId, settings_.layout, deadline);
+  vsup::log().info("[kv] {}: connected to engine {}'s rank {} at {} over {}", node_,
+                   p->peerEngineId(), settings_.rank,
+                   shm ? "@" + kv::shmSocketName(remote.remotePort, settings_.rank)
+                       : remote.remoteHost + ":" + std::to_string(remote.remotePort + settings_.rank),
+                   shm ? "shm" : "tcp");
   kv::KvPuller& ref = *p;
   peers_[key] = std::move(p);
   return ref;
@@ -197,9 +202,20 @@ kj::Promise<KvAgent::PullResult> KvAgent::pull(const engine::KvParams& remote,
     PullResult r;
     std::string key = remote.remoteHost + ":" + std::to_string(remote.remotePort);
     try {
-      kv::KvPuller& p = peer(remote, deadline);
-      r.bytes = p.pull(remote.remoteRequestId, remote.remoteBlockIds, localBlocks, map_.data(),
-                       settings_.layout, deadline);
+      for (int attempt = 0;; ++attempt) {
+        bool reused = peers_.count(key) != 0;
+        try {
+          kv::KvPuller& p = peer(remote, deadline);
+          r.bytes = p.pull(remote.remoteRequestId, remote.remoteBlockIds, localBlocks,
+                           map_.data(), settings_.layout, deadline);
+          break;
+        } catch (const kv::KvTransferError& e) {
+          // A kept connection that fails without a refusal (its agent went away, or restarted)
+          // gets one fresh connection, whose handshake then says what is there now.
+          if (e.code() || !reused || attempt > 0) throw;
+          peers_.erase(key);
+        }
+      }
       ++pullsDone_;
       bytesPulled_ += r.bytes;
     } catch (const kv::KvTransferError& e) {

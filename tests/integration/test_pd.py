@@ -1,0 +1,241 @@
+"""Disaggregated prefill/decode with the vsup KV connector, on real instances of the CPU engine.
+
+Each test starts `vsup run` trees on free ports: a prefill instance (--kv-role prefill), a decode
+instance (--kv-role decode) and, where output is compared, a plain single instance. A request goes
+to the prefill instance with kv_transfer_params {"do_remote_decode": true}; its answer's
+kv_transfer_params go to the decode instance with the same request, as a router would send them.
+The decode instance's agents pull the blocks (over shared memory or TCP, --kv-transport), and
+its output must equal the single instance's token for token.
+
+Every tree is stopped at the end and nothing of it may be left (the `trees` fixture); each test
+also checks that the KV caches are empty again (vllm:kv_cache_usage_perc 0 on both sides: no
+lease and no block left held). Waits poll with hard timeouts; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import wait_for
+from test_cpu_engine import Trees, get_json, trees  # noqa: F401  (the fixture)
+
+MODEL = "vsup-tiny-4m"
+BLOCK = 16
+COMMON = ("--engine", "cpu", "--model", MODEL, "--kv-cache-memory", "16MiB",
+          "--max-model-len", "256", "--block-size", str(BLOCK))
+
+
+def free_ports(n: int) -> int:
+    """A base port P with P .. P+n-1 all free (the KV agents listen on P + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    pytest.fail("no run of free ports")
+
+
+def post(s, body: dict) -> tuple[int, dict]:
+    r, data = s.post("/v1/completions", body)
+    return r.status, json.loads(data)
+
+
+def request(prompt: str, max_tokens: int = 8, **kw) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
+
+
+def metric(s, name: str) -> float:
+    c = s.connect()
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def caches_empty(*servings) -> None:
+    for s in servings:
+        wait_for(lambda: metric(s, "vllm:kv_cache_usage_perc") == 0.0, 5,
+                 "every KV block to be free again", s.stderr)
+
+
+class PD:
+    """A prefill and a decode instance of the same model, and a single instance to compare with."""
+
+    def __init__(self, trees: Trees, tp: int = 1, transport: str = "auto",
+                 prefill_args: tuple = (), decode_args: tuple = (), single: bool = True):
+        tps = ("--tensor-parallel-size", str(tp))
+        self.kv_port = free_ports(tp)
+        self.prefill = trees.serve(*COMMON, *tps, "--kv-connector", "vsup", "--kv-role", "prefill",
+                                   "--kv-port", str(self.kv_port), *prefill_args)
+        self.decode = trees.serve(*COMMON, *tps, "--kv-connector", "vsup", "--kv-role", "decode",
+                                  "--kv-port", str(free_ports(tp)), "--kv-transport", transport,
+                                  *decode_args)
+        self.single = trees.serve(*COMMON, *tps) if single else None
+
+    def prefill_params(self, body: dict) -> dict:
+        status, doc = post(self.prefill, {**body, "kv_transfer_params": {"do_remote_decode": True}})
+        assert status == 200, doc
+        assert doc["usage"]["completion_tokens"] == 1  # max_tokens 1 on the prefill side
+        kv = doc["kv_transfer_params"]
+        assert kv["do_remote_prefill"] is True
+        assert kv["remote_port"] == self.kv_port
+        return kv
+
+    def via_pd(self, body: dict) -> dict:
+        kv = self.prefill_params(body)
+        status, doc = post(self.decode, {**body, "kv_transfer_params": kv})
+        assert status == 200, doc
+        return doc
+
+
+# Prompt lengths around a block (16 tokens: the byte tokenizer makes one token per byte) and
+# near the 256-token context.
+PROMPTS = ["a", "x" * (BLOCK - 1), "Hello, world! 12", "Hello, world! 123", "q" * 240]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_pd_output_equals_a_single_instance(trees, tp, transport):
+    pd = PD(trees, tp=tp, transport=transport)
+    for prompt in PROMPTS:
+        max_tokens = 8 if len(prompt) < 200 else 256 - len(prompt)
+        for extra in ({"temperature": 0}, {"temperature": 0.8, "seed": 7, "top_p": 0.9}):
+            body = request(prompt, max_tokens, **extra)
+            single = post(pd.single, body)
+            assert single[0] == 200, single
+            got = pd.via_pd(body)
+            assert got["choices"][0]["text"] == single[1]["choices"][0]["text"], (prompt, extra)
+            assert got["usage"] == single[1]["usage"]
+    # The blocks really are what the output comes from: another prompt's blocks (same length)
+    # give another text.
+    a, b = request("0123456789abcdefghij"), request("ABCDEFGHIJ0123456789")
+    kv_b = pd.prefill_params(b)
+    status, wrong = post(pd.decode, {**a, "kv_transfer_params": kv_b})
+    assert status == 200, wrong
+    assert wrong["choices"][0]["text"] != post(pd.single, a)[1]["choices"][0]["text"]
+    caches_empty(pd.prefill, pd.decode)
+    # Pulled over the transport asked for, one connection per rank, kept for every request.
+    log = pd.decode.stderr()
+    for r in range(tp):
+        assert log.count(f"kv-agent-tp{r}: connected to engine") == 1, log
+        assert f"rank {r} at " in log and f"over {transport}" in log, log
+    for s in (pd.prefill, pd.decode, pd.single):
+        assert trees.stop(s) == 0, s.stderr()
+
+
+def test_pd_bad_kv_transfer_params_are_refused_naming_why(trees):
+    pd = PD(trees, prefill_args=("--kv-shutdown-timeout", "1"), single=False)
+    kv = pd.prefill_params(request("Hello, world! 123"))
+    # The prompt does not fill as many blocks as the prefill sent.
+    status, doc = post(pd.decode, {**request("short"), "kv_transfer_params": kv})
+    assert status == 400, doc
+    assert doc["error"]["code"] == "invalid_kv_transfer_params"
+    assert "2 block(s), but the 5-token prompt fills 1 block(s)" in doc["error"]["message"]
+    # A tensor-parallel size that is not this instance's.
+    status, doc = post(pd.decode, {**request("Hello, world! 123"),
+                                   "kv_transfer_params": {**kv, "tp_size": 2}})
+    assert status == 400 and "tp_size 2" in doc["error"]["message"], doc
+    # Each role refuses the other's request.
+    status, doc = post(pd.prefill, {**request("x"), "kv_transfer_params": kv})
+    assert status == 400 and "needs a decode instance" in doc["error"]["message"], doc
+    status, doc = post(pd.decode, {**request("x"),
+                                   "kv_transfer_params": {"do_remote_decode": True}})
+    assert status == 400 and "needs a prefill instance" in doc["error"]["message"], doc
+    # The lease nobody pulled is still held (its blocks too) until it ends: here, the stop below
+    # abandons it at the KV deadline and says so.
+    assert metric(pd.prefill, "vllm:kv_cache_usage_perc") > 0
+    t0 = time.monotonic()
+    assert trees.stop(pd.prefill, timeout=20) == 0
+    assert time.monotonic() - t0 < 5
+    assert "1 lease(s) abandoned" in pd.prefill.stderr()
+    assert trees.stop(pd.decode) == 0
+
+
+def test_pd_a_restarted_prefill_is_told_apart_and_stale_parameters_fail_fast(trees):
+    pd = PD(trees, prefill_args=("--kv-shutdown-timeout", "1"), single=False)
+    body = request("Hello, world! 123")
+    first = pd.via_pd(body)  # the decode agent now keeps a connection to this prefill
+    stale = pd.prefill_params(body)
+    assert trees.stop(pd.prefill, timeout=20) == 0
+    again = trees.serve(*COMMON, "--kv-connector", "vsup", "--kv-role", "prefill",
+                        "--kv-port", str(pd.kv_port))
+    t0 = time.monotonic()
+    status, doc = post(pd.decode, {**body, "kv_transfer_params": stale})
+    took = time.monotonic() - t0
+    assert status == 500, doc
+    assert "remote engine restarted" in doc["error"]["message"], doc
+    assert took < 1.0, f"a stale pull took {took:.2f}s to fail"
+    fresh = post(again, {**body, "kv_transfer_params": {"do_remote_decode": True}})[1]
+    status, doc = post(pd.decode, {**body, "kv_transfer_params": fresh["kv_transfer_params"]})
+    assert status == 200, doc
+    assert doc["choices"][0]["text"] == first["choices"][0]["text"]
+    caches_empty(again, pd.decode)
+
+
+def test_pd_an_expired_lease_is_refused_or_recomputed(trees):
+    pd = PD(trees, prefill_args=("--kv-lease-s", "0.3"), decode_args=("--kv-load-failure", "recompute"))
+    body = request("Hello, world! 123")
+    kv = pd.prefill_params(body)
+    wait_for(lambda: metric(pd.prefill, "vllm:kv_cache_usage_perc") == 0.0, 5,
+             "the unpulled lease to expire and free its blocks", pd.prefill.stderr)
+    status, doc = post(pd.decode, {**body, "kv_transfer_params": kv})
+    assert status == 200, doc  # recomputed here: the same text as a single instance
+    assert doc["choices"][0]["text"] == post(pd.single, body)[1]["choices"][0]["text"]
+    assert "lease expired" in pd.decode.stderr()
+    caches_empty(pd.prefill, pd.decode)
+
+
+def test_pd_prefill_sigterm_defers_while_a_lease_is_held_then_gives_up_at_the_deadline(trees):
+    pd = PD(trees, prefill_args=("--kv-shutdown-timeout", "1.5"), single=False)
+    pd.prefill_params(request("Hello, world! 123"))  # never pulled
+    t0 = time.monotonic()
+    pd.prefill.signal(signal.SIGTERM)
+    wait_for(lambda: "deferring: kv: 1 lease(s) held (0 of 1 released)" in pd.prefill.stderr(),
+             5, "the agent to defer for its lease", pd.prefill.stderr)
+    code = pd.prefill.wait_exit(15)
+    took = time.monotonic() - t0
+    assert code == 0, pd.prefill.stderr()
+    assert 1.4 <= took < 4.0, f"stopped after {took:.2f}s; the KV deadline was 1.5s"
+    assert "kv: giving up: 1 lease(s) abandoned" in pd.prefill.stderr()
+    trees.wait_nothing_left(pd.prefill)
+    assert trees.stop(pd.decode) == 0
+
+
+def test_pd_prefill_sigterm_finishes_as_soon_as_its_leases_are_pulled(trees):
+    pd = PD(trees, prefill_args=("--kv-shutdown-timeout", "20"), single=False)
+    body = request("Hello, world! 123")
+    kv = pd.prefill_params(body)
+    t0 = time.monotonic()
+    pd.prefill.signal(signal.SIGTERM)
+    wait_for(lambda: "deferring: kv: 1 lease(s) held" in pd.prefill.stderr(), 5,
+             "the agent to defer for its lease", pd.prefill.stderr)
+    status, doc = post(pd.decode, {**body, "kv_transfer_params": kv})  # served while deferring
+    assert status == 200, doc
+    code = pd.prefill.wait_exit(15)
+    assert code == 0
+    assert time.monotonic() - t0 < 10, "the prefill waited past its last lease"
+    assert "kv: all 1 lease(s) released" in pd.prefill.stderr()
+    trees.wait_nothing_left(pd.prefill)
+    caches_empty(pd.decode)
+    assert trees.stop(pd.decode) == 0
