@@ -40,13 +40,22 @@ int pollMs(MonoNs deadline) {
   return int(std::min<int64_t>((deadline - now + kNsPerMs - 1) / kNsPerMs, INT_MAX));
 }
 
-// Waits for `events` on `fd` until `deadline`; false at the deadline.
+thread_local const std::atomic<bool>* tlsCancel = nullptr;
+
+// Waits for `events` on `fd` until `deadline`; false at the deadline. Throws KvTransferError
+// when this thread's KvCancelScope is cancelled.
 bool waitFor(int fd, short events, MonoNs deadline) {
   for (;;) {
+    if (tlsCancel != nullptr && tlsCancel->load()) throw KvTransferError("cancelled");
     pollfd p{fd, events, 0};
-    int n = ::poll(&p, 1, pollMs(deadline));
+    int ms = pollMs(deadline);
+    if (tlsCancel != nullptr && (ms < 0 || ms > 50)) ms = 50;
+    int n = ::poll(&p, 1, ms);
     if (n > 0) return true;
-    if (n == 0) return false;
+    if (n == 0) {
+      if (monoNow() >= deadline) return false;
+      continue;
+    }
     if (errno != EINTR) sysFail("poll");
   }
 }
@@ -221,6 +230,9 @@ bool isLocalHost(const std::string& host) {
   ::freeaddrinfo(res);
   return local;
 }
+
+KvCancelScope::KvCancelScope(const std::atomic<bool>& flag) { tlsCancel = &flag; }
+KvCancelScope::~KvCancelScope() { tlsCancel = nullptr; }
 
 std::string shmSocketName(uint16_t port, uint32_t rank) {
   return "vsup-kv/" + std::to_string(port) + "/tp" + std::to_string(rank);

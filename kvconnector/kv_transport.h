@@ -60,6 +60,18 @@ class KvTransferError : public std::runtime_error {
   std::optional<ErrorCode> code_;
 };
 
+// While one is alive on a thread, every blocking call of this file made on that thread (connect,
+// handshake, pull) also ends, with KvTransferError "cancelled", within 50 ms of `flag` becoming
+// true: how an agent that is shutting down gets its transfer thread back from a peer that does
+// not answer. Scopes do not nest.
+class KvCancelScope {
+ public:
+  explicit KvCancelScope(const std::atomic<bool>& flag);
+  ~KvCancelScope();
+  KvCancelScope(const KvCancelScope&) = delete;
+  KvCancelScope& operator=(const KvCancelScope&) = delete;
+};
+
 // One rank's cache as the serving side sees it.
 struct KvSource {
   engine::KvCacheLayout layout;

@@ -387,6 +387,29 @@ TEST_CASE("loopback and this machine's own addresses are local; others are not")
   CHECK_FALSE(isLocalHost("no-such-host.invalid"));
 }
 
+TEST_CASE("a cancelled scope ends a handshake with a peer that never answers") {
+  OwnFd mute = listenTcp("127.0.0.1", 0);  // accepts (the kernel does) but never speaks
+  uint16_t port = boundPort(mute.get());
+  std::atomic<bool> cancel{false};
+  std::string what;
+  MonoNs cancelledAt = 0;
+  std::thread t([&] {
+    KvCancelScope scope(cancel);
+    try {
+      KvPuller(connectTcp("127.0.0.1", port, soon()), Transport::Tcp, compat(), 0, "",
+               layout(24), monoNow() + 60'000 * kNsPerMs);
+    } catch (const KvTransferError& e) {
+      what = e.what();
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the handshake is waiting
+  cancelledAt = monoNow();
+  cancel = true;
+  t.join();
+  CHECK(what == "cancelled");
+  CHECK(monoNow() - cancelledAt < 500 * kNsPerMs);
+}
+
 TEST_CASE("connecting where nobody listens fails at once, naming the address") {
   std::string what;
   try {

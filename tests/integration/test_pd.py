@@ -15,9 +15,12 @@ lease and no block left held). Waits poll with hard timeouts; nothing sleeps to 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -239,3 +242,149 @@ def test_pd_prefill_sigterm_finishes_as_soon_as_its_leases_are_pulled(trees):
     trees.wait_nothing_left(pd.prefill)
     caches_empty(pd.decode)
     assert trees.stop(pd.decode) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: either side dies or stops mid-transfer
+
+
+def agent_pid(s, rank: int = 0) -> int:
+    return s.remember_pids()[f"kv-agent-tp{rank}"]
+
+
+def in_thread(fn):
+    """Runs fn() on a thread; returns a function that joins it (bounded) and gives its result."""
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("v", fn()), daemon=True)
+    t.start()
+
+    def join(timeout: float = 20):
+        t.join(timeout)
+        assert not t.is_alive(), "the request did not end"
+        return out["v"]
+    return join
+
+
+def test_pd_prefill_agent_killed_mid_pull_ends_the_request_at_once_and_decode_lives_on(trees):
+    pd = PD(trees, single=False)
+    body = request("Hello, world! 123")
+    kv = pd.prefill_params(body)
+    agent = agent_pid(pd.prefill)
+    os.kill(agent, signal.SIGSTOP)  # the pull starts, and hangs on the stopped agent
+    try:
+        answer = in_thread(lambda: post(pd.decode, {**body, "kv_transfer_params": kv}))
+        wait_for(lambda: metric(pd.decode, "vllm:num_requests_running") == 1, 5,
+                 "the decode request to wait for its KV", pd.decode.stderr)
+        killed_at = time.monotonic()
+        os.kill(agent, signal.SIGKILL)
+    finally:
+        try:
+            os.kill(agent, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    status, doc = answer()
+    took = time.monotonic() - killed_at
+    assert status == 500, doc
+    assert "KV transfer from 127.0.0.1:%d failed" % pd.kv_port in doc["error"]["message"], doc
+    assert took < 1.0, f"the decode request ended {took:.2f}s after the agent died"
+    # The decode instance is healthy: blocks free, and it serves a plain request.
+    caches_empty(pd.decode)
+    assert pd.decode.health()[0] == 200
+    assert post(pd.decode, request("plain"))[0] == 200
+    # The prefill instance lost a rank's agent: its engine fails, and the tree exits by itself.
+    code = pd.prefill.wait_exit(15)
+    assert code != 0
+    trees.wait_nothing_left(pd.prefill)
+    assert trees.stop(pd.decode) == 0
+
+
+# A decode side speaking the KV protocol by hand over TCP: Hello, one Pull, then it waits to be
+# killed (argv: port, compat fields, engine id, lease id, blocks as JSON).
+RAW_PULLER = r"""
+import json, socket, struct, sys, time
+port, model, dtype, layers, heads, dim, bs, tp, engine, lease, blocks = sys.argv[1:]
+layers, heads, dim, bs, tp = map(int, (layers, heads, dim, bs, tp))
+blocks = json.loads(blocks)
+def text(s): return struct.pack("<I", len(s.encode())) + s.encode()
+def frame(k, p): return struct.pack("<IHHI", 0x564B5356, k, 0, len(p)) + p
+hello = (text(model) + text(dtype) + struct.pack("<IIII", layers, heads, dim, bs) +
+         text("layer,kv,block,slot,head,dim") + struct.pack("<II", tp, 1) +
+         struct.pack("<I", 0) + text(engine) + struct.pack("<B", 2))
+pull = struct.pack("<Q", 1) + text(lease) + struct.pack("<I", len(blocks)) + struct.pack("<%di" % len(blocks), *blocks)
+s = socket.create_connection(("127.0.0.1", int(port)))
+s.sendall(frame(1, hello) + frame(3, pull))
+def read(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: sys.exit("closed")
+        b += c
+    return b
+for want in (2, 4):  # Welcome, then PullReady: the lease is ours now
+    magic, kind, flags, length = struct.unpack("<IHHI", read(12))
+    read(length)
+    if kind != want: sys.exit("got frame %d" % kind)
+print("pulling", flush=True)
+time.sleep(600)
+"""
+
+
+def test_pd_a_decode_side_killed_mid_pull_frees_the_prefill_blocks_at_once(trees):
+    pd = PD(trees, single=False)
+    kv = pd.prefill_params(request("Hello, world! 123"))
+    m = re.search(r"\(model (\S+), (\w+), (\d+) layers, (\d+) kv heads of (\d+), blocks of (\d+) "
+                  r"tokens, tp (\d+)\)", pd.prefill.stderr())
+    assert m, pd.prefill.stderr()
+    puller = subprocess.Popen(
+        [sys.executable, "-c", RAW_PULLER, str(pd.kv_port), *m.groups(), kv["remote_engine_id"],
+         kv["remote_request_id"], json.dumps(kv["remote_block_ids"])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert puller.stdout.readline().strip() == "pulling"
+        assert metric(pd.prefill, "vllm:kv_cache_usage_perc") > 0
+        killed_at = time.monotonic()
+        puller.kill()
+    finally:
+        puller.kill()
+        puller.wait(5)
+    wait_for(lambda: metric(pd.prefill, "vllm:kv_cache_usage_perc") == 0.0, 1.0,
+             "the dead puller's lease to be released", pd.prefill.stderr)
+    assert time.monotonic() - killed_at < 1.0
+    # The prefill instance serves on, and the next lease works end to end.
+    body = request("another prompt!!")
+    assert pd.via_pd(body)["choices"][0]["text"]
+    caches_empty(pd.prefill, pd.decode)
+    assert trees.stop(pd.prefill) == 0
+    assert trees.stop(pd.decode) == 0
+
+
+def test_pd_decode_sigterm_aborts_a_request_waiting_for_kv_at_the_drain_deadline(trees):
+    pd = PD(trees, prefill_args=("--kv-shutdown-timeout", "1"),
+            decode_args=("--shutdown-timeout", "1"), single=False)
+    body = request("Hello, world! 123")
+    kv = pd.prefill_params(body)
+    agent = agent_pid(pd.prefill)
+    os.kill(agent, signal.SIGSTOP)  # its pull waits
+    try:
+        answer = in_thread(lambda: post(pd.decode, {**body, "kv_transfer_params": kv}))
+        wait_for(lambda: metric(pd.decode, "vllm:num_requests_running") == 1, 5,
+                 "the decode request to wait for its KV", pd.decode.stderr)
+        t0 = time.monotonic()
+        pd.decode.signal(signal.SIGTERM)
+        status, doc = answer()
+        told = time.monotonic() - t0
+        code = pd.decode.wait_exit(15)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    assert status == 200, doc
+    assert doc["choices"][0]["finish_reason"] == "abort", doc
+    assert 0.9 <= told < 2.0, f"the client was told after {told:.2f}s; the drain deadline was 1s"
+    assert code == 0, pd.decode.stderr()
+    assert took < 3.0, f"decode stopped {took:.2f}s after SIGTERM"
+    trees.wait_nothing_left(pd.decode)
+    # The prefill side is healthy once it runs again.
+    wait_for(lambda: pd.prefill.health()[0] == 200, 5, "the prefill instance to answer",
+             pd.prefill.stderr)
+    assert trees.stop(pd.prefill) == 0

@@ -108,9 +108,12 @@ KvAgent::KvAgent(uv_loop_t* loop, std::string node, KvAgentSettings settings, in
     kv::KvSource source{settings_.layout, map_.data(), region_.get(), settings_.engineId,
                         settings_.rank, settings_.compat};
     server_ = std::make_unique<kv::KvServer>(source, *leases_, std::move(shm), std::move(tcp));
-    vsup::log().info("[kv] {}: serving engine {}'s rank {} blocks on {}:{} and @{}", node_,
-                     settings_.engineId, settings_.rank, settings_.host, port,
-                     kv::shmSocketName(settings_.port, settings_.rank));
+    const kv::KvCompat& c = settings_.compat;
+    vsup::log().info("[kv] {}: serving engine {}'s rank {} blocks on {}:{} and @{} (model {}, "
+                     "{}, {} layers, {} kv heads of {}, blocks of {} tokens, tp {})",
+                     node_, settings_.engineId, settings_.rank, settings_.host, port,
+                     kv::shmSocketName(settings_.port, settings_.rank), c.model, c.dtype,
+                     c.layers, c.kvHeads, c.headDim, c.blockSize, c.tpSize);
     expiry_ = kj::evalLater([this]() -> kj::Promise<void> {
                 struct Loop {
                   static kj::Promise<void> run(KvAgent* a) {
@@ -127,6 +130,7 @@ KvAgent::KvAgent(uv_loop_t* loop, std::string node, KvAgentSettings settings, in
 }
 
 KvAgent::~KvAgent() {
+  cancelPulls_ = true;
   expiry_ = nullptr;
   if (server_) server_->stop();
   transfers_.reset();  // joins the transfer thread (a pull in flight ends at its deadline)
@@ -198,6 +202,7 @@ kj::Promise<KvAgent::PullResult> KvAgent::pull(const engine::KvParams& remote,
     return PullResult{node_ + " does not pull blocks (--kv-role prefill)", "", 0};
   }
   return transfers_->run<PullResult>([this, remote, localBlocks = std::move(localBlocks)]() {
+    kv::KvCancelScope scope(cancelPulls_);
     MonoNs deadline = monoNow() + settings_.transferTimeoutMs * kNsPerMs;
     PullResult r;
     std::string key = remote.remoteHost + ":" + std::to_string(remote.remotePort);
@@ -238,6 +243,7 @@ kj::Promise<KvAgent::PullResult> KvAgent::pull(const engine::KvParams& remote,
 kj::Promise<void> KvAgent::giveUp(const engine::KvParams& remote) {
   if (!transfers_) return kj::READY_NOW;
   return transfers_->run<void>([this, remote]() {
+    kv::KvCancelScope scope(cancelPulls_);
     MonoNs deadline = monoNow() + 1000 * kNsPerMs;
     try {
       peer(remote, deadline).giveUp(remote.remoteRequestId, deadline);
@@ -269,6 +275,9 @@ void KvAgent::fillStats(schema::KvAgentStats::Builder out) const {
 
 kj::Promise<void> KvAgent::drain(uv_loop_t* loop, supervisor::ShutdownContext& ctx,
                                  MonoNs giveUpAt) {
+  // Pulls still in flight are of requests engine-core has aborted by now: end them, so the
+  // connection closes and the prefill side releases what it was sending.
+  cancelPulls_ = true;
   if (!leases_) return kj::READY_NOW;
   leases_->expireOverdue();
   return drainFrom(loop, ctx, giveUpAt, leases_->counts().live);

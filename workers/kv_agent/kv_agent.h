@@ -105,6 +105,7 @@ class KvAgent {
   std::unique_ptr<ComputeThread> transfers_;
   std::map<std::string, std::unique_ptr<kv::KvPuller>> peers_;  // transfer thread only
   std::atomic<uint64_t> pullsDone_{0}, pullsFailed_{0}, bytesPulled_{0};
+  std::atomic<bool> cancelPulls_{false};  // shutting down: pulls in flight end within 50 ms
 };
 
 kj::Own<ipc::schema::KvAgent::Server> makeKvAgentService(KvAgent& agent);
