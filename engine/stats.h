@@ -43,6 +43,15 @@ struct EngineStats {
   uint64_t finishedLength = 0;
   uint64_t finishedAbort = 0;
   uint64_t finishedError = 0;
+  // The vsup KV connector (disaggregated prefill/decode), counted by engine-core.
+  struct Kv {
+    uint64_t leasesHeld = 0;  // gauge: leases not yet ended on every rank
+    uint64_t leasesGranted = 0;
+    uint64_t leasesDone = 0, leasesGaveUp = 0, leasesDisconnected = 0, leasesExpired = 0,
+             leasesAbandoned = 0;  // ended, by reason (counted once per lease, not per rank)
+    uint64_t pullsOk = 0, pullsFailed = 0;  // requests whose KV was pulled, or failed to be
+    uint64_t pullBytes = 0;                 // bytes pulled, every rank's
+  } kv;
   // Seconds. TTFT: arrival at engine-core to first token; ITL: between consecutive tokens of
   // a request; e2e: arrival to finish; queue: arrival to first scheduled step.
   Histogram timeToFirstToken{timeToFirstTokenBuckets()};

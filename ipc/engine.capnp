@@ -100,6 +100,16 @@ struct EngineStats {
   interTokenLatency @13 :Histogram;
   e2eLatency @14 :Histogram;
   queueTime @15 :Histogram;
+  kvLeasesHeld @16 :UInt64;
+  kvLeasesGranted @17 :UInt64;
+  kvLeasesDone @18 :UInt64;
+  kvLeasesGaveUp @19 :UInt64;
+  kvLeasesDisconnected @20 :UInt64;
+  kvLeasesExpired @21 :UInt64;
+  kvLeasesAbandoned @22 :UInt64;
+  kvPullsOk @23 :UInt64;
+  kvPullsFailed @24 :UInt64;
+  kvPullBytes @25 :UInt64;
 }
 
 # Served by engine-core on each API server's connection.

@@ -220,6 +220,16 @@ void encode(const engine::EngineStats& in, schema::EngineStats::Builder out) {
   encode(in.interTokenLatency, out.initInterTokenLatency());
   encode(in.e2eLatency, out.initE2eLatency());
   encode(in.queueTime, out.initQueueTime());
+  out.setKvLeasesHeld(in.kv.leasesHeld);
+  out.setKvLeasesGranted(in.kv.leasesGranted);
+  out.setKvLeasesDone(in.kv.leasesDone);
+  out.setKvLeasesGaveUp(in.kv.leasesGaveUp);
+  out.setKvLeasesDisconnected(in.kv.leasesDisconnected);
+  out.setKvLeasesExpired(in.kv.leasesExpired);
+  out.setKvLeasesAbandoned(in.kv.leasesAbandoned);
+  out.setKvPullsOk(in.kv.pullsOk);
+  out.setKvPullsFailed(in.kv.pullsFailed);
+  out.setKvPullBytes(in.kv.pullBytes);
 }
 
 engine::EngineStats decode(schema::EngineStats::Reader in) {
@@ -241,6 +251,16 @@ engine::EngineStats decode(schema::EngineStats::Reader in) {
   if (in.hasInterTokenLatency()) s.interTokenLatency = decode(in.getInterTokenLatency());
   if (in.hasE2eLatency()) s.e2eLatency = decode(in.getE2eLatency());
   if (in.hasQueueTime()) s.queueTime = decode(in.getQueueTime());
+  s.kv.leasesHeld = in.getKvLeasesHeld();
+  s.kv.leasesGranted = in.getKvLeasesGranted();
+  s.kv.leasesDone = in.getKvLeasesDone();
+  s.kv.leasesGaveUp = in.getKvLeasesGaveUp();
+  s.kv.leasesDisconnected = in.getKvLeasesDisconnected();
+  s.kv.leasesExpired = in.getKvLeasesExpired();
+  s.kv.leasesAbandoned = in.getKvLeasesAbandoned();
+  s.kv.pullsOk = in.getKvPullsOk();
+  s.kv.pullsFailed = in.getKvPullsFailed();
+  s.kv.pullBytes = in.getKvPullBytes();
   return s;
 }
 

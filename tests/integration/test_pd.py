@@ -66,12 +66,13 @@ def request(prompt: str, max_tokens: int = 8, **kw) -> dict:
     return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
 
 
-def metric(s, name: str) -> float:
+def metric(s, name: str, label: str = "") -> float:
     c = s.connect()
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     c.close()
-    m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
+    m = re.search(r"^" + re.escape(name) + r"\{[^}]*" + re.escape(label) + r"[^}]*\} (\S+)$",
+                  text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
 
@@ -138,6 +139,16 @@ def test_pd_output_equals_a_single_instance(trees, tp, transport):
     assert status == 200, wrong
     assert wrong["choices"][0]["text"] != post(pd.single, a)[1]["choices"][0]["text"]
     caches_empty(pd.prefill, pd.decode)
+    # /metrics counts it all: every lease granted ended done (the last one's end may still be
+    # on its way), every pull succeeded and moved the bytes of its blocks on every rank.
+    pulls = 2 * len(PROMPTS) + 1
+    wait_for(lambda: metric(pd.prefill, "vsup_kv_leases_held") == 0, 5, "every lease to end",
+             pd.prefill.stderr)
+    assert metric(pd.prefill, "vsup_kv_leases_granted_total") == pulls
+    assert metric(pd.prefill, 'vsup_kv_leases_ended_total', 'reason="done"') == pulls
+    assert metric(pd.decode, "vsup_kv_pulls_total", 'outcome="ok"') == pulls
+    assert metric(pd.decode, "vsup_kv_pulls_total", 'outcome="failed"') == 0
+    assert metric(pd.decode, "vsup_kv_pull_bytes_total") > 0
     # Pulled over the transport asked for, one connection per rank, kept for every request.
     log = pd.decode.stderr()
     for r in range(tp):

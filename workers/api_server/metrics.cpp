@@ -185,6 +185,33 @@ void renderEngineStats(Exposition& out, const engine::EngineStats& s, std::strin
     l.emplace_back("finished_reason", reason);
     out.sample("vllm:request_success_total", l, double(n));
   }
+  // vsup's own: KV transfer between prefill and decode instances (all 0 without --kv-connector
+  // vsup).
+  out.gauge("vsup_kv_leases_held", "Finished prefills whose KV blocks are leased to a decode "
+            "instance.", model, double(s.kv.leasesHeld));
+  out.counter("vsup_kv_leases_granted_total", "KV leases granted to decode instances.", model,
+              double(s.kv.leasesGranted));
+  out.family("vsup_kv_leases_ended_total", "counter", "KV leases ended, by reason.");
+  const std::pair<const char*, uint64_t> ends[] = {{"done", s.kv.leasesDone},
+                                                   {"gave_up", s.kv.leasesGaveUp},
+                                                   {"disconnected", s.kv.leasesDisconnected},
+                                                   {"expired", s.kv.leasesExpired},
+                                                   {"abandoned", s.kv.leasesAbandoned}};
+  for (const auto& [reason, n] : ends) {
+    Labels l = model;
+    l.emplace_back("reason", reason);
+    out.sample("vsup_kv_leases_ended_total", l, double(n));
+  }
+  out.family("vsup_kv_pulls_total", "counter",
+             "Requests whose KV was pulled from a prefill instance, by outcome.");
+  for (const auto& [outcome, n] : {std::pair<const char*, uint64_t>{"ok", s.kv.pullsOk},
+                                   std::pair<const char*, uint64_t>{"failed", s.kv.pullsFailed}}) {
+    Labels l = model;
+    l.emplace_back("outcome", outcome);
+    out.sample("vsup_kv_pulls_total", l, double(n));
+  }
+  out.counter("vsup_kv_pull_bytes_total", "KV bytes pulled from prefill instances (all ranks).",
+              model, double(s.kv.pullBytes));
   out.histogram("vllm:time_to_first_token_seconds",
                 "Histogram of time to first token in seconds.", model, s.timeToFirstToken);
   out.histogram("vllm:inter_token_latency_seconds",

@@ -174,8 +174,14 @@ int64_t EngineCore::maxModelLen() const { return scheduler_ ? scheduler_->maxMod
 
 engine::EngineStats EngineCore::stats() const {
   if (!scheduler_) return serving_.snapshot({}, 0, beingTokenized_.size());
-  return serving_.snapshot(scheduler_->stats(), scheduler_->blocks().blockSize(),
-                           beingTokenized_.size());
+  engine::EngineStats s = serving_.snapshot(scheduler_->stats(), scheduler_->blocks().blockSize(),
+                                            beingTokenized_.size());
+  s.kv = kvStats_;
+  const auto& k = kvStats_;
+  uint64_t ended = k.leasesDone + k.leasesGaveUp + k.leasesDisconnected + k.leasesExpired +
+                   k.leasesAbandoned;
+  s.kv.leasesHeld = k.leasesGranted - std::min(k.leasesGranted, ended);
+  return s;
 }
 
 kj::Promise<void> EngineCore::start() {
@@ -652,6 +658,7 @@ void EngineCore::grantLeases(std::vector<engine::KvTransfer> held,
                      [this, shared]() {
                        std::map<std::string, const engine::KvTransfer*> byId;
                        for (const auto& h : shared->first) byId[h.requestId] = &h;
+                       kvStats_.leasesGranted += shared->first.size();
                        for (auto& d : shared->second) {
                          const engine::KvTransfer* h = byId.at(d.requestId);
                          engine::KvParams p;
@@ -689,6 +696,12 @@ void EngineCore::watchLeases(size_t agent) {
           // A lease ends on every rank's agent; its blocks are free once the last one says so.
           if (++leaseEnds_[id] < agents_.size()) continue;
           leaseEnds_.erase(id);
+          std::string reason = e.getReason();
+          (reason == "done"           ? kvStats_.leasesDone
+           : reason == "gave up"      ? kvStats_.leasesGaveUp
+           : reason == "disconnected" ? kvStats_.leasesDisconnected
+           : reason == "expired"      ? kvStats_.leasesExpired
+                                      : kvStats_.leasesAbandoned)++;
           freed = scheduler_->releaseHold(id) || freed;
         }
         if (freed) wake();
@@ -697,7 +710,7 @@ void EngineCore::watchLeases(size_t agent) {
 }
 
 void EngineCore::startLoad(engine::core::KvLoad load) {
-  kj::Vector<kj::Promise<std::string>> pulls;
+  kj::Vector<kj::Promise<std::pair<std::string, uint64_t>>> pulls;
   for (auto& agent : agents_) {
     auto req = agent.pullRequest();
     req.setRemoteEngineId(load.remote.remoteEngineId);
@@ -711,17 +724,25 @@ void EngineCore::startLoad(engine::core::KvLoad load) {
     auto local = req.initLocalBlocks(unsigned(load.blocks.size()));
     for (unsigned i = 0; i < load.blocks.size(); ++i) local.set(i, load.blocks[i]);
     pulls.add(req.send().then(
-        [](capnp::Response<schema::KvAgent::PullResults> r) { return std::string(r.getError()); },
-        [](kj::Exception&& e) { return "the KV agent failed: " + ipc::userMessage(e); }));
+        [](capnp::Response<schema::KvAgent::PullResults> r) {
+          return std::pair<std::string, uint64_t>(r.getError(), r.getBytes());
+        },
+        [](kj::Exception&& e) {
+          return std::pair<std::string, uint64_t>("the KV agent failed: " + ipc::userMessage(e),
+                                                  0);
+        }));
   }
   auto remote = std::make_shared<engine::KvParams>(std::move(load.remote));
   uint64_t token = load.token;
   tasks_.add(kj::joinPromises(pulls.releaseAsArray())
-                 .then([this, token, remote](kj::Array<std::string> errors) {
+                 .then([this, token, remote](
+                           kj::Array<std::pair<std::string, uint64_t>> results) {
                    std::string error;
-                   for (const auto& e : errors) {
+                   for (const auto& [e, bytes] : results) {
                      if (!e.empty()) error = e;
+                     kvStats_.pullBytes += bytes;
                    }
+                   ++(error.empty() ? kvStats_.pullsOk : kvStats_.pullsFailed);
                    if (error.empty()) {
                      scheduler_->kvLoaded(token);
                      wake();

@@ -121,6 +121,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::string engineId_;                       // drawn at every start: a peer's remote_engine_id
   std::vector<ipc::schema::KvAgent::Client> agents_;  // one per rank (vsup connector)
   std::map<std::string, size_t> leaseEnds_;    // lease → agents that reported its end
+  engine::EngineStats::Kv kvStats_;            // what /metrics reports of the KV connector
   std::unique_ptr<supervisor::Supervisor> ranks_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;
