@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -399,3 +400,42 @@ def test_pd_decode_sigterm_aborts_a_request_waiting_for_kv_at_the_drain_deadline
     wait_for(lambda: pd.prefill.health()[0] == 200, 5, "the prefill instance to answer",
              pd.prefill.stderr)
     assert trees.stop(pd.prefill) == 0
+
+
+def test_pd_a_request_aborted_before_its_pull_gives_its_lease_up(trees):
+    # One decode slot (--max-num-seqs 1): the first request takes it and its pull stalls on a
+    # stopped prefill agent; the second waits in the queue for the slot, its lease held by
+    # another prefill instance. Its client goes away: that lease is given up at once (well, as
+    # soon as the decode agent's one transfer thread is free: the stalled pull's timeout).
+    pd = PD(trees, decode_args=("--max-num-seqs", "1", "--max-num-batched-tokens", "256",
+                                "--kv-transfer-timeout", "1"), single=False)
+    other = trees.serve(*COMMON, "--kv-connector", "vsup", "--kv-role", "prefill",
+                        "--kv-port", str(free_ports(1)))
+    body = request("Hello, world! 123")
+    kv_first = pd.prefill_params(body)
+    status, doc = post(other, {**body, "kv_transfer_params": {"do_remote_decode": True}})
+    assert status == 200, doc
+    kv_second = doc["kv_transfer_params"]
+    agent = agent_pid(pd.prefill)
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        first = in_thread(lambda: post(pd.decode, {**body, "kv_transfer_params": kv_first}))
+        wait_for(lambda: metric(pd.decode, "vllm:num_requests_running") == 1, 5,
+                 "the first request to wait for its KV", pd.decode.stderr)
+        c = pd.decode.connect()
+        c.request("POST", "/v1/completions",
+                  body=json.dumps({**body, "kv_transfer_params": kv_second}),
+                  headers={"Content-Type": "application/json"})
+        wait_for(lambda: metric(pd.decode, "vllm:num_requests_waiting") == 1, 5,
+                 "the second request to queue", pd.decode.stderr)
+        # The client goes away: a reset, as a killed client's kernel sends.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        wait_for(lambda: metric(other, "vsup_kv_leases_ended_total", 'reason="gave_up"') == 1, 5,
+                 "the queued request's lease to be given up", lambda: pd.decode.stderr() + other.stderr())
+        caches_empty(other)
+        status, doc = first()
+        assert status == 500 and "timed out" in doc["error"]["message"], doc
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    caches_empty(pd.decode)

@@ -508,7 +508,10 @@ std::optional<engine::Rejection> EngineCore::checkKvParams(const engine::Generat
 std::optional<engine::Rejection> EngineCore::admitTokenized(engine::core::TokenizedRequest t) {
   std::string id = t.request.id;
   std::optional<engine::Rejection> rejected = checkKvParams(t.request);
+  std::optional<engine::KvParams> remote;
+  if (t.request.kv && t.request.kv->doRemotePrefill) remote = t.request.kv;
   if (!rejected) rejected = scheduler_->admit(std::move(t));
+  if (!rejected && remote) awaitingLoad_[id] = std::move(*remote);
   if (rejected) {
     router_.forget(id);  // not queued: nothing will be routed for it
     serving_.forget(id);
@@ -526,6 +529,21 @@ void EngineCore::abort(const std::string& id) {
     route({final});
     wake();  // its blocks are free: a waiting request may fit now
   }
+  giveUpRemote(id);
+}
+
+void EngineCore::giveUpRemote(const std::string& id) {
+  auto it = awaitingLoad_.find(id);
+  if (it == awaitingLoad_.end()) return;
+  for (auto& agent : agents_) {
+    auto req = agent.giveUpRequest();
+    req.setRemoteEngineId(it->second.remoteEngineId);
+    req.setRemoteRequestId(it->second.remoteRequestId);
+    req.setRemoteHost(it->second.remoteHost);
+    req.setRemotePort(it->second.remotePort);
+    tasks_.add(req.send().ignoreResult());
+  }
+  awaitingLoad_.erase(it);
 }
 
 void EngineCore::sessionLost(size_t index) {
@@ -541,6 +559,7 @@ void EngineCore::sessionLost(size_t index) {
     if (beingTokenized_.erase(id) != 0 || scheduler_->abort(id, &final)) {
       finals.push_back(std::move(final));
     }
+    giveUpRemote(id);
   }
   serving_.delivered(finals, monoNow());
   if (index < sessions_.size()) sessions_[index] = nullptr;
@@ -572,7 +591,10 @@ kj::Promise<void> EngineCore::loop() {
     finalKvStep_ = false;
   } else {
     input = scheduler_->nextStep();
-    for (engine::core::KvLoad& load : scheduler_->takeKvLoads()) startLoad(std::move(load));
+    for (engine::core::KvLoad& load : scheduler_->takeKvLoads()) {
+      awaitingLoad_.erase(load.requestId);
+      startLoad(std::move(load));
+    }
     if (input.seqs.empty() && kvPending_.empty()) {
       // In flight, and nothing to compute: loads still pulling, or requests waiting for blocks
       // that holds keep. A load's end, a released hold or a new request wakes the loop.
@@ -782,6 +804,7 @@ size_t EngineCore::endAll(engine::FinishReason finish, const std::string& error)
     final.requestId = id;
     bool known = beingTokenized_.erase(id) != 0;
     if (!known && scheduler_) known = scheduler_->abort(id, &final);
+    giveUpRemote(id);
     if (!known) continue;
     final.finish = finish;
     final.error = error;

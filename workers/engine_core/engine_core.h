@@ -122,6 +122,10 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   std::vector<ipc::schema::KvAgent::Client> agents_;  // one per rank (vsup connector)
   std::map<std::string, size_t> leaseEnds_;    // lease → agents that reported its end
   engine::EngineStats::Kv kvStats_;            // what /metrics reports of the KV connector
+  // Admitted remote-prefill requests whose pull has not started: one that ends now tells the
+  // prefill side to give its lease up (a pull that started ends the lease itself).
+  std::map<std::string, engine::KvParams> awaitingLoad_;
+  void giveUpRemote(const std::string& id);
   std::unique_ptr<supervisor::Supervisor> ranks_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;
