@@ -65,6 +65,18 @@ void setNonBlocking(int fd) {
   VSUP_SYSCALL(::fcntl(fd, F_SETFL, flags | O_NONBLOCK));
 }
 
+// Moves iovecs [first..] past `n` bytes that were sent or received; `first` then names the first
+// one with bytes left.
+void advance(std::vector<iovec>& iov, size_t& first, size_t n) {
+  while (n > 0 && first < iov.size()) {
+    size_t k = std::min(n, iov[first].iov_len);
+    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
+    iov[first].iov_len -= k;
+    n -= k;
+    if (iov[first].iov_len == 0) ++first;
+  }
+}
+
 // Sends every byte of the iovecs (modified in place) before `deadline`.
 void sendIov(int fd, std::vector<iovec>& iov, MonoNs deadline, const char* what,
              int passFd = -1) {
@@ -96,14 +108,7 @@ void sendIov(int fd, std::vector<iovec>& iov, MonoNs deadline, const char* what,
       throw KvTransferError(std::string("sending ") + what + " failed: " + std::strerror(errno));
     }
     passFd = -1;  // sent with the first byte
-    auto left = size_t(n);
-    while (left > 0 && first < iov.size()) {
-      size_t k = std::min(left, iov[first].iov_len);
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-      iov[first].iov_len -= k;
-      left -= k;
-      if (iov[first].iov_len == 0) ++first;
-    }
+    advance(iov, first, size_t(n));
   }
 }
 
@@ -817,10 +822,7 @@ uint64_t KvPuller::pull(const std::string& leaseId, const std::vector<int32_t>& 
   size_t first = 0;
   // Bytes that arrived with the PullReady frame first, then straight from the socket.
   while (first < iov.size() && decoder_.buffered() > 0) {
-    size_t k = decoder_.takeRaw(iov[first].iov_base, iov[first].iov_len);
-    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-    iov[first].iov_len -= k;
-    if (iov[first].iov_len == 0) ++first;
+    advance(iov, first, decoder_.takeRaw(iov[first].iov_base, iov[first].iov_len));
   }
   while (first < iov.size()) {
     msghdr msg{};
@@ -836,14 +838,7 @@ uint64_t KvPuller::pull(const std::string& leaseId, const std::vector<int32_t>& 
       throw KvTransferError(context + ": " + std::strerror(errno));
     }
     if (n == 0) throw KvTransferError(context + ": the KV agent closed the connection mid-pull");
-    auto left = size_t(n);
-    while (left > 0) {
-      size_t k = std::min(left, iov[first].iov_len);
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-      iov[first].iov_len -= k;
-      left -= k;
-      if (iov[first].iov_len == 0) ++first;
-    }
+    advance(iov, first, size_t(n));
   }
   Message end = receive(deadline);
   if (const auto* e = std::get_if<ErrorMsg>(&end)) throw refusal(*e, context);

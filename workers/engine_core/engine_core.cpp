@@ -535,15 +535,19 @@ void EngineCore::abort(const std::string& id) {
 void EngineCore::giveUpRemote(const std::string& id) {
   auto it = awaitingLoad_.find(id);
   if (it == awaitingLoad_.end()) return;
+  sendGiveUp(it->second);
+  awaitingLoad_.erase(it);
+}
+
+void EngineCore::sendGiveUp(const engine::KvParams& remote) {
   for (auto& agent : agents_) {
     auto req = agent.giveUpRequest();
-    req.setRemoteEngineId(it->second.remoteEngineId);
-    req.setRemoteRequestId(it->second.remoteRequestId);
-    req.setRemoteHost(it->second.remoteHost);
-    req.setRemotePort(it->second.remotePort);
+    req.setRemoteEngineId(remote.remoteEngineId);
+    req.setRemoteRequestId(remote.remoteRequestId);
+    req.setRemoteHost(remote.remoteHost);
+    req.setRemotePort(remote.remotePort);
     tasks_.add(req.send().ignoreResult());
   }
-  awaitingLoad_.erase(it);
 }
 
 void EngineCore::sessionLost(size_t index) {
@@ -771,14 +775,7 @@ void EngineCore::startLoad(engine::core::KvLoad load) {
                      return;
                    }
                    // Tell the prefill side at once, so its blocks need not wait for the lease.
-                   for (auto& agent : agents_) {
-                     auto req = agent.giveUpRequest();
-                     req.setRemoteEngineId(remote->remoteEngineId);
-                     req.setRemoteRequestId(remote->remoteRequestId);
-                     req.setRemoteHost(remote->remoteHost);
-                     req.setRemotePort(remote->remotePort);
-                     tasks_.add(req.send().ignoreResult());
-                   }
+                   sendGiveUp(*remote);
                    bool recompute = config_.common.kv.loadFailure == "recompute";
                    std::string why = "KV transfer from " + remote->remoteHost + ":" +
                                      std::to_string(remote->remotePort) + " failed: " + error;

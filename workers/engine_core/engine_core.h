@@ -126,6 +126,7 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   // prefill side to give its lease up (a pull that started ends the lease itself).
   std::map<std::string, engine::KvParams> awaitingLoad_;
   void giveUpRemote(const std::string& id);
+  void sendGiveUp(const engine::KvParams& remote);  // through every rank's agent
   std::unique_ptr<supervisor::Supervisor> ranks_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;

@@ -310,6 +310,17 @@ kj::Promise<void> KvAgent::drainFrom(uv_loop_t* loop, supervisor::ShutdownContex
 
 namespace {
 
+// The peer a pull or a give-up names.
+template <typename Params>
+engine::KvParams remoteOf(Params p) {
+  engine::KvParams remote;
+  remote.remoteEngineId = p.getRemoteEngineId();
+  remote.remoteRequestId = p.getRemoteRequestId();
+  remote.remoteHost = p.getRemoteHost();
+  remote.remotePort = p.getRemotePort();
+  return remote;
+}
+
 class KvAgentService final : public schema::KvAgent::Server {
  public:
   explicit KvAgentService(KvAgent& agent) : agent_(agent) {}
@@ -339,11 +350,7 @@ class KvAgentService final : public schema::KvAgent::Server {
 
   kj::Promise<void> pull(PullContext context) override {
     auto p = context.getParams();
-    engine::KvParams remote;
-    remote.remoteEngineId = p.getRemoteEngineId();
-    remote.remoteRequestId = p.getRemoteRequestId();
-    remote.remoteHost = p.getRemoteHost();
-    remote.remotePort = p.getRemotePort();
+    engine::KvParams remote = remoteOf(p);
     for (int32_t b : p.getRemoteBlocks()) remote.remoteBlockIds.push_back(b);
     std::vector<int32_t> local;
     for (int32_t b : p.getLocalBlocks()) local.push_back(b);
@@ -357,13 +364,7 @@ class KvAgentService final : public schema::KvAgent::Server {
   }
 
   kj::Promise<void> giveUp(GiveUpContext context) override {
-    auto p = context.getParams();
-    engine::KvParams remote;
-    remote.remoteEngineId = p.getRemoteEngineId();
-    remote.remoteRequestId = p.getRemoteRequestId();
-    remote.remoteHost = p.getRemoteHost();
-    remote.remotePort = p.getRemotePort();
-    return agent_.giveUp(remote);
+    return agent_.giveUp(remoteOf(context.getParams()));
   }
 
   kj::Promise<void> stats(StatsContext context) override {
