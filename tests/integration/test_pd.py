@@ -307,6 +307,8 @@ def test_pd_prefill_agent_killed_mid_pull_ends_the_request_at_once_and_decode_li
     # The prefill instance lost a rank's agent: its engine fails, and the tree exits by itself.
     code = pd.prefill.wait_exit(15)
     assert code != 0
+    assert "a tensor-parallel worker or KV agent died" in pd.prefill.stderr()
+    assert "kv-agent-tp0" in pd.prefill.stderr()
     trees.wait_nothing_left(pd.prefill)
     assert trees.stop(pd.decode) == 0
 

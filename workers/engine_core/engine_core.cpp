@@ -295,8 +295,10 @@ kj::Promise<void> EngineCore::start() {
                     // reports it (naming the rank) and the parent then stops this process.
                     // Exiting here would race that report.
                     if (stopping_ || !running_) return;
-                    fail("a tensor-parallel worker died (" + std::string(supervisor::nameOf(o)) +
-                         ": " + ranks_->failure() + ")");
+                    // ranks_->failure() names the child: a rank, or a rank's KV agent.
+                    fail(std::string(agents_.empty() ? "a tensor-parallel worker died ("
+                                                     : "a tensor-parallel worker or KV agent died (") +
+                         supervisor::nameOf(o) + ": " + ranks_->failure() + ")");
                   })
                   .eagerlyEvaluate(nullptr);
   return ranks_->start().then([this, tp]() {
