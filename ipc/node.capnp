@@ -69,6 +69,7 @@ struct NodeStatus {
   children @8 :List(NodeStatus);
   requestsTotal @9 :Int64;    # requests accepted since start (an API server); -1: not applicable
   outOfRotation @10 :Bool;    # leaveRotation() was called: /health says "draining"
+  detail @11 :Text;           # one line of what the node is doing (a KV agent: its leases, pulls)
 
   # In the order of supervisor::NodeType and supervisor::NodeState (supervisor/status.h).
   enum Type { worker @0; supervisor @1; }

@@ -116,6 +116,7 @@ void encode(const NodeStatus& s, schema::NodeStatus::Builder out) {
   out.setInFlight(s.inFlight);
   out.setRequestsTotal(s.requestsTotal);
   out.setOutOfRotation(s.outOfRotation);
+  out.setDetail(s.detail);
   auto children = out.initChildren(unsigned(s.children.size()));
   for (unsigned i = 0; i < s.children.size(); ++i) encode(s.children[i], children[i]);
 }
@@ -133,6 +134,7 @@ NodeStatus decode(schema::NodeStatus::Reader in) {
   s.inFlight = in.getInFlight();
   s.requestsTotal = in.getRequestsTotal();
   s.outOfRotation = in.getOutOfRotation();
+  s.detail = in.getDetail();
   for (auto c : in.getChildren()) s.children.push_back(decode(c));
   return s;
 }

@@ -79,6 +79,7 @@ struct NodeStatus {
   // After children, so existing aggregate initializers keep their meaning.
   int64_t requestsTotal = -1;  // requests accepted since start (an API server); -1: n/a
   bool outOfRotation = false;  // leaveRotation() was called (an API server: /health is 503)
+  std::string detail = "";     // one line the node says of its work (a KV agent's leases); may be empty
 };
 
 }  // namespace vsup::supervisor

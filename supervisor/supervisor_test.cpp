@@ -483,15 +483,15 @@ TEST_CASE("node states and types are named with the words `vsup tree` prints") {
 }
 
 TEST_CASE("node_codec carries states, types and start configurations unchanged") {
-  NodeStatus root{"root", 1, NodeType::Supervisor, NodeState::Stopping, 5, 0, {}, -1, {}, -1, false};
+  NodeStatus root{"root", 1, NodeType::Supervisor, NodeState::Stopping, 5, 0, {}, -1, {}, -1, false, {}};
   for (NodeState st : {NodeState::Starting, NodeState::Running, NodeState::Stopping,
                        NodeState::Stopped, NodeState::Restarting, NodeState::Unresponsive,
                        NodeState::Failed}) {
-    root.children.push_back({"c", 2, NodeType::Worker, st, 0, 0, {}, -1, {}, -1, false});
+    root.children.push_back({"c", 2, NodeType::Worker, st, 0, 0, {}, -1, {}, -1, false, {}});
   }
   // An API server's request counts and rotation flag.
   root.children.push_back({"api", 3, NodeType::Worker, NodeState::Running, 0, 0, {}, 4, {}, 1234,
-                           true});
+                           true, "leases 1 held"});
   capnp::MallocMessageBuilder m;
   encode(root, m.initRoot<ipc::schema::NodeStatus>());
   NodeStatus back = decode(m.getRoot<ipc::schema::NodeStatus>().asReader());
@@ -504,6 +504,7 @@ TEST_CASE("node_codec carries states, types and start configurations unchanged")
     CHECK(back.children[i].inFlight == root.children[i].inFlight);
     CHECK(back.children[i].requestsTotal == root.children[i].requestsTotal);
     CHECK(back.children[i].outOfRotation == root.children[i].outOfRotation);
+    CHECK(back.children[i].detail == root.children[i].detail);
   }
   CHECK(back.requestsTotal == -1);
   CHECK_FALSE(back.outOfRotation);

@@ -74,6 +74,7 @@ nlohmann::json toJson(const NodeStatus& s) {
   // traffic): the others are never in a load balancer's rotation.
   if (s.requestsTotal >= 0) j["requests_total"] = s.requestsTotal;
   if (s.requestsTotal >= 0 || s.outOfRotation) j["out_of_rotation"] = s.outOfRotation;
+  if (!s.detail.empty()) j["detail"] = s.detail;
   j["children"] = nlohmann::json::array();
   for (const auto& c : s.children) j["children"].push_back(toJson(c));
   return j;
@@ -95,6 +96,7 @@ void printText(const NodeStatus& s, const std::string& prefix, const std::string
   if (s.inFlight >= 0) out += "  in-flight " + std::to_string(s.inFlight);
   if (s.requestsTotal >= 0) out += "  requests " + std::to_string(s.requestsTotal);
   if (s.outOfRotation) out += "  out of rotation";
+  if (!s.detail.empty()) out += "  " + s.detail;
   if (s.deferral.active()) {
     out += "  deferring: " + s.deferral.reason;
     if (!s.deferral.progress.empty()) out += " (" + s.deferral.progress + ")";

@@ -150,6 +150,18 @@ def test_pd_output_equals_a_single_instance(trees, tp, transport):
     assert metric(pd.decode, "vsup_kv_pulls_total", 'outcome="ok"') == pulls
     assert metric(pd.decode, "vsup_kv_pulls_total", 'outcome="failed"') == 0
     assert metric(pd.decode, "vsup_kv_pull_bytes_total") > 0
+    # `vsup tree` says what each agent did.
+    def agent_detail(s, r):
+        def find(node):
+            if node["name"] == f"kv-agent-tp{r}":
+                return node
+            for c in node["children"]:
+                if (f := find(c)) is not None:
+                    return f
+        return find(s.tree())["detail"]
+    for r in range(tp):
+        assert f"leases 0 held (0 pulling), {pulls} done" in agent_detail(pd.prefill, r)
+        assert f"pulls {pulls} done, 0 failed" in agent_detail(pd.decode, r)
     # Pulled over the transport asked for, one connection per rank, kept for every request.
     log = pd.decode.stderr()
     for r in range(tp):

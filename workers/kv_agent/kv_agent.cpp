@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <utility>
 
@@ -273,6 +274,28 @@ void KvAgent::fillStats(schema::KvAgentStats::Builder out) const {
   out.setBytesPulled(bytesPulled_.load());
 }
 
+std::string KvAgent::summary() const {
+  auto mib = [](uint64_t b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.1f MiB", double(b) / double(1 << 20));
+    return std::string(buf);
+  };
+  std::string out;
+  if (leases_) {
+    kv::LeaseBook::Counts c = leases_->counts();
+    out = "leases " + std::to_string(c.live) + " held (" + std::to_string(c.pulling) +
+          " pulling), " + std::to_string(c.done) + " done, " + std::to_string(c.gaveUp) +
+          " given up, " + std::to_string(c.disconnected) + " disconnected, " +
+          std::to_string(c.expired) + " expired; sent " + mib(c.bytesSent);
+  }
+  if (transfers_) {
+    if (!out.empty()) out += "; ";
+    out += "pulls " + std::to_string(pullsDone_.load()) + " done, " +
+           std::to_string(pullsFailed_.load()) + " failed; pulled " + mib(bytesPulled_.load());
+  }
+  return out;
+}
+
 kj::Promise<void> KvAgent::drain(uv_loop_t* loop, supervisor::ShutdownContext& ctx,
                                  MonoNs giveUpAt) {
   // Pulls still in flight are of requests engine-core has aborted by now: end them, so the
@@ -401,6 +424,13 @@ int kvAgentMain(int argc, char** argv) {
       }
       KvAgent* a = agent->get();
       runtime.setService(makeKvAgentService(*a));
+      runtime.onStatus([a]() -> kj::Promise<supervisor::NodeStatus> {
+        supervisor::NodeStatus s;
+        s.type = supervisor::NodeType::Worker;
+        s.state = supervisor::NodeState::Running;
+        s.detail = a->summary();
+        return s;
+      });
       runtime.addShutdownHook("kv", [loop, a](supervisor::ShutdownContext& ctx) {
         MonoNs own = deadlineAfterMs(a->settings().shutdownTimeoutMs);
         return a->drain(loop, ctx, std::min(ctx.deadline(), own));

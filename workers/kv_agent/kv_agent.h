@@ -79,6 +79,9 @@ class KvAgent {
   kj::Promise<PullResult> pull(const engine::KvParams& remote, std::vector<int32_t> localBlocks);
   kj::Promise<void> giveUp(const engine::KvParams& remote);
   void fillStats(ipc::schema::KvAgentStats::Builder out) const;
+  // One line for `vsup tree`: "leases 2 held (1 pulling), 7 done, 1 expired; sent 12.0 MiB" /
+  // "pulls 9 done, 1 failed; pulled 40.5 MiB".
+  std::string summary() const;
 
   // The "kv" shutdown hook: defers while leases are held, until they end or `giveUpAt`.
   kj::Promise<void> drain(uv_loop_t* loop, supervisor::ShutdownContext& ctx, MonoNs giveUpAt);
