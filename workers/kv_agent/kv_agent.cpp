@@ -115,19 +115,16 @@ KvAgent::KvAgent(uv_loop_t* loop, std::string node, KvAgentSettings settings, in
                      node_, settings_.engineId, settings_.rank, settings_.host, port,
                      kv::shmSocketName(settings_.port, settings_.rank), c.model, c.dtype,
                      c.layers, c.kvHeads, c.headDim, c.blockSize, c.tpSize);
-    expiry_ = kj::evalLater([this]() -> kj::Promise<void> {
-                struct Loop {
-                  static kj::Promise<void> run(KvAgent* a) {
-                    return ipc::uvSleep(a->loop_, 100).then([a]() {
-                      a->leases_->expireOverdue();
-                      return run(a);
-                    });
-                  }
-                };
-                return Loop::run(this);
-              }).eagerlyEvaluate([](kj::Exception&&) {});
+    expiry_ = expireEvery100ms().eagerlyEvaluate([](kj::Exception&&) {});
   }
   if (settings_.pulls()) transfers_ = std::make_unique<ComputeThread>();
+}
+
+kj::Promise<void> KvAgent::expireEvery100ms() {
+  return ipc::uvSleep(loop_, 100).then([this]() {
+    leases_->expireOverdue();  // an unpulled lease ends on time, not at the next pull
+    return expireEvery100ms();
+  });
 }
 
 KvAgent::~KvAgent() {

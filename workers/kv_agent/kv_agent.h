@@ -88,6 +88,7 @@ class KvAgent {
 
  private:
   void ended(const std::vector<kv::EndedLease>& e);  // from any thread
+  kj::Promise<void> expireEvery100ms();
   kv::KvPuller& peer(const engine::KvParams& remote, MonoNs deadline);  // transfer thread
   kj::Promise<void> drainFrom(uv_loop_t* loop, supervisor::ShutdownContext& ctx, MonoNs giveUpAt,
                               uint64_t total);
