@@ -104,6 +104,9 @@ struct Supervisor::Child {
   MonoNs startedAt = 0;
   uint32_t restarts = 0;
   bool exitExpected = false;  // we asked it to stop: its exit is not a failure
+  // It died while starting, before its start's own watch reported it: a shutdown that begins
+  // now cancels that report, so beginShutdown() reports the start failure instead.
+  bool diedStarting = false;
   bool ended = false;         // exited and will not be restarted (auto_shutdown bookkeeping)
   bool killed = false;        // SIGKILLed by us at a deadline during this stop
   std::string statusText;     // last STATUS= from the notify protocol
@@ -315,6 +318,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
   c.deferral = {};
   c.statusText.clear();
   c.state = Child::State::Starting;
+  c.diedStarting = false;
   c.node.reset();
   c.link.reset();
 
@@ -546,6 +550,7 @@ void Supervisor::onExit(Child& c) {
   if (guard_) guard_->remove(pid);
   c.lastExit = *status;
   c.state = Child::State::Stopped;
+  c.diedStarting = wasStarting && !c.exitExpected && phase_ != Phase::ShuttingDown;
   // A ready = notify child that never said READY=1: its start fails with its exit status (the
   // exit watch of startChild says the same; whichever is seen first, the message is this one).
   if (c.readyFulfiller && c.readyFulfiller->isWaiting()) {
@@ -784,6 +789,18 @@ void Supervisor::beginShutdown(MonoNs deadline) {
   shutdownStartedAt_ = monoNow();
   // Why first: nothing may be started or restarted once shutdown began (OTP).
   ops_ = kj::READY_NOW;
+  if (wasStarting && startFailure_.empty()) {
+    // A child that died while starting, in the same turn of the loop as the signal: its start
+    // failure must not be lost to the cancelled start.
+    for (const auto& c : children_) {
+      if (!c->diedStarting || forcedOutcome_) continue;
+      forcedOutcome_ = Outcome::StartFailed;
+      failure_ = "child '" + c->spec.name + "' failed to start (" +
+                 (c->lastExit ? c->lastExit->describe() : std::string("exited")) +
+                 ") as the shutdown began";
+      vsup::log().error("[supervisor] {}: {}", spec_.name, failure_);
+    }
+  }
   if (wasStarting && startFailure_.empty() && startFulfiller_ && startFulfiller_->isWaiting()) {
     startFulfiller_->reject(toKj("shut down while starting"));
   }
