@@ -55,17 +55,7 @@ engine::KvCacheLayout shape(int32_t blocks) {
   return l;
 }
 
-KvCompat compatOf(const engine::KvCacheLayout& l) {
-  KvCompat c;
-  c.model = "bench";
-  c.dtype = l.dtype;
-  c.layers = uint32_t(l.layers);
-  c.kvHeads = uint32_t(l.kvHeads);
-  c.headDim = uint32_t(l.headDim);
-  c.blockSize = uint32_t(l.blockSize);
-  c.tpSize = 1;
-  return c;
-}
+KvCompat compatOf(const engine::KvCacheLayout& l) { return compatFor(l, "bench", 2, 1); }
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -83,6 +73,16 @@ std::vector<iovec> chunks(const engine::KvCacheLayout& l, std::byte* base,
   return iov;
 }
 
+void advance(std::vector<iovec>& iov, size_t& first, size_t n) {
+  while (n > 0) {
+    size_t k = std::min(n, iov[first].iov_len);
+    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
+    iov[first].iov_len -= k;
+    n -= k;
+    if (iov[first].iov_len == 0) ++first;
+  }
+}
+
 void sendAllIov(int fd, std::vector<iovec> iov) {
   size_t first = 0;
   while (first < iov.size()) {
@@ -95,13 +95,7 @@ void sendAllIov(int fd, std::vector<iovec> iov) {
       std::perror("sendmsg");
       std::exit(1);
     }
-    for (auto left = size_t(n); left > 0;) {
-      size_t k = std::min(left, iov[first].iov_len);
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-      iov[first].iov_len -= k;
-      left -= k;
-      if (iov[first].iov_len == 0) ++first;
-    }
+    advance(iov, first, size_t(n));
   }
 }
 
@@ -117,13 +111,7 @@ void recvAllIov(int fd, std::vector<iovec> iov) {
       std::perror("recvmsg");
       std::exit(1);
     }
-    for (auto left = size_t(n); left > 0;) {
-      size_t k = std::min(left, iov[first].iov_len);
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-      iov[first].iov_len -= k;
-      left -= k;
-      if (iov[first].iov_len == 0) ++first;
-    }
+    advance(iov, first, size_t(n));
   }
 }
 

@@ -16,6 +16,12 @@
 
 namespace vsup::engine {
 
+int32_t elementBytesOf(const std::string& dtype) {
+  if (dtype == "f32") return 4;
+  if (dtype == "f16" || dtype == "bf16") return 2;
+  return 0;
+}
+
 void validate(const KvCacheLayout& l) {
   auto positive = [](const char* field, int64_t v) {
     if (v <= 0) {
@@ -28,7 +34,7 @@ void validate(const KvCacheLayout& l) {
   positive("head size", l.headDim);
   positive("block size", l.blockSize);
   positive("blocks", l.numBlocks);
-  int expected = l.dtype == "f32" ? 4 : (l.dtype == "f16" || l.dtype == "bf16") ? 2 : 0;
+  int32_t expected = elementBytesOf(l.dtype);
   if (expected == 0) {
     throw std::invalid_argument("KV cache layout: dtype \"" + l.dtype +
                                 "\" is not one of f32, f16, bf16");

@@ -45,6 +45,9 @@ struct KvCacheLayout {
   int64_t planeElements() const { return int64_t(numBlocks) * chunkBytes() / elementBytes; }
 };
 
+// Bytes per element of a KV dtype: "f32" 4, "f16" and "bf16" 2; 0 for any other name.
+int32_t elementBytesOf(const std::string& dtype);
+
 // Throws std::invalid_argument naming the field unless every field is positive, the region is
 // no larger than 1 TiB and dtype matches elementBytes ("f32" 4, "f16"/"bf16" 2).
 void validate(const KvCacheLayout& layout);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace vsup::kv {
 namespace {
@@ -224,6 +225,19 @@ Message decodePayload(uint16_t type, const char* p, size_t n) {
 }
 
 }  // namespace
+
+KvCompat compatFor(const engine::KvCacheLayout& l, std::string model, uint32_t modelKvHeads,
+                   uint32_t tpSize) {
+  KvCompat c;
+  c.model = std::move(model);
+  c.dtype = l.dtype;
+  c.layers = uint32_t(l.layers);
+  c.kvHeads = modelKvHeads;
+  c.headDim = uint32_t(l.headDim);
+  c.blockSize = uint32_t(l.blockSize);
+  c.tpSize = tpSize;
+  return c;
+}
 
 uint64_t compatHash(const KvCompat& c) {
   Writer w;

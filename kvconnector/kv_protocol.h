@@ -38,6 +38,8 @@
 #include <variant>
 #include <vector>
 
+#include "engine/kv_cache.h"
+
 namespace vsup::kv {
 
 inline constexpr uint32_t kProtocolVersion = 1;
@@ -61,6 +63,11 @@ struct KvCompat {
   uint32_t protocolVersion = kProtocolVersion;
   bool operator==(const KvCompat&) const = default;
 };
+
+// What an instance whose ranks each hold `rankLayout` must agree on with its peers: the cache's
+// shape from the layout, the rest as named (the model's KV heads, not the rank's share).
+KvCompat compatFor(const engine::KvCacheLayout& rankLayout, std::string model,
+                   uint32_t modelKvHeads, uint32_t tpSize);
 
 // A stable 64-bit hash of every field (FNV-1a over their encoding): what a router may compare.
 uint64_t compatHash(const KvCompat& compat);

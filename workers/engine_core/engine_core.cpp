@@ -241,13 +241,7 @@ kj::Promise<void> EngineCore::start() {
     s.shutdownTimeoutMs = kvMs;
     s.engineId = engineId_;
     s.layout = *plan_.kvLayout;
-    s.compat.model = plan_.modelId;
-    s.compat.dtype = s.layout.dtype;
-    s.compat.layers = uint32_t(s.layout.layers);
-    s.compat.kvHeads = plan_.modelKvHeads;
-    s.compat.headDim = uint32_t(s.layout.headDim);
-    s.compat.blockSize = uint32_t(s.layout.blockSize);
-    s.compat.tpSize = tp;
+    s.compat = kv::compatFor(s.layout, plan_.modelId, plan_.modelKvHeads, tp);
     supervisor::ChildSpec c;
     c.name = "kv-agent-tp" + std::to_string(r);
     c.vsupAware = true;

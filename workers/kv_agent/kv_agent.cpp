@@ -75,14 +75,8 @@ KvAgentSettings decodeKvAgentConfig(const std::string& bytes) {
     s.layout.blockSize = in.getBlockSize();
     s.layout.numBlocks = in.getNumBlocks();
     s.layout.dtype = in.getDtype();
-    s.layout.elementBytes = s.layout.dtype == "f32" ? 4 : 2;
-    s.compat.model = in.getModel();
-    s.compat.dtype = s.layout.dtype;
-    s.compat.layers = uint32_t(s.layout.layers);
-    s.compat.kvHeads = in.getModelKvHeads();
-    s.compat.headDim = uint32_t(s.layout.headDim);
-    s.compat.blockSize = uint32_t(s.layout.blockSize);
-    s.compat.tpSize = in.getTpSize();
+    s.layout.elementBytes = engine::elementBytesOf(s.layout.dtype);
+    s.compat = kv::compatFor(s.layout, in.getModel(), in.getModelKvHeads(), in.getTpSize());
   } catch (const kj::Exception& e) {
     throw Error("KV agent configuration: not a valid message: " + ipc::userMessage(e));
   }
