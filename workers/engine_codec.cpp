@@ -318,19 +318,27 @@ std::string encodeEngineConfig(const engine::EngineConfig& config) {
   } else {
     backend.setCuda();
   }
+  return flatBytes(message);
+}
+
+std::string flatBytes(capnp::MessageBuilder& message) {
   kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
   kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
   return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
 }
 
-engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
+kj::Array<capnp::word> flatWords(const std::string& bytes, const std::string& what) {
   if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0) {
-    throw Error("engine configuration: " + std::to_string(bytes.size()) +
+    throw Error(what + ": " + std::to_string(bytes.size()) +
                 " bytes is not a Cap'n Proto message (started without one?)");
   }
-  // Copied into words: the string's storage need not be word-aligned.
   kj::Array<capnp::word> words = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
   std::memcpy(words.begin(), bytes.data(), bytes.size());
+  return words;
+}
+
+engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
+  kj::Array<capnp::word> words = flatWords(bytes, "engine configuration");
   engine::EngineConfig config;
   try {
     capnp::FlatArrayMessageReader message(words);

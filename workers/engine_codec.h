@@ -33,6 +33,11 @@ engine::RejectCode decode(ipc::schema::RejectCode code);
 // An EngineConfig as the bytes of one Cap'n Proto message (ChildSpec::startConfig, delivered
 // in Node.start) and back. decodeEngineConfig throws vsup::Error on bytes that are not one.
 std::string encodeEngineConfig(const engine::EngineConfig& config);
+// A start configuration's bytes (ChildSpec::startConfig) and back: one flat Cap'n Proto
+// message. flatWords throws vsup::Error, naming `what`, for bytes that cannot be one; it copies
+// them into words, since a string's storage need not be word-aligned.
+std::string flatBytes(capnp::MessageBuilder& message);
+kj::Array<capnp::word> flatWords(const std::string& bytes, const std::string& what);
 engine::EngineConfig decodeEngineConfig(const std::string& bytes);
 
 }  // namespace vsup::workers

@@ -17,6 +17,7 @@
 #include "base/log.h"
 #include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
+#include "workers/engine_codec.h"
 #include "workers/node_process.h"
 
 namespace vsup::workers {
@@ -44,18 +45,11 @@ std::string encodeKvAgentConfig(const KvAgentSettings& s) {
   out.setModel(s.compat.model);
   out.setModelKvHeads(s.compat.kvHeads);
   out.setTpSize(s.compat.tpSize);
-  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
-  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+  return flatBytes(message);
 }
 
 KvAgentSettings decodeKvAgentConfig(const std::string& bytes) {
-  if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0) {
-    throw Error("KV agent configuration: " + std::to_string(bytes.size()) +
-                " bytes is not a Cap'n Proto message (started without one?)");
-  }
-  kj::Array<capnp::word> words = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
-  std::memcpy(words.begin(), bytes.data(), bytes.size());
+  kj::Array<capnp::word> words = flatWords(bytes, "KV agent configuration");
   KvAgentSettings s;
   try {
     capnp::FlatArrayMessageReader message(words);
