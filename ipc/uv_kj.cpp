@@ -16,6 +16,8 @@ namespace vsup::ipc {
 UvEventPort::UvEventPort(uv_loop_t* loop) : loop_(loop) {
   pump_ = UvHandle<uv_idle_t>::make([&](uv_idle_t* h) { uv_idle_init(loop, h); });
   pump_->data = this;
+  beforePoll_ = UvHandle<uv_prepare_t>::make([&](uv_prepare_t* h) { uv_prepare_init(loop, h); });
+  beforePoll_->data = this;
   wakeup_ = UvHandle<uv_async_t>::make([&](uv_async_t* h) {
     uv_async_init(loop, h, [](uv_async_t* async) {
       // Another thread queued work for KJ (kj::Executor): pump, so that it gets polled.
@@ -43,9 +45,23 @@ bool UvEventPort::wait() {
   // would spin (a blocking kj::Promise::wait() on a supervisor stop burned a core).
   const bool pumpArmed = uv_is_active(reinterpret_cast<uv_handle_t*>(pump_.get())) != 0;
   if (pumpArmed) uv_idle_stop(pump_.get());
+  //
+  // A callback that libuv runs before it polls (a timer already due, a pending write) may
+  // queue KJ work. Inside its wait() KJ does not tell the port so: it last said "runnable"
+  // and never took it back, so its setRunnable(true) is a no-op. The prepare handle runs
+  // after those callbacks and before libuv picks the poll timeout: if KJ has work by then,
+  // the armed pump makes the poll return at once (the pump itself does nothing while KJ
+  // drives, and stays armed, which is what KJ believes anyway).
+  uv_prepare_start(beforePoll_.get(), [](uv_prepare_t* h) {
+    auto* self = static_cast<UvEventPort*>(h->data);
+    if (self != nullptr && self->kjLoop_ != nullptr && self->kjLoop_->isRunnable()) {
+      self->schedulePump();
+    }
+  });
   uv_ref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
   uv_run(loop_, UV_RUN_ONCE);
   uv_unref(reinterpret_cast<uv_handle_t*>(wakeup_.get()));
+  uv_prepare_stop(beforePoll_.get());
   if (pumpArmed) schedulePump();
   return woken_.exchange(false);
 }

@@ -48,6 +48,8 @@ class UvEventPort final : public kj::EventPort {
   bool inPump_ = false;     // inside the uv_idle pump, i.e. inside uv_run
   bool kjDriving_ = false;  // inside wait()/poll(): KJ drives uv_run and runs its own queue
   UvHandle<uv_idle_t> pump_;
+  // Started only inside wait(): see there.
+  UvHandle<uv_prepare_t> beforePoll_;
   UvHandle<uv_async_t> wakeup_;
   mutable std::atomic<bool> woken_{false};
 };

@@ -843,6 +843,29 @@ TEST_CASE("uvSleep resolves after roughly the requested time") {
   CHECK(ms < 1000.0);
 }
 
+TEST_CASE("a timer that comes due while KJ runs its queue ends a blocking wait, not a hang") {
+  // The wait's first turn of the queue outlasts the 1 ms sleep, so the timer is already due
+  // when KJ next blocks: libuv runs it at the top of uv_run, before it decides how long to
+  // poll. KJ, still inside wait(), does not tell the port it became runnable again (it never
+  // said it stopped being runnable), so the port itself must not poll without a timeout then.
+  TestLoop loop;
+  KjOnUv kj(loop.get());
+  bool guardFired = false;
+  // With the bug, only this referenced timer ends the poll: 3 s instead of forever.
+  Timer guard(loop.get(), 3000, [&] { guardFired = true; });
+  auto sleep = uvSleep(loop.get(), 1);
+  auto busy = kj::evalLater([] {
+                auto until = vsup::monoNow() + 20 * vsup::kNsPerMs;
+                while (vsup::monoNow() < until) {
+                }
+              }).eagerlyEvaluate(nullptr);
+  auto start = vsup::monoNow();
+  sleep.wait(kj.waitScope());
+  CHECK_FALSE(guardFired);
+  CHECK(elapsedMs(start) < 1500.0);
+  uv_timer_stop(guard.handle.get());
+}
+
 TEST_CASE("uvSleep resolves inside uv_run") {
   TestLoop loop;
   KjOnUv kj(loop.get());
