@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
 #include <charconv>
 #include <cstring>
 #include <random>
@@ -93,6 +95,31 @@ void NotifySocket::onReadable(uv_poll_t* handle, int status, int) {
       vsup::log().error("[supervisor] notify message handling failed: {}", e.what());
     }
   }
+}
+
+bool notifyServiceManager(std::string_view state) {
+  const char* where = std::getenv("NOTIFY_SOCKET");
+  if (where == nullptr || where[0] == '\0') return false;
+  std::string path = where;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path || (path[0] != '@' && path[0] != '/')) {
+    vsup::log().warn("[supervisor] NOTIFY_SOCKET '{}': not an absolute or abstract socket "
+                     "address: not notifying",
+                     path);
+    return false;
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  if (path[0] == '@') addr.sun_path[0] = '\0';
+  socklen_t len = socklen_t(offsetof(sockaddr_un, sun_path) + path.size());
+  OwnFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!fd || ::sendto(fd.get(), state.data(), state.size(), MSG_NOSIGNAL,
+                      reinterpret_cast<const sockaddr*>(&addr), len) < 0) {
+    vsup::log().warn("[supervisor] NOTIFY_SOCKET {}: {}: {}", path, std::string(state),
+                     std::strerror(errno));
+    return false;
+  }
+  return true;
 }
 
 }  // namespace vsup::supervisor

@@ -46,4 +46,10 @@ class NotifySocket {
   UvHandle<uv_poll_t> poll_;
 };
 
+// The other side of the protocol, for a tree's root that is itself someone's child (a child of
+// another vsup tree with ready = "notify", or a systemd Type=notify service): sends `state`
+// ("READY=1", "STOPPING=1") to $NOTIFY_SOCKET, an abstract ("@...") or filesystem socket.
+// Returns false when $NOTIFY_SOCKET is unset, or the send failed (then it logs why once).
+bool notifyServiceManager(std::string_view state);
+
 }  // namespace vsup::supervisor

@@ -63,6 +63,23 @@ struct ServeOptions {
 // `vsup run` without --topology: the serving tree.
 int serve(const ServeOptions& options);
 
+// `vsup proxy`: a tree of one node, the disaggregated front end (workers/proxy/proxy.h).
+struct ProxyCommandOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 8000;
+  std::vector<std::string> prefill;  // URLs, each http://HOST:PORT (a flag may hold several,
+  std::vector<std::string> decode;   // comma-separated)
+  double shutdownTimeout = 30;       // as vsup run's: in-flight completions get this long
+  double connectTimeout = 5;         // per leg
+  bool logRequests = false;
+  std::string controlSocket;
+  double livenessTimeout = 5;
+  double livenessInterval = 1;
+  uint64_t maxRequestBytes = 16 * 1024 * 1024;
+  size_t maxConnections = 1024;
+};
+int proxy(const ProxyCommandOptions& options);
+
 struct TreeOptions {
   std::string socket;  // empty: find the running tree
   bool json = false;

@@ -73,6 +73,7 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "__kv-agent") {
     return workers::kvAgentMain(argc - 1, argv + 1);
   }
+  if (argc >= 2 && std::string(argv[1]) == "__proxy") return workers::proxyMain(argc - 1, argv + 1);
   if (argc >= 2 && std::string(argv[1]) == "__api-server") return workers::apiServerMain(argc - 1, argv + 1);
 
   CLI::App app{"vsup: OTP-style supervision trees for LLM inference serving"};
@@ -219,6 +220,49 @@ int main(int argc, char** argv) {
   // An empty value is never what was meant (`--port "$PORT"` with PORT unset): CLI11 would
   // read it as 0 or as the empty string, for some flags a silent default (--max-model-len,
   // --seed, --kv-cache-memory). --api-key gets its own message (below).
+  tools::ProxyCommandOptions proxy;
+  auto* proxyCmd = app.add_subcommand(
+      "proxy", "the OpenAI-compatible front end of a disaggregated deployment: each completion "
+               "is prefilled on a --prefill instance and decoded on a --decode instance");
+  proxyCmd->footer(
+      "The instances are `vsup run --kv-connector vsup --kv-role prefill|decode` servers. Each "
+      "leg goes to the instance of its kind with the fewest legs in flight; a leg that cannot "
+      "connect is tried on the next one. Shutdown as vsup run's: on SIGTERM new completions "
+      "get 503 at once, those in flight finish within --shutdown-timeout or are cut with "
+      "their clients told.");
+  proxyCmd->add_option("--host", proxy.host, "address to listen on")->capture_default_str();
+  proxyCmd->add_option("--port", proxy.port, "TCP port")->capture_default_str();
+  proxyCmd->add_option("--prefill", proxy.prefill,
+                       "prefill instance(s): http://HOST:PORT, several comma-separated or the "
+                       "flag repeated")
+      ->required();
+  proxyCmd->add_option("--decode", proxy.decode, "decode instance(s), as --prefill")
+      ->required();
+  proxyCmd->add_option("--shutdown-timeout", proxy.shutdownTimeout,
+                       "seconds in-flight completions get to finish after SIGTERM or SIGINT")
+      ->check(seconds(0, 86400))->capture_default_str();
+  proxyCmd->add_option("--connect-timeout", proxy.connectTimeout,
+                       "seconds a leg may take to connect to its instance and send the "
+                       "request")
+      ->check(seconds(0.01, 3600))->capture_default_str();
+  proxyCmd->add_flag("--enable-log-requests", proxy.logRequests,
+                     "one log line per completion (request id, instances, status, time)");
+  proxyCmd->add_option("--control-socket", proxy.controlSocket,
+                       "serve `vsup tree` here (default: $XDG_RUNTIME_DIR/vsup/<name>-<pid>.sock)");
+  proxyCmd->add_option("--liveness-timeout", proxy.livenessTimeout,
+                       "seconds the proxy process may leave the root's ping unanswered (0: no "
+                       "pings)")
+      ->check(seconds(0, 3600))->capture_default_str();
+  proxyCmd->add_option("--max-request-bytes", proxy.maxRequestBytes, "largest request body")
+      ->check(CLI::Range(uint64_t(1024), uint64_t(1) << 34))->capture_default_str();
+  proxyCmd->add_option("--max-connections", proxy.maxConnections,
+                       "open client connections; one more is answered 503 and closed")
+      ->check(CLI::Range(size_t(1), size_t(1) << 20))->capture_default_str();
+  proxyCmd->add_option("--log-level", logLevel, logLevelHelp)
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  proxyCmd->add_option("--log-format", logFormatName, logFormatHelp)->check(logFormats);
+
+  commands.push_back(proxyCmd);
   commands.push_back(treeCmd);
   commands.push_back(drainCmd);
   const CLI::Validator nonEmpty(
@@ -288,6 +332,14 @@ int main(int argc, char** argv) {
       }
       serve.controlSocket = run.controlSocket;
       return tools::serve(serve);
+    }
+    if (proxyCmd->parsed()) {
+      if (std::string bad = badSocketPath(proxy.controlSocket); !bad.empty()) {
+        tools::printMessage("vsup proxy",
+                            "--control-socket " + proxy.controlSocket + ": " + bad);
+        return supervisor::kExitUsage;
+      }
+      return tools::proxy(proxy);
     }
     if (treeCmd->parsed()) return tools::tree(tree);
     if (drainCmd->parsed()) return tools::drain(drain);

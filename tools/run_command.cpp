@@ -50,6 +50,7 @@
 #include "ipc/user_message.h"
 #include "ipc/uv_kj.h"
 #include "supervisor/control_socket.h"
+#include "supervisor/notify.h"
 #include "supervisor/orphan_reaper.h"
 #include "supervisor/process.h"
 #include "supervisor/supervisor.h"
@@ -129,6 +130,17 @@ int runTopology(const RunOptions& options) {
     printMessage("vsup run", e.what());
     return kExitUsage;
   }
+  // A command named `vsup` is this very executable (a topology of vsup trees, such as
+  // examples/topologies/pd.toml, works from a build directory without vsup on PATH).
+  std::function<void(SupervisorSpec&)> self = [&](SupervisorSpec& s) {
+    for (ChildSpec& child : s.children) {
+      if (!child.command.empty() && child.command[0] == "vsup") {
+        child.command[0] = selfExecutable();
+      }
+      if (child.supervisor) self(*child.supervisor);
+    }
+  };
+  self(spec);
   return runTree(spec, options.controlSocket, RootHooks{});
 }
 
@@ -180,6 +192,7 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
       Supervisor& sup = *supPtr;
       if (signals == 1) {
         vsup::log().info("[shutdown] {}: {} received: ordered shutdown", spec.name, name);
+        notifyServiceManager("STOPPING=1");
         MonoNs drain = hooks.drainMs < 0 ? kNoDeadline : deadlineAfterMs(hooks.drainMs);
         MonoNs deadline = hooks.totalMs < 0 ? kNoDeadline : deadlineAfterMs(hooks.totalMs);
         // Stop intake everywhere at once, then tear down in order.
@@ -218,6 +231,9 @@ int runTree(const SupervisorSpec& spec, const std::string& controlSocket, const 
     auto started = sup.start()
                        .then([&hooks]() {
                          if (hooks.afterStart) hooks.afterStart();
+                         // The tree is up: a parent tree (ready = "notify") or systemd
+                         // (Type=notify) may start what comes after it.
+                         notifyServiceManager("READY=1");
                        })
                        .eagerlyEvaluate([](kj::Exception&&) {
                          // Logged by the supervisor; the outcome says StartFailed.
