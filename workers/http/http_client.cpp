@@ -212,18 +212,7 @@ class ClientCall::Impl : public std::enable_shared_from_this<Impl> {
   }
 
   // A failure found before the loop ran: reported from the loop, never inside the constructor.
-  void failSoon(std::string why) {
-    timeoutWhy_ = std::move(why);
-    uv_timer_start(
-        timer_.get(),
-        [](uv_timer_t* t) {
-          auto* self = static_cast<Impl*>(t->data);
-          if (self == nullptr) return;
-          auto keep = self->shared_from_this();
-          self->fail(self->timeoutWhy_);
-        },
-        0, 0);
-  }
+  void failSoon(std::string why) { startTimer(0, std::move(why)); }
 
   void fail(const std::string& why) {
     if (ended_) return;
