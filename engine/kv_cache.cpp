@@ -104,4 +104,18 @@ KvCacheMapping& KvCacheMapping::operator=(KvCacheMapping&& o) noexcept {
   return *this;
 }
 
+uint64_t kvBlocksDigest(const std::byte* base, const KvCacheLayout& layout,
+                        const std::vector<int32_t>& blocks) {
+  uint64_t h = 1469598103934665603ull;
+  for (int32_t b : blocks) {
+    for (int32_t c = 0; c < layout.chunksPerBlock(); ++c) {
+      const std::byte* p = base + layout.chunkOffset(c, b);
+      for (int64_t i = 0; i < layout.chunkBytes(); ++i) {
+        h = (h ^ uint64_t(p[i])) * 1099511628211ull;
+      }
+    }
+  }
+  return h;
+}
+
 }  // namespace vsup::engine

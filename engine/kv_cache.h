@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "base/fd.h"
 
@@ -47,6 +48,11 @@ struct KvCacheLayout {
 
 // Bytes per element of a KV dtype: "f32" 4, "f16" and "bf16" 2; 0 for any other name.
 int32_t elementBytesOf(const std::string& dtype);
+
+// FNV-1a (64 bits) over `blocks` of the cache at `base`, chunk by chunk in block order: the same
+// value on both sides of a transfer when the bytes moved intact (a test hook compares them).
+uint64_t kvBlocksDigest(const std::byte* base, const KvCacheLayout& layout,
+                        const std::vector<int32_t>& blocks);
 
 // Throws std::invalid_argument naming the field unless every field is positive, the region is
 // no larger than 1 TiB and dtype matches elementBytes ("f32" 4, "f16"/"bf16" 2).

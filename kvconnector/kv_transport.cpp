@@ -552,6 +552,9 @@ class Session {
     if (check.refusal != LeaseTable::Refusal::None) return refuse(codeFor(check.refusal), check.message);
     const engine::KvCacheLayout& l = source_.layout;
     uint64_t bytes = uint64_t(l.blockBytes()) * p.blocks.size();
+    if (source_.servedDigest) {
+      source_.servedDigest(p.leaseId, engine::kvBlocksDigest(source_.base, l, p.blocks));
+    }
     reply(PullReady{p.pullId, bytes});
     if (!shm_) {
       std::vector<iovec> iov;

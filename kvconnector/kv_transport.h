@@ -80,6 +80,9 @@ struct KvSource {
   std::string engineId;
   uint32_t rank = 0;
   KvCompat compat;
+  // A test hook: told (on a connection's thread) of the digest of every pull's blocks as they
+  // are served (engine::kvBlocksDigest). Empty: not computed.
+  std::function<void(const std::string& leaseId, uint64_t digest)> servedDigest = nullptr;
 };
 
 // The serving side's leases, shared by its connection threads: a LeaseTable under a mutex, and

@@ -122,14 +122,14 @@ class Trees:
         self.servings: list[Serving] = []
         self.sids: set[int] = set()
 
-    def serve(self, *args: str) -> Serving:
+    def serve(self, *args: str, env: dict | None = None) -> Serving:
         """A tree that is ready (/health 200), with the pids of its session remembered."""
         d = self.tmp / f"tree-{len(self.servings)}"
         d.mkdir()
         s = Serving(self.vsup_bin, d)
         self.servings.append(s)
         try:
-            s.start(*args)
+            s.start(*args, env=env)
         finally:
             if s.proc is not None:
                 self.sids.add(s.proc.pid)  # start_new_session: the root's pid is the session id

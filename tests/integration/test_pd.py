@@ -88,14 +88,15 @@ class PD:
     """A prefill and a decode instance of the same model, and a single instance to compare with."""
 
     def __init__(self, trees: Trees, tp: int = 1, transport: str = "auto",
-                 prefill_args: tuple = (), decode_args: tuple = (), single: bool = True):
+                 prefill_args: tuple = (), decode_args: tuple = (), single: bool = True,
+                 env: dict | None = None):
         tps = ("--tensor-parallel-size", str(tp))
         self.kv_port = free_ports(tp)
         self.prefill = trees.serve(*COMMON, *tps, "--kv-connector", "vsup", "--kv-role", "prefill",
-                                   "--kv-port", str(self.kv_port), *prefill_args)
+                                   "--kv-port", str(self.kv_port), *prefill_args, env=env)
         self.decode = trees.serve(*COMMON, *tps, "--kv-connector", "vsup", "--kv-role", "decode",
                                   "--kv-port", str(free_ports(tp)), "--kv-transport", transport,
-                                  *decode_args)
+                                  *decode_args, env=env)
         self.single = trees.serve(*COMMON, *tps) if single else None
 
     def prefill_params(self, body: dict) -> dict:
@@ -453,3 +454,31 @@ def test_pd_a_request_aborted_before_its_pull_gives_its_lease_up(trees):
     finally:
         os.kill(agent, signal.SIGCONT)
     caches_empty(pd.decode)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_pulled_blocks_equal_the_prefills_bytes(trees, tmp_path, transport):
+    """The test hook VSUP_KV_DIGEST_LOG: each prefill agent logs a digest of the blocks it serves
+    (from its own cache, as the pull starts), each decode agent one of the blocks it received
+    (from its own cache, once the pull ended). They must be equal, lease by lease and rank by
+    rank; and differ between prompts, or the check would prove nothing."""
+    log = tmp_path / "digests"
+    pd = PD(trees, tp=2, transport=transport, single=False, env={"VSUP_KV_DIGEST_LOG": str(log)})
+    leases = []
+    for prompt in ("a", "Hello, world! 123", "q" * 100):
+        kv = pd.prefill_params(request(prompt))
+        status, doc = post(pd.decode, {**request(prompt), "kv_transfer_params": kv})
+        assert status == 200, doc
+        leases.append(kv["remote_request_id"])
+    records = [line.split() for line in log.read_text().splitlines()]
+    digests = {}
+    for what, lease, rank, digest in records:
+        digests.setdefault((lease, rank), {}).setdefault(what, []).append(digest)
+    for lease in leases:
+        for rank in ("tp0", "tp1"):
+            seen = digests.get((lease, rank), {})
+            assert len(seen.get("served", [])) == 1, (lease, rank, records)
+            assert seen.get("pulled") == seen["served"], (lease, rank, records)
+    for rank in ("tp0", "tp1"):
+        assert len({digests[(lease, rank)]["served"][0] for lease in leases}) == len(leases)
+    caches_empty(pd.prefill, pd.decode)

@@ -76,7 +76,8 @@ def sse_events(resp) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Output through the proxy equals a single instance's.
 
-@pytest.mark.parametrize("tp,transport", [(1, "shm"), (2, "tcp")])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_output_through_the_proxy_equals_a_single_instance(trees, tp, transport):
     pd = PD(trees, tp=tp, transport=transport)
     proxy = start_proxy(trees, "--prefill", url(pd.prefill), "--decode", url(pd.decode))

@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -88,6 +89,12 @@ KvAgent::KvAgent(uv_loop_t* loop, std::string node, KvAgentSettings settings, in
       map_(regionFd, settings_.layout.totalBytes(),
            "the KV cache region (fd " + std::to_string(regionFd) + ")") {
   if (!region_) throw SysError("dup of the KV cache region failed", errno);
+  // Test hook: VSUP_KV_DIGEST_LOG=FILE appends one line per pull served and per pull done,
+  // "served|pulled LEASE tpR DIGEST", so a test can check that the bytes arrived intact.
+  if (const char* path = std::getenv("VSUP_KV_DIGEST_LOG"); path != nullptr && *path != '\0') {
+    digestLog_ = OwnFd(::open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
+    if (!digestLog_) throw SysError(std::string("VSUP_KV_DIGEST_LOG ") + path, errno);
+  }
   if (settings_.serves()) {
     leases_ = std::make_unique<kv::LeaseBook>(
         settings_.leaseMs * kNsPerMs, [this](const std::vector<kv::EndedLease>& e) { ended(e); });
@@ -96,6 +103,11 @@ KvAgent::KvAgent(uv_loop_t* loop, std::string node, KvAgentSettings settings, in
     OwnFd shm = kv::listenUnixAbstract(kv::shmSocketName(settings_.port, settings_.rank));
     kv::KvSource source{settings_.layout, map_.data(), region_.get(), settings_.engineId,
                         settings_.rank, settings_.compat};
+    if (digestLog_) {
+      source.servedDigest = [this](const std::string& lease, uint64_t digest) {
+        logDigest("served", lease, digest);
+      };
+    }
     server_ = std::make_unique<kv::KvServer>(source, *leases_, std::move(shm), std::move(tcp));
     const kv::KvCompat& c = settings_.compat;
     vsup::log().info("[kv] {}: serving engine {}'s rank {} blocks on {}:{} and @{} (model {}, "
@@ -182,6 +194,14 @@ kv::KvPuller& KvAgent::peer(const engine::KvParams& remote, MonoNs deadline) {
   return ref;
 }
 
+void KvAgent::logDigest(const char* what, const std::string& lease, uint64_t digest) {
+  // One write per line (O_APPEND): lines of concurrent writers never interleave.
+  std::string line = fmt::format("{} {} tp{} {:016x}\n", what, lease, settings_.rank, digest);
+  if (::write(digestLog_.get(), line.data(), line.size()) != ssize_t(line.size())) {
+    vsup::log().warn("[kv] {}: VSUP_KV_DIGEST_LOG: {}", node_, std::strerror(errno));
+  }
+}
+
 kj::Promise<KvAgent::PullResult> KvAgent::pull(const engine::KvParams& remote,
                                                std::vector<int32_t> localBlocks) {
   if (!transfers_) {
@@ -199,6 +219,10 @@ kj::Promise<KvAgent::PullResult> KvAgent::pull(const engine::KvParams& remote,
           kv::KvPuller& p = peer(remote, deadline);
           r.bytes = p.pull(remote.remoteRequestId, remote.remoteBlockIds, localBlocks,
                            map_.data(), settings_.layout, deadline);
+          if (digestLog_) {
+            logDigest("pulled", remote.remoteRequestId,
+                      engine::kvBlocksDigest(map_.data(), settings_.layout, localBlocks));
+          }
           break;
         } catch (const kv::KvTransferError& e) {
           // A kept connection that fails without a refusal (its agent went away, or restarted)

@@ -98,6 +98,8 @@ class KvAgent {
   KvAgentSettings settings_;
   kj::Promise<void> expiry_ = nullptr;  // expires overdue leases every 100 ms
   OwnFd region_;  // kept for Shm peers (the memfd they are sent)
+  OwnFd digestLog_;  // VSUP_KV_DIGEST_LOG (a test hook), or none
+  void logDigest(const char* what, const std::string& lease, uint64_t digest);
   engine::KvCacheMapping map_;
   std::unique_ptr<kv::LeaseBook> leases_;
   std::unique_ptr<kv::KvServer> server_;
