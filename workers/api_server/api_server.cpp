@@ -53,17 +53,6 @@ constexpr uint64_t kStatsTimeoutMs = 1000;
 // drain(): how long the final close may take to serve what has arrived and end every
 // connection with FIN (never more than the shutdown deadline leaves).
 constexpr uint64_t kCloseMs = 2000;
-// The longest X-Request-Id echoed; a longer one (or one with a byte outside printable ASCII)
-// is replaced by ours.
-constexpr size_t kMaxRequestIdBytes = 256;
-
-bool validRequestId(std::string_view id) {
-  if (id.empty() || id.size() > kMaxRequestIdBytes) return false;
-  for (char c : id) {
-    if (c < 0x20 || c > 0x7e) return false;
-  }
-  return true;
-}
 
 const char* joinedFinish(const std::vector<FinishReason>& finish, std::string& out) {
   out.clear();
@@ -424,7 +413,7 @@ void ApiServer::Impl::handle(http::Request&& request, std::shared_ptr<http::Resp
   const std::string& path = request.path;
   const std::string& method = request.method;
   std::string clientId = request.header("x-request-id");
-  if (!validRequestId(clientId)) clientId.clear();
+  if (!http::echoableRequestId(clientId)) clientId.clear();
   bool completion = path == "/v1/completions" || path == "/v1/chat/completions";
   // X-Request-Id on every response: the client's, else a completion's response id
   // (handleCompletion), else one of these.

@@ -164,6 +164,15 @@ Canned invalidRequest(int status, std::string_view message, std::string_view cod
 
 }  // namespace
 
+bool echoableRequestId(std::string_view id) {
+  constexpr size_t kMaxBytes = 256;
+  if (id.empty() || id.size() > kMaxBytes) return false;
+  for (char c : id) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
 std::string Request::header(std::string_view name) const {
   for (const auto& [key, value] : headers) {
     if (key == name) return value;

@@ -175,6 +175,10 @@ OwnFd bindListener(const std::string& host, uint16_t port, int backlog, bool reu
 // The port a bound socket listens on.
 uint16_t boundPort(int fd);
 
+// Whether a client's X-Request-Id may be echoed and logged as it is: 1..256 bytes of printable
+// ASCII. A front end replaces any other with an id of its own.
+bool echoableRequestId(std::string_view id);
+
 namespace detail {
 class ServerCore;
 }

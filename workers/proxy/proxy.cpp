@@ -23,15 +23,9 @@ namespace api = vsup::api;
 
 constexpr const char* kRetryAfterSeconds = "1";  // as the API server's 503s
 constexpr uint64_t kCloseMs = 2000;              // the final close, at most
-constexpr size_t kMaxRequestIdBytes = 256;
 // An SSE "event" longer than this without its blank line is relayed as it is (no instance of
 // ours sends one; a foreign one must not grow our memory without bound).
 constexpr size_t kMaxEventBytes = 1 << 20;
-
-bool validRequestId(std::string_view id) {
-  if (id.empty() || id.size() > kMaxRequestIdBytes) return false;
-  return std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c <= 0x7e; });
-}
 
 // What a completion came to, for /metrics and the request log.
 enum class Outcome { Ok, UpstreamError, BadGateway, Aborted, ClientGone, Refused, Invalid };
@@ -223,7 +217,7 @@ kj::Promise<void> Proxy::Impl::start() {
 
 void Proxy::Impl::handle(http::Request&& request, std::shared_ptr<http::Response> response) {
   std::string requestId = request.header("x-request-id");
-  if (!validRequestId(requestId)) requestId = "proxy-" + std::to_string(++nextSerial_);
+  if (!http::echoableRequestId(requestId)) requestId = "proxy-" + std::to_string(++nextSerial_);
   const std::string& method = request.method;
   const std::string& path = request.path;
   auto bad = [&]() {
