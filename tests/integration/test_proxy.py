@@ -242,8 +242,10 @@ def test_proxy_sigterm_mid_stream_drains_then_cuts_with_the_client_told(trees, u
     t0 = time.monotonic()
     proxy.signal(signal.SIGTERM)
     # Draining: a new completion is refused at once (503, Retry-After, the connection closed)...
-    wait_for(lambda: post(proxy, {"model": "m", "prompt": "x"})[0] == 503, 5,
-             "a new completion to get 503", proxy.stderr)
+    # Polled on /health, not with completions: one sent before the signal is handled would be
+    # served, and the test's upstream would hold it open until the deadline.
+    wait_for(lambda: proxy.health()[0] == 503, 5, "/health to say draining", proxy.stderr)
+    assert post(proxy, {"model": "m", "prompt": "x"})[0] == 503
     # ... while the one in flight goes on.
     upstreams.send(upstreams.chunk(1))
     assert json.loads(read_event(r))["choices"][0]["text"] == "t1"
@@ -267,8 +269,10 @@ def test_proxy_sigterm_lets_a_stream_finish_within_the_drain(trees, upstreams):
     upstreams.send(upstreams.chunk(0))
     read_event(r)
     proxy.signal(signal.SIGTERM)
-    wait_for(lambda: post(proxy, {"model": "m", "prompt": "x"})[0] == 503, 5,
-             "a new completion to get 503", proxy.stderr)
+    # Polled on /health, not with completions: one sent before the signal is handled would be
+    # served, and the test's upstream would hold it open until the deadline.
+    wait_for(lambda: proxy.health()[0] == 503, 5, "/health to say draining", proxy.stderr)
+    assert post(proxy, {"model": "m", "prompt": "x"})[0] == 503
     upstreams.send(upstreams.chunk(1, finish="length"))
     upstreams.send("[DONE]")
     assert json.loads(read_event(r))["choices"][0]["finish_reason"] == "length"
