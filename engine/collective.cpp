@@ -163,27 +163,30 @@ class Shared final : public Collective {
 
   // A peer that exited will never arrive: fail now rather than at the timeout.
   void checkPeers(uint32_t gen) {
+    std::string dead = deadPeer();
+    if (!dead.empty() && header_->generation.load(std::memory_order_acquire) == gen) {
+      fail(dead + " during a collective");
+    }
+  }
+
+  std::string deadPeer() override {
     for (uint32_t r = 0; r < ranks_; ++r) {
       if (r == rank_) continue;
       int32_t pid = header_->pids[r].load(std::memory_order_acquire);
       if (pid <= 0) continue;  // not joined yet
+      const std::string who = "rank " + std::to_string(r) + " (pid " + std::to_string(pid) + ")";
       if (!peerPidfds_[r]) {
         OwnFd fd(int(::syscall(SYS_pidfd_open, pid, 0)));
         if (!fd) {
-          if (errno == ESRCH && header_->generation.load(std::memory_order_acquire) == gen) {
-            fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
-                 ") died during a collective");
-          }
+          if (errno == ESRCH) return who + " died";
           continue;
         }
         peerPidfds_[r] = std::move(fd);
       }
       struct pollfd p {peerPidfds_[r].get(), POLLIN, 0};
-      if (::poll(&p, 1, 0) == 1 && header_->generation.load(std::memory_order_acquire) == gen) {
-        fail("rank " + std::to_string(r) + " (pid " + std::to_string(pid) +
-             ") died during a collective");
-      }
+      if (::poll(&p, 1, 0) == 1) return who + " died";
     }
+    return {};
   }
 
   void* base_;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace vsup::engine {
@@ -37,6 +38,10 @@ class Collective {
   // all[r * n + i] = rank r's mine[i], for every rank r (all has size() * n floats).
   virtual void allGather(const float* mine, size_t n, float* all) = 0;
   virtual void cancel() = 0;
+  // A peer rank that has exited ("rank 1 (pid 4242) died"), or empty. Never blocks: for a
+  // backend whose ranks wait on their collectives elsewhere (the CUDA engine polls it while an
+  // NCCL step runs). One rank alone has no peer to lose.
+  virtual std::string deadPeer() { return {}; }
 };
 
 // TP = 1: the identity.

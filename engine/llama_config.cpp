@@ -200,6 +200,31 @@ void LlamaConfig::checkTensorParallel(uint32_t tp) const {
   check("MLP width (intermediate_size)", intermediateSize);
 }
 
+RankShard rankShard(const LlamaConfig& c, uint32_t rank, uint32_t tp) {
+  c.checkTensorParallel(tp);
+  if (rank >= tp) {
+    throw std::invalid_argument("rank " + std::to_string(rank) + " of a tensor-parallel size of " +
+                                std::to_string(tp));
+  }
+  RankShard s;
+  const int64_t hd = c.headDim, r = rank;
+  s.qHeads = c.numHeads / tp;
+  s.kvHeads = c.kvHeadsPerRank(tp);
+  s.mlp = c.intermediateSize / tp;
+  s.vocabShard = (c.vocabSize + tp - 1) / tp;
+  s.qBegin = r * s.qHeads * hd;
+  s.qEnd = s.qBegin + s.qHeads * hd;
+  // With fewer KV heads than ranks, rank r's query heads all use KV head r / (tp / numKvHeads).
+  int64_t kvFirst = c.numKvHeads >= int64_t(tp) ? r * s.kvHeads : r / (tp / c.numKvHeads);
+  s.kvBegin = kvFirst * hd;
+  s.kvEnd = s.kvBegin + s.kvHeads * hd;
+  s.mlpBegin = r * s.mlp;
+  s.mlpEnd = s.mlpBegin + s.mlp;
+  s.vocabBegin = std::min<int64_t>(r * s.vocabShard, c.vocabSize);
+  s.vocabEnd = std::min<int64_t>(s.vocabBegin + s.vocabShard, c.vocabSize);
+  return s;
+}
+
 std::vector<std::string> presetNames() { return {"vsup-tiny-25m", "vsup-tiny-4m"}; }
 
 LlamaConfig parseLlamaConfig(const std::string& path) {

@@ -58,7 +58,26 @@ struct LlamaConfig {
   // divide by `tp` or `tp` by them (then KV heads are replicated across ranks).
   int64_t kvHeadsPerRank(uint32_t tp) const { return std::max<int64_t>(1, numKvHeads / tp); }
   void checkTensorParallel(uint32_t tp) const;
+  // The output projection's tensor: lm_head.weight, or the embedding when they are tied.
+  std::string lmHeadTensor() const {
+    return tieEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  }
 };
+
+// The Megatron split of a Llama model over `tp` ranks, as rank `rank` holds it: the one plan
+// every backend loads its shard by (LlamaShard on the CPU, the CUDA engine's shard on a GPU).
+// q/k/v and gate/up are column-parallel (rows of the [out, in] checkpoint tensors), o and down
+// row-parallel (columns), the embedding replicated, lm_head vocab-parallel with the last shard
+// padded with zero rows to vocabShard. Ranges are [begin, end) rows or columns of the tensors.
+struct RankShard {
+  int64_t qHeads = 0, kvHeads = 0, mlp = 0, vocabShard = 0;
+  int64_t qBegin = 0, qEnd = 0;      // rows of q_proj, columns of o_proj
+  int64_t kvBegin = 0, kvEnd = 0;    // rows of k_proj and v_proj
+  int64_t mlpBegin = 0, mlpEnd = 0;  // rows of gate_proj and up_proj, columns of down_proj
+  int64_t vocabBegin = 0, vocabEnd = 0;  // rows of lm_head (vocabEnd - vocabBegin <= vocabShard)
+};
+// Throws as checkTensorParallel(), and std::invalid_argument unless rank < tp.
+RankShard rankShard(const LlamaConfig& config, uint32_t rank, uint32_t tp);
 
 struct ModelSource {
   std::string name;       // the preset's name or the directory, as given to --model

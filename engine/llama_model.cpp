@@ -1,6 +1,7 @@
 #include "engine/llama_model.h"
 
 #include "engine/blas.h"
+#include "engine/shard_weights.h"
 
 #include <sys/mman.h>
 
@@ -33,36 +34,11 @@ void matmul(kernels::BatchedGemv& gemv, float* y, const float* x, int64_t T, int
   }
 }
 
-std::vector<float> load(const WeightSource& weights, const std::string& name,
-                        std::vector<int64_t> shape, TensorSlice slice) {
-  std::vector<float> out(size_t(slice.rows() * slice.cols()));
-  weights.read(name, shape, slice, out.data());
-  return out;
-}
-
-std::vector<float> loadVector(const WeightSource& weights, const std::string& name, int64_t n) {
-  return load(weights, name, {n}, TensorSlice{0, 1, 0, n});
-}
-
-std::vector<float> loadRows(const WeightSource& weights, const std::string& name, int64_t rows,
-                            int64_t cols, int64_t begin, int64_t end) {
-  return load(weights, name, {rows, cols}, TensorSlice{begin, end, 0, cols});
-}
-
-std::vector<float> loadCols(const WeightSource& weights, const std::string& name, int64_t rows,
-                            int64_t cols, int64_t begin, int64_t end) {
-  return load(weights, name, {rows, cols}, TensorSlice{0, rows, begin, end});
-}
-
-void append(std::vector<float>& to, const std::vector<float>& from) {
-  to.insert(to.end(), from.begin(), from.end());
-}
-
 }  // namespace
 
-int64_t kvBytesPerBlock(const LlamaConfig& c, uint32_t tp, int32_t blockSize) {
-  return 2 * c.numLayers * int64_t(blockSize) * c.kvHeadsPerRank(tp) * c.headDim *
-         int64_t(sizeof(float));
+int64_t kvBytesPerBlock(const LlamaConfig& c, uint32_t tp, int32_t blockSize,
+                        int64_t elementBytes) {
+  return 2 * c.numLayers * int64_t(blockSize) * c.kvHeadsPerRank(tp) * c.headDim * elementBytes;
 }
 
 KvCacheLayout kvCacheLayout(const LlamaConfig& c, uint32_t tp, int32_t blockSize,
@@ -76,8 +52,9 @@ KvCacheLayout kvCacheLayout(const LlamaConfig& c, uint32_t tp, int32_t blockSize
   return l;
 }
 
-int32_t kvBlocksFor(const LlamaConfig& c, uint32_t tp, int32_t blockSize, int64_t budgetBytes) {
-  int64_t blocks = budgetBytes / kvBytesPerBlock(c, tp, blockSize);
+int32_t kvBlocksFor(const LlamaConfig& c, uint32_t tp, int32_t blockSize, int64_t budgetBytes,
+                    int64_t elementBytes) {
+  int64_t blocks = budgetBytes / kvBytesPerBlock(c, tp, blockSize, elementBytes);
   return int32_t(std::min<int64_t>(blocks, 1 << 30));
 }
 
@@ -86,49 +63,22 @@ LlamaShard::LlamaShard(const LlamaConfig& config, uint32_t rank, uint32_t tp,
                        int threads)
     : config_(config), rank_(rank), tp_(tp), collective_(collective), cache_(cache),
       rope_(int(config.headDim), float(config.ropeTheta), int(config.maxPositions)) {
-  config_.checkTensorParallel(tp);
   gemv_ = std::make_unique<kernels::BatchedGemv>(threads);
   const LlamaConfig& c = config_;
-  qHeads_ = c.numHeads / tp;
-  kvHeads_ = c.kvHeadsPerRank(tp);
-  mlp_ = c.intermediateSize / tp;
-  vocabShard_ = (c.vocabSize + tp - 1) / tp;
-  const int64_t H = c.hiddenSize, hd = c.headDim;
+  const RankShard s = rankShard(c, rank, tp);
+  qHeads_ = s.qHeads;
+  kvHeads_ = s.kvHeads;
+  mlp_ = s.mlp;
+  vocabShard_ = s.vocabShard;
 
-  embed_ = loadRows(weights, "model.embed_tokens.weight", c.vocabSize, H, 0, c.vocabSize);
-  std::string head = c.tieEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  int64_t vBegin = std::min<int64_t>(rank * vocabShard_, c.vocabSize);
-  int64_t vEnd = std::min<int64_t>(vBegin + vocabShard_, c.vocabSize);
-  lmHead_.assign(size_t(vocabShard_ * H), 0.0f);  // rows past the vocabulary stay zero
-  if (vEnd > vBegin) {
-    auto rows = loadRows(weights, head, c.vocabSize, H, vBegin, vEnd);
-    std::copy(rows.begin(), rows.end(), lmHead_.begin());
-  }
-  finalNorm_ = loadVector(weights, "model.norm.weight", H);
-
-  for (int64_t i = 0; i < c.numLayers; ++i) {
-    std::string p = "model.layers." + std::to_string(i) + ".";
-    Layer l;
-    l.inputNorm = loadVector(weights, p + "input_layernorm.weight", H);
-    l.postNorm = loadVector(weights, p + "post_attention_layernorm.weight", H);
-    int64_t q0 = rank * qHeads_ * hd, q1 = q0 + qHeads_ * hd;
-    // With fewer KV heads than ranks, rank r's query heads all use KV head r / (tp / numKvHeads).
-    int64_t kvFirst = c.numKvHeads >= int64_t(tp) ? rank * kvHeads_ : rank / (tp / c.numKvHeads);
-    int64_t k0 = kvFirst * hd, k1 = k0 + kvHeads_ * hd;
-    l.qkv = loadRows(weights, p + "self_attn.q_proj.weight", c.numHeads * hd, H, q0, q1);
-    append(l.qkv, loadRows(weights, p + "self_attn.k_proj.weight", c.numKvHeads * hd, H, k0, k1));
-    append(l.qkv, loadRows(weights, p + "self_attn.v_proj.weight", c.numKvHeads * hd, H, k0, k1));
-    l.o = loadCols(weights, p + "self_attn.o_proj.weight", H, c.numHeads * hd, q0, q1);
-    int64_t m0 = rank * mlp_, m1 = m0 + mlp_;
-    l.gateUp = loadRows(weights, p + "mlp.gate_proj.weight", c.intermediateSize, H, m0, m1);
-    append(l.gateUp, loadRows(weights, p + "mlp.up_proj.weight", c.intermediateSize, H, m0, m1));
-    l.down = loadCols(weights, p + "mlp.down_proj.weight", H, c.intermediateSize, m0, m1);
-    layers_.push_back(std::move(l));
-  }
+  embed_ = loadEmbedding(c, weights);
+  lmHead_ = loadLmHeadShard(c, s, weights);
+  finalNorm_ = loadFinalNorm(c, weights);
+  for (int64_t i = 0; i < c.numLayers; ++i) layers_.push_back(loadShardLayer(c, s, weights, i));
 
   layout_.blockSize = cache.blockSize;
   layout_.numKvHeads = int(kvHeads_);
-  layout_.headDim = int(hd);
+  layout_.headDim = int(c.headDim);
   kvLayout_ = kvCacheLayout(c, tp, cache.blockSize, cache.numBlocks);
   if (cache.numBlocks > 0) {
     // Shared with this rank's KV agent when engine-core made a region; private otherwise.
@@ -169,29 +119,9 @@ void LlamaShard::forward(const std::vector<Seq>& batch, std::vector<float>& logi
   std::vector<Token> tokens;
   int64_t wanted = 0;
   for (const Seq& s : batch) {
-    if (s.count <= 0) throw std::invalid_argument("a sequence in the batch has no tokens");
-    int64_t end = int64_t(s.startPos) + s.count;
-    if (s.startPos < 0 || end > c.maxPositions) {
-      throw std::invalid_argument("positions " + std::to_string(s.startPos) + ".." +
-                                  std::to_string(end - 1) + " exceed the context (" +
-                                  std::to_string(c.maxPositions) + ")");
-    }
-    if (end > int64_t(s.blockCount) * cache_.blockSize) {
-      throw std::invalid_argument("block table of " + std::to_string(s.blockCount) +
-                                  " blocks does not cover position " + std::to_string(end - 1));
-    }
-    for (int32_t b = 0; b < s.blockCount; ++b) {
-      if (s.blockTable[b] < 0 || s.blockTable[b] >= cache_.numBlocks) {
-        throw std::invalid_argument("block " + std::to_string(s.blockTable[b]) +
-                                    " is outside the KV cache (" +
-                                    std::to_string(cache_.numBlocks) + " blocks)");
-      }
-    }
+    checkShardInput(c, cache_.numBlocks, cache_.blockSize, s.tokens, s.count, s.startPos,
+                    s.blockTable, s.blockCount);
     for (int32_t i = 0; i < s.count; ++i) {
-      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocabSize) {
-        throw std::invalid_argument("token id " + std::to_string(s.tokens[i]) +
-                                    " is outside the vocabulary");
-      }
       tokens.push_back({&s, s.startPos + i});
     }
     if (s.wantLogits) ++wanted;

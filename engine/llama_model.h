@@ -22,6 +22,7 @@
 #include "engine/kv_cache.h"
 #include "engine/llama_config.h"
 #include "engine/prefill_attention.h"
+#include "engine/shard_weights.h"
 #include "engine/weights.h"
 #include "kernels/batched_gemv.h"
 #include "kernels/cpu_kernels.h"
@@ -38,9 +39,12 @@ struct KvCacheShape {
 KvCacheLayout kvCacheLayout(const LlamaConfig& config, uint32_t tp, int32_t blockSize,
                             int32_t numBlocks);
 
-// Bytes of KV cache one block takes on one rank, and how many blocks fit in `budgetBytes`.
-int64_t kvBytesPerBlock(const LlamaConfig& config, uint32_t tp, int32_t blockSize);
-int32_t kvBlocksFor(const LlamaConfig& config, uint32_t tp, int32_t blockSize, int64_t budgetBytes);
+// Bytes of KV cache one block takes on one rank, and how many blocks fit in `budgetBytes`, for
+// a cache of `elementBytes` per value (4: the CPU engine's fp32; 2: the CUDA engine's bf16).
+int64_t kvBytesPerBlock(const LlamaConfig& config, uint32_t tp, int32_t blockSize,
+                        int64_t elementBytes = 4);
+int32_t kvBlocksFor(const LlamaConfig& config, uint32_t tp, int32_t blockSize, int64_t budgetBytes,
+                    int64_t elementBytes = 4);
 
 class LlamaShard {
  public:
@@ -74,13 +78,7 @@ class LlamaShard {
   int64_t weightBytes() const;  // this rank's weights, for the benchmark's bandwidth floor
 
  private:
-  struct Layer {
-    std::vector<float> inputNorm, postNorm;
-    std::vector<float> qkv;     // [(qHeads + 2 kvHeads) * headDim, hidden]
-    std::vector<float> o;       // [hidden, qHeads * headDim]
-    std::vector<float> gateUp;  // [2 * mlp, hidden]
-    std::vector<float> down;    // [hidden, mlp]
-  };
+  using Layer = ShardLayerWeights;
 
   LlamaConfig config_;
   uint32_t rank_;
