@@ -10,6 +10,7 @@
 #include <variant>
 
 #include "engine/cpu_engine.h"
+#include "engine/cuda_backend.h"
 #include "engine/llama_config.h"
 #include "engine/registry.h"
 #include "engine/sim_engine.h"
@@ -29,6 +30,17 @@ std::string gib(int64_t bytes) {
   char text[32];
   std::snprintf(text, sizeof text, "%.1f GiB", double(bytes) / double(int64_t(1) << 30));
   return text;
+}
+
+// The checkpoint's headers against config.json: opening parses (and checks) every safetensors
+// header; an empty slice of each tensor checks its presence, shape and dtype without touching
+// its data.
+void checkCheckpoint(const ModelSource& model) {
+  if (model.dummyWeights) return;
+  std::unique_ptr<WeightSource> checkpoint = openSafetensors(model.directory);
+  for (const TensorShape& t : model.config.checkpointTensors()) {
+    checkpoint->read(t.name, t.shape, TensorSlice{}, nullptr);
+  }
 }
 
 // The CPU engine's part of preflight(): the memory every rank will allocate against the
@@ -60,14 +72,7 @@ void preflightCpu(const EngineConfig& config, const CpuConfig& cpu) {
         " rank(s), plus " + gib(kv) + " of KV cache: more than this machine's memory (" +
         gib(memory) + ")");
   }
-  if (!model.dummyWeights) {
-    // Opening parses (and checks) every safetensors header; an empty slice of each tensor
-    // checks its presence, shape and dtype without touching its data.
-    std::unique_ptr<WeightSource> checkpoint = openSafetensors(model.directory);
-    for (const TensorShape& t : m.checkpointTensors()) {
-      checkpoint->read(t.name, t.shape, TensorSlice{}, nullptr);
-    }
-  }
+  checkCheckpoint(model);
 }
 
 }  // namespace
@@ -82,8 +87,7 @@ const Backend& backendFor(const EngineConfig& config) {
         } else if constexpr (std::is_same_v<T, SimConfig>) {
           return simBackend();
         } else {
-          // requireEngineBuilt() refused it: an engine that is not built has no backend.
-          throw std::logic_error("no backend for an engine that is not built");
+          return cudaBackend();  // requireEngineBuilt() let it through: this build has it
         }
       },
       config.backend);
@@ -101,6 +105,10 @@ EnginePlan preflight(const EngineConfig& config) {
                                 "0 for the model's own");
   }
   if (const auto* cpu = std::get_if<CpuConfig>(&config.backend)) preflightCpu(config, *cpu);
+  // The GPU's memory is the ranks' to check (the root loads no CUDA library).
+  if (const auto* cuda = std::get_if<CudaConfig>(&config.backend)) {
+    checkCheckpoint(resolveModel(c.model, cuda->loadFormat));
+  }
   return plan;
 }
 

@@ -100,6 +100,15 @@ void validate(const EngineConfig& config) {
   if (const auto* sim = std::get_if<SimConfig>(&config.backend)) {
     requireRange<uint64_t>("--sim-token-ms", sim->tokenMs, 0, 600000);
   }
+  if (const auto* cuda = std::get_if<CudaConfig>(&config.backend)) {
+    oneOf("--dtype", cuda->dtype, {"bfloat16", "float32"});
+    oneOf("--load-format", cuda->loadFormat, {"auto", "dummy", "safetensors"});
+    if (!cuda->ncclUniqueId.empty() && cuda->ncclUniqueId.size() != kNcclUniqueIdBytes) {
+      throw std::invalid_argument("the NCCL unique id must be " +
+                                  std::to_string(kNcclUniqueIdBytes) + " bytes, got " +
+                                  std::to_string(cuda->ncclUniqueId.size()));
+    }
+  }
 }
 
 int64_t parseByteSize(const std::string& text, const std::string& field) {

@@ -4,6 +4,7 @@
 // Node.start (workers/engine_codec.h), never as argv: a rank sees only its own backend's part.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -23,7 +24,19 @@ struct SimConfig {
   uint64_t tokenMs = 20;  // the simulated cost of one step
 };
 
-struct CudaConfig {};
+// The CUDA engine: the same models and weight sources as the CPU engine, computing in `dtype`
+// (the weights, the KV cache and the matrix products' inputs; accumulation and the residual
+// stream are fp32 either way).
+inline constexpr size_t kNcclUniqueIdBytes = 128;  // NCCL_UNIQUE_ID_BYTES
+
+struct CudaConfig {
+  std::string loadFormat = "auto";  // auto, dummy, safetensors
+  uint64_t weightSeed = 0;          // dummy weights
+  std::string dtype = "bfloat16";   // bfloat16, float32
+  // Set by engine-core for its ranks when TP > 1 (ncclGetUniqueId): the 128 bytes every rank
+  // joins the same NCCL communicator with. Empty in the user's configuration.
+  std::string ncclUniqueId;
+};
 
 // The KV connector (KV transfer to a peer instance).
 struct KvConfig {

@@ -111,7 +111,12 @@ TEST_CASE("the registry knows cpu, sim and cuda, and this build has cpu and sim"
   for (const EngineInfo& e : knownEngines()) {
     names += std::string(e.name) + (e.built ? "+ " : "- ");
   }
+#ifdef VSUP_HAVE_CUDA
+  CHECK(names == "cpu+ sim+ cuda+ ");
+  CHECK_NOTHROW(requireEngineBuilt("cuda"));
+#else
   CHECK(names == "cpu+ sim+ cuda- ");
+#endif
   CHECK_NOTHROW(requireEngineBuilt("cpu"));
   CHECK_NOTHROW(requireEngineBuilt("sim"));
 }
@@ -122,16 +127,52 @@ TEST_CASE("an unknown engine name is refused with the accepted ones") {
   CHECK(msg.find("cpu, sim") != std::string::npos);
 }
 
-TEST_CASE("the cuda engine is refused with how to get it") {
+#ifndef VSUP_HAVE_CUDA
+TEST_CASE("a build without the cuda engine refuses it with how to get it") {
   std::string msg = messageOf([] { requireEngineBuilt("cuda"); });
   CHECK(msg.rfind("--engine 'cuda': ", 0) == 0);
-#ifdef VSUP_HAVE_NVCC
-  CHECK(msg.find("not available in this build of vsup yet") != std::string::npos);
-#else
   CHECK(msg.find("nvcc was not found") != std::string::npos);
   CHECK(msg.find("/usr/local/cuda") != std::string::npos);
   CHECK(msg.find("meson setup") != std::string::npos);
+}
 #endif
+
+TEST_CASE("--dtype: cuda computes in bfloat16 unless told float32; cpu and sim refuse bfloat16") {
+  CpuConfig cpu;
+  cpu.loadFormat = "dummy";
+  cpu.weightSeed = 7;
+#ifdef VSUP_HAVE_CUDA
+  auto cuda = std::get<CudaConfig>(backendConfigFor("cuda", cpu, SimConfig{}, "auto"));
+  CHECK(cuda.dtype == "bfloat16");
+  CHECK(cuda.loadFormat == "dummy");  // --load-format and --seed are the CPU engine's flags too
+  CHECK(cuda.weightSeed == 7);
+  CHECK(std::get<CudaConfig>(backendConfigFor("cuda", cpu, SimConfig{}, "float32")).dtype ==
+        "float32");
+  CHECK(messageOf([&] { backendConfigFor("cuda", cpu, SimConfig{}, "fp8"); }) ==
+        "--dtype 'fp8': accepted with --engine cuda: auto (bfloat16), bfloat16, float32");
+#endif
+  CHECK(std::holds_alternative<CpuConfig>(backendConfigFor("cpu", cpu, SimConfig{}, "float32")));
+  CHECK(messageOf([&] { backendConfigFor("cpu", cpu, SimConfig{}, "bfloat16"); }) ==
+        "--dtype 'bfloat16': the cpu engine computes in float32 (accepted with --engine cpu: "
+        "auto, float32)");
+  CHECK(messageOf([&] { backendConfigFor("sim", cpu, SimConfig{}, "bfloat16"); })
+            .find("the sim engine computes in float32") != std::string::npos);
+}
+
+TEST_CASE("validate refuses a cuda configuration with a bad dtype or a malformed NCCL id") {
+  EngineConfig c;
+  CudaConfig cuda;
+  cuda.dtype = "half";
+  c.backend = cuda;
+  CHECK(messageOf([&] { validate(c); }) ==
+        "--dtype must be one of bfloat16, float32, got 'half'");
+  cuda.dtype = "float32";
+  cuda.ncclUniqueId = std::string(100, 'x');
+  c.backend = cuda;
+  CHECK(messageOf([&] { validate(c); }) == "the NCCL unique id must be 128 bytes, got 100");
+  cuda.ncclUniqueId = std::string(128, '\0');
+  c.backend = cuda;
+  CHECK_NOTHROW(validate(c));
 }
 
 }  // namespace vsup::engine

@@ -13,49 +13,19 @@
 namespace vsup::engine {
 namespace {
 
-// What plan() and every rank derive from the configuration, identically.
-struct CpuPlan {
-  ModelSource model;
-  int64_t maxModelLen = 0;
-  int32_t numBlocks = 0;
-};
-
 const CpuConfig& cpuConfigOf(const EngineConfig& config) {
   const auto* cpu = std::get_if<CpuConfig>(&config.backend);
   if (cpu == nullptr) throw std::invalid_argument("the cpu backend needs a cpu configuration");
   return *cpu;
 }
 
-// Throws std::runtime_error / std::invalid_argument with a message for the user (bad model, TP
-// that does not divide the heads, a KV budget that cannot hold one full-length sequence, a token
-// budget below --max-num-seqs).
-CpuPlan planCpuEngine(const EngineConfig& config, bool needTokenizer = true) {
-  const CommonConfig& o = config.common;
-  const CpuConfig& cpu = cpuConfigOf(config);
-  validate(config);
-  CpuPlan plan;
-  plan.model = resolveModel(o.model, cpu.loadFormat, needTokenizer);
-  const LlamaConfig& c = plan.model.config;
-  c.checkTensorParallel(o.tensorParallelSize);
-  plan.maxModelLen = c.maxPositions;
-  if (o.maxModelLen > 0) plan.maxModelLen = std::min(plan.maxModelLen, o.maxModelLen);
-  plan.numBlocks = kvBlocksFor(c, o.tensorParallelSize, o.blockSize, o.kvCacheBytes);
-  int64_t tokens = int64_t(plan.numBlocks) * o.blockSize;
-  if (tokens < plan.maxModelLen) {
-    int64_t need = (plan.maxModelLen + o.blockSize - 1) / o.blockSize *
-                   kvBytesPerBlock(c, o.tensorParallelSize, o.blockSize);
-    throw std::invalid_argument(
-        "--kv-cache-memory " + std::to_string(o.kvCacheBytes) + " bytes holds " +
-        std::to_string(tokens) + " tokens per rank, less than one sequence of the context length " +
-        std::to_string(plan.maxModelLen) + " (needs " + std::to_string(need) +
-        " bytes): raise --kv-cache-memory or lower --max-model-len");
-  }
-  return plan;
+LlamaPlan planCpuEngine(const EngineConfig& config, bool needTokenizer = true) {
+  return planLlamaEngine(config, cpuConfigOf(config).loadFormat, 4, needTokenizer);
 }
 
 class CpuRunner final : public ModelRunner {
  public:
-  CpuRunner(const EngineConfig& config, const CpuPlan& plan, uint32_t rank,
+  CpuRunner(const EngineConfig& config, const LlamaPlan& plan, uint32_t rank,
             std::unique_ptr<Collective> collective, int kvCacheFd)
       : rank_(rank), collective_(std::move(collective)) {
     const uint32_t tp = config.common.tensorParallelSize;
@@ -136,29 +106,11 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
 
   EnginePlan plan(const EngineConfig& config) const override {
-    CpuPlan cpu = planCpuEngine(config);
+    LlamaPlan cpu = planCpuEngine(config);
     const CommonConfig& o = config.common;
-    const LlamaConfig& c = cpu.model.config;
-    EnginePlan plan;
-    plan.scheduler.maxNumSeqs = o.maxNumSeqs;
-    plan.scheduler.maxNumBatchedTokens = o.maxNumBatchedTokens;
-    plan.scheduler.maxModelLen = cpu.maxModelLen;
-    plan.scheduler.numBlocks = cpu.numBlocks;
-    plan.scheduler.blockSize = o.blockSize;
-    plan.scheduler.eosTokenIds = c.eosTokenIds;
-    plan.scheduler.vocabSize = int32_t(c.vocabSize);
-    plan.scheduler.kvHoldMs = kvHoldMs(o.kv);
-    plan.chatFormat = cpu.model.chatFormat;
-    plan.chatFormatNote = cpu.model.chatFormatNote;
-    plan.summary = "model " + cpu.model.name + " (" + std::to_string(c.parameterCount()) +
-                   " parameters, weights " + (cpu.model.dummyWeights ? "dummy" : "safetensors") +
-                   "), context " + std::to_string(cpu.maxModelLen) + " tokens, KV cache " +
-                   std::to_string(cpu.numBlocks) + " blocks of " + std::to_string(o.blockSize) +
-                   " tokens per rank";
-    plan.sharedCollective = o.tensorParallelSize > 1;
-    plan.kvLayout = kvCacheLayout(c, o.tensorParallelSize, o.blockSize, cpu.numBlocks);
-    plan.modelKvHeads = uint32_t(c.numKvHeads);
-    plan.modelId = cpu.model.name;
+    EnginePlan plan = llamaEnginePlan(config, cpu);
+    plan.kvLayout = kvCacheLayout(cpu.model.config, o.tensorParallelSize, o.blockSize,
+                                  cpu.numBlocks);
     return plan;
   }
 
@@ -169,7 +121,7 @@ class CpuBackend final : public Backend {
   std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
                                           RankFds fds) const override {
     // A rank computes on token ids only: it needs no tokenizer.json.
-    CpuPlan plan = planCpuEngine(config, /*needTokenizer=*/false);
+    LlamaPlan plan = planCpuEngine(config, /*needTokenizer=*/false);
     const uint32_t tp = config.common.tensorParallelSize;
     std::unique_ptr<Collective> collective =
         tp == 1 ? makeSingleRankCollective()
@@ -179,6 +131,56 @@ class CpuBackend final : public Backend {
 };
 
 }  // namespace
+
+LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFormat,
+                          int64_t kvElementBytes, bool needTokenizer) {
+  const CommonConfig& o = config.common;
+  validate(config);
+  LlamaPlan plan;
+  plan.model = resolveModel(o.model, loadFormat, needTokenizer);
+  const LlamaConfig& c = plan.model.config;
+  c.checkTensorParallel(o.tensorParallelSize);
+  plan.maxModelLen = c.maxPositions;
+  if (o.maxModelLen > 0) plan.maxModelLen = std::min(plan.maxModelLen, o.maxModelLen);
+  plan.numBlocks =
+      kvBlocksFor(c, o.tensorParallelSize, o.blockSize, o.kvCacheBytes, kvElementBytes);
+  int64_t tokens = int64_t(plan.numBlocks) * o.blockSize;
+  if (tokens < plan.maxModelLen) {
+    int64_t need = (plan.maxModelLen + o.blockSize - 1) / o.blockSize *
+                   kvBytesPerBlock(c, o.tensorParallelSize, o.blockSize, kvElementBytes);
+    throw std::invalid_argument(
+        "--kv-cache-memory " + std::to_string(o.kvCacheBytes) + " bytes holds " +
+        std::to_string(tokens) + " tokens per rank, less than one sequence of the context length " +
+        std::to_string(plan.maxModelLen) + " (needs " + std::to_string(need) +
+        " bytes): raise --kv-cache-memory or lower --max-model-len");
+  }
+  return plan;
+}
+
+EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama) {
+  const CommonConfig& o = config.common;
+  const LlamaConfig& c = llama.model.config;
+  EnginePlan plan;
+  plan.scheduler.maxNumSeqs = o.maxNumSeqs;
+  plan.scheduler.maxNumBatchedTokens = o.maxNumBatchedTokens;
+  plan.scheduler.maxModelLen = llama.maxModelLen;
+  plan.scheduler.numBlocks = llama.numBlocks;
+  plan.scheduler.blockSize = o.blockSize;
+  plan.scheduler.eosTokenIds = c.eosTokenIds;
+  plan.scheduler.vocabSize = int32_t(c.vocabSize);
+  plan.scheduler.kvHoldMs = kvHoldMs(o.kv);
+  plan.chatFormat = llama.model.chatFormat;
+  plan.chatFormatNote = llama.model.chatFormatNote;
+  plan.summary = "model " + llama.model.name + " (" + std::to_string(c.parameterCount()) +
+                 " parameters, weights " + (llama.model.dummyWeights ? "dummy" : "safetensors") +
+                 "), context " + std::to_string(llama.maxModelLen) + " tokens, KV cache " +
+                 std::to_string(llama.numBlocks) + " blocks of " + std::to_string(o.blockSize) +
+                 " tokens per rank";
+  plan.sharedCollective = o.tensorParallelSize > 1;
+  plan.modelKvHeads = uint32_t(c.numKvHeads);
+  plan.modelId = llama.model.name;
+  return plan;
+}
 
 const Backend& cpuBackend() {
   static const CpuBackend backend;

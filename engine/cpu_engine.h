@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "engine/llama_config.h"
 #include "engine/registry.h"
@@ -18,6 +19,22 @@ namespace vsup::engine {
 
 // The registry's entry for "cpu".
 const Backend& cpuBackend();
+
+// What plan() and every rank of a Llama-architecture backend (cpu, cuda) derive from the
+// configuration, identically: the model, the context served, the KV blocks per rank for a cache
+// of `kvElementBytes` per value. Throws std::runtime_error / std::invalid_argument with a message
+// for the user (bad model, a TP size that does not divide the heads, a KV budget that cannot
+// hold one full-length sequence).
+struct LlamaPlan {
+  ModelSource model;
+  int64_t maxModelLen = 0;
+  int32_t numBlocks = 0;
+};
+LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFormat,
+                          int64_t kvElementBytes, bool needTokenizer = true);
+// The EnginePlan both Llama backends share (scheduler limits, chat format, summary, a shared
+// collective region at TP > 1); the caller adds what is its own (the CPU engine's KV layout).
+EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama);
 
 // The model's own tokenizer: its tokenizer.json, or the byte tokenizer of a preset.
 std::unique_ptr<Tokenizer> loadTokenizer(const ModelSource& model);

@@ -158,6 +158,68 @@ TEST_CASE("a cpu runner serves the core scheduler's steps: greedy text is the sa
   CHECK(first == run());
 }
 
+TEST_CASE("rankShard: the ranks' q, MLP and vocabulary ranges tile each tensor exactly, and "
+          "each rank holds the KV heads its query heads use") {
+  ModelSource m = resolveModel(kDefaultModel, "dummy", false);
+  for (int64_t kvHeads : {4, 2, 1}) {
+    LlamaConfig c = m.config;  // 8 query heads of 64, MLP 1536, vocab 260
+    c.numKvHeads = kvHeads;
+    for (uint32_t tp : {1u, 2u, 4u, 8u}) {
+      if (c.intermediateSize % tp != 0) continue;
+      int64_t q = 0, mlp = 0, vocab = 0;
+      for (uint32_t r = 0; r < tp; ++r) {
+        RankShard s = rankShard(c, r, tp);
+        CHECK(s.qBegin == q);
+        CHECK(s.qEnd - s.qBegin == s.qHeads * c.headDim);
+        q = s.qEnd;
+        CHECK(s.mlpBegin == mlp);
+        mlp = s.mlpEnd;
+        CHECK(s.vocabBegin == vocab);
+        CHECK(s.vocabEnd - s.vocabBegin <= s.vocabShard);
+        vocab = s.vocabEnd;
+        // Grouped-query: global query head h uses KV head h / (numHeads / numKvHeads).
+        const int64_t group = c.numHeads / c.numKvHeads;
+        for (int64_t h = s.qBegin / c.headDim; h < s.qEnd / c.headDim; ++h) {
+          int64_t kv = h / group;
+          CHECK(kv * c.headDim >= s.kvBegin);
+          CHECK((kv + 1) * c.headDim <= s.kvEnd);
+        }
+        CHECK(s.kvEnd - s.kvBegin == s.kvHeads * c.headDim);
+      }
+      CHECK(q == c.numHeads * c.headDim);
+      CHECK(mlp == c.intermediateSize);
+      CHECK(vocab == c.vocabSize);
+    }
+  }
+  CHECK_THROWS_AS(rankShard(m.config, 2, 2), std::invalid_argument);
+  CHECK_THROWS_AS(rankShard(m.config, 0, 3), std::invalid_argument);  // 8 heads over 3
+}
+
+TEST_CASE("the cuda backend plans like the cpu one, with a bf16 cache holding twice the blocks") {
+  EngineConfig cpu;
+  cpu.common.model = kDefaultModel;
+  cpu.common.kvCacheBytes = int64_t(64) << 20;
+  EngineConfig bf16 = cpu, fp32 = cpu;
+  CudaConfig cuda;
+  bf16.backend = cuda;
+  cuda.dtype = "float32";
+  fp32.backend = cuda;
+  LlamaPlan a = planLlamaEngine(cpu, "auto", 4);
+  LlamaPlan b = planLlamaEngine(bf16, "auto", 2);
+  CHECK(b.numBlocks == 2 * a.numBlocks);
+  CHECK(b.maxModelLen == a.maxModelLen);
+#ifdef VSUP_HAVE_CUDA
+  EnginePlan p16 = backendFor(bf16).plan(bf16), p32 = backendFor(fp32).plan(fp32);
+  EnginePlan pc = backendFor(cpu).plan(cpu);
+  CHECK(p16.scheduler.numBlocks == 2 * pc.scheduler.numBlocks);
+  CHECK(p32.scheduler.numBlocks == pc.scheduler.numBlocks);
+  CHECK(p16.scheduler.eosTokenIds == pc.scheduler.eosTokenIds);
+  CHECK_FALSE(p16.kvLayout.has_value());  // a GPU cache: not for the KV connector
+  CHECK(pc.kvLayout.has_value());
+  CHECK(p16.summary.find("bfloat16 on the GPU") != std::string::npos);
+#endif
+}
+
 TEST_CASE("backendFor picks the configured backend and refuses one this build lacks") {
   EngineConfig c;
   CHECK(std::string(backendFor(c).name()) == "cpu");
@@ -165,8 +227,12 @@ TEST_CASE("backendFor picks the configured backend and refuses one this build la
   c.backend = SimConfig{};
   CHECK(&backendFor(c) == &simBackend());
   c.backend = CudaConfig{};
+#ifdef VSUP_HAVE_CUDA
+  CHECK(std::string(backendFor(c).name()) == "cuda");
+#else
   CHECK(messageOf([&] { backendFor(c); }).rfind("--engine 'cuda': ", 0) == 0);
   CHECK_THROWS_AS(backendFor(c), std::invalid_argument);
+#endif
 }
 
 }  // namespace vsup::engine

@@ -30,10 +30,14 @@ const std::vector<EngineInfo>& knownEngines();
 void requireEngineBuilt(const std::string& name);
 
 // The backend part of an EngineConfig for --engine `name`, taking the flags of that backend
-// only (a CPU engine's config never carries sim settings). Throws as requireEngineBuilt().
+// only (a CPU engine's config never carries sim settings; the CUDA engine takes the CPU
+// engine's --load-format and --seed). `dtype` (--dtype): auto (bfloat16 on cuda, float32
+// elsewhere), bfloat16 (cuda only) or float32. Throws as requireEngineBuilt(), and
+// std::invalid_argument for a dtype the engine does not compute in.
 std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::string& name,
                                                                const CpuConfig& cpu,
-                                                               const SimConfig& sim);
+                                                               const SimConfig& sim,
+                                                               const std::string& dtype = "auto");
 
 // The one way user input becomes an EngineConfig (`vsup run`'s flags, vsup::LLM's LLMConfig):
 // the engine must be known and built, `kvCacheMemory` is parsed as a size (empty: keep
@@ -41,7 +45,8 @@ std::variant<CpuConfig, SimConfig, CudaConfig> backendConfigFor(const std::strin
 // are kept, and the result is validated. Throws std::invalid_argument naming the field.
 EngineConfig makeEngineConfig(const std::string& engine, CommonConfig common,
                               const std::string& kvCacheMemory, const char* sizeField,
-                              const CpuConfig& cpu, const SimConfig& sim);
+                              const CpuConfig& cpu, const SimConfig& sim,
+                              const std::string& dtype = "auto");
 
 // What engine-core needs to run an engine, derived from (and so validating) its config.
 struct EnginePlan {
@@ -77,6 +82,9 @@ class Backend {
   // the rank's compute thread.
   virtual std::unique_ptr<ModelRunner> makeRunner(const EngineConfig& config, uint32_t rank,
                                                   RankFds fds) const = 0;
+  // What engine-core adds to the configuration its ranks start with, once, before they are
+  // spawned (the CUDA engine at TP > 1: the NCCL unique id). Throws std::runtime_error.
+  virtual void prepareRanks(EngineConfig& /*rankConfig*/) const {}
 };
 
 // The backend of `config` (engineName(config)). Throws as requireEngineBuilt(). Heavy: linked

@@ -181,7 +181,7 @@ struct EngineConfig {
   backend :union {
     cpu @12 :CpuConfig;
     sim @13 :SimConfig;
-    cuda @14 :Void;
+    cuda @14 :CudaConfig;
   }
   kvRole @15 :Text;
   kvHost @16 :Text;
@@ -196,6 +196,12 @@ struct EngineConfig {
   }
   struct SimConfig {
     tokenMs @0 :UInt64;
+  }
+  struct CudaConfig {
+    loadFormat @0 :Text;
+    weightSeed @1 :UInt64;
+    dtype @2 :Text;
+    ncclUniqueId @3 :Data;   # engine-core's, for its ranks at TP > 1; empty otherwise
   }
 }
 

@@ -315,8 +315,13 @@ std::string encodeEngineConfig(const engine::EngineConfig& config) {
     b.setWeightSeed(cpu->weightSeed);
   } else if (auto* sim = std::get_if<engine::SimConfig>(&config.backend)) {
     backend.initSim().setTokenMs(sim->tokenMs);
-  } else {
-    backend.setCuda();
+  } else if (auto* cuda = std::get_if<engine::CudaConfig>(&config.backend)) {
+    auto b = backend.initCuda();
+    b.setLoadFormat(cuda->loadFormat);
+    b.setWeightSeed(cuda->weightSeed);
+    b.setDtype(cuda->dtype);
+    b.setNcclUniqueId(kj::arrayPtr(reinterpret_cast<const kj::byte*>(cuda->ncclUniqueId.data()),
+                                   cuda->ncclUniqueId.size()));
   }
   return flatBytes(message);
 }
@@ -375,9 +380,17 @@ engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
       case schema::EngineConfig::Backend::SIM:
         config.backend = engine::SimConfig{backend.getSim().getTokenMs()};
         break;
-      case schema::EngineConfig::Backend::CUDA:
-        config.backend = engine::CudaConfig{};
+      case schema::EngineConfig::Backend::CUDA: {
+        auto b = backend.getCuda();
+        engine::CudaConfig cuda;
+        cuda.loadFormat = b.getLoadFormat();
+        cuda.weightSeed = b.getWeightSeed();
+        cuda.dtype = b.getDtype();
+        auto id = b.getNcclUniqueId();
+        cuda.ncclUniqueId.assign(reinterpret_cast<const char*>(id.begin()), id.size());
+        config.backend = cuda;
         break;
+      }
     }
   } catch (const kj::Exception& e) {
     throw Error("engine configuration: not a valid message: " + ipc::userMessage(e));

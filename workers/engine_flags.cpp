@@ -58,6 +58,10 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
                      "auto (safetensors for a directory, dummy for a preset), dummy (seeded "
                      "weights) or safetensors"))
       ->check(CLI::IsMember({"auto", "dummy", "safetensors"}));
+  opt(app.add_option("--dtype", f.dtype,
+                     "what the engine computes in: auto (bfloat16 with --engine cuda, float32 "
+                     "otherwise), bfloat16 (cuda only) or float32"))
+      ->check(CLI::IsMember({"auto", "bfloat16", "float32"}));
   // CLI11 would wrap "-1" around to 2^64 - 1 for an unsigned option.
   opt(app.add_option("--seed", f.cpu.weightSeed, "seed of the dummy weights"))
       ->check(CLI::Validator(
@@ -127,7 +131,7 @@ engine::EngineConfig toEngineConfig(const EngineFlags& f) {
   }
   if (common.model.empty()) throw std::invalid_argument("--model: the model name is empty");
   return engine::makeEngineConfig(f.engine, common, f.kvCacheMemory, "--kv-cache-memory", f.cpu,
-                                  f.sim);
+                                  f.sim, f.dtype);
 }
 
 }  // namespace vsup::workers

@@ -23,10 +23,11 @@ struct EngineFlags {
   engine::CommonConfig common;
   engine::CpuConfig cpu;
   engine::SimConfig sim;
+  std::string dtype = "auto";  // --dtype
 };
 
 // Adds the positional MODEL and --engine, --model, --tensor-parallel-size, --max-num-seqs, --load-format, --seed,
-// --max-num-batched-tokens, --max-model-len, --kv-cache-memory, --block-size,
+// --max-num-batched-tokens, --max-model-len, --kv-cache-memory, --block-size, --dtype,
 // --collective-timeout-ms, --sim-token-ms, --kv-connector, --kv-role, --kv-host, --kv-port,
 // --kv-transport, --kv-lease-s, --kv-transfer-timeout, --kv-load-failure, --sim-kv-transfer-ms and
 // --kv-shutdown-timeout, each with its help text and default. Returns them.

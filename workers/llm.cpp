@@ -56,7 +56,7 @@ engine::EngineConfig toEngineConfig(const LLMConfig& c) {
     engine::SimConfig sim;
     sim.tokenMs = c.simTokenMs;
     return engine::makeEngineConfig(c.engine, common, c.kvCacheMemory, "kvCacheMemory",
-                                    engine::CpuConfig{}, sim);
+                                    engine::CpuConfig{}, sim, c.dtype);
   } catch (const std::invalid_argument& e) {
     throw Error(std::string("vsup::LLM: ") + e.what());
   }

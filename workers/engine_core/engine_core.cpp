@@ -186,6 +186,7 @@ engine::EngineStats EngineCore::stats() const {
 
 kj::Promise<void> EngineCore::start() {
   const engine::Backend* backend = nullptr;
+  std::string rankConfig;
   try {
     backend = &engine::backendFor(config_);
     plan_ = backend->plan(config_);
@@ -194,6 +195,9 @@ kj::Promise<void> EngineCore::start() {
     if (plan_.sharedCollective) {
       collectiveRegion_ = OwnFd(engine::createSharedCollective(config_.common.tensorParallelSize));
     }
+    engine::EngineConfig forRanks = config_;
+    backend->prepareRanks(forRanks);  // the CUDA engine's NCCL id, say
+    rankConfig = encodeEngineConfig(forRanks);
   } catch (const std::exception& e) {
     return failed(e.what());
   }
@@ -226,7 +230,6 @@ kj::Promise<void> EngineCore::start() {
   spec.name = runtime_.name();
   spec.intensity = 0;  // no partial restart: a dead rank fails the engine
   std::string exe = supervisor::selfExecutable();
-  std::string rankConfig = encodeEngineConfig(config_);
   // The KV agents first: the ranks stop first, and an agent may go on serving reads of its
   // rank's blocks while it defers (the region outlives the rank: the agent maps it too).
   for (uint32_t r = 0; r < tp && vsupKv(); ++r) {

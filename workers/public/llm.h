@@ -41,12 +41,14 @@
 namespace vsup {
 
 struct LLMConfig {
-  std::string engine = "cpu";        // "cpu" (a real Llama model) or "sim" (simulated tokens)
+  std::string engine = "cpu";        // "cpu" (a real Llama model), "cuda" (the same models on an
+                                     // NVIDIA GPU) or "sim" (simulated tokens)
   std::string model;                 // cpu: a built-in preset or a Hugging Face model directory;
                                      // empty: the default preset (vsup-tiny-25m, dummy weights)
   std::string kvCacheMemory;         // cpu: KV cache per worker, e.g. "64MiB"; empty: 256MiB
   uint32_t tensorParallelSize = 1;
   uint64_t simTokenMs = 0;           // sim engine: cost of one step
+  std::string dtype = "auto";        // cuda: bfloat16 (auto) or float32; cpu: float32 (auto)
   std::chrono::milliseconds startTimeout{60000};
   std::string logLevel = "warn";     // vsup's own log lines (on stderr); "off" silences them
   std::string vsupExecutable;        // empty: $VSUP_EXE, else the installed `vsup`
