@@ -56,6 +56,13 @@ namespace {
 // See pingAfter().
 constexpr uint64_t kLivenessGraceMs = 100;
 
+// "start failed: WHY", once: a nested supervisor's start failure already says it, and its
+// parent's would otherwise read "start failed: start failed: ...".
+std::string startFailedMessage(const std::string& why) {
+  static const std::string kPrefix = "start failed: ";
+  return why.rfind(kPrefix, 0) == 0 ? why : kPrefix + why;
+}
+
 std::string seconds(int64_t ns) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1fs", double(ns) / 1e9);
@@ -228,7 +235,7 @@ kj::Promise<void> Supervisor::start() {
           // the shutdown cancels the operation chain.)
           tasks_->add(done_.addBranch().then([this]() {
             if (startFulfiller_ && startFulfiller_->isWaiting()) {
-              startFulfiller_->reject(toKj("start failed: " + startFailure_));
+              startFulfiller_->reject(toKj(startFailedMessage(startFailure_)));
             }
           }));
         });
@@ -1291,7 +1298,7 @@ std::string Supervisor::outcomeDetail() const {
   switch (outcome_) {
     case Outcome::Clean: return {};
     case Outcome::StartFailed:
-      return "start failed: " + (failure_.empty() ? std::string("a child did not start") : failure_);
+      return startFailedMessage(failure_.empty() ? std::string("a child did not start") : failure_);
     case Outcome::IntensityExceeded: {
       const std::string& cause = intensityCause_.empty() ? lastUnexpectedExit_ : intensityCause_;
       return "failed: " + (cause.empty() ? std::string() : cause + "; ") +
