@@ -60,16 +60,7 @@ class CpuRunner final : public ModelRunner {
     out.rank = rank_;
     if (input.seqs.empty()) return out;
     std::vector<LlamaShard::Seq> batch;
-    for (const SeqStep& q : input.seqs) {
-      LlamaShard::Seq s;
-      s.tokens = q.tokens.data();
-      s.count = int32_t(q.tokens.size());
-      s.startPos = int32_t(q.startPos);
-      s.blockTable = q.blockTable.data();
-      s.blockCount = int32_t(q.blockTable.size());
-      s.wantLogits = q.sample;
-      batch.push_back(s);
-    }
+    for (const SeqStep& q : input.seqs) batch.push_back(shardSeqOf(q));
     shard_->forward(batch, logits_);
     const int vocab = int(shard_->config().vocabSize);
     size_t row = 0;
@@ -78,14 +69,9 @@ class CpuRunner final : public ModelRunner {
         out.tokens.push_back(-1);
         continue;
       }
-      kernels::SamplingConfig c;
-      c.temperature = float(q.temperature);
-      c.topK = q.topK;
-      c.topP = float(q.topP);
-      c.seed = q.seed;
       uint64_t position = q.startPos + q.tokens.size();
-      out.tokens.push_back(
-          kernels::sampleToken(&logits_[row * size_t(vocab)], vocab, c, position, scratch_));
+      out.tokens.push_back(kernels::sampleToken(&logits_[row * size_t(vocab)], vocab,
+                                                samplingOf(q), position, scratch_));
       ++row;
     }
     return out;

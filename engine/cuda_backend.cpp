@@ -142,19 +142,8 @@ class CudaRunner final : public ModelRunner {
     out.step = input.step;
     out.rank = rank_;
     if (input.seqs.empty()) return out;
-    std::vector<cuda::SeqInput> batch;
-    for (const SeqStep& q : input.seqs) {
-      cuda::SeqInput s;
-      s.tokens = q.tokens.data();
-      s.count = int32_t(q.tokens.size());
-      s.startPos = int32_t(q.startPos);
-      s.blockTable = q.blockTable.data();
-      s.blockCount = int32_t(q.blockTable.size());
-      s.wantLogits = q.sample;
-      // kernels::sampleToken's greedy cases that need no logits: the argmax comes from the GPU.
-      s.greedy = !(q.temperature > 0.0) || q.topK == 1;
-      batch.push_back(s);
-    }
+    std::vector<cuda::SeqInput> batch;  // greedy rows: the argmax comes from the GPU
+    for (const SeqStep& q : input.seqs) batch.push_back(shardSeqOf(q));
     shard_->forward(batch, logits_, argmax_);
     size_t row = 0, sampledRow = 0;
     for (const SeqStep& q : input.seqs) {
@@ -165,14 +154,9 @@ class CudaRunner final : public ModelRunner {
       if (argmax_[row] >= 0) {
         out.tokens.push_back(argmax_[row]);
       } else {
-        kernels::SamplingConfig c;
-        c.temperature = float(q.temperature);
-        c.topK = q.topK;
-        c.topP = float(q.topP);
-        c.seed = q.seed;
         uint64_t position = q.startPos + q.tokens.size();
         out.tokens.push_back(kernels::sampleToken(&logits_[sampledRow * size_t(vocab_)], vocab_,
-                                                  c, position, scratch_));
+                                                  samplingOf(q), position, scratch_));
         ++sampledRow;
       }
       ++row;

@@ -119,8 +119,7 @@ void LlamaShard::forward(const std::vector<Seq>& batch, std::vector<float>& logi
   std::vector<Token> tokens;
   int64_t wanted = 0;
   for (const Seq& s : batch) {
-    checkShardInput(c, cache_.numBlocks, cache_.blockSize, s.tokens, s.count, s.startPos,
-                    s.blockTable, s.blockCount);
+    checkShardInput(c, cache_.numBlocks, cache_.blockSize, s);
     for (int32_t i = 0; i < s.count; ++i) {
       tokens.push_back({&s, s.startPos + i});
     }

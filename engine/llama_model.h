@@ -58,17 +58,7 @@ class LlamaShard {
   LlamaShard(const LlamaShard&) = delete;
   LlamaShard& operator=(const LlamaShard&) = delete;
 
-  // One sequence's part of a batch: `tokens` at positions startPos.. (a prompt chunk, or the
-  // one token generated last), their KV written through `blockTable`, which must cover every
-  // position up to startPos + tokens.size() - 1.
-  struct Seq {
-    const int32_t* tokens = nullptr;
-    int32_t count = 0;
-    int32_t startPos = 0;
-    const int32_t* blockTable = nullptr;
-    int32_t blockCount = 0;
-    bool wantLogits = false;  // logits of its last token
-  };
+  using Seq = ShardSeq;  // greedy is not the shard's business: it returns every row's logits
   // Runs the batch. `logits` receives vocabSize floats for each Seq with wantLogits, in order.
   // Throws CollectiveError when the ranks cannot complete a collective, and
   // std::invalid_argument for a Seq outside the cache or the context.

@@ -76,9 +76,32 @@ std::vector<float> loadFinalNorm(const LlamaConfig& c, const WeightSource& weigh
   return loadVector(weights, "model.norm.weight", c.hiddenSize);
 }
 
+ShardSeq shardSeqOf(const SeqStep& q) {
+  ShardSeq s;
+  s.tokens = q.tokens.data();
+  s.count = int32_t(q.tokens.size());
+  s.startPos = int32_t(q.startPos);
+  s.blockTable = q.blockTable.data();
+  s.blockCount = int32_t(q.blockTable.size());
+  s.wantLogits = q.sample;
+  s.greedy = !(q.temperature > 0.0) || q.topK == 1;
+  return s;
+}
+
+kernels::SamplingConfig samplingOf(const SeqStep& q) {
+  kernels::SamplingConfig c;
+  c.temperature = float(q.temperature);
+  c.topK = q.topK;
+  c.topP = float(q.topP);
+  c.seed = q.seed;
+  return c;
+}
+
 void checkShardInput(const LlamaConfig& c, int32_t numBlocks, int32_t blockSize,
-                     const int32_t* tokens, int32_t count, int32_t startPos,
-                     const int32_t* blockTable, int32_t blockCount) {
+                     const ShardSeq& seq) {
+  const int32_t* tokens = seq.tokens;
+  const int32_t count = seq.count, startPos = seq.startPos, blockCount = seq.blockCount;
+  const int32_t* blockTable = seq.blockTable;
   if (count <= 0) throw std::invalid_argument("a sequence in the batch has no tokens");
   int64_t end = int64_t(startPos) + count;
   if (startPos < 0 || end > c.maxPositions) {

@@ -368,8 +368,7 @@ class CudaShard final : public Shard {
     std::vector<int32_t> tokens, positions, slots, offsets, tables, rows;
     std::vector<bool> greedy;
     for (const SeqInput& q : batch) {
-      checkShardInput(c, spec_.numBlocks, spec_.blockSize, q.tokens, q.count, q.startPos,
-                      q.blockTable, q.blockCount);
+      checkShardInput(c, spec_.numBlocks, spec_.blockSize, q);
       const int32_t offset = int32_t(tables.size());
       tables.insert(tables.end(), q.blockTable, q.blockTable + q.blockCount);
       for (int32_t i = 0; i < q.count; ++i) {

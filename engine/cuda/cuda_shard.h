@@ -37,16 +37,8 @@ struct ShardSpec {
   std::function<std::string()> deadPeer;  // a peer rank that has exited, or empty
 };
 
-// One sequence's part of a step, as LlamaShard::Seq, plus how its token is chosen.
-struct SeqInput {
-  const int32_t* tokens = nullptr;
-  int32_t count = 0;
-  int32_t startPos = 0;
-  const int32_t* blockTable = nullptr;
-  int32_t blockCount = 0;
-  bool wantLogits = false;  // the logits of its last token
-  bool greedy = false;      // with wantLogits: only their argmax is needed (computed on the GPU)
-};
+// One sequence's part of a step (engine/shard_weights.h), greedy rows included.
+using SeqInput = ShardSeq;
 
 class Shard {
  public:

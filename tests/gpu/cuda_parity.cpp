@@ -83,14 +83,7 @@ Result run(bool bf16) {
       a.blockCount = kBlocksPerSeq;
       a.wantLogits = true;
       cb.push_back(a);
-      cuda::SeqInput g;
-      g.tokens = a.tokens;
-      g.count = a.count;
-      g.startPos = a.startPos;
-      g.blockTable = a.blockTable;
-      g.blockCount = a.blockCount;
-      g.wantLogits = true;
-      gb.push_back(g);
+      gb.push_back(a);  // not greedy: the GPU returns the logits rows too
     }
     cpu.forward(cb, cpuLogits);
     gpu->forward(gb, gpuLogits, argmax);
