@@ -120,7 +120,11 @@ class CudaRunner final : public ModelRunner {
     spec.maxPositions = plan.maxModelLen;
     spec.bf16 = cuda.dtype != "float32";
     spec.ncclUniqueId = cuda.ncclUniqueId;
-    spec.collectiveTimeoutMs = config.common.collectiveTimeoutMs;
+    // At TP > 1 a step's device work is waited on within the collective timeout (a stopped
+    // peer shows only as a step that does not end; a dead one is seen at once by its pidfd).
+    // One rank has no peer to wait for: its bound is the step timeout engine-core keeps anyway.
+    spec.collectiveTimeoutMs = tp > 1 ? config.common.collectiveTimeoutMs
+                                      : int64_t(config.common.stepTimeoutMs);
     spec.cancel = &cancel_;
     Collective* peers = collective_.get();
     spec.deadPeer = [peers] { return peers->deadPeer(); };

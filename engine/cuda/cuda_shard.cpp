@@ -27,6 +27,7 @@
 #include "engine/collective.h"
 #include "engine/comm_guard.h"
 #include "engine/cuda/nccl_device.h"
+#include "engine/cuda/step_layout.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/device_math.h"
 
@@ -363,27 +364,13 @@ class CudaShard final : public Shard {
     const RankShard& s = spec_.shard;
     const int64_t H = c.hiddenSize, hd = c.headDim;
     const int64_t qkvDim = (s.qHeads + 2 * s.kvHeads) * hd, attnDim = s.qHeads * hd;
-    // The step's int32 inputs, staged in pinned memory: tokens, positions, slots, each
-    // token's block-table offset, the block tables, the rows whose logits are wanted.
-    std::vector<int32_t> tokens, positions, slots, offsets, tables, rows;
-    std::vector<bool> greedy;
-    for (const SeqInput& q : batch) {
-      checkShardInput(c, spec_.numBlocks, spec_.blockSize, q);
-      const int32_t offset = int32_t(tables.size());
-      tables.insert(tables.end(), q.blockTable, q.blockTable + q.blockCount);
-      for (int32_t i = 0; i < q.count; ++i) {
-        const int32_t pos = q.startPos + i;
-        tokens.push_back(q.tokens[i]);
-        positions.push_back(pos);
-        slots.push_back(q.blockTable[pos / spec_.blockSize] * spec_.blockSize +
-                        pos % spec_.blockSize);
-        offsets.push_back(offset);
-      }
-      if (q.wantLogits) {
-        rows.push_back(int32_t(tokens.size()) - 1);
-        greedy.push_back(q.greedy);
-      }
-    }
+    // The step's int32 inputs, staged in pinned memory (step_layout.h).
+    const StepLayout layout = layOutStep(c, spec_.numBlocks, spec_.blockSize, batch);
+    const std::vector<int32_t>& tokens = layout.tokens;
+    const std::vector<int32_t>& positions = layout.positions;
+    const std::vector<int32_t>& tables = layout.tables;
+    const std::vector<int32_t>& rows = layout.rows;
+    const std::vector<bool>& greedy = layout.greedy;
     const int T = int(tokens.size()), R = int(rows.size());
     logits.clear();
     argmax.assign(size_t(R), -1);
@@ -395,20 +382,15 @@ class CudaShard final : public Shard {
                                     std::to_string(spec_.maxPositions) + ")");
       }
     }
-    const size_t sampled = size_t(std::count(greedy.begin(), greedy.end(), false));
+    const size_t sampled = layout.sampledRows();
     if (size_t(R) * 4 + sampled * size_t(c.vocabSize) * 4 > kPinnedBytes) {
       throw std::invalid_argument(std::to_string(sampled) + " sampled rows of " +
                                   std::to_string(c.vocabSize) +
                                   " logits exceed the 64 MiB staging buffer: lower --max-num-seqs");
     }
     // Inputs: one copy.
-    size_t ints = tokens.size() * 4 + tables.size() + rows.size();
-    ensure(ints_, ints * 4);
-    std::vector<int32_t> packed;
-    packed.reserve(ints);
-    for (const auto* v : {&tokens, &positions, &slots, &offsets, &tables, &rows}) {
-      packed.insert(packed.end(), v->begin(), v->end());
-    }
+    const std::vector<int32_t> packed = layout.packed();
+    ensure(ints_, packed.size() * 4);
     if (packed.size() * 4 > kPinnedBytes / 2) {
       check(cudaMemcpyAsync(ints_.data, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice,
                             stream_),
