@@ -141,7 +141,9 @@ int main(int argc, char** argv) {
   for (int64_t i = 0; i < c.numLayers; ++i) shard->loadLayer(i, loadShardLayer(c, spec.shard, *weights, i));
   double loadS = seconds() - loadStart;
   const double bandwidth = copyBandwidth();
-  const double weightBytes = double(c.parameterCount()) * 2;  // bf16
+  // The bytes a decode step reads: every weight once, but of the (untied) embedding only the
+  // batch's rows, which the floor leaves out.
+  const double weightBytes = double(c.parameterCount() - c.vocabSize * c.hiddenSize) * 2;  // bf16
   const double kvBytesPerToken = double(2 * c.numLayers * c.numKvHeads * c.headDim * 2);
 
   std::vector<std::vector<int32_t>> tables(maxBatch);
