@@ -73,9 +73,8 @@ cuda::MakeShardFn moduleFactory() {
   return factory;
 }
 
-// ncclGetUniqueId in engine-core: NCCL's host side only (a bootstrap address; no GPU, no CUDA
-// call), from libnccl.so.2 loaded for the call and kept (its bootstrap root thread serves the
-// ranks' rendezvous).
+// ncclGetUniqueId in engine-core: a bootstrap address, which needs no GPU, from libnccl.so.2
+// loaded for the call and kept (its bootstrap root thread serves the ranks' rendezvous).
 std::string ncclUniqueId() {
   struct Id {
     char bytes[kNcclUniqueIdBytes];
