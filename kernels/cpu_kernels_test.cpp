@@ -1,4 +1,5 @@
 #include "kernels/cpu_kernels.h"
+#include "kernels/kernel_test_util.h"
 
 #include <doctest/doctest.h>
 #include <time.h>
@@ -19,13 +20,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using testing::randomVector;
 
 // max_i |actual_i - expected_i| / max(|expected_i|, floor): elementwise relative error, with
 // `floor` as the scale below which an absolute error is what counts.

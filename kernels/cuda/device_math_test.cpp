@@ -12,28 +12,15 @@
 #include <vector>
 
 #include "kernels/cpu_kernels.h"
+#include "kernels/kernel_test_util.h"
 
 namespace vsup::kernels::cuda {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-float maxRelativeError(const std::vector<float>& a, const std::vector<float>& b,
-                       float floor = 1e-3f) {
-  float worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    worst = std::max(worst, std::fabs(a[i] - b[i]) / std::max(std::fabs(b[i]), floor));
-  }
-  return worst;
-}
+using testing::maxRelativeError;
+using testing::randomVector;
 
 }  // namespace
 
@@ -87,7 +74,7 @@ TEST_CASE("RMSNorm with the device's scale equals the CPU kernel") {
   for (float v : x) sum += double(v) * v;
   const float inv = rmsInverse(sum, n, 1e-5f);
   for (int i = 0; i < n; ++i) device[i] = x[size_t(i)] * inv * w[size_t(i)];
-  CHECK(maxRelativeError(device, cpu) < 1e-6f);
+  CHECK(maxRelativeError(device, cpu, 1e-3f) < 1e-6f);
 }
 
 TEST_CASE("rotary embedding from the device's angles equals the CPU RopeTable") {
@@ -106,7 +93,7 @@ TEST_CASE("rotary embedding from the device's angles equals the CPU RopeTable") 
         ropeRotate(lo[0], lo[half], float(std::cos(angle)), float(std::sin(angle)));
       }
     }
-    CHECK(maxRelativeError(device, cpu) < 1e-6f);
+    CHECK(maxRelativeError(device, cpu, 1e-3f) < 1e-6f);
   }
 }
 

@@ -12,27 +12,15 @@
 #include <vector>
 
 #include "kernels/cpu_kernels.h"
+#include "kernels/kernel_test_util.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/device_math.h"
 
 namespace vsup::kernels::cuda {
 namespace {
 
-std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-float maxRelativeError(const std::vector<float>& a, const std::vector<float>& b, float floor) {
-  float worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    worst = std::max(worst, std::fabs(a[i] - b[i]) / std::max(std::fabs(b[i]), floor));
-  }
-  return worst;
-}
+using testing::maxRelativeError;
+using testing::randomVector;
 
 // A device copy of host values, in fp32 or as bf16, freed with it.
 class Device {
