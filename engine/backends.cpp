@@ -104,6 +104,11 @@ EnginePlan preflight(const EngineConfig& config) {
                                 " tokens, its max_position_embeddings): give at most that, or "
                                 "0 for the model's own");
   }
+  if (c.kv.connector == "vsup" && !plan.kvLayout) {
+    throw std::invalid_argument(std::string("--kv-connector vsup needs an engine whose KV cache "
+                                            "can be transferred (--engine cpu), not --engine ") +
+                                engineName(config));
+  }
   if (const auto* cpu = std::get_if<CpuConfig>(&config.backend)) preflightCpu(config, *cpu);
   // The GPU's memory is the ranks' to check (the root loads no CUDA library).
   if (const auto* cuda = std::get_if<CudaConfig>(&config.backend)) {

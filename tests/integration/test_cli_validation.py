@@ -400,3 +400,10 @@ def test_a_rank_that_fails_while_starting_is_exit_3_naming_the_rank(vsup_bin, tm
     assert last.startswith("vsup run: ") and "worker-tp1" in last, err
     wait_for(lambda: not left_behind({p.pid}, set()), 2, "nothing left",
              lambda: "\n".join(left_behind({p.pid}, set())))
+
+
+def test_the_kv_connector_with_an_engine_whose_cache_cannot_move_is_a_usage_error(vsup_bin,
+                                                                                 tmp_path):
+    text = run_refused(vsup_bin, tmp_path, "--kv-connector", "vsup")  # the sim engine
+    assert ("--kv-connector vsup needs an engine whose KV cache can be transferred "
+            "(--engine cpu), not --engine sim") in text, text

@@ -2,8 +2,9 @@
 found), so the flags are accepted and the tree starts; the rank, the only process that loads the
 CUDA module, finds no device and fails the start at once with "no CUDA device: ..." naming the
 cause, the run exits with the start-failure status (3) and leaves nothing behind. At TP 2 the
-same, after engine-core has made the ranks' NCCL id (which needs no GPU). --dtype is checked
-against the engine before anything starts.
+same, after engine-core has made the ranks' NCCL id (which needs no GPU). --dtype, and the KV
+connector (which cannot read a GPU cache), are checked against the engine before anything
+starts.
 
 On a machine with a GPU these cases skip: tests/gpu/run.sh checks that machine's serving.
 """
@@ -43,9 +44,13 @@ def cuda_built(vsup_bin: str) -> bool:
 
 
 @pytest.fixture
-def no_gpu_cuda_build(vsup_bin):
+def cuda_build(vsup_bin):
     if not cuda_built(vsup_bin):
         pytest.skip("SKIPPED: this vsup was built without the CUDA engine (no nvcc at setup)")
+
+
+@pytest.fixture
+def no_gpu_cuda_build(cuda_build):
     if has_gpu():
         pytest.skip("SKIPPED: this machine has a GPU; tests/gpu/run.sh checks serving on it")
 
@@ -85,3 +90,11 @@ def test_dtype_is_checked_against_the_engine_before_anything_starts(vsup_bin, tm
     assert "--dtype 'bfloat16': the cpu engine computes in float32" in text, text
     text = run_refused(vsup_bin, tmp_path, "--dtype", "fp8", engine=cpu)
     assert "--dtype" in text and "fp8" in text, text
+
+
+def test_the_kv_connector_is_refused_with_the_cuda_engine_before_anything_starts(
+        vsup_bin, tmp_path, cuda_build):
+    cuda = ("--engine", "cuda", "--model", "vsup-tiny-4m", "--kv-cache-memory", "32MiB")
+    text = run_refused(vsup_bin, tmp_path, "--kv-connector", "vsup", engine=cuda)
+    assert "--kv-connector vsup needs an engine whose KV cache can be transferred" in text, text
+    assert "not --engine cuda" in text, text
