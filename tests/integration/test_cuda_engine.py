@@ -11,18 +11,14 @@ On a machine with a GPU these cases skip: tests/gpu/run.sh checks that machine's
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
 from test_cli_validation import run_refused
-from test_cpu_engine import left_behind, session_processes
-from test_serving import free_port
+from test_cpu_engine import session_processes, trees  # noqa: F401  (the fixture)
 
 START_FAILURE = 3
 
@@ -57,21 +53,12 @@ def no_gpu_cuda_build(cuda_build):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_without_a_gpu_the_cuda_engine_fails_its_start_at_once_naming_the_cause(
-        vsup_bin, tmp_path, no_gpu_cuda_build, tp):
-    argv = [vsup_bin, "run", "--engine", "cuda", "--model", "vsup-tiny-4m", "--kv-cache-memory",
-            "32MiB", "--tensor-parallel-size", str(tp), "--port", str(free_port()),
-            "--control-socket", str(tmp_path / "ctl.sock")]
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-    took = time.monotonic() - t0
-    assert p.returncode == START_FAILURE, err
+        trees, tmp_path, no_gpu_cuda_build, tp):
+    # run_to_exit also waits (2 s at most) for every process of the run to be gone.
+    code, err, took = trees.run_to_exit("--engine", "cuda", "--model", "vsup-tiny-4m",
+                                        "--kv-cache-memory", "32MiB",
+                                        "--tensor-parallel-size", str(tp))
+    assert code == START_FAILURE, err
     assert "no CUDA device: cudaGetDeviceCount: " in err, err
     # The cause, in words: CI has the toolkit but no driver.
     assert "no NVIDIA driver" in err or "sees no usable GPU" in err or "sees no GPU" in err, err
@@ -79,9 +66,9 @@ def test_without_a_gpu_the_cuda_engine_fails_its_start_at_once_naming_the_cause(
     assert last.startswith("vsup run: start failed: no CUDA device: "), err
     assert re.search(r"engine-core: worker-tp\d stopped in .* \(code 3\)", err), err
     assert took < 20, f"the failed start took {took:.1f}s"
-    assert not left_behind({p.pid}, set()), left_behind({p.pid}, set())
-    assert not session_processes(p.pid), session_processes(p.pid)
-    assert not (tmp_path / "ctl.sock").exists()
+    for sid in trees.sids:
+        assert not session_processes(sid), session_processes(sid)
+    assert not list(tmp_path.glob("run-*/ctl.sock")), "the control socket was left behind"
 
 
 def test_dtype_is_checked_against_the_engine_before_anything_starts(vsup_bin, tmp_path):
