@@ -135,10 +135,7 @@ int main(int argc, char** argv) {
   spec.bf16 = true;
   auto weights = makeDummyWeights(0);
   double loadStart = seconds();
-  std::unique_ptr<cuda::Shard> shard = makeCudaShard(spec);
-  shard->loadGlobals(loadEmbedding(c, *weights), loadLmHeadShard(c, spec.shard, *weights),
-                     loadFinalNorm(c, *weights));
-  for (int64_t i = 0; i < c.numLayers; ++i) shard->loadLayer(i, loadShardLayer(c, spec.shard, *weights, i));
+  std::unique_ptr<cuda::Shard> shard = makeCudaShard(spec, *weights);
   double loadS = seconds() - loadStart;
   const double bandwidth = copyBandwidth();
   // The bytes a decode step reads: every weight once, but of the (untied) embedding only the

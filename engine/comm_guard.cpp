@@ -56,12 +56,13 @@ void CommGuard::fail(const std::string& why) {
   throw CollectiveError(brokenWhy_);
 }
 
-void CommGuard::wait(const char* what, int64_t timeoutMs, bool work) {
+void CommGuard::wait(const char* what, int64_t timeoutMs, bool work, bool cancellable) {
   const int64_t start = nowUs();
   const int64_t deadline = start + timeoutMs * 1000;
   int64_t nextPeerCheck = start;
   for (int polls = 0;; ++polls) {
-    if (options_.cancel != nullptr && options_.cancel->load(std::memory_order_acquire)) {
+    if (cancellable && options_.cancel != nullptr &&
+        options_.cancel->load(std::memory_order_acquire)) {
       fail(std::string("cancelled while waiting for ") + what);
     }
     std::string why;
@@ -113,15 +114,7 @@ void CommGuard::finalize() {
   onOwnerThread("finalize");
   if (destroyed_) return;
   device_.finalize();
-  const std::atomic<bool>* cancel = options_.cancel;
-  options_.cancel = nullptr;
-  try {
-    wait("the communicator's finalize", options_.timeoutMs, /*work=*/false);
-  } catch (...) {
-    options_.cancel = cancel;
-    throw;
-  }
-  options_.cancel = cancel;
+  wait("the communicator's finalize", options_.timeoutMs, /*work=*/false, /*cancellable=*/false);
   destroyed_ = true;
   device_.destroy();
 }

@@ -80,7 +80,7 @@ class CommGuard {
 
  private:
   void onOwnerThread(const char* what);
-  void wait(const char* what, int64_t timeoutMs, bool work);
+  void wait(const char* what, int64_t timeoutMs, bool work, bool cancellable = true);
   [[noreturn]] void fail(const std::string& why);
   void abortOnce();
 

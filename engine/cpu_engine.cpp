@@ -108,11 +108,8 @@ class CpuBackend final : public Backend {
                                           RankFds fds) const override {
     // A rank computes on token ids only: it needs no tokenizer.json.
     LlamaPlan plan = planCpuEngine(config, /*needTokenizer=*/false);
-    const uint32_t tp = config.common.tensorParallelSize;
-    std::unique_ptr<Collective> collective =
-        tp == 1 ? makeSingleRankCollective()
-                : joinSharedCollective(fds.collective, rank, tp, config.common.collectiveTimeoutMs);
-    return std::make_unique<CpuRunner>(config, plan, rank, std::move(collective), fds.kvCache);
+    return std::make_unique<CpuRunner>(config, plan, rank, joinRankCollective(config, rank, fds),
+                                       fds.kvCache);
   }
 };
 
@@ -141,6 +138,13 @@ LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFor
         " bytes): raise --kv-cache-memory or lower --max-model-len");
   }
   return plan;
+}
+
+std::unique_ptr<Collective> joinRankCollective(const EngineConfig& config, uint32_t rank,
+                                               RankFds fds) {
+  const uint32_t tp = config.common.tensorParallelSize;
+  if (tp == 1) return makeSingleRankCollective();
+  return joinSharedCollective(fds.collective, rank, tp, config.common.collectiveTimeoutMs);
 }
 
 EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama) {

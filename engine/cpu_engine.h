@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "engine/collective.h"
 #include "engine/llama_config.h"
 #include "engine/registry.h"
 #include "engine/tokenizer.h"
@@ -35,6 +36,10 @@ LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFor
 // The EnginePlan both Llama backends share (scheduler limits, chat format, summary, a shared
 // collective region at TP > 1); the caller adds what is its own (the CPU engine's KV layout).
 EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama);
+// Rank `rank`'s collective: the identity at TP 1, else its place in the region engine-core made
+// (EnginePlan::sharedCollective), borrowed from `fds` for the call.
+std::unique_ptr<Collective> joinRankCollective(const EngineConfig& config, uint32_t rank,
+                                               RankFds fds);
 
 // The model's own tokenizer: its tokenizer.json, or the byte tokenizer of a preset.
 std::unique_ptr<Tokenizer> loadTokenizer(const ModelSource& model);

@@ -127,17 +127,10 @@ class CudaRunner final : public ModelRunner {
     spec.cancel = &cancel_;
     Collective* peers = collective_.get();
     spec.deadPeer = [peers] { return peers->deadPeer(); };
-    shard_ = makeCudaShard(spec);
     std::unique_ptr<WeightSource> weights =
         plan.model.dummyWeights ? makeDummyWeights(cuda.weightSeed)
                                 : openSafetensors(plan.model.directory);
-    const LlamaConfig& c = spec.model;
-    // One layer at a time in host memory: the host never holds more than a layer of fp32.
-    shard_->loadGlobals(loadEmbedding(c, *weights), loadLmHeadShard(c, spec.shard, *weights),
-                        loadFinalNorm(c, *weights));
-    for (int64_t i = 0; i < c.numLayers; ++i) {
-      shard_->loadLayer(i, loadShardLayer(c, spec.shard, *weights, i));
-    }
+    shard_ = makeCudaShard(spec, *weights);
   }
 
   StepOutput execute(const StepInput& input) override {
@@ -209,18 +202,22 @@ class CudaBackend final : public Backend {
                                           RankFds fds) const override {
     const CudaConfig& cuda = cudaConfigOf(config);
     LlamaPlan plan = planLlamaEngine(config, cuda.loadFormat, elementBytes(cuda), false);
-    const uint32_t tp = config.common.tensorParallelSize;
-    std::unique_ptr<Collective> peers =
-        tp == 1 ? makeSingleRankCollective()
-                : joinSharedCollective(fds.collective, rank, tp, config.common.collectiveTimeoutMs);
-    return std::make_unique<CudaRunner>(config, plan, rank, std::move(peers));
+    return std::make_unique<CudaRunner>(config, plan, rank, joinRankCollective(config, rank, fds));
   }
 };
 
 }  // namespace
 
-std::unique_ptr<cuda::Shard> makeCudaShard(const cuda::ShardSpec& spec) {
-  return std::unique_ptr<cuda::Shard>(moduleFactory()(spec));
+std::unique_ptr<cuda::Shard> makeCudaShard(const cuda::ShardSpec& spec,
+                                           const WeightSource& weights) {
+  std::unique_ptr<cuda::Shard> shard(moduleFactory()(spec));
+  const LlamaConfig& c = spec.model;
+  shard->loadGlobals(loadEmbedding(c, weights), loadLmHeadShard(c, spec.shard, weights),
+                     loadFinalNorm(c, weights));
+  for (int64_t i = 0; i < c.numLayers; ++i) {
+    shard->loadLayer(i, loadShardLayer(c, spec.shard, weights, i));
+  }
+  return shard;
 }
 
 const Backend& cudaBackend() {

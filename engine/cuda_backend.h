@@ -8,6 +8,7 @@
 
 #include "engine/cuda/cuda_shard.h"
 #include "engine/registry.h"
+#include "engine/weights.h"
 
 namespace vsup::engine {
 
@@ -15,7 +16,9 @@ namespace vsup::engine {
 const Backend& cudaBackend();
 
 // One rank's shard from the CUDA module (loaded on first use, VSUP_CUDA_MODULE overriding where
-// from): what the backend's runner computes with, and what the GPU checks drive directly.
-std::unique_ptr<cuda::Shard> makeCudaShard(const cuda::ShardSpec& spec);
+// from), its weights read from `weights` one layer at a time (the host never holds more than a
+// layer of fp32): what the backend's runner computes with, and what the GPU checks drive
+// directly.
+std::unique_ptr<cuda::Shard> makeCudaShard(const cuda::ShardSpec& spec, const WeightSource& weights);
 
 }  // namespace vsup::engine

@@ -20,9 +20,6 @@
 
 namespace vsup::kernels::cuda {
 
-VSUP_HD uint32_t floatBits(float f);
-VSUP_HD float bitsFloat(uint32_t u);
-
 VSUP_HD uint32_t floatBits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

@@ -53,10 +53,7 @@ Result run(bool bf16) {
   spec.blockSize = kBlockSize;
   spec.maxPositions = c.maxPositions;
   spec.bf16 = bf16;
-  std::unique_ptr<cuda::Shard> gpu = makeCudaShard(spec);
-  gpu->loadGlobals(loadEmbedding(c, *weights), loadLmHeadShard(c, spec.shard, *weights),
-                   loadFinalNorm(c, *weights));
-  for (int64_t i = 0; i < c.numLayers; ++i) gpu->loadLayer(i, loadShardLayer(c, spec.shard, *weights, i));
+  std::unique_ptr<cuda::Shard> gpu = makeCudaShard(spec, *weights);
 
   std::mt19937 rng(12345);
   std::vector<std::vector<int32_t>> seqs(kPrompts), tables(kPrompts);
