@@ -19,8 +19,8 @@
 #include <gloo/common/error.h>
 #include <gloo/common/logging.h>
 #include <gloo/context.h>
-#include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/store.h>
+#include <gloo/transport/context.h>
+#include <gloo/transport/pair.h>
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
 
@@ -94,45 +94,93 @@ class DirectoryStore final : public RendezvousStore {
   std::string dir_;
 };
 
-// Gloo's store interface over ours, every key under the group's prefix. Gloo's own get() and
-// wait() calls carry Gloo's timeout; ours bounds them instead (the join's timeoutMs).
-class GlooStore final : public gloo::rendezvous::Store {
+// A gloo::Context over a transport context made and connected here (two phases) rather than
+// by Gloo's rendezvous (one blocking call that needs a live store).
+class MeshContext final : public gloo::Context {
  public:
-  GlooStore(RendezvousStore& store, std::string prefix, int64_t timeoutMs)
-      : store_(store), prefix_(std::move(prefix)), timeoutMs_(timeoutMs) {}
-
-  void set(const std::string& key, const std::vector<char>& data) override {
-    store_.set(prefix_ + "/" + key, data);
+  MeshContext(int rank, int size) : gloo::Context(rank, size) {}
+  void install(std::shared_ptr<gloo::transport::Device> device,
+               std::shared_ptr<gloo::transport::Context> transport) {
+    device_ = std::move(device);
+    transportContext_ = std::move(transport);
   }
-  std::vector<char> get(const std::string& key) override {
-    return store_.get(prefix_ + "/" + key, timeoutMs_);
-  }
-  void wait(const std::vector<std::string>& keys) override {
-    for (const std::string& key : keys) store_.get(prefix_ + "/" + key, timeoutMs_);
-  }
-  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds&) override {
-    wait(keys);
-  }
-
- private:
-  RendezvousStore& store_;
-  std::string prefix_;
-  int64_t timeoutMs_;
 };
 
-class CrossNode final : public Collective {
+class CrossNode final : public CrossNodeCollective {
  public:
-  CrossNode(const CrossNodeJoin& join, std::unique_ptr<Collective> local,
-            std::shared_ptr<gloo::transport::Device> device,
-            std::shared_ptr<gloo::rendezvous::Context> context)
+  CrossNode(const CrossNodeJoin& join, std::unique_ptr<Collective> local)
       : rank_(join.rank), ranks_(join.ranks), nodeBase_(join.rank - join.rank % join.ranksPerNode),
-        ranksPerNode_(join.ranksPerNode), timeout_(join.timeoutMs), local_(std::move(local)),
-        device_(std::move(device)), context_(std::move(context)) {}
+        ranksPerNode_(join.ranksPerNode), timeout_(join.timeoutMs), local_(std::move(local)) {
+    const std::string who = "rank " + std::to_string(rank_) + " of " + std::to_string(ranks_);
+    try {
+      gloo::transport::tcp::attr attr;
+      attr.hostname = join.listenAddress;
+      device_ = gloo::transport::tcp::CreateDevice(attr);
+      transport_ = device_->createContext(int(rank_), int(ranks_));
+      // Gloo waits five times its timeout for a connection to come up: a fifth of ours, so
+      // that the connect is bounded by ours. The operations pass theirs explicitly.
+      transport_->setTimeout(std::chrono::milliseconds(std::max<int64_t>(1, timeout_ / 5)));
+      for (uint32_t r = 0; r < ranks_; ++r) {
+        if (r == rank_) continue;
+        std::vector<char> bytes = transport_->createPair(int(r))->address().bytes();
+        if (pairBytes_ == 0) pairBytes_ = bytes.size();
+        address_.insert(address_.end(), bytes.begin(), bytes.end());
+      }
+    } catch (const std::exception& e) {
+      transport_.reset();
+      device_.reset();
+      throw CollectiveError(who + ": cannot listen on \"" + join.listenAddress +
+                            "\" for the ranks on other nodes: " + glooWhy(e));
+    }
+  }
 
   ~CrossNode() override {
     // The connections first (Gloo's pairs), then its event loop thread (the device).
     context_.reset();
+    transport_.reset();
     device_.reset();
+  }
+
+  const std::vector<char>& address() const override { return address_; }
+
+  void connect(const std::vector<std::vector<char>>& addresses) override {
+    const std::string who = "rank " + std::to_string(rank_) + " of " + std::to_string(ranks_);
+    if (context_ || !transport_) throw CollectiveError(who + ": connect() called twice");
+    if (addresses.size() != ranks_) {
+      throw CollectiveError(who + ": connect() needs " + std::to_string(ranks_) +
+                            " addresses, got " + std::to_string(addresses.size()));
+    }
+    for (uint32_t r = 0; r < ranks_; ++r) {
+      if (r == rank_) continue;
+      if (addresses[r].size() != address_.size()) {
+        throw CollectiveError(who + ": rank " + std::to_string(r) + "'s address has " +
+                              std::to_string(addresses[r].size()) + " bytes, expected " +
+                              std::to_string(address_.size()) +
+                              " (a rank of a different vsup build?)");
+      }
+    }
+    // In rank order on every rank, as Gloo's own full-mesh rendezvous does: a pair's two ends
+    // agree on which side listens from the addresses themselves.
+    for (uint32_t r = 0; r < ranks_; ++r) {
+      if (r == rank_) continue;
+      if (cancelled_.load(std::memory_order_acquire)) {
+        throw CollectiveError(who + ": cancelled while connecting to its peers");
+      }
+      // Rank r's list has no entry for itself: ours is at our rank, one lower above r.
+      const size_t at = size_t(rank_ > r ? rank_ - 1 : rank_) * pairBytes_;
+      std::vector<char> mine(addresses[r].begin() + long(at),
+                             addresses[r].begin() + long(at + pairBytes_));
+      try {
+        transport_->getPair(int(r))->connect(mine);
+      } catch (const std::exception& e) {
+        throw CollectiveError(who + ": cannot connect to rank " + std::to_string(r) +
+                              " within " + std::to_string(timeout_) + " ms: " + glooWhy(e));
+      }
+    }
+    auto context = std::make_shared<MeshContext>(int(rank_), int(ranks_));
+    context->setTimeout(std::chrono::milliseconds(timeout_));
+    context->install(device_, transport_);
+    context_ = std::move(context);
   }
 
   uint32_t rank() const override { return rank_; }
@@ -207,6 +255,10 @@ class CrossNode final : public Collective {
 
   void checkBroken() const {
     if (broken_) throw CollectiveError("collective is broken: " + brokenWhy_);
+    if (!context_) {
+      throw CollectiveError("rank " + std::to_string(rank_) +
+                            ": the collective is not connected to its peers yet");
+    }
   }
 
   // Makes the operation's buffers reachable to cancel(), and honours a cancel() that came first.
@@ -247,7 +299,7 @@ class CrossNode final : public Collective {
       broken_ = true;
       brokenWhy_ = why;
       local_->cancel();
-      context_->closeConnections();
+      if (context_) context_->closeConnections();
     }
     throw CollectiveError(why);
   }
@@ -259,7 +311,10 @@ class CrossNode final : public Collective {
   int64_t timeout_;
   std::unique_ptr<Collective> local_;
   std::shared_ptr<gloo::transport::Device> device_;
-  std::shared_ptr<gloo::rendezvous::Context> context_;
+  std::shared_ptr<gloo::transport::Context> transport_;
+  std::shared_ptr<gloo::Context> context_;  // once connected
+  std::vector<char> address_;
+  size_t pairBytes_ = 0;
   std::vector<float> gathered_;
   bool broken_ = false;
   std::string brokenWhy_;
@@ -275,9 +330,8 @@ std::unique_ptr<RendezvousStore> makeDirectoryStore(const std::string& dir) {
   return std::make_unique<DirectoryStore>(dir);
 }
 
-std::unique_ptr<Collective> joinCrossNodeCollective(const CrossNodeJoin& join,
-                                                    std::unique_ptr<Collective> local,
-                                                    RendezvousStore& store) {
+std::unique_ptr<CrossNodeCollective> listenCrossNode(const CrossNodeJoin& join,
+                                                     std::unique_ptr<Collective> local) {
   if (join.ranks == 0 || join.ranksPerNode == 0 || join.ranks % join.ranksPerNode != 0 ||
       join.rank >= join.ranks) {
     throw std::invalid_argument("cross-node collective: rank " + std::to_string(join.rank) +
@@ -296,32 +350,27 @@ std::unique_ptr<Collective> joinCrossNodeCollective(const CrossNodeJoin& join,
   if (join.timeoutMs <= 0) {
     throw std::invalid_argument("cross-node collective: the timeout must be positive");
   }
-  const std::string who = "rank " + std::to_string(join.rank) + " of " +
-                          std::to_string(join.ranks);
-  std::shared_ptr<gloo::transport::Device> device;
-  try {
-    gloo::transport::tcp::attr attr;
-    attr.hostname = join.listenAddress;
-    device = gloo::transport::tcp::CreateDevice(attr);
-  } catch (const std::exception& e) {
-    throw CollectiveError(who + ": cannot listen on \"" + join.listenAddress +
-                          "\" for the ranks on other nodes: " + glooWhy(e));
+  return std::make_unique<CrossNode>(join, std::move(local));
+}
+
+std::unique_ptr<Collective> joinCrossNodeCollective(const CrossNodeJoin& join,
+                                                    std::unique_ptr<Collective> local,
+                                                    RendezvousStore& store) {
+  auto mine = listenCrossNode(join, std::move(local));
+  const std::string prefix = join.groupKey + "/";
+  store.set(prefix + std::to_string(join.rank), mine->address());
+  std::vector<std::vector<char>> addresses(join.ranks);
+  for (uint32_t r = 0; r < join.ranks; ++r) {
+    if (r == join.rank) continue;
+    try {
+      addresses[r] = store.get(prefix + std::to_string(r), join.timeoutMs);
+    } catch (const CollectiveError& e) {
+      throw CollectiveError("rank " + std::to_string(join.rank) + " of " +
+                            std::to_string(join.ranks) + ": " + e.what());
+    }
   }
-  auto context = std::make_shared<gloo::rendezvous::Context>(int(join.rank), int(join.ranks));
-  // Gloo waits five times its timeout for a connection to come up: a fifth of ours, so that the
-  // connect is bounded by the join's timeout too. The operations pass theirs explicitly.
-  context->setTimeout(std::chrono::milliseconds(std::max<int64_t>(1, join.timeoutMs / 5)));
-  GlooStore glooStore(store, join.groupKey, join.timeoutMs);
-  try {
-    context->connectFullMesh(glooStore, device);
-  } catch (const CollectiveError& e) {
-    throw CollectiveError(who + ": " + e.what());
-  } catch (const std::exception& e) {
-    throw CollectiveError(who + ": cannot connect to its peer ranks on other nodes within " +
-                          std::to_string(join.timeoutMs) + " ms: " + glooWhy(e));
-  }
-  return std::make_unique<CrossNode>(join, std::move(local), std::move(device),
-                                     std::move(context));
+  mine->connect(addresses);
+  return mine;
 }
 
 }  // namespace vsup::engine

@@ -38,8 +38,9 @@
 namespace vsup::engine {
 
 // Where the ranks of one group publish what they need to connect (their listening addresses,
-// one value per rank). In serving this is the engine's control channel. Tests and benchmarks on
-// one machine use a directory (makeDirectoryStore).
+// one value per rank), for joinCrossNodeCollective. Serving needs none: engine-core gathers the
+// ranks' addresses over its control connections and hands them back (listenCrossNode,
+// CrossNodeCollective::connect). Tests and benchmarks on one machine use a directory.
 //
 // Thread: called only from the joining rank's thread, during join.
 class RendezvousStore {
@@ -63,18 +64,40 @@ struct CrossNodeJoin {
   // The address this rank listens on for its peers on other nodes: an IPv4 or IPv6 literal or a
   // host name that resolves to an address of this node. Port: any free one (the store carries it).
   std::string listenAddress;
-  // Bounds the rendezvous (publish, look up, connect) and every wait of every operation.
+  // Bounds the connect and every wait of every operation (and, through a store, each look-up).
   int64_t timeoutMs = 30000;
-  // Prefixes every key this join writes or reads: one group per prefix. A store may then
-  // serve several groups (one engine start after another) without mixing them up.
+  // joinCrossNodeCollective only: prefixes every key it writes or reads, one group per prefix,
+  // so that one store may serve several groups (one start after another).
   std::string groupKey = "tp";
 };
 
-// Joins rank join.rank of the group. `local` is this rank's collective among the ranks of its
-// node: its size() must be join.ranksPerNode and its rank() join.rank % join.ranksPerNode. The
-// result owns it. Blocks until every rank of the group has joined, or throws CollectiveError
-// after timeoutMs naming what it waited for (which rank's address, which peer's connection),
-// and std::invalid_argument for a layout that does not add up.
+// A rank's collective over the whole group, joined in two phases so that the rank's runner can
+// be built (its weights loaded) while whoever orchestrates the group gathers every rank's
+// address: listenCrossNode() opens this rank's sockets, address() says how to reach them,
+// connect() takes every rank's address and connects. Operations before connect() fail with
+// CollectiveError.
+//
+// Thread: connect() and the operations on one thread at a time (the rank's compute thread);
+// address() and cancel() from any thread.
+class CrossNodeCollective : public Collective {
+ public:
+  // Opaque bytes, the same length for every rank of the group.
+  virtual const std::vector<char>& address() const = 0;
+  // addresses[r] is rank r's address() (this rank's own entry is not read). Blocks until every
+  // connection of this rank is up, or throws CollectiveError after timeoutMs naming the peer.
+  // Once.
+  virtual void connect(const std::vector<std::vector<char>>& addresses) = 0;
+};
+
+// Phase one for rank join.rank. `local` is this rank's collective among the ranks of its node:
+// its size() must be join.ranksPerNode and its rank() join.rank % join.ranksPerNode. The result
+// owns it. Throws std::invalid_argument for a layout that does not add up, CollectiveError when
+// the listen address is not usable here.
+std::unique_ptr<CrossNodeCollective> listenCrossNode(const CrossNodeJoin& join,
+                                                     std::unique_ptr<Collective> local);
+
+// Both phases through a store (ranks on one machine: tests, benchmarks): publishes address()
+// under "<groupKey>/<rank>", reads every other rank's (each read bounded by timeoutMs), connects.
 std::unique_ptr<Collective> joinCrossNodeCollective(const CrossNodeJoin& join,
                                                     std::unique_ptr<Collective> local,
                                                     RendezvousStore& store);

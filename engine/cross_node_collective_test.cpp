@@ -358,10 +358,52 @@ TEST_CASE("a rank whose peers never join fails the rendezvous after timeoutMs, n
   CAPTURE(ms);
   CHECK(what.find("rank 1 of 2") != std::string::npos);
   CHECK(what.find("rendezvous") != std::string::npos);
-  CHECK(what.find("tp/rank_0") != std::string::npos);  // rank 0's entry, the first it needs
+  CHECK(what.find("tp/0") != std::string::npos);  // rank 0's address, the first it needs
   CHECK(what.find("300 ms") != std::string::npos);
   CHECK(ms >= 300.0);
   CHECK(ms < 3000.0);
+}
+
+TEST_CASE("before connect() every operation fails at once, and a peer that is gone by then fails the connect within the timeout, naming it") {
+  CrossNodeJoin join;
+  join.ranks = 2;
+  join.timeoutMs = 500;
+  join.rank = 1;
+  join.listenAddress = "127.0.0.2";
+  std::vector<char> goneAddress;
+  {
+    auto peer = listenCrossNode(join, makeSingleRankCollective());
+    goneAddress = peer->address();
+  }  // rank 1 closed its sockets: nobody is there any more
+  join.rank = 0;
+  join.listenAddress = "127.0.0.1";
+  auto c = listenCrossNode(join, makeSingleRankCollective());
+  CHECK_FALSE(c->address().empty());
+  CHECK(c->address().size() == goneAddress.size());
+  float x[2] = {1, 2};
+  std::string what;
+  try {
+    c->allReduceSum(x, 2);
+  } catch (const CollectiveError& e) {
+    what = e.what();
+  }
+  CHECK(what.find("not connected") != std::string::npos);
+  int64_t start = monoNs();
+  what.clear();
+  try {
+    c->connect({{}, goneAddress});
+  } catch (const CollectiveError& e) {
+    what = e.what();
+  }
+  double ms = double(monoNs() - start) / 1e6;
+  CAPTURE(what);
+  CAPTURE(ms);
+  CHECK(what.find("cannot connect to rank 1") != std::string::npos);
+  CHECK(ms < 3000.0);
+  // A table of the wrong shape is refused before anything is tried.
+  auto d = listenCrossNode(join, makeSingleRankCollective());
+  CHECK_THROWS_AS(d->connect({{}}), CollectiveError);
+  CHECK_THROWS_AS(d->connect({{}, std::vector<char>(3)}), CollectiveError);
 }
 
 TEST_CASE("a listen address that is not this machine's is refused with the address named") {
