@@ -74,6 +74,25 @@ void validate(const EngineConfig& config) {
                                 std::to_string(c.kvCacheBytes));
   }
   requireRange<int64_t>("--collective-timeout-ms", c.collectiveTimeoutMs, 100, 3600000);
+  requireRange<uint32_t>("--nnodes", c.nnodes, 1, 64);
+  if (c.tensorParallelSize % c.nnodes != 0) {
+    throw std::invalid_argument("--tensor-parallel-size " + std::to_string(c.tensorParallelSize) +
+                                " is not a multiple of --nnodes " + std::to_string(c.nnodes) +
+                                ": every node runs the same number of ranks");
+  }
+  if (c.nnodes > 1 && (c.masterAddr.empty() || c.masterAddr.size() > 253)) {
+    throw std::invalid_argument("--nnodes " + std::to_string(c.nnodes) +
+                                " needs --master-addr, the leader's address (or "
+                                "$LWS_LEADER_ADDRESS under a LeaderWorkerSet), got '" +
+                                c.masterAddr + "'");
+  }
+  if (c.nnodes > 1 && c.kv.connector == "vsup") {
+    throw std::invalid_argument("--kv-connector vsup with --nnodes " + std::to_string(c.nnodes) +
+                                ": KV transfer is built for engines on one node only so far");
+  }
+  if (c.nnodes > 1 && c.masterPort == 0) {
+    throw std::invalid_argument("--master-port must be 1..65535 with --nnodes > 1");
+  }
   auto oneOf = [](const char* flag, const std::string& v, std::initializer_list<const char*> ok) {
     std::string list;
     for (const char* o : ok) {

@@ -64,6 +64,14 @@ struct CommonConfig {
   int64_t collectiveTimeoutMs = 10000;
   uint64_t stepTimeoutMs = 30000;  // engine-core fails the engine when a step takes longer
   KvConfig kv;
+  // Tensor parallelism across nodes (machines): tensorParallelSize ranks in nnodes nodes of
+  // tensorParallelSize / nnodes ranks each, numbered node by node. Node 0 (the leader) runs
+  // engine-core, which listens on masterAddr:masterPort for the other nodes' `vsup run
+  // --headless` roots (docs/architecture.md, "Across nodes").
+  uint32_t nnodes = 1;
+  std::string masterAddr;  // an address or host name of the leader; needed when nnodes > 1
+  uint16_t masterPort = 29500;
+  uint32_t ranksPerNode() const { return tensorParallelSize / (nnodes == 0 ? 1 : nnodes); }
 };
 
 struct EngineConfig {

@@ -6,6 +6,7 @@
 
 #include "engine/blas.h"
 #include "engine/collective.h"
+#include "engine/cross_node_collective.h"
 #include "engine/llama_model.h"
 #include "engine/weights.h"
 #include "kernels/cpu_kernels.h"
@@ -142,9 +143,28 @@ LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFor
 
 std::unique_ptr<Collective> joinRankCollective(const EngineConfig& config, uint32_t rank,
                                                RankFds fds) {
-  const uint32_t tp = config.common.tensorParallelSize;
-  if (tp == 1) return makeSingleRankCollective();
-  return joinSharedCollective(fds.collective, rank, tp, config.common.collectiveTimeoutMs);
+  const CommonConfig& o = config.common;
+  const uint32_t perNode = o.ranksPerNode();
+  std::unique_ptr<Collective> local =
+      perNode == 1 ? makeSingleRankCollective()
+                   : joinSharedCollective(fds.collective, rank % perNode, perNode,
+                                          o.collectiveTimeoutMs);
+  if (o.nnodes == 1) return local;
+  if (fds.crossNode == nullptr || fds.nodeAddress.empty()) {
+    throw std::invalid_argument("rank " + std::to_string(rank) + ": --nnodes " +
+                                std::to_string(o.nnodes) +
+                                " needs the node's address and a place for the cross-node "
+                                "collective (RankFds)");
+  }
+  CrossNodeJoin join;
+  join.rank = rank;
+  join.ranks = o.tensorParallelSize;
+  join.ranksPerNode = perNode;
+  join.listenAddress = fds.nodeAddress;
+  join.timeoutMs = o.collectiveTimeoutMs;
+  std::unique_ptr<CrossNodeCollective> c = listenCrossNode(join, std::move(local));
+  *fds.crossNode = c.get();
+  return c;
 }
 
 EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama) {
@@ -166,7 +186,8 @@ EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama) {
                  "), context " + std::to_string(llama.maxModelLen) + " tokens, KV cache " +
                  std::to_string(llama.numBlocks) + " blocks of " + std::to_string(o.blockSize) +
                  " tokens per rank";
-  plan.sharedCollective = o.tensorParallelSize > 1;
+  plan.sharedCollective = o.ranksPerNode() > 1;
+  plan.crossNodeCollective = o.nnodes > 1;
   plan.modelKvHeads = uint32_t(c.numKvHeads);
   plan.modelId = llama.model.name;
   return plan;

@@ -36,8 +36,10 @@ LlamaPlan planLlamaEngine(const EngineConfig& config, const std::string& loadFor
 // The EnginePlan both Llama backends share (scheduler limits, chat format, summary, a shared
 // collective region at TP > 1); the caller adds what is its own (the CPU engine's KV layout).
 EnginePlan llamaEnginePlan(const EngineConfig& config, const LlamaPlan& llama);
-// Rank `rank`'s collective: the identity at TP 1, else its place in the region engine-core made
-// (EnginePlan::sharedCollective), borrowed from `fds` for the call.
+// Rank `rank`'s collective: the identity at TP 1, else its place in its node's region
+// (EnginePlan::sharedCollective, borrowed from `fds` for the call); across nodes, that inside a
+// cross-node collective that listens on fds.nodeAddress and is left in *fds.crossNode to be
+// connected (engine/cross_node_collective.h).
 std::unique_ptr<Collective> joinRankCollective(const EngineConfig& config, uint32_t rank,
                                                RankFds fds);
 

@@ -182,6 +182,12 @@ class CudaBackend final : public Backend {
 
   EnginePlan plan(const EngineConfig& config) const override {
     const CudaConfig& cuda = cudaConfigOf(config);
+    if (config.common.nnodes > 1) {
+      throw std::invalid_argument("--engine cuda with --nnodes " +
+                                  std::to_string(config.common.nnodes) +
+                                  ": tensor parallelism across nodes is built for --engine cpu "
+                                  "only so far (NCCL across nodes is not)");
+    }
     LlamaPlan llama = planLlamaEngine(config, cuda.loadFormat, elementBytes(cuda));
     EnginePlan plan = llamaEnginePlan(config, llama);
     plan.summary += ", " + cuda.dtype + " on the GPU";

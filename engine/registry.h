@@ -18,6 +18,8 @@
 
 namespace vsup::engine {
 
+class CrossNodeCollective;  // engine/cross_node_collective.h
+
 // Every engine vsup knows, built or not. Light: in libvsup too (vsup::LLM checks names with it).
 struct EngineInfo {
   const char* name;     // the --engine value
@@ -54,7 +56,13 @@ struct EnginePlan {
   ChatFormat chatFormat = ChatFormat::Plain;  // the format engine-core renders chats in
   std::string chatFormatNote;     // why, when the model's own template was not usable
   std::string summary;            // the log line engine-core writes once started
-  bool sharedCollective = false;  // ranks all-reduce through a region engine-core creates
+  // The ranks of a node all-reduce through a region of ranksPerNode() ranks that the node's
+  // supervisor of ranks creates (engine-core; across nodes, each node's agent too).
+  bool sharedCollective = false;
+  // Across nodes: the ranks also all-reduce with their peers on other nodes, so engine-core
+  // connects them (Worker.joinCollective) before the first step. The sim engine's ranks share
+  // nothing.
+  bool crossNodeCollective = false;
   // Each rank's KV cache as bytes, for a backend whose cache can be transferred to a peer
   // instance (--kv-connector vsup); unset for one whose cannot (the sim engine).
   std::optional<KvCacheLayout> kvLayout;
@@ -67,6 +75,11 @@ struct EnginePlan {
 struct RankFds {
   int collective = -1;  // the region of EnginePlan::sharedCollective
   int kvCache = -1;     // the rank's KV cache region (kv_cache.h), when engine-core made one
+  // Across nodes (nnodes > 1): the address this rank listens on for its peers on other nodes,
+  // and where makeRunner() leaves the rank's cross-node collective (owned by the runner) for
+  // the caller to connect once engine-core has handed it every rank's address.
+  std::string nodeAddress;
+  CrossNodeCollective** crossNode = nullptr;
 };
 
 // One backend. Methods are const and thread-safe; plan() and makeRunner() may read files.

@@ -6,6 +6,7 @@
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("vsup::ipc::schema");
+using Node = import "node.capnp";
 
 # A chat carries its messages and an empty prompt: engine-core renders them in the model's
 # format, next to the tokenizer that reads them.
@@ -190,6 +191,9 @@ struct EngineConfig {
   kvLeaseS @19 :Float64;
   kvTransferTimeoutS @20 :Float64;
   kvLoadFailure @21 :Text;
+  nnodes @22 :UInt32 = 1;      # tensor parallelism across this many nodes
+  masterAddr @23 :Text;        # the leader's address (engine-core listens there for the nodes)
+  masterPort @24 :UInt16;
   struct CpuConfig {
     loadFormat @0 :Text;
     weightSeed @1 :UInt64;
@@ -208,6 +212,41 @@ struct EngineConfig {
 # A tensor-parallel rank (its Node.service). Every rank takes part in every step.
 interface Worker {
   step @0 (input :StepInput) -> (output :StepOutput);
+  # Across nodes (nnodes > 1) only. How this rank's peers on other nodes reach it
+  # (engine/cross_node_collective.h): known once its start has listened.
+  collectiveAddress @1 () -> (address :Data);
+  # Every rank's collectiveAddress, in rank order: connects this rank to its peers on other
+  # nodes, returning once it is connected (bounded by the collective timeout). Once, before the
+  # first step.
+  joinCollective @2 (addresses :List(Data)) -> ();
+}
+
+# Across nodes (docs/architecture.md, "Across nodes"). The leader's engine-core listens on
+# --master-addr:--master-port (TCP); each other node's agent (`vsup __node-agent`, under that
+# node's `vsup run --headless` root) connects and is served Leader as the link's bootstrap.
+# Each side pings the other: a side whose ping goes unanswered for timeoutMs takes the other
+# for lost (a host gone, a process stopped, a partition), whatever TCP says.
+interface Leader {
+  # The agent of node `nodeRank` (1 ..) introduces itself, giving the leader its NodeAgent.
+  # Answered at once, with the heartbeat both sides keep. Refused for a node rank out of range
+  # or already taken, and for a node whose build or layout differs (`layout`: "<nnodes>x<ranks
+  # per node>").
+  join @0 (nodeRank :UInt32, agent :NodeAgent, host :Text, layout :Text)
+      -> (heartbeatMs :Int64, timeoutMs :Int64);
+  ping @1 () -> ();
+}
+
+interface NodeAgent {
+  # Starts this node's ranks, firstRank .. firstRank + count - 1, each given `config` (an
+  # EngineConfig message) in its Node.start; answers their Worker capabilities in rank order
+  # once every one is ready, or fails naming the rank that did not start.
+  startRanks @0 (config :Data, firstRank :UInt32, count :UInt32) -> (workers :List(Worker));
+  ping @1 () -> ();
+  # The leader is done with this node (a normal stop, at a step boundary): stop the ranks and
+  # exit 0. Answered once the ranks are stopped, within stopMs.
+  release @2 (stopMs :Int64) -> ();
+  # This node's agent and its ranks, for `vsup tree` on the leader.
+  status @3 (budgetMs :Int64) -> (status :Node.NodeStatus);
 }
 
 # A KV agent's start configuration (vsup __kv-agent, one per rank beside worker-tpR, under

@@ -59,7 +59,17 @@ struct ServeOptions {
   double httpHeaderTimeout = 10;
   double httpBodyTimeout = 30;
   double httpIdleTimeout = 60;
+  // Across nodes (with --nnodes > 1 in the engine flags): which node this is. Node 0, the
+  // leader, serves HTTP and runs engine-core; every other node runs `--headless`: no API
+  // server, only its agent and its ranks.
+  uint32_t nodeRank = 0;
+  bool headless = false;
 };
+// LeaderWorkerSet's variables stand in for the multi-node flags that were not given:
+// LWS_LEADER_ADDRESS for --master-addr, LWS_GROUP_SIZE for --nnodes, LWS_WORKER_INDEX for
+// --node-rank. Returns what is wrong ("" when nothing), naming the variable.
+std::string applyLeaderWorkerSetEnv(ServeOptions& options, bool nnodesGiven, bool masterGiven,
+                                    bool nodeRankGiven);
 // `vsup run` without --topology: the serving tree.
 int serve(const ServeOptions& options);
 

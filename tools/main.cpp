@@ -73,6 +73,9 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "__kv-agent") {
     return workers::kvAgentMain(argc - 1, argv + 1);
   }
+  if (argc >= 2 && std::string(argv[1]) == "__node-agent") {
+    return workers::nodeAgentMain(argc - 1, argv + 1);
+  }
   if (argc >= 2 && std::string(argv[1]) == "__proxy") return workers::proxyMain(argc - 1, argv + 1);
   if (argc >= 2 && std::string(argv[1]) == "__api-server") return workers::apiServerMain(argc - 1, argv + 1);
 
@@ -170,6 +173,13 @@ int main(int argc, char** argv) {
                          "seconds from the end of a request's headers to the end of its body "
                          "(then 408; 0: none)")
           ->check(seconds(0, 86400))->capture_default_str(),
+      runCmd->add_option("--node-rank", serve.nodeRank,
+                         "with --nnodes > 1: this node's rank, 0 for the leader (which serves "
+                         "HTTP); $LWS_WORKER_INDEX when absent")
+          ->check(CLI::Range(0u, 63u))->capture_default_str(),
+      runCmd->add_flag("--headless", serve.headless,
+                       "a worker node of a multi-node engine: no API server; runs this node's "
+                       "ranks for the leader at --master-addr"),
       runCmd->add_option("--http-idle-timeout", serve.httpIdleTimeout,
                          "seconds a keep-alive connection may wait for its next request (0: "
                          "none)")
@@ -331,6 +341,14 @@ int main(int argc, char** argv) {
         }
       }
       serve.controlSocket = run.controlSocket;
+      if (std::string bad = tools::applyLeaderWorkerSetEnv(
+              serve, runCmd->get_option("--nnodes")->count() > 0,
+              runCmd->get_option("--master-addr")->count() > 0,
+              runCmd->get_option("--node-rank")->count() > 0);
+          !bad.empty()) {
+        tools::printMessage("vsup run", bad);
+        return supervisor::kExitUsage;
+      }
       return tools::serve(serve);
     }
     if (proxyCmd->parsed()) {

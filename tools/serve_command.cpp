@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -117,7 +118,88 @@ std::string bindFailure(const ServeOptions& o, const SysError& e) {
   return "--host/--port " + why;
 }
 
+// A whole number from the environment, or why not.
+std::string envNumber(const char* name, uint32_t lo, uint32_t hi, uint32_t& out) {
+  const char* v = std::getenv(name);
+  std::string text = v == nullptr ? "" : v;
+  bool digits = !text.empty() && text.size() <= 9 &&
+                text.find_first_not_of("0123456789") == std::string::npos;
+  uint32_t n = digits ? uint32_t(std::stoul(text)) : 0;
+  if (!digits || n < lo || n > hi) {
+    return std::string(name) + "='" + text + "': must be a whole number " + std::to_string(lo) +
+           ".." + std::to_string(hi);
+  }
+  out = n;
+  return "";
+}
+
+// The tree of a worker node (`vsup run --headless`): the root and one agent, which connects to
+// the leader and runs this node's ranks for it (workers/node_agent/node_agent.h). Nothing is
+// bound: the leader's engine-core is where the agent connects.
+int serveHeadless(const ServeOptions& o, const engine::EngineConfig& config) {
+  const engine::CommonConfig& c = config.common;
+  setLogProcessName("root");
+  int64_t drainMs = int64_t(std::llround(o.shutdownTimeout * 1000));
+  ServingBudget budget = DeadlineBudget::serving(drainMs, 0);
+  SupervisorSpec spec;
+  spec.name = "root";
+  spec.intensity = 0;
+  // The agent exits 0 when the leader releases this node: the tree is then done.
+  spec.autoShutdown = AutoShutdown::AnySignificant;
+  ChildSpec agent;
+  agent.name = "node-agent";
+  agent.vsupAware = true;
+  agent.significant = true;
+  agent.restart = Restart::Transient;
+  const int64_t connectMs = ms(o.engineStartTimeout > 0 ? o.engineStartTimeout
+                                                        : o.workerStartTimeout + 60);
+  agent.command = {selfExecutable(), "__node-agent",
+                   "--node-rank", std::to_string(o.nodeRank),
+                   "--master-addr", c.masterAddr,
+                   "--master-port", std::to_string(c.masterPort),
+                   "--nnodes", std::to_string(c.nnodes),
+                   "--tensor-parallel-size", std::to_string(c.tensorParallelSize),
+                   "--connect-timeout-ms", std::to_string(connectMs),
+                   "--worker-start-timeout-ms", std::to_string(ms(o.workerStartTimeout)),
+                   "--liveness-timeout-ms", std::to_string(ms(o.livenessTimeout)),
+                   "--liveness-interval-ms", std::to_string(ms(o.livenessInterval))};
+  // Its start is the connect to the leader (and the join).
+  agent.startTimeoutMs = connectMs + 5000;
+  agent.livenessTimeoutMs = o.livenessTimeout > 0 ? ms(o.livenessTimeout) : -1;
+  agent.livenessIntervalMs = ms(o.livenessInterval);
+  // A SIGTERM here may come with the leader's (a LeaderWorkerSet rollout signals every pod at
+  // once): the agent keeps its ranks serving until the leader, done draining, releases it. So it
+  // gets the leader's whole budget.
+  agent.shutdown = ShutdownPolicy::timeout(budget.totalMs);
+  spec.children.push_back(agent);
+  vsup::log().info("[serve] root: node {} of {}, headless: ranks {}..{} for the leader at {}:{}",
+                   o.nodeRank, c.nnodes, o.nodeRank * c.ranksPerNode(),
+                   (o.nodeRank + 1) * c.ranksPerNode() - 1, c.masterAddr, c.masterPort);
+  RootHooks hooks;
+  hooks.drainMs = 0;
+  hooks.totalMs = budget.totalMs + 5000;
+  return runTree(spec, o.controlSocket, hooks);
+}
+
 }  // namespace
+
+std::string applyLeaderWorkerSetEnv(ServeOptions& o, bool nnodesGiven, bool masterGiven,
+                                    bool nodeRankGiven) {
+  engine::CommonConfig& c = o.engine.common;
+  if (!masterGiven && std::getenv("LWS_LEADER_ADDRESS") != nullptr) {
+    c.masterAddr = std::getenv("LWS_LEADER_ADDRESS");
+    if (c.masterAddr.empty()) return "LWS_LEADER_ADDRESS is set but empty";
+  }
+  if (!nnodesGiven && std::getenv("LWS_GROUP_SIZE") != nullptr) {
+    if (std::string bad = envNumber("LWS_GROUP_SIZE", 1, 64, c.nnodes); !bad.empty()) return bad;
+  }
+  if (!nodeRankGiven && std::getenv("LWS_WORKER_INDEX") != nullptr) {
+    if (std::string bad = envNumber("LWS_WORKER_INDEX", 0, 63, o.nodeRank); !bad.empty()) {
+      return bad;
+    }
+  }
+  return "";
+}
 
 int serve(const ServeOptions& o) {
   // Bad flags, an engine this build lacks, no such model, a broken model directory, sizes that
@@ -134,6 +216,31 @@ int serve(const ServeOptions& o) {
     printMessage("vsup run", e.what());
     return kExitUsage;
   }
+  const uint32_t nnodes = config.common.nnodes;
+  if (o.nodeRank >= nnodes) {
+    printMessage("vsup run", "--node-rank " + std::to_string(o.nodeRank) + " with --nnodes " +
+                                 std::to_string(nnodes) + ": node ranks are 0.." +
+                                 std::to_string(nnodes - 1) + " (0 is the leader)");
+    return kExitUsage;
+  }
+  if (o.headless && nnodes == 1) {
+    printMessage("vsup run", "--headless needs --nnodes > 1 (or $LWS_GROUP_SIZE): a headless "
+                             "node runs ranks for a leader on another node");
+    return kExitUsage;
+  }
+  if (o.headless && o.nodeRank == 0) {
+    printMessage("vsup run", "--headless with --node-rank 0: node 0 is the leader, which serves "
+                             "HTTP; give a worker node its rank (1.." +
+                                 std::to_string(nnodes - 1) + ")");
+    return kExitUsage;
+  }
+  if (!o.headless && o.nodeRank != 0) {
+    printMessage("vsup run", "--node-rank " + std::to_string(o.nodeRank) +
+                                 " without --headless: worker nodes run `vsup run --headless`; "
+                                 "only node 0 (the leader) serves HTTP");
+    return kExitUsage;
+  }
+  if (o.headless) return serveHeadless(o, config);
   for (size_t i = 0; i < o.servedModelNames.size(); ++i) {
     const std::string& name = o.servedModelNames[i];
     std::string bad = name.empty() ? "an empty name"

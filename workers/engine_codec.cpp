@@ -298,6 +298,9 @@ std::string encodeEngineConfig(const engine::EngineConfig& config) {
   out.setBlockSize(c.blockSize);
   out.setCollectiveTimeoutMs(c.collectiveTimeoutMs);
   out.setStepTimeoutMs(c.stepTimeoutMs);
+  out.setNnodes(c.nnodes);
+  out.setMasterAddr(c.masterAddr);
+  out.setMasterPort(c.masterPort);
   out.setKvConnector(c.kv.connector);
   out.setKvSimTransferMs(c.kv.simTransferMs);
   out.setKvShutdownTimeoutS(c.kv.shutdownTimeoutS);
@@ -358,6 +361,9 @@ engine::EngineConfig decodeEngineConfig(const std::string& bytes) {
     c.blockSize = in.getBlockSize();
     c.collectiveTimeoutMs = in.getCollectiveTimeoutMs();
     c.stepTimeoutMs = in.getStepTimeoutMs();
+    c.nnodes = in.getNnodes();
+    c.masterAddr = in.getMasterAddr();
+    c.masterPort = in.getMasterPort();
     c.kv.connector = in.getKvConnector();
     c.kv.simTransferMs = in.getKvSimTransferMs();
     c.kv.shutdownTimeoutS = in.getKvShutdownTimeoutS();

@@ -43,6 +43,22 @@ TEST_CASE("engine codec: the cpu and sim parts still round-trip, with no cuda pa
   CHECK(std::get<engine::SimConfig>(back.backend).tokenMs == 7);
 }
 
+TEST_CASE("engine codec: the multi-node layout round-trips, and a config without one means one node") {
+  engine::EngineConfig c;
+  c.common.tensorParallelSize = 4;
+  c.common.nnodes = 2;
+  c.common.masterAddr = "leader-0.vsup.default.svc";
+  c.common.masterPort = 29511;
+  auto back = workers::decodeEngineConfig(workers::encodeEngineConfig(c));
+  CHECK(back.common.nnodes == 2);
+  CHECK(back.common.masterAddr == "leader-0.vsup.default.svc");
+  CHECK(back.common.masterPort == 29511);
+  CHECK(back.common.ranksPerNode() == 2);
+  back = workers::decodeEngineConfig(workers::encodeEngineConfig(engine::EngineConfig{}));
+  CHECK(back.common.nnodes == 1);
+  CHECK(back.common.ranksPerNode() == 1);
+}
+
 #ifdef VSUP_HAVE_CUDA
 TEST_CASE("engine-core's prepareRanks gives a cuda engine at TP 2 an NCCL id that reaches every "
           "rank intact, made without a GPU; at TP 1 there is none") {

@@ -52,6 +52,16 @@ std::vector<CLI::Option*> addEngineFlags(CLI::App& app, EngineFlags& f) {
   opt(app.add_option("--tensor-parallel-size", f.common.tensorParallelSize,
                      "worker processes (ranks) per engine"))
       ->check(CLI::Range(1u, 64u));
+  opt(app.add_option("--nnodes", f.common.nnodes,
+                     "nodes (machines) the tensor-parallel ranks span; each runs "
+                     "--tensor-parallel-size / --nnodes of them ($LWS_GROUP_SIZE when absent)"))
+      ->check(CLI::Range(1u, 64u));
+  opt(app.add_option("--master-addr", f.common.masterAddr,
+                     "with --nnodes > 1: the leader's address, where its engine listens for the "
+                     "other nodes ($LWS_LEADER_ADDRESS when absent)"));
+  opt(app.add_option("--master-port", f.common.masterPort,
+                     "with --nnodes > 1: the leader's port for the other nodes"))
+      ->check(CLI::Range(1, 65535));
   opt(app.add_option("--max-num-seqs", f.common.maxNumSeqs, "requests batched per step"))
       ->check(CLI::Range(1u, 65536u));
   opt(app.add_option("--load-format", f.cpu.loadFormat,

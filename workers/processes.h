@@ -10,5 +10,6 @@ int workerMain(int argc, char** argv);
 int apiServerMain(int argc, char** argv);
 int kvAgentMain(int argc, char** argv);
 int proxyMain(int argc, char** argv);
+int nodeAgentMain(int argc, char** argv);
 
 }  // namespace vsup::workers

@@ -1,4 +1,4 @@
-// `vsup __worker --rank R [--collective-fd 4]`: one tensor-parallel rank. Its engine
+// `vsup __worker --rank R [--collective-fd 4] [--node-address A]`: one tensor-parallel rank. Its engine
 // configuration arrives in Node.start; it loads its ModelRunner (from the engine registry) on
 // its compute thread and serves the Worker interface as its Node.service. It is vsup-aware: it
 // ignores SIGINT/SIGTERM/SIGHUP and stops only when engine-core tells it to, which engine-core
@@ -10,6 +10,7 @@
 
 #include <kj/debug.h>
 #include <memory>
+#include <string>
 
 #include "base/fd.h"
 #include "base/log.h"
@@ -26,7 +27,10 @@ int workerMain(int argc, char** argv) {
   uint32_t rank = 0;
   int collectiveFd = -1;
   int kvCacheFd = -1;
+  std::string nodeAddress;
   app.add_option("--rank", rank)->required();
+  app.add_option("--node-address", nodeAddress,
+                 "across nodes: the address this rank listens on for its peers on other nodes");
   app.add_option("--collective-fd", collectiveFd, "the shared region of the ranks' collectives");
   app.add_option("--kv-cache-fd", kvCacheFd, "the KV cache region shared with the rank's KV agent");
   CLI11_PARSE(app, argc, argv);
@@ -40,7 +44,7 @@ int workerMain(int argc, char** argv) {
   return runNodeProcess("vsup __worker", [&](uv_loop_t* loop, supervisor::ChildRuntime& runtime) {
     auto holder = std::make_unique<std::unique_ptr<RankState>>();
     std::unique_ptr<RankState>* state = holder.get();
-    runtime.onStart([state, rank, collectiveFd, kvCacheFd, loop,
+    runtime.onStart([state, rank, collectiveFd, kvCacheFd, nodeAddress, loop,
                      &runtime](const supervisor::SupervisorSpec&) {
       engine::EngineConfig config;
       try {
@@ -66,18 +70,24 @@ int workerMain(int argc, char** argv) {
       // Loading (weights, KV cache) runs on the compute thread; the rank is ready when it is
       // done, and a loading error fails its start with the message (naming file and tensor).
       auto region = std::make_shared<OwnFd>(collectiveFd);
+      // Written by the compute thread's job, read on the loop once the job is done.
+      auto crossNode = std::make_shared<engine::CrossNodeCollective*>(nullptr);
       auto kvRegion = std::make_shared<OwnFd>(kvCacheFd);
       return st->compute()
-          .run<std::unique_ptr<engine::ModelRunner>>([config, rank, region, kvRegion]() {
+          .run<std::unique_ptr<engine::ModelRunner>>([config, rank, region, kvRegion, nodeAddress,
+                                                      crossNode]() {
             engine::RankFds fds;
             fds.collective = region->get();
             fds.kvCache = kvRegion->get();
+            fds.nodeAddress = nodeAddress;
+            fds.crossNode = crossNode.get();
             auto runner = engine::backendFor(config).makeRunner(config, rank, fds);
             region->reset();  // mapped: the fds are not needed any more
             kvRegion->reset();
             return runner;
           })
-          .then([st, config](std::unique_ptr<engine::ModelRunner> runner) {
+          .then([st, config, crossNode](std::unique_ptr<engine::ModelRunner> runner) {
+            st->setCrossNode(*crossNode);
             for (const std::string& w : runner->warnings()) {
               vsup::log().warn("[engine] {}: {}", st->node(), w);
             }

@@ -27,6 +27,30 @@ kj::Exception failed(const std::string& why) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
 }
 
+// Across nodes: gathers every rank's collective address, then hands each rank the whole table
+// (engine/cross_node_collective.h); resolves once every rank is connected to its peers.
+using WorkerList = std::vector<std::optional<schema::Worker::Client>>;
+kj::Promise<void> connectAcrossNodes(std::shared_ptr<WorkerList> workers) {
+  kj::Vector<kj::Promise<kj::Array<kj::byte>>> addresses;
+  for (auto& w : *workers) {
+    addresses.add(w->collectiveAddressRequest().send().then(
+        [](capnp::Response<schema::Worker::CollectiveAddressResults> r) {
+          return kj::heapArray<kj::byte>(r.getAddress());
+        }));
+  }
+  return kj::joinPromises(addresses.releaseAsArray())
+      .then([workers](kj::Array<kj::Array<kj::byte>> table) {
+        kj::Vector<kj::Promise<void>> joins;
+        for (auto& w : *workers) {
+          auto req = w->joinCollectiveRequest();
+          auto list = req.initAddresses(uint32_t(table.size()));
+          for (size_t r = 0; r < table.size(); ++r) list.set(uint32_t(r), table[r]);
+          joins.add(req.send().ignoreResult());
+        }
+        return kj::joinPromises(joins.releaseAsArray());
+      });
+}
+
 // A fresh engine id for every start: a prefill instance restarted on the same port is a new
 // engine, and a decode instance holding the old one's parameters is told so at once.
 std::string newEngineId() {
@@ -193,7 +217,7 @@ kj::Promise<void> EngineCore::start() {
     tokenizer_ = backend->tokenizer(config_);
     scheduler_ = std::make_unique<engine::core::Scheduler>(plan_.scheduler, tokenizer_);
     if (plan_.sharedCollective) {
-      collectiveRegion_ = OwnFd(engine::createSharedCollective(config_.common.tensorParallelSize));
+      collectiveRegion_ = OwnFd(engine::createSharedCollective(config_.common.ranksPerNode()));
     }
     engine::EngineConfig forRanks = config_;
     backend->prepareRanks(forRanks);  // the CUDA engine's NCCL id, say
@@ -201,13 +225,32 @@ kj::Promise<void> EngineCore::start() {
   } catch (const std::exception& e) {
     return failed(e.what());
   }
+  // Across nodes: this is the leader. The other nodes' agents connect here, from the start.
+  if (config_.common.nnodes > 1) {
+    try {
+      nodeAddress_ = resolveHost(config_.common.masterAddr, "--master-addr");
+      RemoteNodes::Options o;
+      o.host = nodeAddress_;
+      o.port = config_.common.masterPort;
+      o.nnodes = config_.common.nnodes;
+      o.ranksPerNode = config_.common.ranksPerNode();
+      o.joinDeadline = deadlineAfterMs(rankOptions_.startTimeoutMs);
+      remote_ = std::make_unique<RemoteNodes>(loop_, o, [this](std::string why) {
+        // While starting, startRanks() fails with it and so does Node.start.
+        if (running_) fail(why);
+      });
+    } catch (const std::exception& e) {
+      return failed(std::string("--master-addr/--master-port: ") + e.what());
+    }
+  }
   if (!plan_.chatFormatNote.empty()) {
     vsup::log().warn("[engine] {}: {}", runtime_.name(), plan_.chatFormatNote);
   }
   if (!plan_.summary.empty()) vsup::log().info("[engine] {}: {}", runtime_.name(), plan_.summary);
   tokenizing_ = std::make_unique<ComputeThread>();
 
-  uint32_t tp = config_.common.tensorParallelSize;
+  const uint32_t tp = config_.common.tensorParallelSize;
+  const uint32_t localRanks = config_.common.ranksPerNode();  // this node's: 0 .. localRanks - 1
   int64_t kvMs = config_.common.kv.connector != "none"
                      ? int64_t(config_.common.kv.shutdownTimeoutS * 1000)
                      : 0;
@@ -257,11 +300,12 @@ kj::Promise<void> EngineCore::start() {
         supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
     spec.children.push_back(std::move(c));
   }
-  for (uint32_t r = 0; r < tp; ++r) {
+  for (uint32_t r = 0; r < localRanks; ++r) {
     supervisor::ChildSpec c;
     c.name = "worker-tp" + std::to_string(r);
     c.vsupAware = true;
     c.command = {exe, "__worker", "--rank", std::to_string(r)};
+    if (remote_) c.command.insert(c.command.end(), {"--node-address", nodeAddress_});
     c.startConfig = rankConfig;
     if (collectiveRegion_) {
       c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
@@ -298,17 +342,34 @@ kj::Promise<void> EngineCore::start() {
                          supervisor::nameOf(o) + ": " + ranks_->failure() + ")");
                   })
                   .eagerlyEvaluate(nullptr);
-  return ranks_->start().then([this, tp]() {
+  return ranks_->start().then([this, tp, localRanks, rankConfig]() {
     collectiveRegion_ = OwnFd();  // every rank has it mapped
     kvRegions_.clear();           // every rank and agent has it mapped
+    auto workers = std::make_shared<std::vector<std::optional<schema::Worker::Client>>>(tp);
+    kj::Vector<kj::Promise<void>> local;
+    for (uint32_t r = 0; r < localRanks; ++r) {
+      local.add(ranks_->service("worker-tp" + std::to_string(r))
+                    .then([workers, r](capnp::Capability::Client cap) {
+                      (*workers)[r] = cap.castAs<schema::Worker>();
+                    }));
+    }
+    kj::Promise<void> all = kj::joinPromises(local.releaseAsArray());
+    if (remote_) {
+      // The other nodes' ranks, then every rank connected to its peers on other nodes.
+      all = all.then([this, rankConfig]() { return remote_->startRanks(rankConfig); })
+                .then([this, workers, localRanks](std::vector<schema::Worker::Client> others) {
+                  for (size_t i = 0; i < others.size(); ++i) {
+                    (*workers)[localRanks + i] = kj::mv(others[i]);
+                  }
+                  if (!plan_.crossNodeCollective) return kj::Promise<void>(kj::READY_NOW);
+                  return connectAcrossNodes(workers);
+                });
+    }
     auto clients = std::make_shared<std::vector<std::unique_ptr<RankClient>>>(tp);
     kj::Vector<kj::Promise<void>> caps;
-    for (uint32_t r = 0; r < tp; ++r) {
-      caps.add(ranks_->service("worker-tp" + std::to_string(r))
-                   .then([clients, r](capnp::Capability::Client cap) {
-                     (*clients)[r] = makeRpcRank(cap.castAs<schema::Worker>());
-                   }));
-    }
+    caps.add(all.then([workers, clients]() {
+      for (size_t r = 0; r < workers->size(); ++r) (*clients)[r] = makeRpcRank(*(*workers)[r]);
+    }));
     auto agents = std::make_shared<std::vector<std::optional<schema::KvAgent::Client>>>(
         vsupKv() ? tp : 0);
     for (uint32_t r = 0; r < agents->size(); ++r) {
@@ -368,10 +429,19 @@ kj::Promise<supervisor::NodeStatus> EngineCore::status(int64_t budgetMs) {
     s.state = supervisor::NodeState::Starting;
     return s;
   }
-  return ranks_->status(budgetMs).then([this](supervisor::NodeStatus s) {
+  auto local = ranks_->status(budgetMs).then([this](supervisor::NodeStatus s) {
     s.inFlight = int64_t(scheduler_->inFlight() + beingTokenized_.size());
     if (!failure_.empty()) s.state = supervisor::NodeState::Failed;
     return s;
+  });
+  if (!remote_) return local;
+  // The other nodes appear as engine-core's children, after its own ranks.
+  return local.then([this, budgetMs](supervisor::NodeStatus s) {
+    return remote_->status(budgetMs).then(
+        [s = kj::mv(s)](std::vector<supervisor::NodeStatus> nodes) mutable {
+          for (auto& n : nodes) s.children.push_back(std::move(n));
+          return kj::mv(s);
+        });
   });
 }
 
@@ -409,7 +479,12 @@ kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
   // time, each deferring in the log and `vsup tree`, not one after another.
   ranksStopping_ = true;
   ranks_->shutdownAtOnce(deadline);
-  return ranks_->shutdown(deadline).then([this]() {
+  // The other nodes at the same moment: each stops its ranks and exits 0.
+  kj::Promise<void> released = kj::READY_NOW;
+  if (remote_) released = remote_->release(int64_t(msUntil(deadline)));
+  return ranks_->shutdown(deadline).then([released = kj::mv(released)]() mutable {
+    return kj::mv(released);
+  }).then([this]() {
     // A rank that died on its own (during the shutdown, before it while this process was
     // already stopping and no longer failing the engine for it, or while the ranks started: a
     // start the shutdown merely cut short ends Clean) is a failure of this subtree.

@@ -41,6 +41,7 @@
 #include "supervisor/child_runtime.h"
 #include "supervisor/supervisor.h"
 #include "workers/compute_thread.h"
+#include "workers/engine_core/remote_nodes.h"
 #include "workers/engine_core/request_router.h"
 #include "workers/engine_core/step_executor.h"
 
@@ -128,6 +129,9 @@ class EngineCore final : private kj::TaskSet::ErrorHandler {
   void giveUpRemote(const std::string& id);
   void sendGiveUp(const engine::KvParams& remote);  // through every rank's agent
   std::unique_ptr<supervisor::Supervisor> ranks_;
+  // Across nodes (nnodes > 1): the other nodes, and this node's address for its ranks' peers.
+  std::unique_ptr<RemoteNodes> remote_;
+  std::string nodeAddress_;
   std::unique_ptr<StepExecutor> executor_;
   RequestRouter router_;
   engine::core::ServingStats serving_;  // what Engine.stats reports

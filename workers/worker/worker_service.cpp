@@ -66,6 +66,33 @@ class WorkerService final : public schema::Worker::Server {
             });
   }
 
+  kj::Promise<void> collectiveAddress(CollectiveAddressContext context) override {
+    engine::CrossNodeCollective* c = state_.crossNode();
+    KJ_REQUIRE(c != nullptr, "this rank has no peers on other nodes (one node)");
+    const std::vector<char>& a = c->address();
+    context.getResults().setAddress(
+        kj::arrayPtr(reinterpret_cast<const kj::byte*>(a.data()), a.size()));
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> joinCollective(JoinCollectiveContext context) override {
+    engine::CrossNodeCollective* c = state_.crossNode();
+    KJ_REQUIRE(c != nullptr, "this rank has no peers on other nodes (one node)");
+    std::vector<std::vector<char>> table;
+    for (capnp::Data::Reader d : context.getParams().getAddresses()) {
+      table.emplace_back(reinterpret_cast<const char*>(d.begin()),
+                         reinterpret_cast<const char*>(d.end()));
+    }
+    // Connecting blocks (until every peer's connection is up, or the timeout): off the loop.
+    return state_.compute()
+        .run<bool>([c, table = std::move(table)]() {
+          c->connect(table);
+          return true;
+        })
+        .then([node = state_.node()](bool) {
+          vsup::log().info("[engine] {}: connected to its peers on other nodes", node);
+        });
+  }
 
  private:
   RankState& state_;

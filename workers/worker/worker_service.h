@@ -19,6 +19,7 @@
 
 #include "base/clock.h"
 #include "engine/core/model_runner.h"
+#include "engine/cross_node_collective.h"
 #include "ipc/engine.capnp.h"
 #include "kvconnector/kv_connector.h"
 #include "supervisor/child_runtime.h"
@@ -42,6 +43,10 @@ class RankState {
   engine::ModelRunner* runner() const { return runner_.get(); }
   void setRunner(std::unique_ptr<engine::ModelRunner> runner) { runner_ = std::move(runner); }
   kv::KvConnectorWorker* kv() const { return kv_.get(); }
+  // Across nodes: the runner's cross-node collective (borrowed from the runner), which
+  // Worker.joinCollective connects. Null on one node.
+  engine::CrossNodeCollective* crossNode() const { return crossNode_; }
+  void setCrossNode(engine::CrossNodeCollective* c) { crossNode_ = c; }
   // Steps run on the loop thread, not the compute thread. Only for a runner whose execute()
   // never blocks and takes microseconds (no collective, no simulated compute time).
   bool stepsOnLoop() const { return stepsOnLoop_; }
@@ -55,6 +60,7 @@ class RankState {
   std::unique_ptr<engine::ModelRunner> runner_;
   std::unique_ptr<ComputeThread> compute_;
   bool stepsOnLoop_ = false;
+  engine::CrossNodeCollective* crossNode_ = nullptr;
 };
 
 // The Worker capability over `state` (borrowed: it outlives the service).
