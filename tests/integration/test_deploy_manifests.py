@@ -311,3 +311,127 @@ def test_the_image_installs_a_package_for_every_library_vsup_links(vsup_bin):
             missing[lib] = owner
     assert not missing, (f"deploy/Containerfile's runtime stage does not install the package of "
                          f"{missing} (it installs {sorted(pkgs)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Across nodes: deploy/kubernetes/multi-node/leaderworkerset.yaml (README.md, "Across nodes")
+
+MULTI = KUBE / "multi-node" / "leaderworkerset.yaml"
+
+
+class Group:
+    """The LeaderWorkerSet's leader and worker pods, and the Service in front of them."""
+
+    def __init__(self):
+        docs = [d for d in yaml.safe_load_all(MULTI.read_text()) if d is not None]
+        for d in docs:
+            d["__file__"] = str(MULTI.relative_to(ROOT))
+        self.lws = only(docs, "LeaderWorkerSet", "leaderworkerset.x-k8s.io/v1")
+        self.service = only(docs, "Service", "v1")
+        t = self.lws["spec"]["leaderWorkerTemplate"]
+        self.size = int(t["size"])
+        self.restart = t.get("restartPolicy")
+        self.leader_meta, self.leader = t["leaderTemplate"]["metadata"], t["leaderTemplate"]["spec"]
+        self.worker_meta, self.worker = t["workerTemplate"]["metadata"], t["workerTemplate"]["spec"]
+        self.lc, self.wc = (self._container(p) for p in (self.leader, self.worker))
+        self.largv, self.wargv = (self._argv(c) for c in (self.lc, self.wc))
+
+    @staticmethod
+    def _container(pod: dict) -> dict:
+        assert len(pod["containers"]) == 1, "one container per pod: vsup as PID 1"
+        return pod["containers"][0]
+
+    @staticmethod
+    def _argv(c: dict) -> list[str]:
+        return [str(a) for a in c.get("command", []) + c.get("args", [])]
+
+
+@pytest.fixture(scope="module")
+def g() -> Group:
+    return Group()
+
+
+def test_the_group_recreates_itself_whole_and_its_size_divides_the_tensor_parallel_size(g):
+    assert g.restart == "RecreateGroupOnPodRestart", \
+        f"restartPolicy {g.restart!r}: a group must never run with a node missing"
+    assert g.size >= 2
+    for argv in (g.largv, g.wargv):
+        assert os.path.basename(argv[0]) == "vsup" and argv[1] == "run", argv
+        tp = int(number(argv, "--tensor-parallel-size", "`vsup run` of the group"))
+        assert tp % g.size == 0, f"--tensor-parallel-size {tp} is not a multiple of size {g.size}"
+        # LWS says where the leader is, how many nodes and which one this is: the flags that
+        # would contradict it are left out.
+        for f in ("--nnodes", "--master-addr", "--node-rank"):
+            assert flag(argv, f) is None, f"{f} is LWS's to give (LWS_*): {argv}"
+    assert "--headless" in g.wargv and "--headless" not in g.largv
+    for f in ("--tensor-parallel-size", "--master-port"):
+        assert flag(g.largv, f) == flag(g.wargv, f), f"leader and worker disagree on {f}"
+    assert g.largv[2] == g.wargv[2], "leader and worker serve different models"
+
+
+def test_only_the_leader_serves_http_and_has_probes_and_a_drain(g):
+    port = int(number(g.largv, "--port", "the leader's `vsup run`"))
+    ports = {p["name"]: int(p["containerPort"]) for p in g.lc["ports"]}
+    assert ports.get("http") == port
+    assert ports.get("tp") == int(flag(g.largv, "--master-port")), \
+        "the leader must expose --master-port: the workers' agents connect there"
+    assert g.lc["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert g.lc["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert "readinessProbe" not in g.wc and "livenessProbe" not in g.wc, \
+        "a worker serves no HTTP: a probe would only fail"
+    sel = g.service["spec"]["selector"]
+    assert sel.items() <= g.leader_meta["labels"].items(), "the Service must select the leader"
+    assert not sel.items() <= g.worker_meta["labels"].items(), \
+        "the Service must not select workers (they serve no HTTP)"
+
+
+def _group_numbers(g: Group) -> dict:
+    pre = [str(a) for a in g.lc["lifecycle"]["preStop"]["exec"]["command"]]
+    return {
+        "T": number(pre, "--timeout", "the leader's preStop `vsup drain`"),
+        "Q": number(pre, "--quiet-for", "the leader's preStop `vsup drain`"),
+        "D": number(g.largv, "--shutdown-timeout", "the leader's `vsup run`"),
+        "W": number(g.wargv, "--shutdown-timeout", "the worker's `vsup run`"),
+        "S": stop_budget_s(),
+        "G": float(g.leader["terminationGracePeriodSeconds"]),
+        "GW": float(g.worker["terminationGracePeriodSeconds"]),
+        "p": float(g.lc["readinessProbe"]["periodSeconds"]),
+        "f": int(g.lc["readinessProbe"]["failureThreshold"]),
+    }
+
+
+def test_the_worker_outlasts_the_leaders_drain_and_both_grace_periods_cover_their_stops(g):
+    n = _group_numbers(g)
+    assert n["p"] * n["f"] < n["Q"] <= n["T"]
+    assert n["G"] >= n["T"] + n["D"] + n["S"] + MIN_MARGIN_S, n
+    # A rollout signals the worker when the leader's preStop starts: the worker keeps serving
+    # the leader's collectives for up to its own --shutdown-timeout, which must cover the
+    # leader's drain and shutdown, or the leader's in-flight requests would fail.
+    assert n["W"] >= n["T"] + n["D"], n
+    assert n["GW"] >= n["W"] + n["S"] + MIN_MARGIN_S, n
+
+
+def test_the_readme_states_the_numbers_of_the_group(g):
+    n = _group_numbers(g)
+    text = (KUBE / "README.md").read_text()
+
+    def v(x: float) -> str:
+        return f"{x:g}"
+
+    want = [
+        f"W ≥ T + D: {v(n['W'])} ≥ {v(n['T'])} + {v(n['D'])}",
+        f"G ≥ T + D + S + M: {v(n['G'])} ≥ {v(n['T'])} + {v(n['D'])} + {v(n['S'])} + "
+        f"{v(n['G'] - n['T'] - n['D'] - n['S'])}",
+        f"G_w ≥ W + S + M: {v(n['GW'])} ≥ {v(n['W'])} + {v(n['S'])} + "
+        f"{v(n['GW'] - n['W'] - n['S'])}",
+    ]
+    missing = [w for w in want if w not in text]
+    assert not missing, f"deploy/kubernetes/README.md does not say (the files do): {missing}"
+
+
+def test_every_flag_of_the_group_exists_in_vsup(g, vsup_bin):
+    text = _help(vsup_bin, "run")
+    for argv in (g.largv, g.wargv):
+        unknown = [f for f in _flags(argv[2:])
+                   if not re.search(rf"(?<![\w-]){re.escape(f)}\b", text)]
+        assert not unknown, f"`vsup run` has no {unknown}"
