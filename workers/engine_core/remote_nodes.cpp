@@ -1,5 +1,7 @@
 #include "workers/engine_core/remote_nodes.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -84,6 +86,11 @@ void RemoteNodes::accept() {
   for (;;) {
     int fd = ::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;  // EAGAIN: all taken; anything else: the next readiness retries
+    // Every step crosses this link in small messages, each answered: Nagle's algorithm would
+    // hold one back for the delayed ACK of the one before (40 ms a step).
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     auto slot = kj::heap<ipc::RpcLink*>(nullptr);
     ipc::RpcLink** where = slot.get();
     auto link = ipc::RpcLink::serve(loop_, OwnFd(fd),
