@@ -242,9 +242,11 @@ interface NodeAgent {
   # once every one is ready, or fails naming the rank that did not start.
   startRanks @0 (config :Data, firstRank :UInt32, count :UInt32) -> (workers :List(Worker));
   ping @1 () -> ();
-  # The leader is done with this node (a normal stop, at a step boundary): stop the ranks and
-  # exit 0. Answered once the ranks are stopped, within stopMs.
-  release @2 (stopMs :Int64) -> ();
+  # The leader is done with this node (at a step boundary, or after the engine failed): stop
+  # the ranks and exit: 0 after a normal stop whose ranks all stopped in time, 4 when one had
+  # to be killed, 1 when the engine failed (`failed`). Answered once the ranks are stopped,
+  # within stopMs.
+  release @2 (stopMs :Int64, failed :Bool) -> ();
   # This node's agent and its ranks, for `vsup tree` on the leader.
   status @3 (budgetMs :Int64) -> (status :Node.NodeStatus);
 }

@@ -57,8 +57,8 @@ def why_not() -> str | None:
 
 
 WHY_NOT = why_not()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None,
-                                reason=f"MULTI-NODE REHEARSAL SKIPPED: {WHY_NOT}")
+needs_netns = pytest.mark.skipif(WHY_NOT is not None,
+                                 reason=f"MULTI-NODE REHEARSAL SKIPPED: {WHY_NOT}")
 
 
 class Node:
@@ -288,6 +288,7 @@ def assert_nothing_left(fabric: Fabric) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_netns
 def test_tp_across_nodes_gives_the_text_of_tp_1_and_a_leader_sigterm_ends_every_root_0(fabric):
     solo = fabric.node()
     solo.start(fabric.vsup, "--host", solo.ip, "--port", str(PORT), *MODEL)
@@ -317,6 +318,7 @@ def test_tp_across_nodes_gives_the_text_of_tp_1_and_a_leader_sigterm_ends_every_
         assert_nothing_left(fabric)
 
 
+@needs_netns
 def test_sigterm_to_every_root_at_once_finishes_what_is_in_flight_and_ends_them_0(fabric):
     leader, worker = fabric.group(2, 2, "--shutdown-timeout", "20")
     streams = streams_in_flight(leader, 3, 160)
@@ -335,7 +337,9 @@ def test_sigterm_to_every_root_at_once_finishes_what_is_in_flight_and_ends_them_
     assert_nothing_left(fabric)
 
 
-@pytest.mark.parametrize("how", ["sigkill-root", "sigstop-agent", "sigstop-agent-sim"])
+@needs_netns
+@pytest.mark.parametrize("how", ["sigkill-root", "sigstop-agent", "sigstop-agent-sim",
+                                 "sigkill-rank", "sigstop-rank"])
 def test_a_worker_node_lost_mid_decode_fails_the_engine_within_the_heartbeat_bound(fabric, how):
     leader, worker = fabric.group(2, 2, model=SIM if how.endswith("-sim") else MODEL)
     streams = streams_in_flight(leader, 2, 1500)
@@ -345,6 +349,11 @@ def test_a_worker_node_lost_mid_decode_fails_the_engine_within_the_heartbeat_bou
         victims = sorted(session_processes(worker.proc.pid))
         for p in victims:
             os.kill(p, signal.SIGKILL)
+    elif how.endswith("-rank"):
+        rank = [p for p in session_processes(worker.proc.pid)
+                if b"__worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(rank) == 1
+        os.kill(rank[0], signal.SIGKILL if how == "sigkill-rank" else signal.SIGSTOP)
     else:  # sigstop-agent*
         agent = [p for p in session_processes(worker.proc.pid)
                  if b"__node-agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -374,10 +383,12 @@ def test_a_worker_node_lost_mid_decode_fails_the_engine_within_the_heartbeat_bou
         # Woken, the agent finds its leader gone and ends its node, non-zero.
         assert worker.wait_exit(10) != 0, worker.text()
     else:
-        worker.wait_exit(10)
+        # The worker's agent finds its rank dead, or its leader gone, and ends its node.
+        assert worker.wait_exit(10) != 0, worker.text()
     assert_nothing_left(fabric)
 
 
+@needs_netns
 def test_sigkill_of_the_leader_stops_every_worker_within_a_second_of_noticing(fabric):
     leader, worker = fabric.group(2, 2)
     streams_in_flight(leader, 1, 1500)
@@ -393,6 +404,7 @@ def test_sigkill_of_the_leader_stops_every_worker_within_a_second_of_noticing(fa
     assert_nothing_left(fabric)
 
 
+@needs_netns
 def test_a_worker_that_cannot_reach_the_leader_fails_its_start_naming_the_address(fabric):
     worker = fabric.node()
     nobody = str(fabric.lease.network[200])  # on the bridge's subnet, no node has it
@@ -406,3 +418,87 @@ def test_a_worker_that_cannot_reach_the_leader_fails_its_start_naming_the_addres
     assert f"cannot reach the leader at {nobody}:{MASTER_PORT}" in worker.text(), worker.text()
     assert took < 12, took
     assert_nothing_left(fabric)
+
+
+@needs_netns
+def test_a_leader_whose_workers_never_join_fails_its_start_naming_them(fabric):
+    leader = fabric.node()
+    leader.start(fabric.vsup, "--host", leader.ip, "--port", str(PORT), *MODEL,
+                 "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", leader.ip,
+                 "--master-port", str(MASTER_PORT), "--worker-start-timeout", "2")
+    code = leader.wait_exit(30)
+    assert code == 3, leader.text()
+    assert "node(s) 1 did not join the leader" in leader.text(), leader.text()[-2000:]
+    assert "--headless --node-rank N" in leader.text()
+    assert_nothing_left(fabric)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags, and LeaderWorkerSet's variables standing in for them (no namespaces needed)
+
+
+def run_briefly(vsup: str, tmp: Path, *args: str, env: dict | None = None,
+                timeout: float = 30) -> tuple[int, str]:
+    """`vsup run ARGS` expected to exit by itself: (status, stderr); nothing of it may be left."""
+    p = subprocess.Popen([vsup, "run", "--control-socket", str(tmp / "ctl.sock"), *args],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith("LWS_")},
+                              **(env or {})})
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_sessions({p.pid}, {p.pid}, vsup)
+        p.communicate()
+        pytest.fail(f"vsup run {' '.join(args)} did not exit within {timeout}s", pytrace=False)
+    # Its whole session is gone with it (start_new_session: the root's pid is the session id).
+    wait_for(lambda: not left_behind({p.pid}, set()), 2, "every process of the run to be gone",
+             lambda: "\n".join(left_behind({p.pid}, set())))
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("args,env,says", [
+    (["--headless", "--tensor-parallel-size", "2"], {},
+     "--headless needs --nnodes > 1"),
+    (["--nnodes", "2", "--tensor-parallel-size", "2", "--master-addr", "127.0.0.1",
+      "--node-rank", "1"], {}, "--node-rank 1 without --headless"),
+    (["--nnodes", "2", "--tensor-parallel-size", "2", "--master-addr", "127.0.0.1",
+      "--headless"], {}, "--headless with --node-rank 0"),
+    (["--nnodes", "2", "--tensor-parallel-size", "3", "--master-addr", "127.0.0.1"], {},
+     "--tensor-parallel-size 3 is not a multiple of --nnodes 2"),
+    (["--nnodes", "2", "--tensor-parallel-size", "2"], {}, "needs --master-addr"),
+    (["--nnodes", "2", "--tensor-parallel-size", "2", "--master-addr", "127.0.0.1",
+      "--node-rank", "2", "--headless"], {}, "--node-rank 2 with --nnodes 2"),
+    (["--tensor-parallel-size", "2", "--headless"], {"LWS_GROUP_SIZE": "two"},
+     "LWS_GROUP_SIZE='two': must be a whole number 1..64"),
+    (["--tensor-parallel-size", "2", "--headless"],
+     {"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "-1"}, "LWS_WORKER_INDEX='-1'"),
+    (["--engine", "cuda", "--nnodes", "2", "--tensor-parallel-size", "2", "--master-addr",
+      "127.0.0.1"], {}, ""),  # either "not in this build" or "across nodes ... cpu only"
+])
+def test_multi_node_flags_that_cannot_work_are_usage_errors_naming_the_flag(vsup_bin, tmp_path,
+                                                                             args, env, says):
+    code, err = run_briefly(vsup_bin, tmp_path, "--port", "0", *MODEL[2:4], *args, env=env)
+    assert code == 2, err
+    assert says in err, err
+    if "cuda" in args:
+        assert "not in this build" in err or "--engine cuda with --nnodes 2" in err, err
+
+
+def test_leader_worker_set_variables_stand_in_for_the_absent_flags(vsup_bin, tmp_path):
+    # A worker whose leader is LWS_LEADER_ADDRESS and whose node rank is LWS_WORKER_INDEX: it
+    # tries that address (nobody listens: a refused connect, retried until the start timeout)
+    # and says so. A flag given wins over its variable.
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free, and nobody will listen on it
+    env = {"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "1"}
+    t0 = time.monotonic()
+    code, err = run_briefly(vsup_bin, tmp_path, *MODEL, "--headless", "--tensor-parallel-size",
+                            "2", "--master-port", str(port), "--engine-start-timeout", "1",
+                            env=env)
+    assert code == 3, err
+    assert f"cannot reach the leader at 127.0.0.1:{port}" in err, err
+    assert "connection refused" in err.lower(), err
+    assert "node 1 of 2" in err, err
+    assert time.monotonic() - t0 < 15

@@ -481,7 +481,7 @@ kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
   ranks_->shutdownAtOnce(deadline);
   // The other nodes at the same moment: each stops its ranks and exits 0.
   kj::Promise<void> released = kj::READY_NOW;
-  if (remote_) released = remote_->release(int64_t(msUntil(deadline)));
+  if (remote_) released = remote_->release(int64_t(msUntil(deadline)), !failure_.empty());
   return ranks_->shutdown(deadline).then([released = kj::mv(released)]() mutable {
     return kj::mv(released);
   }).then([this]() {

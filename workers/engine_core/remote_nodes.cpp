@@ -213,7 +213,7 @@ kj::Promise<std::vector<schema::Worker::Client>> RemoteNodes::startRanks(std::st
   }));
 }
 
-kj::Promise<void> RemoteNodes::release(int64_t stopMs) {
+kj::Promise<void> RemoteNodes::release(int64_t stopMs, bool failed) {
   released_ = true;
   kj::Vector<kj::Promise<void>> each;
   for (Node& n : nodes_) {
@@ -221,6 +221,7 @@ kj::Promise<void> RemoteNodes::release(int64_t stopMs) {
     if (!n.agent) continue;
     auto req = n.agent->releaseRequest();
     req.setStopMs(stopMs);
+    req.setFailed(failed);
     std::string name = nodeName(n.rank, n.host);
     auto answered = req.send().ignoreResult().then(
         [name]() { vsup::log().info("[shutdown] {}: released, its ranks stopped", name); },

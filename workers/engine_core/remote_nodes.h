@@ -57,9 +57,10 @@ class RemoteNodes final : private kj::TaskSet::ErrorHandler {
   // (ranksPerNode .. nnodes * ranksPerNode - 1). Fails naming the nodes that never joined, the
   // node whose ranks did not start, or the node lost meanwhile.
   kj::Promise<std::vector<ipc::schema::Worker::Client>> startRanks(std::string rankConfig);
-  // The normal end: every node stops its ranks and exits 0, each within stopMs. Resolves when
-  // every node answered (or failed to). No node is lost after this.
-  kj::Promise<void> release(int64_t stopMs);
+  // The end: every node stops its ranks and exits (0 after a normal stop; non-zero when
+  // `failed`: the engine failed), each within stopMs. Resolves when every node answered (or
+  // failed to). No node is lost after this.
+  kj::Promise<void> release(int64_t stopMs, bool failed);
   // Each node's agent with its ranks, for engine-core's status; a node that does not answer
   // within budgetMs is shown unresponsive.
   kj::Promise<std::vector<supervisor::NodeStatus>> status(int64_t budgetMs);

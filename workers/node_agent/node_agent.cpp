@@ -50,7 +50,7 @@ class NodeAgent::Service final : public schema::NodeAgent::Server {
   }
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
   kj::Promise<void> release(ReleaseContext context) override {
-    return agent_.release(context.getParams().getStopMs());
+    return agent_.release(context.getParams().getStopMs(), context.getParams().getFailed());
   }
   kj::Promise<void> status(StatusContext context) override {
     return agent_.status(context.getParams().getBudgetMs())
@@ -178,16 +178,23 @@ kj::Promise<kj::Array<schema::Worker::Client>> NodeAgent::startRanks(std::string
   });
 }
 
-kj::Promise<void> NodeAgent::release(int64_t stopMs) {
+kj::Promise<void> NodeAgent::release(int64_t stopMs, bool failed) {
   if (released_) return kj::READY_NOW;
   released_ = true;
   heartbeat_.reset();
-  vsup::log().info("[shutdown] {}: released by the leader: stopping this node's ranks",
-                   runtime_.name());
+  if (failed) {
+    vsup::log().error("[shutdown] {}: the leader's engine failed: stopping this node's ranks",
+                      runtime_.name());
+  } else {
+    vsup::log().info("[shutdown] {}: released by the leader: stopping this node's ranks",
+                     runtime_.name());
+  }
   if (releasedSignal_ && releasedSignal_->isWaiting()) releasedSignal_->fulfill();
-  return stopRanks(deadlineAfterMs(stopMs)).then([this](bool) {
+  return stopRanks(deadlineAfterMs(stopMs)).then([this, failed](bool inTime) {
+    int code = failed ? supervisor::kExitError
+                      : inTime ? supervisor::kExitClean : supervisor::kExitEscalated;
     // After the answer has gone out: the leader hears "released" before the link closes.
-    tasks_.add(ipc::uvSleep(loop_, 0).then([this]() { runtime_.exit(supervisor::kExitClean); }));
+    tasks_.add(ipc::uvSleep(loop_, 0).then([this, code]() { runtime_.exit(code); }));
   });
 }
 

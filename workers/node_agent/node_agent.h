@@ -67,7 +67,7 @@ class NodeAgent final : private kj::TaskSet::ErrorHandler {
   kj::Promise<kj::Array<ipc::schema::Worker::Client>> startRanks(std::string config,
                                                                  uint32_t firstRank,
                                                                  uint32_t count);
-  kj::Promise<void> release(int64_t stopMs);
+  kj::Promise<void> release(int64_t stopMs, bool failed);
   void leaderLost(const std::string& why);
   std::string leaderName() const;
 
