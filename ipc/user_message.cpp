@@ -76,4 +76,8 @@ std::string userMessage(const kj::Exception& e) {
   return "an internal error (failed)";
 }
 
+kj::Exception failure(const std::string& why) {
+  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
+}
+
 }  // namespace vsup::ipc

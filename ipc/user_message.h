@@ -30,4 +30,8 @@ std::string userMessage(const kj::Exception& e);
 // nothing is left.
 std::string userMessage(std::string_view description);
 
+// The other way: a sentence for a person as a FAILED kj::Exception, to reject a promise or
+// fail an RPC with (userMessage() gives the sentence back on the other side).
+kj::Exception failure(const std::string& why);
+
 }  // namespace vsup::ipc

@@ -1,6 +1,7 @@
 // The vsup executable's subcommands. Each returns the process exit status.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -101,6 +102,9 @@ int tree(const TreeOptions& options);
 // One message of a command on stderr: "COMMAND: MESSAGE" in the text log format, one JSON
 // object ({"time", "level", "process": COMMAND, "pid", "message"}) in the json one.
 void printMessage(const char* command, const std::string& message, const char* level = "error");
+
+// Seconds (a flag's value) as the milliseconds of a ChildSpec or a child's flag.
+inline int64_t ms(double seconds) { return int64_t(std::llround(seconds * 1000)); }
 
 // How a client command (`vsup tree`, `vsup drain`) finds its tree: `given` (--socket) when not
 // empty, else the one live control socket in ControlSocket::defaultDirectory(). When there is

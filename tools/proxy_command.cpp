@@ -27,8 +27,6 @@ using namespace vsup::supervisor;
 
 namespace {
 
-int64_t ms(double seconds) { return int64_t(std::llround(seconds * 1000)); }
-
 // "a,b" "c" → {a, b, c}; an empty item is an error (a stray comma is a typo, not a URL).
 bool splitUrls(const std::vector<std::string>& given, const char* flag,
                std::vector<std::string>& out) {

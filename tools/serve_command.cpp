@@ -59,9 +59,6 @@ bool isAddress(const std::string& host) {
   return ::inet_pton(AF_INET, h.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, h.c_str(), &a6) == 1;
 }
 
-// Seconds as a ChildSpec's milliseconds.
-int64_t ms(double seconds) { return int64_t(std::llround(seconds * 1000)); }
-
 // The checks of the serving flags that need no model and no socket and that CLI11 cannot
 // express: each returns what is wrong ("" when nothing), naming the flag. Every number's range
 // is main.cpp's (its validators, on the one path that fills ServeOptions), not repeated here.

@@ -44,6 +44,8 @@
 
 namespace vsup {
 
+using ipc::failure;
+
 namespace {
 
 // The LLMConfig as the engine's one typed configuration, validated here (before any process
@@ -60,10 +62,6 @@ engine::EngineConfig toEngineConfig(const LLMConfig& c) {
   } catch (const std::invalid_argument& e) {
     throw Error(std::string("vsup::LLM: ") + e.what());
   }
-}
-
-kj::Exception failure(const std::string& message) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
 }
 
 // The grace, after the drain's deadline, for the final deltas of the requests it aborted (one

@@ -19,11 +19,9 @@
 #include "ipc/uv_kj.h"
 
 namespace vsup::workers {
-namespace {
+using ipc::failure;
 
-kj::Exception failure(const std::string& why) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
-}
+namespace {
 
 constexpr int64_t kRetryMs = 200;
 

@@ -19,13 +19,11 @@
 
 namespace vsup::workers {
 
+using ipc::failure;
+
 namespace schema = ipc::schema;
 
 namespace {
-
-kj::Exception failed(const std::string& why) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
-}
 
 // Across nodes: gathers every rank's collective address, then hands each rank the whole table
 // (engine/cross_node_collective.h); resolves once every rank is connected to its peers.
@@ -223,7 +221,7 @@ kj::Promise<void> EngineCore::start() {
     backend->prepareRanks(forRanks);  // the CUDA engine's NCCL id, say
     rankConfig = encodeEngineConfig(forRanks);
   } catch (const std::exception& e) {
-    return failed(e.what());
+    return failure(e.what());
   }
   // Across nodes: this is the leader. The other nodes' agents connect here, from the start.
   if (config_.common.nnodes > 1) {
@@ -240,7 +238,7 @@ kj::Promise<void> EngineCore::start() {
         if (running_) fail(why);
       });
     } catch (const std::exception& e) {
-      return failed(std::string("--master-addr/--master-port: ") + e.what());
+      return failure(std::string("--master-addr/--master-port: ") + e.what());
     }
   }
   if (!plan_.chatFormatNote.empty()) {
@@ -265,7 +263,7 @@ kj::Promise<void> EngineCore::start() {
         kvRegions_.push_back(engine::createKvCacheRegion(plan_.kvLayout->totalBytes()));
       }
     } catch (const std::exception& e) {
-      return failed(e.what());
+      return failure(e.what());
     }
     engineId_ = newEngineId();
   }
@@ -500,12 +498,12 @@ kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
 kj::Promise<std::optional<engine::Rejection>> EngineCore::submit(size_t session,
                                                                  engine::GenerateRequest request) {
   auto refuse = [this]() {
-    return failed(failure_.empty() ? "engine-core is shutting down"
+    return failure(failure_.empty() ? "engine-core is shutting down"
                                    : "engine failed: " + failure_);
   };
   if (stopping_ || !failure_.empty()) return refuse();
   if (router_.owned(request.id) || beingTokenized_.count(request.id) != 0) {
-    return failed("duplicate request id " + request.id);
+    return failure("duplicate request id " + request.id);
   }
   std::string id = request.id;
   router_.own(id, session);

@@ -19,11 +19,9 @@ namespace vsup::workers {
 
 namespace schema = ipc::schema;
 
-namespace {
+using ipc::failure;
 
-kj::Exception failure(const std::string& why) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
-}
+namespace {
 
 std::string layoutOf(uint32_t nnodes, uint32_t perNode) {
   return std::to_string(nnodes) + "x" + std::to_string(perNode);

@@ -8,13 +8,11 @@
 #include "workers/engine_codec.h"
 
 namespace vsup::workers {
+
+using ipc::failure;
 namespace {
 
 namespace schema = ipc::schema;
-
-kj::Exception failed(const std::string& why) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
-}
 
 class RpcRank final : public RankClient {
  public:
@@ -166,7 +164,7 @@ void StepExecutor::rankAnswered(size_t rank) {
 void StepExecutor::fail(const std::string& why) {
   StepState* s = current_.get();
   if (s == nullptr || !s->failFast || !s->failFast->isWaiting()) return;
-  s->failFast->reject(failed(why));
+  s->failFast->reject(failure(why));
 }
 
 }  // namespace vsup::workers

@@ -20,11 +20,9 @@ namespace vsup::workers {
 
 namespace schema = ipc::schema;
 
-namespace {
+using ipc::failure;
 
-kj::Exception failure(const std::string& why) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str()));
-}
+namespace {
 
 // How long a lost leader may take this node's ranks to stop: "within a second of noticing".
 constexpr int64_t kLeaderLostStopMs = 800;
