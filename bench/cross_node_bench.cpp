@@ -138,6 +138,18 @@ struct Row {
   double oneNodeUs = 0;
 };
 
+// The median all-reduce of `size`, after 3 untimed ones.
+double allReduceUs(vsup::engine::Collective& c, std::vector<float>& data, const Size& size) {
+  std::vector<double> us;
+  for (int it = -3; it < size.iterations; ++it) {
+    vsup::MonoNs t0 = vsup::monoNow();
+    c.allReduceSum(data.data(), size.floats);
+    if (it >= 0) us.push_back(double(vsup::monoNow() - t0) / 1e3);
+    std::fill(data.begin(), data.end(), 1.0f);  // keep the values finite
+  }
+  return median(us);
+}
+
 // One rank's whole run; rank 0 fills `rows`. `control` is a socketpair between the two
 // processes (ports and barriers).
 void runRank(uint32_t rank, const std::vector<std::string>& addresses,
@@ -203,14 +215,8 @@ void runRank(uint32_t rank, const std::vector<std::string>& addresses,
     auto c = vsup::engine::joinCrossNodeCollective(join, vsup::engine::makeSingleRankCollective(),
                                                     *store);
     for (size_t i = 0; i < sizes.size(); ++i) {
-      std::vector<double> us;
-      for (int it = -3; it < sizes[i].iterations; ++it) {
-        vsup::MonoNs t0 = vsup::monoNow();
-        c->allReduceSum(data.data(), sizes[i].floats);
-        if (it >= 0) us.push_back(double(vsup::monoNow() - t0) / 1e3);
-        std::fill(data.begin(), data.end(), 1.0f);  // keep the values finite
-      }
-      if (rank == 0) rows[i].crossUs = median(us);
+      double us = allReduceUs(*c, data, sizes[i]);
+      if (rank == 0) rows[i].crossUs = us;
     }
   }
   barrier();
@@ -219,14 +225,8 @@ void runRank(uint32_t rank, const std::vector<std::string>& addresses,
   {
     auto c = vsup::engine::joinSharedCollective(sharedFd, rank, 2, 10000);
     for (size_t i = 0; i < sizes.size(); ++i) {
-      std::vector<double> us;
-      for (int it = -3; it < sizes[i].iterations; ++it) {
-        vsup::MonoNs t0 = vsup::monoNow();
-        c->allReduceSum(data.data(), sizes[i].floats);
-        if (it >= 0) us.push_back(double(vsup::monoNow() - t0) / 1e3);
-        std::fill(data.begin(), data.end(), 1.0f);
-      }
-      if (rank == 0) rows[i].oneNodeUs = median(us);
+      double us = allReduceUs(*c, data, sizes[i]);
+      if (rank == 0) rows[i].oneNodeUs = us;
     }
   }
   barrier();
