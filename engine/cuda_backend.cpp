@@ -114,6 +114,8 @@ class CudaRunner final : public ModelRunner {
     spec.shard = rankShard(spec.model, rank, tp);
     spec.rank = rank;
     spec.tp = tp;
+    spec.localRanks = config.common.ranksPerNode();
+    spec.localRank = rank % spec.localRanks;
     spec.numBlocks = plan.numBlocks;
     spec.blockSize = config.common.blockSize;
     spec.maxPositions = plan.maxModelLen;
@@ -182,12 +184,6 @@ class CudaBackend final : public Backend {
 
   EnginePlan plan(const EngineConfig& config) const override {
     const CudaConfig& cuda = cudaConfigOf(config);
-    if (config.common.nnodes > 1) {
-      throw std::invalid_argument("--engine cuda with --nnodes " +
-                                  std::to_string(config.common.nnodes) +
-                                  ": tensor parallelism across nodes is built for --engine cpu "
-                                  "only so far (NCCL across nodes is not)");
-    }
     LlamaPlan llama = planLlamaEngine(config, cuda.loadFormat, elementBytes(cuda));
     EnginePlan plan = llamaEnginePlan(config, llama);
     plan.summary += ", " + cuda.dtype + " on the GPU";

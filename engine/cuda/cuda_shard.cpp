@@ -52,7 +52,8 @@ void check(cublasStatus_t s, const char* what) {
 
 // Which GPU rank `rank` computes on, or why there is none: the message the user sees when
 // `vsup run --engine cuda` starts on a machine without one.
-int selectDevice(uint32_t rank, uint32_t tp) {
+// This node's GPU for its rank `localRank` of `localRanks`.
+int selectDevice(uint32_t localRank, uint32_t localRanks) {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
@@ -75,12 +76,13 @@ int selectDevice(uint32_t rank, uint32_t tp) {
     throw std::runtime_error("no CUDA device: the CUDA runtime sees no GPU (check nvidia-smi and "
                              "CUDA_VISIBLE_DEVICES)");
   }
-  if (tp > uint32_t(count)) {
-    throw std::runtime_error("--tensor-parallel-size " + std::to_string(tp) +
-                             ": each rank needs a GPU of its own, and this machine shows " +
+  if (localRanks > uint32_t(count)) {
+    throw std::runtime_error(std::to_string(localRanks) +
+                             " ranks on this node (--tensor-parallel-size / --nnodes): each "
+                             "needs a GPU of its own, and this machine shows " +
                              std::to_string(count) + " (CUDA_VISIBLE_DEVICES)");
   }
-  return int(rank);
+  return int(localRank);
 }
 
 // Runs jobs on one thread, in order; run() waits for its job and rethrows what it threw.
@@ -212,7 +214,7 @@ class CudaShard final : public Shard {
 
   void open() {
     const LlamaConfig& c = spec_.model;
-    device_ = selectDevice(spec_.rank, spec_.tp);
+    device_ = selectDevice(spec_.localRank, spec_.localRanks);
     check(cudaSetDevice(device_), "cudaSetDevice");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate");

@@ -26,6 +26,10 @@ struct ShardSpec {
   RankShard shard;
   uint32_t rank = 0;
   uint32_t tp = 1;
+  // This node's ranks (across nodes: tp / nnodes) and this rank's place among them: which of
+  // the node's GPUs it takes.
+  uint32_t localRank = 0;
+  uint32_t localRanks = 1;
   int32_t numBlocks = 0;  // the KV cache, per rank
   int32_t blockSize = 16;
   int64_t maxPositions = 0;  // the context length served (rotary tables)
