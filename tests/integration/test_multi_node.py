@@ -523,3 +523,42 @@ def test_leader_worker_set_variables_stand_in_for_the_absent_flags(vsup_bin, tmp
     assert "connection refused" in err.lower(), err
     assert "node 1 of 2" in err, err
     assert time.monotonic() - t0 < 15
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@needs_netns
+def test_a_second_node_with_a_taken_rank_and_junk_on_the_master_port_leave_the_group_serving(
+        fabric):
+    leader, worker = fabric.group(2, 2, model=SIM)
+    core = [p for p in session_processes(leader.proc.pid)
+            if b"__engine-core" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(core) == 1
+    before = fd_count(core[0])
+    # Junk, as a port scanner or a confused client would send: each connection is closed by the
+    # leader (its RPC link fails), none is kept.
+    for i in range(20):
+        r = subprocess.run(["ip", "netns", "exec", worker.netns, "python3", "-c",
+                            "import socket; s=socket.create_connection(('%s', %d), 5); "
+                            "s.sendall(b'GET / HTTP/1.1\\r\\n\\r\\n' * %d); s.close()"
+                            % (leader.ip, MASTER_PORT, i + 1)],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+    wait_for(lambda: fd_count(core[0]) <= before, 5, "the junk connections to be closed",
+             lambda: f"engine-core holds {fd_count(core[0])} fds, {before} before")
+    # A node that claims a rank already taken is refused by name; the group goes on.
+    twin = fabric.node()
+    twin.start(fabric.vsup, "--headless", "--node-rank", "1", *SIM, "--tensor-parallel-size",
+               "2", "--nnodes", "2", "--master-addr", leader.ip, "--master-port",
+               str(MASTER_PORT))
+    assert twin.wait_exit(20) == 3, twin.text()
+    assert "has already joined" in twin.text() and "same --node-rank" in twin.text(), twin.text()
+    assert leader.health() == 200
+    status, doc = leader.complete({"model": "vsup-tiny-4m", "prompt": "hi", "max_tokens": 4})
+    assert status == 200, doc
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.wait_exit(30) == 0, leader.text()
+    assert worker.wait_exit(10) == 0, worker.text()
+    assert_nothing_left(fabric)

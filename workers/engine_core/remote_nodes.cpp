@@ -97,12 +97,26 @@ void RemoteNodes::accept() {
     ipc::RpcLink* raw = link.get();
     links_.push_back(std::move(link));
     tasks_.add(raw->onDisconnect().then([this, raw]() {
+      bool aNode = false;
       for (Node& n : nodes_) {
         if (n.link == raw) {
+          aNode = true;
           n.heartbeat.reset();
           if (!released_) lose(nodeName(n.rank, n.host) + " lost: its connection closed");
         }
       }
+      if (aNode) return kj::Promise<void>(kj::READY_NOW);
+      // A connection that never joined (refused, or not an agent at all): its socket is closed
+      // now, not at the end of the engine, from a turn of its own (not inside the link's own
+      // callback).
+      return kj::evalLater([this, raw]() {
+        for (size_t i = 0; i < links_.size(); ++i) {
+          if (links_[i].get() == raw) {
+            links_.erase(links_.begin() + long(i));
+            break;
+          }
+        }
+      });
     }));
   }
 }
