@@ -102,6 +102,7 @@ kj::Promise<void> NodeAgent::start() {
         return req.send();
       })
       .then([this](capnp::Response<schema::Leader::JoinResults> r) {
+        joined_ = true;
         auto leader = std::make_shared<schema::Leader::Client>(link_->bootstrap<schema::Leader>());
         heartbeat_ = std::make_unique<Heartbeat>(
             loop_, r.getHeartbeatMs(), r.getTimeoutMs(),
@@ -209,7 +210,8 @@ void NodeAgent::leaderLost(const std::string& why) {
 }
 
 kj::Promise<void> NodeAgent::awaitRelease(supervisor::ShutdownContext& ctx) {
-  if (released_ || lost_ || !link_) return kj::READY_NOW;
+  // Not (or not yet) part of a group: nobody waits for this node's ranks.
+  if (released_ || lost_ || !joined_) return kj::READY_NOW;
   // Keep serving: the leader may still be draining, and its steps need these ranks.
   ctx.defer("serving the leader's collectives until it releases this node",
             "leader " + hostPort(leaderHost_, options_.masterPort));

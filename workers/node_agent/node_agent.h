@@ -80,6 +80,7 @@ class NodeAgent final : private kj::TaskSet::ErrorHandler {
   std::unique_ptr<Heartbeat> heartbeat_;
   std::unique_ptr<supervisor::Supervisor> ranks_;
   OwnFd collectiveRegion_;  // until every rank has mapped it
+  bool joined_ = false;  // the leader accepted this node: from then on, it counts on its ranks
   bool released_ = false;
   bool lost_ = false;
   kj::Own<kj::PromiseFulfiller<void>> releasedSignal_;  // the shutdown hook waits on it
