@@ -233,6 +233,7 @@ void ChildRuntime::onParentLost() {
     // Already on the way out; the parent no longer waits for the answer.
     return;
   }
+  parentLost_ = true;
   vsup::log().error("[shutdown] {}: parent connection lost: tearing down within {}ms", name_,
                     kParentLostDeadlineMs);
   tasks_->add(shutdown(deadlineAfterMs(kParentLostDeadlineMs), nullptr).then([this](bool) {

@@ -86,6 +86,9 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   // One of this node's children died or failed on its own while it stopped them: this node then
   // exits non-zero (not 4), so the failure reaches the root's exit status.
   void reportChildFailure() { childFailed_ = true; }
+  // The parent's connection dropped and this node is tearing itself down (its hooks and
+  // onStopChildren run as in a shutdown, but nobody asked for it: the tree above is gone).
+  bool parentLost() const { return parentLost_; }
   void addShutdownHook(std::string name, HookFn hook);
   // This node's application interface, handed to the parent on Node.service.
   void setService(capnp::Capability::Client service);
@@ -140,6 +143,7 @@ class ChildRuntime final : private NodeHandler, public kj::TaskSet::ErrorHandler
   bool clean_ = true;
   int exitCode_ = 0;
   bool exiting_ = false;
+  bool parentLost_ = false;
   kj::Maybe<kj::ForkedPromise<bool>> shutdownDone_;
   kj::Promise<void> lifeline_;
   kj::Own<kj::TaskSet> tasks_;

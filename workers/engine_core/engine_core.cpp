@@ -477,9 +477,13 @@ kj::Promise<bool> EngineCore::stopRanks(MonoNs deadline) {
   // time, each deferring in the log and `vsup tree`, not one after another.
   ranksStopping_ = true;
   ranks_->shutdownAtOnce(deadline);
-  // The other nodes at the same moment: each stops its ranks and exits 0.
+  // The other nodes at the same moment: each stops its ranks and exits, 0 only after a stop
+  // that was asked for (not after an engine failure, nor when this tree lost its root).
   kj::Promise<void> released = kj::READY_NOW;
-  if (remote_) released = remote_->release(int64_t(msUntil(deadline)), !failure_.empty());
+  if (remote_) {
+    released = remote_->release(int64_t(msUntil(deadline)),
+                                !failure_.empty() || runtime_.parentLost());
+  }
   return ranks_->shutdown(deadline).then([released = kj::mv(released)]() mutable {
     return kj::mv(released);
   }).then([this]() {
