@@ -83,10 +83,6 @@ std::string millis(int64_t ns) {
 // the child is gone (DeadlineBudget has the rule).
 MonoNs withMargin(MonoNs deadline) { return DeadlineBudget::forChildren(deadline, monoNow()); }
 
-kj::Exception toKj(const std::string& message) {
-  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str()));
-}
-
 
 }  // namespace
 
@@ -235,7 +231,7 @@ kj::Promise<void> Supervisor::start() {
           // the shutdown cancels the operation chain.)
           tasks_->add(done_.addBranch().then([this]() {
             if (startFulfiller_ && startFulfiller_->isWaiting()) {
-              startFulfiller_->reject(toKj(startFailedMessage(startFailure_)));
+              startFulfiller_->reject(ipc::failure(startFailedMessage(startFailure_)));
             }
           }));
         });
@@ -367,7 +363,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     c.proc.emplace(Process::spawn(request));
   } catch (const std::exception& e) {
     c.state = Child::State::Stopped;
-    return toKj("child '" + c.spec.name + "': " + e.what());
+    return ipc::failure("child '" + c.spec.name + "': " + e.what());
   }
   childEnd.reset();
   if (options_.collectOutput) {
@@ -412,7 +408,7 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
     std::string name = c.spec.name;
     // Dying before ready is a start failure, whatever the exit status.
     ready = ready.exclusiveJoin(exited(c).then([&c]() -> kj::Promise<void> {
-      return toKj("child '" + c.spec.name + "' exited before it was ready (" +
+      return ipc::failure("child '" + c.spec.name + "' exited before it was ready (" +
                   (c.lastExit ? c.lastExit->describe() : std::string("?")) + ")");
     }));
     if (c.spec.startTimeoutMs >= 0) {
@@ -421,9 +417,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
           ipc::uvSleep(loop_, uint64_t(ms)).then([this, &c, name, ms]() -> kj::Promise<void> {
             std::string why = "child '" + name + "' did not become ready within " +
                               std::to_string(ms) + "ms (start_timeout)";
-            if (!c.node) return toKj(why);
+            if (!c.node) return ipc::failure(why);
             return notReadyIn(c).then([why](std::string stuck) -> kj::Promise<void> {
-              return toKj(why + stuck);
+              return ipc::failure(why + stuck);
             });
           }));
     }
@@ -452,9 +448,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
                         : "child '" + c.spec.name +
                               "' closed its control connection before it was ready";
                 if (c.proc) {
-                  return stopChild(c).then([why]() -> kj::Promise<void> { return toKj(why); });
+                  return stopChild(c).then([why]() -> kj::Promise<void> { return ipc::failure(why); });
                 }
-                return toKj(why);
+                return ipc::failure(why);
               });
         }
         // The child failed to become ready: it must not outlive the failure.
@@ -466,9 +462,9 @@ kj::Promise<void> Supervisor::startChild(Child& c) {
         if (c.proc) {
           // Stopped like any other child (its own policy, SIGKILL at the end): a sub-supervisor
           // then stops the children it had already started, in order.
-          return stopChild(c).then([why]() -> kj::Promise<void> { return toKj(why); });
+          return stopChild(c).then([why]() -> kj::Promise<void> { return ipc::failure(why); });
         }
-        return toKj(why);
+        return ipc::failure(why);
       });
 }
 
@@ -561,7 +557,7 @@ void Supervisor::onExit(Child& c) {
   // A ready = notify child that never said READY=1: its start fails with its exit status (the
   // exit watch of startChild says the same; whichever is seen first, the message is this one).
   if (c.readyFulfiller && c.readyFulfiller->isWaiting()) {
-    c.readyFulfiller->reject(toKj("child '" + c.spec.name + "' exited before it was ready (" +
+    c.readyFulfiller->reject(ipc::failure("child '" + c.spec.name + "' exited before it was ready (" +
                                   status->describe() + ")"));
   }
   c.readyFulfiller = nullptr;
@@ -809,7 +805,7 @@ void Supervisor::beginShutdown(MonoNs deadline) {
     }
   }
   if (wasStarting && startFailure_.empty() && startFulfiller_ && startFulfiller_->isWaiting()) {
-    startFulfiller_->reject(toKj("shut down while starting"));
+    startFulfiller_->reject(ipc::failure("shut down while starting"));
   }
   vsup::log().info("[shutdown] {}: stopping {} children in reverse order{}", spec_.name,
                    std::count_if(children_.begin(), children_.end(),
@@ -1074,10 +1070,10 @@ kj::Maybe<kj::Exception> Supervisor::refuseCall(const std::string& what) const {
   if (phase_ == Phase::Terminated) {
     std::string how = nameOf(outcome_);
     if (!failure_.empty()) how += ": " + failure_;
-    return toKj("supervisor '" + spec_.name + "' has terminated (" + how + "): cannot " + what);
+    return ipc::failure("supervisor '" + spec_.name + "' has terminated (" + how + "): cannot " + what);
   }
   if (phase_ == Phase::ShuttingDown || terminating_) {
-    return toKj("supervisor '" + spec_.name + "' is shutting down: cannot " + what);
+    return ipc::failure("supervisor '" + spec_.name + "' is shutting down: cannot " + what);
   }
   return nullptr;
 }
@@ -1102,14 +1098,14 @@ void Supervisor::removeChild(Child& c) {
 kj::Promise<void> Supervisor::stopChild(const std::string& name) {
   KJ_IF_MAYBE(e, refuseCall("stop child '" + name + "'")) { return kj::mv(*e); }
   Child* found = find(name);
-  if (found == nullptr) return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  if (found == nullptr) return ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'");
   // If shutdown cancels the operation, the dropped fulfiller rejects the caller's promise.
   // (Found again by name when it is its turn: an operation before it may have deleted it.)
   auto paf = kj::newPromiseAndFulfiller<void>();
   enqueue([this, name, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
     Child* c = find(name);
     if (c == nullptr) {
-      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+      f->reject(ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'"));
       return kj::READY_NOW;
     }
     c->ended = true;  // not restarted, and counts as ended for auto_shutdown
@@ -1126,7 +1122,7 @@ kj::Promise<void> Supervisor::addChild(ChildSpec child) {
   try {
     validate(check, "added child");
   } catch (const std::exception& e) {
-    return toKj(e.what());
+    return ipc::failure(e.what());
   }
   spec_.children.push_back(child);
   auto c = std::make_unique<Child>();
@@ -1160,9 +1156,9 @@ kj::Promise<void> Supervisor::addChild(ChildSpec child) {
 kj::Promise<void> Supervisor::restartChild(const std::string& name) {
   KJ_IF_MAYBE(e, refuseCall("restart child '" + name + "'")) { return kj::mv(*e); }
   Child* found = find(name);
-  if (found == nullptr) return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+  if (found == nullptr) return ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'");
   if (found->spec.restart == Restart::Temporary) {
-    return toKj("child '" + name + "' is temporary: it is never restarted (OTP forgets a "
+    return ipc::failure("child '" + name + "' is temporary: it is never restarted (OTP forgets a "
                 "temporary child once it ended); add it again with addChild");
   }
   auto paf = kj::newPromiseAndFulfiller<void>();
@@ -1171,12 +1167,12 @@ kj::Promise<void> Supervisor::restartChild(const std::string& name) {
     // deleted it.
     Child* found = find(name);
     if (found == nullptr) {
-      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+      f->reject(ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'"));
       return kj::READY_NOW;
     }
     Child& c = *found;
     if (c.proc || c.state != Child::State::Stopped) {
-      f->reject(toKj("child '" + c.spec.name + "' is " +
+      f->reject(ipc::failure("child '" + c.spec.name + "' is " +
                      (c.state == Child::State::Restarting ? "restarting" : "running") +
                      ": only a stopped child can be restarted (stop it first)"));
       return kj::READY_NOW;
@@ -1200,15 +1196,15 @@ kj::Promise<void> Supervisor::restartChild(const std::string& name) {
 kj::Promise<void> Supervisor::deleteChild(const std::string& name) {
   KJ_IF_MAYBE(e, refuseCall("delete child '" + name + "'")) { return kj::mv(*e); }
   if (find(name) == nullptr) {
-    return toKj("no child '" + name + "' in supervisor '" + spec_.name + "'");
+    return ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'");
   }
   auto paf = kj::newPromiseAndFulfiller<void>();
   enqueue([this, name, f = kj::mv(paf.fulfiller)]() mutable -> kj::Promise<void> {
     Child* c = find(name);
     if (c == nullptr) {
-      f->reject(toKj("no child '" + name + "' in supervisor '" + spec_.name + "'"));
+      f->reject(ipc::failure("no child '" + name + "' in supervisor '" + spec_.name + "'"));
     } else if (c->proc || c->state != Child::State::Stopped) {
-      f->reject(toKj("child '" + name + "' is " +
+      f->reject(ipc::failure("child '" + name + "' is " +
                      (c->state == Child::State::Restarting ? "restarting" : "running") +
                      ": only a stopped child can be deleted (stop it first)"));
     } else {
@@ -1230,7 +1226,7 @@ kj::Promise<capnp::Capability::Client> Supervisor::service(const std::string& ch
     return c->node->serviceRequest().send().then(
         [](capnp::Response<schema::Node::ServiceResults>&& r) { return r.getService(); });
   }
-  return toKj("child '" + child + "' is not a running vsup-aware child of " + spec_.name);
+  return ipc::failure("child '" + child + "' is not a running vsup-aware child of " + spec_.name);
 }
 
 // How long after the drain deadline a child may take to answer Node.quiesce.

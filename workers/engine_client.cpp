@@ -164,8 +164,7 @@ struct EngineClient::Impl final : public kj::TaskSet::ErrorHandler {
             if (i >= outcomes.size()) {
               f.reject(KJ_EXCEPTION(FAILED, "the engine answered no outcome for this request"));
             } else if (outcomes[i].getRefused().size() != 0) {
-              f.reject(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
-                                     kj::str(outcomes[i].getRefused())));
+              f.reject(ipc::failure(outcomes[i].getRefused()));
             } else {
               f.fulfill(rejectionOf(decode(outcomes[i].getRejectCode()), outcomes[i].getRejected()));
             }

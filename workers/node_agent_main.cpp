@@ -26,12 +26,12 @@ int nodeAgentMain(int argc, char** argv) {
   app.add_option("--nnodes", o.nnodes)->required()->check(CLI::Range(2u, 64u));
   app.add_option("--tensor-parallel-size", o.tensorParallelSize)->required();
   app.add_option("--connect-timeout-ms", o.connectTimeoutMs)->check(CLI::PositiveNumber);
-  app.add_option("--worker-start-timeout-ms", o.rankStartTimeoutMs)->check(CLI::PositiveNumber);
-  app.add_option("--liveness-timeout-ms", o.livenessTimeoutMs)
+  app.add_option("--worker-start-timeout-ms", o.ranks.startTimeoutMs)->check(CLI::PositiveNumber);
+  app.add_option("--liveness-timeout-ms", o.ranks.livenessTimeoutMs)
       ->check(CLI::Range(int64_t(-1), int64_t(3600) * 1000));
-  app.add_option("--liveness-interval-ms", o.livenessIntervalMs)->check(CLI::PositiveNumber);
+  app.add_option("--liveness-interval-ms", o.ranks.livenessIntervalMs)->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
-  if (o.livenessTimeoutMs <= 0) o.livenessTimeoutMs = -1;
+  if (o.ranks.livenessTimeoutMs <= 0) o.ranks.livenessTimeoutMs = -1;
 
   return runNodeProcess("vsup __node-agent", [&](uv_loop_t* loop,
                                                  supervisor::ChildRuntime& runtime) {

@@ -98,6 +98,17 @@ class Node:
             pytest.fail(f"node {self.index} did not exit within {timeout}s:\n{self.text()[-3000:]}",
                         pytrace=False)
 
+    def processes(self, subcommand: str) -> list[int]:
+        """The pids of this node's tree running `vsup SUBCOMMAND` (e.g. "__worker")."""
+        found = []
+        for p in session_processes(self.proc.pid):
+            try:
+                if subcommand.encode() in Path(f"/proc/{p}/cmdline").read_bytes():
+                    found.append(p)
+            except OSError:
+                continue  # gone meanwhile
+        return found
+
     def pids_in_netns(self) -> list[str]:
         """Every process still in this node's network namespace."""
         try:
@@ -325,8 +336,7 @@ def test_sigterm_to_every_root_at_once_finishes_what_is_in_flight_and_ends_them_
     leader, worker = fabric.group(2, 2, "--shutdown-timeout", "20",
                                   env={"NCCL_SOCKET_IFNAME": "eth0"})
     for node in (leader, worker):
-        ranks = [p for p in session_processes(node.proc.pid)
-                 if b"__worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        ranks = node.processes("__worker")
         assert ranks
         for p in ranks:
             assert b"NCCL_SOCKET_IFNAME=eth0\0" in Path(f"/proc/{p}/environ").read_bytes()
@@ -359,13 +369,11 @@ def test_a_worker_node_lost_mid_decode_fails_the_engine_within_the_heartbeat_bou
         for p in victims:
             os.kill(p, signal.SIGKILL)
     elif how.endswith("-rank"):
-        rank = [p for p in session_processes(worker.proc.pid)
-                if b"__worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        rank = worker.processes("__worker")
         assert len(rank) == 1
         os.kill(rank[0], signal.SIGKILL if how == "sigkill-rank" else signal.SIGSTOP)
     else:  # sigstop-agent*
-        agent = [p for p in session_processes(worker.proc.pid)
-                 if b"__node-agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        agent = worker.processes("__node-agent")
         assert len(agent) == 1
         os.kill(agent[0], signal.SIGSTOP)
     t0 = time.monotonic()
@@ -539,8 +547,7 @@ def fd_count(pid: int) -> int:
 def test_a_second_node_with_a_taken_rank_and_junk_on_the_master_port_leave_the_group_serving(
         fabric):
     leader, worker = fabric.group(2, 2, model=SIM)
-    core = [p for p in session_processes(leader.proc.pid)
-            if b"__engine-core" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    core = leader.processes("__engine-core")
     assert len(core) == 1
     before = fd_count(core[0])
     # Junk, as a port scanner or a confused client would send: each connection is closed by the

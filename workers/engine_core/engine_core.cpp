@@ -299,26 +299,14 @@ kj::Promise<void> EngineCore::start() {
     spec.children.push_back(std::move(c));
   }
   for (uint32_t r = 0; r < localRanks; ++r) {
-    supervisor::ChildSpec c;
-    c.name = "worker-tp" + std::to_string(r);
-    c.vsupAware = true;
-    c.command = {exe, "__worker", "--rank", std::to_string(r)};
-    if (remote_) c.command.insert(c.command.end(), {"--node-address", nodeAddress_});
-    c.startConfig = rankConfig;
-    if (collectiveRegion_) {
-      c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
-      c.command.insert(c.command.end(), {"--collective-fd", "4"});
-    }
+    supervisor::ChildSpec c = rankChildSpec(
+        exe, r, rankConfig, nodeAddress_, collectiveRegion_ ? collectiveRegion_.get() : -1,
+        rankOptions_, supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
     if (!kvRegions_.empty()) {
       c.inheritFds.push_back(kvRegions_[r].get());
       c.command.insert(c.command.end(),
                        {"--kv-cache-fd", std::to_string(3 + c.inheritFds.size())});
     }
-    c.startTimeoutMs = rankOptions_.startTimeoutMs;  // loading a model's weights
-    c.livenessTimeoutMs = rankOptions_.livenessTimeoutMs;
-    c.livenessIntervalMs = rankOptions_.livenessIntervalMs;
-    c.shutdown = supervisor::ShutdownPolicy::timeout(
-        supervisor::DeadlineBudget::serving(0, kvMs).rankStopMs);
     spec.children.push_back(std::move(c));
   }
   supervisor::SupervisorOptions supOptions;
@@ -343,15 +331,13 @@ kj::Promise<void> EngineCore::start() {
   return ranks_->start().then([this, tp, localRanks, rankConfig]() {
     collectiveRegion_ = OwnFd();  // every rank has it mapped
     kvRegions_.clear();           // every rank and agent has it mapped
-    auto workers = std::make_shared<std::vector<std::optional<schema::Worker::Client>>>(tp);
-    kj::Vector<kj::Promise<void>> local;
-    for (uint32_t r = 0; r < localRanks; ++r) {
-      local.add(ranks_->service("worker-tp" + std::to_string(r))
-                    .then([workers, r](capnp::Capability::Client cap) {
-                      (*workers)[r] = cap.castAs<schema::Worker>();
-                    }));
-    }
-    kj::Promise<void> all = kj::joinPromises(local.releaseAsArray());
+    auto workers = std::make_shared<WorkerList>(tp);
+    kj::Promise<void> all = rankWorkers(*ranks_, 0, localRanks)
+                                .then([workers](kj::Array<schema::Worker::Client> local) {
+                                  for (size_t r = 0; r < local.size(); ++r) {
+                                    (*workers)[r] = kj::mv(local[r]);
+                                  }
+                                });
     if (remote_) {
       // The other nodes' ranks, then every rank connected to its peers on other nodes.
       all = all.then([this, rankConfig]() { return remote_->startRanks(rankConfig); })

@@ -43,18 +43,12 @@
 #include "workers/compute_thread.h"
 #include "workers/engine_core/remote_nodes.h"
 #include "workers/engine_core/request_router.h"
+#include "workers/rank_spec.h"
 #include "workers/engine_core/step_executor.h"
 
 namespace vsup::workers {
 
 class EngineSession;
-
-// How engine-core supervises its ranks (`vsup __engine-core` flags; the ranks' ChildSpec fields).
-struct EngineRankOptions {
-  int64_t startTimeoutMs = 600000;  // loading a model's weights
-  int64_t livenessTimeoutMs = -1;   // -1: no liveness pings
-  int64_t livenessIntervalMs = 1000;
-};
 
 class EngineCore final : private kj::TaskSet::ErrorHandler {
  public:

@@ -118,9 +118,9 @@ kj::Promise<kj::Array<schema::Worker::Client>> NodeAgent::startRanks(std::string
                                                                      uint32_t count) {
   if (ranks_) return failure("this node's ranks were already started");
   if (lost_ || released_) return failure("this node is stopping");
-  engine::EngineConfig decoded;
   try {
-    decoded = decodeEngineConfig(config);
+    // Refused here, naming the cause, rather than by every rank it would be handed to.
+    (void)decodeEngineConfig(config);
     if (count > 1) {
       collectiveRegion_ = OwnFd(engine::createSharedCollective(count));
     }
@@ -131,23 +131,11 @@ kj::Promise<kj::Array<schema::Worker::Client>> NodeAgent::startRanks(std::string
   spec.name = runtime_.name();
   spec.intensity = 0;  // no partial restart: a dead rank fails the engine
   const std::string exe = supervisor::selfExecutable();
-  for (uint32_t i = 0; i < count; ++i) {
-    const uint32_t r = firstRank + i;
-    supervisor::ChildSpec c;
-    c.name = "worker-tp" + std::to_string(r);
-    c.vsupAware = true;
-    c.command = {exe, "__worker", "--rank", std::to_string(r), "--node-address", nodeAddress_};
-    c.startConfig = config;
-    if (collectiveRegion_) {
-      c.inheritFds.push_back(collectiveRegion_.get());  // fd 4, after the control socket
-      c.command.insert(c.command.end(), {"--collective-fd", "4"});
-    }
-    c.startTimeoutMs = options_.rankStartTimeoutMs;
-    c.livenessTimeoutMs = options_.livenessTimeoutMs;
-    c.livenessIntervalMs = options_.livenessIntervalMs;
-    c.shutdown = supervisor::ShutdownPolicy::timeout(
-        supervisor::DeadlineBudget::serving(0, 0).rankStopMs);
-    spec.children.push_back(std::move(c));
+  for (uint32_t r = firstRank; r < firstRank + count; ++r) {
+    spec.children.push_back(rankChildSpec(exe, r, config, nodeAddress_,
+                                          collectiveRegion_ ? collectiveRegion_.get() : -1,
+                                          options_.ranks,
+                                          supervisor::DeadlineBudget::serving(0, 0).rankStopMs));
   }
   supervisor::SupervisorOptions o;
   o.selfExe = exe;
@@ -164,16 +152,9 @@ kj::Promise<kj::Array<schema::Worker::Client>> NodeAgent::startRanks(std::string
   }));
   return ranks_->start().then([this, firstRank, count]() {
     collectiveRegion_ = OwnFd();  // every rank has it mapped
-    kj::Vector<kj::Promise<schema::Worker::Client>> caps;
-    for (uint32_t i = 0; i < count; ++i) {
-      caps.add(ranks_->service("worker-tp" + std::to_string(firstRank + i))
-                   .then([](capnp::Capability::Client cap) {
-                     return cap.castAs<schema::Worker>();
-                   }));
-    }
     vsup::log().info("[node] {}: ranks {}..{} ready", runtime_.name(), firstRank,
                      firstRank + count - 1);
-    return kj::joinPromises(caps.releaseAsArray());
+    return rankWorkers(*ranks_, firstRank, count);
   });
 }
 

@@ -34,6 +34,7 @@
 #include "supervisor/child_runtime.h"
 #include "supervisor/supervisor.h"
 #include "workers/node_link.h"
+#include "workers/rank_spec.h"
 
 namespace vsup::workers {
 
@@ -44,9 +45,7 @@ struct NodeAgentOptions {
   uint32_t nnodes = 2;
   uint32_t tensorParallelSize = 2;
   int64_t connectTimeoutMs = 600000;  // how long the start keeps trying to reach the leader
-  int64_t rankStartTimeoutMs = 600000;
-  int64_t livenessTimeoutMs = -1;
-  int64_t livenessIntervalMs = 1000;
+  EngineRankOptions ranks;
 };
 
 class NodeAgent final : private kj::TaskSet::ErrorHandler {
