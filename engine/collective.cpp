@@ -8,12 +8,12 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstring>
 #include <string>
 #include <thread>
 #include <utility>
 
+#include "base/clock.h"
 #include "base/check.h"
 #include "base/error.h"
 #include "base/fd.h"
@@ -35,12 +35,6 @@ struct Header {
 };
 static_assert(sizeof(Header) <= kHeaderBytes);
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
-
-int64_t nowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 class SingleRank final : public Collective {
  public:
@@ -138,7 +132,7 @@ class Shared final : public Collective {
       if (header_->generation.load(std::memory_order_acquire) != gen) return;
       __builtin_ia32_pause();
     }
-    int64_t start = nowMs();
+    int64_t start = monoNow() / kNsPerMs;
     int64_t lastPeerCheck = start;
     while (header_->generation.load(std::memory_order_acquire) == gen) {
       if (cancelled_.load(std::memory_order_acquire)) fail("cancelled while waiting for peers");
@@ -147,7 +141,7 @@ class Shared final : public Collective {
       // The barrier may have completed while we slept: then peers that exited since are no
       // failure of this collective.
       if (header_->generation.load(std::memory_order_acquire) != gen) return;
-      int64_t now = nowMs();
+      int64_t now = monoNow() / kNsPerMs;
       if (now - lastPeerCheck >= 100) {
         lastPeerCheck = now;
         checkPeers(gen);

@@ -2,17 +2,12 @@
 
 #include <time.h>
 
-#include <chrono>
 #include <stdexcept>
+
+#include "base/clock.h"
 
 namespace vsup::engine {
 namespace {
-
-int64_t nowUs() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // The pause between two polls: a few yields first (a decode step's collectives finish in tens
 // of microseconds), then 20 µs sleeps, so that a long step does not burn a core.
@@ -57,7 +52,7 @@ void CommGuard::fail(const std::string& why) {
 }
 
 void CommGuard::wait(const char* what, int64_t timeoutMs, bool work, bool cancellable) {
-  const int64_t start = nowUs();
+  const int64_t start = monoNow() / 1000;
   const int64_t deadline = start + timeoutMs * 1000;
   int64_t nextPeerCheck = start;
   for (int polls = 0;; ++polls) {
@@ -74,7 +69,7 @@ void CommGuard::wait(const char* what, int64_t timeoutMs, bool work, bool cancel
       if (done == CommDevice::State::Failed) fail(std::string(what) + ": CUDA: " + why);
     }
     if (comm == CommDevice::State::Done && done == CommDevice::State::Done) return;
-    const int64_t now = nowUs();
+    const int64_t now = monoNow() / 1000;
     if (options_.deadPeer && now >= nextPeerCheck) {
       nextPeerCheck = now + 10 * 1000;
       std::string dead = options_.deadPeer();

@@ -24,16 +24,11 @@
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
 
+#include "base/clock.h"
 #include "base/error.h"
 
 namespace vsup::engine {
 namespace {
-
-int64_t nowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // Gloo's messages start with "[/build/.../file.cc:123] ": the reader wants what follows.
 std::string glooWhy(const std::exception& e) {
@@ -66,11 +61,11 @@ class DirectoryStore final : public RendezvousStore {
 
   std::vector<char> get(const std::string& key, int64_t timeoutMs) override {
     const std::string path = pathOf(key);
-    const int64_t deadline = nowMs() + timeoutMs;
+    const int64_t deadline = monoNow() / kNsPerMs + timeoutMs;
     for (;;) {
       std::ifstream in(path, std::ios::binary);
       if (in) return std::vector<char>(std::istreambuf_iterator<char>(in), {});
-      if (nowMs() >= deadline) {
+      if (monoNow() / kNsPerMs >= deadline) {
         throw CollectiveError("rendezvous: no rank published \"" + key + "\" in " + dir_ +
                               " within " + std::to_string(timeoutMs) + " ms");
       }
